@@ -1,0 +1,39 @@
+# Two commands do everything: `make demo` and `make test`. Each one creates .venv
+# if it is missing and installs the pinned torch pair first (a bare `torch` would
+# pull a multi-GB build), then the project with its extras.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.offramp-installed
+
+ifeq ($(shell uname -m),aarch64)
+TORCH_PINS := torch==2.9.1 torchvision==0.24.1
+else
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+endif
+
+.PHONY: setup demo test bench-exits proto clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_PINS)
+	$(BIN)/python -m pip install -q -e '.[all,dev]'
+	touch $@
+
+demo: setup
+	$(BIN)/offramp demo
+
+test: setup
+	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q
+
+bench-exits: setup
+	$(BIN)/python -m bench.exits
+
+proto: setup
+	$(BIN)/python proto/generate.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

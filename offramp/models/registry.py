@@ -1,0 +1,61 @@
+"""Named backbone variants: small factory functions, as timm registers models.
+
+Every factory takes the data-derived arguments (input size, channels, number
+of classes, task) plus keyword overrides, and returns a ``SplittableBackbone``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from .backbone import SplittableBackbone
+from .resnet import ResNet
+from .timm_vit import TimmViT
+from .vit import VisionTransformer
+
+BackboneFactory = Callable[..., SplittableBackbone]
+_VARIANTS: dict[str, BackboneFactory] = {}
+
+
+def register(fn: BackboneFactory) -> BackboneFactory:
+    _VARIANTS[fn.__name__] = fn
+    return fn
+
+
+def variant_names() -> list[str]:
+    return sorted(_VARIANTS)
+
+
+def create_backbone(name: str, **kwargs) -> SplittableBackbone:
+    try:
+        factory = _VARIANTS[name]
+    except KeyError:
+        raise ValueError(f"unknown model variant {name!r}; choose from {', '.join(variant_names())}") from None
+    return factory(**kwargs)
+
+
+@register
+def vit_tiny_32(**kw) -> SplittableBackbone:
+    """6-block ViT for 32x32 images: 4x4 patches, 64 tokens + class token, width 128."""
+    args = dict(img_size=(32, 32), patch_size=4, embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0)
+    return VisionTransformer(**{**args, **kw})
+
+
+@register
+def vit_tiny_spec(**kw) -> SplittableBackbone:
+    """6-block ViT for 64x64 log-mel spectrograms (mels x frames), 8x8 patches."""
+    args = dict(img_size=(64, 64), patch_size=8, in_chans=1, embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0)
+    return VisionTransformer(**{**args, **kw})
+
+
+@register
+def resnet_tiny_32(**kw) -> SplittableBackbone:
+    """6-block ResNet for 32x32 images, widths 32/64/128."""
+    args = dict(img_size=(32, 32), widths=(32, 64, 128), blocks_per_stage=2)
+    return ResNet(**{**args, **kw})
+
+
+@register
+def timm_vit_tiny_32(**kw) -> SplittableBackbone:
+    """timm's ViT (random init) shaped like ``vit_tiny_32``, through the adapter."""
+    args = dict(model_name="vit_tiny_patch16_224", img_size=(32, 32), patch_size=4, embed_dim=128, depth=6, num_heads=4)
+    return TimmViT(**{**args, **kw})

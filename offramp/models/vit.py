@@ -1,0 +1,54 @@
+"""A small, self-contained Vision Transformer with a splittable forward pass.
+
+The same model serves images (patches of pixels) and audio (patches of a
+log-mel spectrogram): only ``img_size``, ``patch_size`` and ``in_chans`` differ.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .backbone import FeatureSpec, SplittableBackbone, Task, head_outputs
+from .layers import Block, PatchEmbed, init_weights
+
+
+class VisionTransformer(SplittableBackbone):
+    """ViT: patch embedding, class token, learned position embedding, pre-norm blocks."""
+
+    def __init__(
+        self,
+        img_size: tuple[int, int] = (32, 32),
+        patch_size: int = 4,
+        in_chans: int = 3,
+        num_classes: int = 10,
+        embed_dim: int = 128,
+        depth: int = 6,
+        num_heads: int = 4,
+        mlp_ratio: float = 2.0,
+        task: Task = "classification",
+    ) -> None:
+        super().__init__()
+        self.task = task
+        self.num_blocks = depth
+        self.embed_dim = embed_dim
+        self.patch_embed = PatchEmbed(tuple(img_size), patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head_fc = nn.Linear(embed_dim, head_outputs(task, num_classes))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        self.apply(init_weights)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)  # (B, N, D)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return x + self.pos_embed  # (B, 1 + N, D)
+
+    def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.head_fc(self.norm(feats)[:, 0])
+
+    def feature_spec(self, position: int) -> FeatureSpec:
+        self.check_position(position)
+        return FeatureSpec("tokens", self.embed_dim, self.patch_embed.grid_size, num_prefix=1)
