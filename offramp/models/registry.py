@@ -41,6 +41,13 @@ def vit_tiny_32(**kw) -> SplittableBackbone:
 
 
 @register
+def vit_micro_32(**kw) -> SplittableBackbone:
+    """Quick 6-block ViT for 32x32 inputs: 8x8 patches (16 tokens), width 96. The demo's default."""
+    args = dict(img_size=(32, 32), patch_size=8, embed_dim=96, depth=6, num_heads=4, mlp_ratio=2.0)
+    return VisionTransformer(**{**args, **kw})
+
+
+@register
 def vit_tiny_spec(**kw) -> SplittableBackbone:
     """6-block ViT for 64x64 log-mel spectrograms (mels x frames), 8x8 patches."""
     args = dict(img_size=(64, 64), patch_size=8, in_chans=1, embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0)
