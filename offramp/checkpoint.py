@@ -33,7 +33,7 @@ class Card:
     modality: str
     input_shape: tuple[int, int, int]
     split_block: int
-    data_spec: str = ""
+    data: dict[str, Any] = field(default_factory=dict)  # spec, seed, val_fraction, limit: rebuilds the val split
     metrics: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""
 
@@ -45,7 +45,7 @@ class Card:
             "modality": self.modality,
             "input_shape": list(self.input_shape),
             "split_block": self.split_block,
-            "data_spec": self.data_spec,
+            "data": self.data,
             "metrics": self.metrics,
             "fingerprint": self.fingerprint,
         }
@@ -58,7 +58,7 @@ class Card:
             modality=d["modality"],
             input_shape=tuple(d["input_shape"]),
             split_block=int(d["split_block"]),
-            data_spec=d.get("data_spec", ""),
+            data=d.get("data", {}),
             metrics=d.get("metrics", {}),
             fingerprint=d.get("fingerprint", ""),
         )
@@ -70,7 +70,7 @@ def fingerprint(config: ModelConfig, state: dict[str, torch.Tensor]) -> str:
     for name in sorted(state):
         t = state[name].detach().contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

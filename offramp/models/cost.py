@@ -1,6 +1,8 @@
 """Overhead of a module: parameters, and MACs measured by PyTorch's own FlopCounterMode."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -11,14 +13,19 @@ def count_params(module: nn.Module) -> int:
 
 
 @torch.no_grad()
-def count_macs(module: nn.Module, *inputs: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass per sample (FlopCounterMode counts 2 FLOPs per MAC)."""
-    was_training = module.training
-    module.eval()
+def count_macs(fn: Callable[..., object], *inputs: torch.Tensor) -> int:
+    """Multiply-accumulates per sample of ``fn(*inputs)`` (FlopCounterMode counts 2 FLOPs per MAC).
+
+    ``fn`` is a module or any callable (e.g. ``lambda x: backbone.head(x, 2)``);
+    modules are measured in eval mode.
+    """
+    was_training = isinstance(fn, nn.Module) and fn.training
+    if isinstance(fn, nn.Module):
+        fn.eval()
     try:
         with FlopCounterMode(display=False) as counter:
-            module(*inputs)
+            fn(*inputs)
     finally:
-        module.train(was_training)
-    batch = inputs[0].shape[0]
-    return counter.get_total_flops() // 2 // batch
+        if was_training:
+            fn.train()
+    return counter.get_total_flops() // 2 // inputs[0].shape[0]

@@ -1,0 +1,177 @@
+"""The ``offramp`` command: subcommands with lazy imports, so ``--help`` stays fast.
+
+User errors (bad paths, unknown names, corrupt files) print one line and exit
+with status 2; anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+DEFAULT_THRESHOLDS = "0.5,0.7,0.8,0.9,0.95"
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a backbone, its exits, and optionally copycat-fine-tune the exits",
+                       description="Phase 1 trains the backbone; phase 2 trains the exits on the frozen backbone; "
+                                   "--copycat adds phase 3 (CC-SL-ViT): exits imitate the backbone's answers.")
+    p.add_argument("--data", default="digits", help="digits | imagefolder:PATH | fsdd:PATH (default: digits)")
+    p.add_argument("--model", default=None, help="backbone variant (default: vit_micro_32 for 32x32 inputs, "
+                                                "vit_tiny_spec for audio); see 'offramp models'")
+    p.add_argument("--exits", default="slvit@2,slvit@4",
+                   help="exits as TYPE@BLOCK, comma-separated; TYPE in slvit, mlp, cnn (default: slvit@2,slvit@4)")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--split-block", type=int, default=None,
+                   help="block after which the edge hands over to the cloud (default: the last exit's position)")
+    p.add_argument("--epochs", type=int, default=10, help="backbone epochs (0 to skip phase 1)")
+    p.add_argument("--exit-epochs", type=int, default=5, help="exit epochs on labels")
+    p.add_argument("--copycat", nargs="?", const="hard", choices=["hard", "soft"], default=None,
+                   help="fine-tune the exits on the backbone's predictions (hard labels, or soft with --temperature)")
+    p.add_argument("--copycat-epochs", type=int, default=3)
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--limit", type=int, default=None, help="use at most this many samples (quick runs)")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .pipeline import TrainJob, run_training
+
+    job = TrainJob(
+        data=args.data, model=args.model, exits=args.exits, out=args.out, split_block=args.split_block,
+        limit=args.limit, val_fraction=args.val_fraction, seed=args.seed,
+    )
+    from .train import TrainConfig
+
+    cfg = TrainConfig(
+        epochs=args.epochs, exit_epochs=args.exit_epochs, copycat=args.copycat, copycat_epochs=args.copycat_epochs,
+        temperature=args.temperature, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        progress=not args.no_progress,
+    )
+    report = run_training(job, cfg)
+    from .report import format_report
+
+    print(f"checkpoint written to {args.out}\n")
+    print(format_report(report))
+    return 0
+
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="per-exit accuracy, overhead and exit shares of a checkpoint",
+                       description="Evaluates every exit and the final head on the checkpoint's validation split "
+                                   "(or --data), with params and MACs measured by FlopCounterMode.")
+    p.add_argument("checkpoint", help="checkpoint directory written by 'offramp train'")
+    p.add_argument("--data", default=None, help="evaluate on this data spec instead of the card's validation split")
+    p.add_argument("--score", default=None, help="max_prob (default), entropy or margin; std for regression")
+    p.add_argument("--thresholds", type=_floats, default=None,
+                   help=f"confidence thresholds for the exit-share table (default {DEFAULT_THRESHOLDS})")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .pipeline import evaluate_checkpoint
+    from .report import format_report
+
+    report = evaluate_checkpoint(args.checkpoint, data=args.data, score=args.score, thresholds=args.thresholds)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list backbone variants and exit types")
+    p.set_defaults(run=_run_models)
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from .models import EXIT_TYPES, variant_names
+    from .models.registry import _VARIANTS
+
+    print("backbone variants:")
+    for name in variant_names():
+        print(f"  {name:18s} {(_VARIANTS[name].__doc__ or '').strip()}")
+    print("exit types:")
+    for name, cls in EXIT_TYPES.items():
+        print(f"  {name:18s} {(cls.__doc__ or '').strip().splitlines()[0]}")
+    return 0
+
+
+def add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the quick start: train on digits, then run edge + cloud over loopback gRPC")
+    p.add_argument("--workdir", default="runs/demo", help="where the demo keeps its checkpoint (reused if present)")
+    p.add_argument("--retrain", action="store_true", help="train again even if a checkpoint exists")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.workdir, retrain=args.retrain)
+
+
+def add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="run a benchmark from bench/ (e.g. 'offramp bench exits --quick')")
+    p.add_argument("name", choices=["exits"], help="which benchmark")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
+    p.set_defaults(run=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    try:
+        module = importlib.import_module(f"bench.{args.name}")
+    except ModuleNotFoundError as e:
+        from .errors import OfframpError
+
+        raise OfframpError(f"benchmark '{args.name}' is not importable ({e}); run it from a source checkout") from None
+    return module.main(args.bench_args)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_train, add_eval, add_models, add_demo, add_bench]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="offramp",
+        description="Edge-cloud split inference for vision transformers with single-layer ViT early exits.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .errors import OfframpError
+
+    try:
+        return args.run(args)
+    except OfframpError as e:
+        print(f"offramp: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Data specs (``digits``, ``imagefolder:PATH``, ``fsdd:PATH``) -> train/val tensors."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from ..errors import DataError
+from .digits import list_digits
+from .fsdd import list_fsdd
+from .imagefolder import list_imagefolder
+from .listing import Listing
+
+SPEC_KINDS = ("digits", "imagefolder:PATH", "fsdd:PATH")
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    """A dataset ready to train on, with what a checkpoint needs to serve it later."""
+
+    train: TensorDataset                # (x float32 (N, C, H, W), y int64 (N,))
+    val: TensorDataset
+    label_names: list[str]
+    input_shape: tuple[int, int, int]   # (C, H, W)
+    modality: str                       # "image" or "audio"
+    spec: str                           # the spec string it was loaded from
+
+
+def _list(spec: str) -> Listing:
+    """Resolve a spec string to its loader; every failure is a one-line ``DataError``."""
+    kind, sep, path = spec.partition(":")
+    kind = kind.strip().lower()
+    if kind == "digits" and not sep:
+        return list_digits()
+    if kind in ("imagefolder", "fsdd") and sep:
+        if not path:
+            raise DataError(f"data spec '{spec}' needs a path: {kind}:PATH")
+        return list_imagefolder(path) if kind == "imagefolder" else list_fsdd(path)
+    raise DataError(f"unknown data spec '{spec}'; use one of: {', '.join(SPEC_KINDS)}")
+
+
+def load_data(spec: str, *, val_fraction: float = 0.1, seed: int = 0, limit: int | None = None) -> DataSplits:
+    """Load a dataset and split it into train and validation, deterministically from ``seed``.
+
+    ``limit`` keeps a random subset of at most that many samples before the
+    split (for quick runs); only that subset is decoded.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"validation fraction must be in [0, 1), not {val_fraction}")
+    if limit is not None and limit < 1:
+        raise DataError(f"limit must be at least 1, not {limit}")
+    listing = _list(spec)
+    rng = np.random.default_rng(seed)
+    n = len(listing.labels)
+    chosen = np.arange(n) if limit is None or limit >= n else np.sort(rng.choice(n, size=limit, replace=False))
+    x = listing.decode(chosen)
+    y = torch.from_numpy(listing.labels[chosen])
+    n = len(chosen)
+    n_val = round(n * val_fraction)
+    if val_fraction > 0 and n > 1:
+        n_val = min(max(n_val, 1), n - 1)  # both sides non-empty whenever a split was asked for
+    order = torch.from_numpy(rng.permutation(n))
+    val, train = order[:n_val], order[n_val:]
+    return DataSplits(
+        train=TensorDataset(x[train], y[train]),
+        val=TensorDataset(x[val], y[val]),
+        label_names=list(listing.label_names),
+        input_shape=listing.input_shape,
+        modality=listing.modality,
+        spec=spec,
+    )

@@ -1,0 +1,124 @@
+"""Train-and-save and load-and-evaluate, as the CLI and the benchmarks run them."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import TensorDataset
+
+from .checkpoint import Card, load_checkpoint, save_checkpoint
+from .data import DataSplits, load_data
+from .errors import OfframpError
+from .models import ModelConfig, MultiExitModel, parse_exits, variant_names
+from .report import evaluation_report
+from .scores import check_score, default_score
+from .train import TrainConfig, evaluate, train_backbone, train_exits
+
+log = logging.getLogger(__name__)
+DEFAULT_THRESHOLDS = [0.5, 0.7, 0.8, 0.9, 0.95]
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """What to train on and where to put it."""
+
+    data: str = "digits"
+    model: str | None = None  # None: a default variant for the data's modality
+    exits: str = "slvit@2,slvit@4"
+    out: str = "runs/model"
+    split_block: int | None = None  # None: after the last exit
+    limit: int | None = None
+    val_fraction: float = 0.1
+    seed: int = 0
+
+
+def default_variant(modality: str) -> str:
+    return "vit_tiny_spec" if modality == "audio" else "vit_micro_32"
+
+
+def build_model(job: TrainJob, data: DataSplits) -> MultiExitModel:
+    """Model config from the job and the data; name errors become one-line user errors."""
+    variant = job.model or default_variant(data.modality)
+    if variant not in variant_names():
+        raise OfframpError(f"unknown model variant '{variant}'; choose from {', '.join(variant_names())}")
+    try:
+        exits = parse_exits(job.exits)
+        config = ModelConfig(
+            backbone=variant,
+            img_size=tuple(data.input_shape[1:]),
+            in_chans=data.input_shape[0],
+            num_classes=len(data.label_names),
+            exits=exits,
+        )
+        return MultiExitModel(config)
+    except (ValueError, ImportError) as e:
+        raise OfframpError(str(e)) from None
+
+
+def head_metrics(model: MultiExitModel, data: TensorDataset) -> dict[str, dict[str, float]]:
+    return {r.name: r.summary() for r in evaluate(model, data)}
+
+
+def run_training(job: TrainJob, cfg: TrainConfig, data: DataSplits | None = None) -> dict[str, Any]:
+    """All training phases, checkpoint saved after them; returns the evaluation report."""
+    data = data or load_data(job.data, val_fraction=job.val_fraction, seed=job.seed, limit=job.limit)
+    if cfg.flip and not job.data.startswith("imagefolder"):
+        cfg = replace(cfg, flip=False)  # digits and spectrograms are not mirror-symmetric
+    if data.modality == "audio":
+        cfg = replace(cfg, augment=False)
+    torch.manual_seed(job.seed)
+    model = build_model(job, data)
+    split = job.split_block if job.split_block is not None else max(
+        (e.position for e in model.exit_configs), default=model.num_blocks // 2)
+    if not 0 <= split <= model.num_blocks:
+        raise OfframpError(f"split block {split} is outside 0..{model.num_blocks}")
+    log.info("training %s with exits %s on %s (%d train / %d val)", model.config.backbone,
+             ",".join(model.exit_names) or "none", job.data, len(data.train), len(data.val))
+    metrics: dict[str, Any] = {}
+    train_backbone(model, data.train, cfg)
+    train_exits(model, data.train, cfg, targets="labels")
+    metrics["exits"] = head_metrics(model, data.val)
+    if cfg.copycat:
+        train_exits(model, data.train, cfg, targets=cfg.copycat, epochs=cfg.copycat_epochs)
+        metrics["copycat"] = head_metrics(model, data.val)
+    card = Card(
+        config=model.config, label_names=data.label_names, modality=data.modality, input_shape=data.input_shape,
+        split_block=split, metrics=metrics,
+        data={"spec": job.data, "seed": job.seed, "val_fraction": job.val_fraction, "limit": job.limit},
+    )
+    save_checkpoint(job.out, model, card)
+    return evaluation_report(model, evaluate(model, data.val), data.input_shape, default_score(model.config.task),
+                             DEFAULT_THRESHOLDS)
+
+
+def load_validation(card: Card, data: str | None = None) -> tuple[TensorDataset, tuple[int, int, int]]:
+    """The card's own validation split (same spec, seed, fraction, limit), or all of another data spec."""
+    if data is not None:
+        splits = load_data(data, val_fraction=0.0)
+        return splits.train, splits.input_shape
+    d = card.data
+    if not d.get("spec"):
+        raise OfframpError("the checkpoint's card names no data; pass --data")
+    splits = load_data(d["spec"], val_fraction=d.get("val_fraction", 0.1), seed=d.get("seed", 0), limit=d.get("limit"))
+    return splits.val, splits.input_shape
+
+
+def evaluate_checkpoint(directory: str | Path, data: str | None = None, score: str | None = None,
+                        thresholds: list[float] | None = None) -> dict[str, Any]:
+    model, card = load_checkpoint(directory)
+    score = score or default_score(model.config.task)
+    try:
+        check_score(score, model.config.task)
+    except ValueError as e:
+        raise OfframpError(str(e)) from None
+    val, input_shape = load_validation(card, data)
+    if tuple(input_shape) != tuple(card.input_shape):
+        raise OfframpError(f"data '{data}' has inputs of shape {input_shape}, the model expects {card.input_shape}")
+    report = evaluation_report(model, evaluate(model, val, score=score), card.input_shape, score,
+                               thresholds or DEFAULT_THRESHOLDS)
+    report["checkpoint"] = str(directory)
+    report["fingerprint"] = card.fingerprint
+    return report

@@ -1,0 +1,103 @@
+"""Per-exit evaluation reports: accuracy (or MAE/RMSE), overhead, and exit shares."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .models import MultiExitModel
+from .models.cost import count_macs, count_params
+from .scores import HIGHER_IS_CONFIDENT
+from .train import HeadResult
+
+
+def head_costs(model: MultiExitModel, input_shape: tuple[int, ...]) -> list[dict[str, int]]:
+    """Params and MACs of each exit and of the final head, plus MACs spent to reach each answer."""
+    bb = model.backbone
+    x = torch.zeros(1, *input_shape)
+    costs, spent_exits = [], 0
+    for i, e in enumerate(model.exit_configs):
+        grid = bb.to_grid(bb.head(x, e.position), e.position)
+        macs = count_macs(model.exits[i], grid)
+        spent_exits += macs
+        costs.append({
+            "params": count_params(model.exits[i]),
+            "macs": macs,
+            "macs_to_answer": count_macs(lambda t, p=e.position: bb.head(t, p), x) + spent_exits,
+        })
+    full = count_macs(bb, x)
+    costs.append({"params": count_params(bb), "macs": full, "macs_to_answer": full + spent_exits})
+    return costs
+
+
+def cascade(results: list[HeadResult], score: str, thresholds: list[float]) -> list[dict[str, Any]]:
+    """For each threshold, the share of samples each exit takes in order, and the overall quality.
+
+    A sample leaves at the first exit whose score passes the threshold; the
+    rest reach the final head (on a split deployment: the cloud).
+    """
+    rows = []
+    n = len(results[-1].pred)
+    higher = HIGHER_IS_CONFIDENT[score]
+    for t in thresholds:
+        remaining = np.ones(n, dtype=bool)
+        taken_by = np.full(n, len(results) - 1)
+        for i, r in enumerate(results[:-1]):
+            passes = r.confidence >= t if higher else r.confidence <= t
+            take = remaining & passes
+            taken_by[take] = i
+            remaining &= ~take
+        shares = [float((taken_by == i).mean()) for i in range(len(results))]
+        row: dict[str, Any] = {"threshold": t, "shares": shares}
+        if results[-1].correct is not None:
+            row["accuracy"] = float(np.mean([results[k].correct[j] for j, k in enumerate(taken_by)]))
+        else:
+            row["mae"] = float(np.mean([results[k].error[j] for j, k in enumerate(taken_by)]))
+        rows.append(row)
+    return rows
+
+
+def format_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A plain fixed-width table; numbers right-aligned."""
+    cells = [[h for h in headers]] + [[_fmt(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for j, r in enumerate(cells):
+        lines.append("  ".join(c.rjust(w) if j and _is_num(rows[j - 1][i]) else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
+    if isinstance(v, int) and abs(v) >= 10_000:
+        return f"{v / 1e6:.2f}M" if abs(v) >= 1_000_000 else f"{v / 1e3:.1f}k"
+    return str(v)
+
+
+def evaluation_report(model: MultiExitModel, results: list[HeadResult], input_shape: tuple[int, ...],
+                      score: str, thresholds: list[float]) -> dict[str, Any]:
+    """Everything ``offramp eval`` prints, as plain JSON-able data."""
+    costs = head_costs(model, input_shape)
+    heads = [{"name": r.name, **r.summary(), **c} for r, c in zip(results, costs)]
+    return {"score": score, "heads": heads, "cascade": cascade(results, score, thresholds)}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    heads = report["heads"]
+    quality = "accuracy" if "accuracy" in heads[0] else "mae"
+    cols = ["accuracy"] if quality == "accuracy" else ["mae", "rmse"]
+    t1 = format_table(["head", *cols, "params", "MACs", "MACs to answer"],
+                      [[h["name"], *[h[c] for c in cols], h["params"], h["macs"], h["macs_to_answer"]] for h in heads])
+    names = [h["name"] for h in heads[:-1]] + ["final/cloud"]
+    t2 = format_table([f"{report['score']} thr", *names, quality],
+                      [[r["threshold"], *[f"{s:.1%}" for s in r["shares"]], r[quality]] for r in report["cascade"]])
+    return f"{t1}\n\nShare of validation samples answered by each head (first confident exit wins):\n{t2}"
