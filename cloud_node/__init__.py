@@ -1,0 +1,1 @@
+"""The cloud daemon: gRPC server, cross-stream batching, and the tail of the model."""

@@ -1,0 +1,159 @@
+"""The two halves of a split model, as the edge and cloud daemons run them.
+
+``EdgeHalf`` runs the stem, the blocks up to the split and the exits on the
+way, deciding per sample; survivors continue as a smaller batch and leave as
+tokens. ``CloudHalf`` runs the remaining blocks and the final head on tokens
+received from any number of edges.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .models import MultiExitModel, head_outputs
+from .scores import HIGHER_IS_CONFIDENT, confidence
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def compute_context(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """Autocast for reduced precision; plain float32 otherwise."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown compute dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
+
+
+def cls_attention(block: nn.Module, x: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """Attention the class token pays to each patch token in ``block`` (mean over heads), (B, N - prefix).
+
+    Works for any pre-norm block with ``norm1`` and ``attn.qkv`` / ``attn.num_heads``
+    (ours and timm's): the tokens the model itself looks at most are worth sending.
+    """
+    attn = block.attn
+    B, N, C = x.shape
+    h = attn.num_heads
+    qkv = attn.qkv(block.norm1(x)).reshape(B, N, 3, h, C // h).permute(2, 0, 3, 1, 4)
+    q, k = qkv[0][:, :, :1], qkv[1]  # (B, h, 1, Dh), (B, h, N, Dh)
+    probs = ((q @ k.transpose(-2, -1)) * (C // h) ** -0.5).softmax(dim=-1)  # (B, h, 1, N)
+    return probs.mean(dim=1)[:, 0, num_prefix:]
+
+
+@dataclass
+class EdgeResult:
+    """Per-sample outcome of the edge half on a batch of B inputs.
+
+    ``exit_index[i]`` is the exit that answered sample i, or -1 if it must go on.
+    ``output``/``confidence`` hold, for answered samples, that exit's answer and,
+    for the others, their best exit's (the degraded fallback).
+    ``offload`` lists the sample indices that go on; ``tokens`` (len(offload), ...)
+    their representation at the split, ``scores`` the class-token attention
+    (for top-k token selection) when asked for.
+    """
+
+    exit_index: torch.Tensor
+    best_exit: torch.Tensor
+    output: torch.Tensor
+    confidence: torch.Tensor
+    offload: torch.Tensor
+    tokens: torch.Tensor
+    scores: torch.Tensor | None
+
+
+class EdgeHalf:
+    """Stem, blocks ``[0, split)`` and the exits placed there."""
+
+    def __init__(self, model: MultiExitModel, split_block: int, device: str = "cpu", dtype: str = "float32") -> None:
+        self.model = model.eval()
+        self.backbone = model.backbone
+        self.split_block = split_block
+        self.backbone.check_position(split_block)
+        self.device = resolve_device(device)
+        self.dtype = dtype
+        compute_context(self.device, dtype)  # validate once
+        self.model.to(self.device)
+        self.exit_ids = [i for i, e in enumerate(model.exit_configs) if e.position <= split_block]
+        self.spec = self.backbone.feature_spec(split_block)
+        self.num_outputs = head_outputs(model.config.task, model.config.num_classes)
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exit_ids)
+
+    @torch.no_grad()
+    def run(self, x: torch.Tensor, thresholds: list[float], score: str, with_scores: bool = False) -> EdgeResult:
+        """Walk the exits cheapest first; a sample leaves at the first exit confident enough."""
+        if len(thresholds) != self.num_exits:
+            raise ValueError(f"{len(thresholds)} thresholds for {self.num_exits} edge exits")
+        bb, B = self.backbone, x.shape[0]
+        higher = HIGHER_IS_CONFIDENT[score]
+        exit_index = torch.full((B,), -1, dtype=torch.long)
+        best_exit = torch.full((B,), -1, dtype=torch.long)
+        output = torch.zeros(B, self.num_outputs)
+        conf = torch.full((B,), float("-inf") if higher else float("inf"))
+        alive = torch.arange(B)  # sample ids still on the edge
+        last_in = None  # input of block split-1, kept for class-token attention scores
+        need_scores = with_scores and self.split_block > 0
+
+        def advance(feats: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+            nonlocal last_in
+            if need_scores and start < self.split_block <= stop:
+                feats = bb.forward_blocks(feats, start, self.split_block - 1)
+                last_in = feats
+                return bb.forward_blocks(feats, self.split_block - 1, stop)
+            return bb.forward_blocks(feats, start, stop)
+
+        with compute_context(self.device, self.dtype):
+            feats, pos = bb.embed(x.to(self.device)), 0
+            for k, (i, t) in enumerate(zip(self.exit_ids, thresholds)):
+                e = self.model.exit_configs[i]
+                feats, pos = advance(feats, pos, e.position), e.position
+                out = self.model.run_exit(i, feats).float().cpu()
+                c = confidence(out, score)
+                better = c > conf[alive] if higher else c < conf[alive]
+                upd = alive[better]
+                output[upd], conf[upd], best_exit[upd] = out[better], c[better], k
+                leave = c >= t if higher else c <= t
+                exit_index[alive[leave]] = k
+                stay = ~leave.to(feats.device)
+                feats, alive = feats[stay], alive[~leave]
+                if last_in is not None:
+                    last_in = last_in[stay]
+                if len(alive) == 0:
+                    break
+            if len(alive):
+                feats = advance(feats, pos, self.split_block)
+            scores = None
+            if need_scores and last_in is not None and len(alive):
+                scores = cls_attention(bb.blocks[self.split_block - 1], last_in, self.spec.num_prefix).float().cpu()
+        return EdgeResult(exit_index, best_exit, output, conf, alive, feats.float().cpu(), scores)
+
+
+class CloudHalf:
+    """Blocks ``[split, L)`` and the final head, on tokens from the wire."""
+
+    def __init__(self, model: MultiExitModel, split_block: int, device: str = "cpu", dtype: str = "float32") -> None:
+        self.backbone = model.backbone.eval()
+        self.split_block = split_block
+        self.backbone.check_position(split_block)
+        self.device = resolve_device(device)
+        self.dtype = dtype
+        compute_context(self.device, dtype)
+        self.backbone.to(self.device)
+        self.spec = self.backbone.feature_spec(split_block)
+
+    @torch.no_grad()
+    def run(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, *token_shape) -> (B, num_outputs) float32 on the CPU."""
+        with compute_context(self.device, self.dtype):
+            return self.backbone.tail(tokens.to(self.device), self.split_block).float().cpu()

@@ -1,0 +1,1 @@
+"""Ray-driven experiments: placement, workloads, sweeps, reports."""
