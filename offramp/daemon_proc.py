@@ -1,0 +1,105 @@
+"""Start an ``offramp`` daemon as a child process, wait until it serves, stop it by its pid.
+
+Used by the demo, the orchestrator and the tests, which all drive the daemons
+through their public command line, as a user would.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .errors import OfframpError
+
+
+class DaemonProcess:
+    """``with DaemonProcess("cloud", ["--checkpoint", d]) as cloud: cloud.address``.
+
+    The daemon binds port 0 and writes the port it got to a file; start-up
+    waits for that file and for the health service to report SERVING, and
+    fails fast, with the tail of the daemon's log, if the process dies.
+    """
+
+    def __init__(self, command: str, args: list[str], host: str = "127.0.0.1", startup_timeout: float = 60.0,
+                 log_path: str | Path | None = None, env: dict[str, str] | None = None) -> None:
+        self.command, self.args, self.host = command, args, host
+        self.startup_timeout = startup_timeout
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"offramp-{command}-")
+        self.port_file = Path(self._tmp.name) / "port"
+        self.log_path = Path(log_path) if log_path else Path(self._tmp.name) / f"{command}.log"
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> "DaemonProcess":
+        cmd = [sys.executable, "-m", "offramp.cli", self.command, "--listen", f"{self.host}:0",
+               "--port-file", str(self.port_file), *self.args]
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(self.env or {})})
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise OfframpError(f"{self.command} daemon exited with status {self.proc.returncode}:\n{self.log_tail()}")
+            if self.port_file.is_file() and self.port_file.read_text().strip():
+                self.port = int(self.port_file.read_text())
+                if self._serving(deadline - time.monotonic()):
+                    return self
+            time.sleep(0.05)
+        self.stop()
+        raise OfframpError(f"{self.command} daemon did not become ready in {self.startup_timeout:.0f} s:\n{self.log_tail()}")
+
+    def _serving(self, timeout: float) -> bool:
+        with grpc.insecure_channel(self.address) as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                                  timeout=max(0.1, min(timeout, 2.0)))
+            except grpc.RpcError:
+                return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text().splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, grace: float = 15.0) -> int | None:
+        """SIGTERM (graceful drain), then SIGKILL after ``grace`` seconds; returns the exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """Abrupt death (SIGKILL), for failure experiments."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> "DaemonProcess":
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+        self._tmp.cleanup()
