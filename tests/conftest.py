@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+from helpers import CloudFactory
+
+if TYPE_CHECKING:
+    from cloud_node.server import CloudServer
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +24,36 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"development data archives not present at {path} (set OFFRAMP_DATA)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small trained checkpoint, built once per session: vit_micro_32 on 200 digits,
+    SL-ViT exits at blocks 2 and 4, split after block 4. Tests must not modify it."""
+    from offramp.pipeline import TrainJob, run_training
+    from offramp.train import TrainConfig
+
+    out = tmp_path_factory.mktemp("tiny") / "checkpoint"
+    job = TrainJob(data="digits", model="vit_micro_32", exits="slvit@2,slvit@4", out=str(out), limit=200)
+    run_training(job, TrainConfig(epochs=1, exit_epochs=1, progress=False))
+    return out
+
+
+# Small limits so tests reach them cheaply; a short grace so teardown never waits long.
+CLOUD_TEST_SETTINGS: dict[str, Any] = {"max_batch": 8, "max_queue": 64, "max_message_mb": 1, "grace_s": 2.0}
+
+
+@pytest.fixture
+def start_cloud(tiny_checkpoint: Path) -> Iterator[CloudFactory]:
+    """``start_cloud(**settings) -> (address, server)``: in-process cloud servers for one test."""
+    with CloudFactory(tiny_checkpoint, CLOUD_TEST_SETTINGS) as factory:
+        yield factory
+
+
+@pytest.fixture(scope="module")
+def cloud(tiny_checkpoint: Path) -> Iterator[tuple[str, CloudServer]]:
+    """One in-process cloud server per module with the test settings, as ``(address, server)``.
+
+    Shared: tests must not count on its metrics or queue starting empty."""
+    with CloudFactory(tiny_checkpoint, CLOUD_TEST_SETTINGS) as factory:
+        yield factory()

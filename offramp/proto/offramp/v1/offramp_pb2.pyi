@@ -153,7 +153,7 @@ class InferRequest(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., encoded_file: _Optional[bytes] = ..., tensor: _Optional[_Union[RawTensor, _Mapping]] = ..., audio: _Optional[bytes] = ...) -> None: ...
 
 class InferReply(_message.Message):
-    __slots__ = ("request_id", "prediction", "value", "confidence", "decided_by", "exit_index", "degraded", "degraded_reason", "output", "stage_ms", "bytes_sent", "status")
+    __slots__ = ("request_id", "prediction", "value", "confidence", "decided_by", "exit_index", "degraded", "degraded_reason", "output", "stage_ms", "bytes_sent", "status", "label")
     class StageMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +173,7 @@ class InferReply(_message.Message):
     STAGE_MS_FIELD_NUMBER: _ClassVar[int]
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     prediction: int
     value: float
@@ -185,7 +186,8 @@ class InferReply(_message.Message):
     stage_ms: _containers.ScalarMap[str, float]
     bytes_sent: int
     status: Status
-    def __init__(self, request_id: _Optional[int] = ..., prediction: _Optional[int] = ..., value: _Optional[float] = ..., confidence: _Optional[float] = ..., decided_by: _Optional[str] = ..., exit_index: _Optional[int] = ..., degraded: _Optional[bool] = ..., degraded_reason: _Optional[str] = ..., output: _Optional[_Iterable[float]] = ..., stage_ms: _Optional[_Mapping[str, float]] = ..., bytes_sent: _Optional[int] = ..., status: _Optional[_Union[Status, _Mapping]] = ...) -> None: ...
+    label: str
+    def __init__(self, request_id: _Optional[int] = ..., prediction: _Optional[int] = ..., value: _Optional[float] = ..., confidence: _Optional[float] = ..., decided_by: _Optional[str] = ..., exit_index: _Optional[int] = ..., degraded: _Optional[bool] = ..., degraded_reason: _Optional[str] = ..., output: _Optional[_Iterable[float]] = ..., stage_ms: _Optional[_Mapping[str, float]] = ..., bytes_sent: _Optional[int] = ..., status: _Optional[_Union[Status, _Mapping]] = ..., label: _Optional[str] = ...) -> None: ...
 
 class GetPolicyRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,73 @@
+"""``offramp cloud``: the cloud daemon's subcommand; flags override the TOML file."""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from offramp.config import CloudConfig
+
+if TYPE_CHECKING:
+    from .server import CloudServer
+
+# Flags that override a CloudConfig field of the same name.
+_OVERRIDES = ("checkpoint", "listen", "device", "dtype", "max_batch", "max_wait_ms", "max_queue", "metrics_port")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``cloud`` to the ``offramp`` command's subparsers."""
+    d = CloudConfig
+    p = sub.add_parser(
+        "cloud", help="run the cloud daemon: the model's tail behind a gRPC Offload service",
+        description="Serves the blocks after the split and the final head of a checkpoint to any number of "
+                    "edges, batching their requests together. Settings come from --config, then the flags. "
+                    "SIGTERM or SIGINT drains it: health turns NOT_SERVING, in-flight requests are answered, "
+                    "then it exits 0.",
+    )
+    p.add_argument("--config", metavar="TOML",
+                   help="settings file: the flags below as keys (max_batch = 16), and max_message_mb, grace_s, "
+                        "reflection, log_level")
+    p.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory written by 'offramp train' (required)")
+    p.add_argument("--listen", metavar="HOST:PORT", help=f"address to bind; port 0 picks one (default {d.listen})")
+    p.add_argument("--device", help=f"cpu, cuda or cuda:N (default {d.device})")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help=f"compute precision of the tail (default {d.dtype})")
+    p.add_argument("--max-batch", type=int, metavar="N",
+                   help=f"most samples per forward pass, across all edges (default {d.max_batch})")
+    p.add_argument("--max-wait-ms", type=float, metavar="MS",
+                   help=f"how long a batch waits for more requests after its first (default {d.max_wait_ms})")
+    p.add_argument("--max-queue", type=int, metavar="N",
+                   help=f"samples allowed to wait; beyond, requests get RESOURCE_EXHAUSTED (default {d.max_queue})")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics on this port of the listen host; 0 picks one (default: off)")
+    p.add_argument("--port-file", metavar="PATH", help="write the bound gRPC port here once serving")
+    p.set_defaults(run=_run_cloud)
+
+
+def _run_cloud(args: argparse.Namespace) -> int:
+    from offramp.config import load_config
+
+    from .server import run
+
+    overrides = {key: getattr(args, key) for key in _OVERRIDES}
+    if args.verbose:
+        overrides["log_level"] = "DEBUG"
+    config = load_config(CloudConfig, args.config, overrides)
+
+    def announce(server: CloudServer) -> None:
+        # The one line on stdout: scripts and the demo read the address from it.
+        print(f"offramp cloud listening on {server.address}", flush=True)
+        if args.port_file:
+            _write_atomically(Path(args.port_file), f"{server.port}\n")
+
+    return run(config, ready=announce)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write via a rename, so a reader polling for the file never sees it half-written."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,179 @@
+"""The cloud daemon: ``serve(config)`` loads, binds and starts; ``stop()`` drains.
+
+Start-up order: load the checkpoint (a bad one fails before anything
+listens), bind the gRPC port (port 0 picks a free one, read back from
+``CloudServer.port``), bind the metrics port, start. Health reports SERVING
+from then on. ``stop()`` reverses it: health NOT_SERVING, streams stop
+reading and end once their in-flight requests are answered, gRPC refuses new
+calls and waits up to the grace period, then everything closes.
+
+``run(config)`` is the blocking form for the command line: serve until
+SIGTERM or SIGINT, then drain.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from types import TracebackType
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from offramp.checkpoint import Card, load_checkpoint
+from offramp.config import CloudConfig, non_defaults
+from offramp.errors import OfframpError
+from offramp.split import CloudHalf
+from offramp.wire import OFFLOAD_SERVICE, pb_grpc
+
+from .batcher import Batcher
+from .metrics import CloudMetrics
+from .servicer import OffloadServicer
+from .tail import Tail
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CloudServer", "run", "serve"]
+
+
+class CloudServer:
+    """A started cloud daemon; ``await stop()`` (or leaving ``async with``) drains it."""
+
+    def __init__(
+        self,
+        config: CloudConfig,
+        card: Card,
+        server: grpc.aio.Server,
+        port: int,
+        health_servicer: health.aio.HealthServicer,
+        batcher: Batcher,
+        metrics: CloudMetrics,
+        metrics_http: WSGIServer | None,
+        draining: asyncio.Event,
+    ) -> None:
+        self.config = config
+        self.card = card
+        self.metrics = metrics
+        self.port = port
+        self._server = server
+        self._health = health_servicer
+        self._batcher = batcher
+        self._metrics_http = metrics_http
+        self._draining = draining
+        self._stopped: asyncio.Future[None] | None = None
+
+    @property
+    def address(self) -> str:
+        """HOST:PORT as bound, for clients and logs."""
+        return f"{self.config.listen.rpartition(':')[0]}:{self.port}"
+
+    @property
+    def metrics_port(self) -> int | None:
+        return None if self._metrics_http is None else self._metrics_http.server_port
+
+    @property
+    def queue_depth(self) -> int:
+        """Samples waiting for a batch right now."""
+        return self._batcher.depth
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain within ``grace`` seconds (default: the config's); later calls wait for the first."""
+        if self._stopped is None:
+            self._stopped = asyncio.ensure_future(self._drain(self.config.grace_s if grace is None else grace))
+        await asyncio.shield(self._stopped)
+
+    async def _drain(self, grace: float) -> None:
+        log.info("draining: finishing in-flight requests (grace %.1f s)", grace)
+        await self._health.enter_graceful_shutdown()
+        self._draining.set()
+        self._batcher.flush()
+        await self._server.stop(grace)
+        await self._batcher.close()
+        if self._metrics_http is not None:
+            await asyncio.to_thread(self._metrics_http.shutdown)
+            self._metrics_http.server_close()
+        log.info("stopped")
+
+    async def __aenter__(self) -> CloudServer:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+
+async def serve(config: CloudConfig) -> CloudServer:
+    """Load the checkpoint, bind, start; the returned server is answering (and SERVING)."""
+    model, card = await asyncio.to_thread(load_checkpoint, config.checkpoint)
+    try:
+        half = CloudHalf(model, card.split_block, device=config.device, dtype=config.dtype)
+    except ValueError as e:
+        raise OfframpError(f"cannot run the model's tail: {e}") from None
+    metrics = CloudMetrics()
+    batcher = Batcher(half.run, config.max_batch, config.max_wait_ms / 1e3, config.max_queue, metrics)
+    tail = Tail(half, card, batcher, metrics, config.max_batch, config.max_message_bytes)
+    draining = asyncio.Event()
+
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", 0),  # a second daemon on a busy port must fail, not share it
+    ])
+    pb_grpc.add_OffloadServicer_to_server(OffloadServicer(tail, draining), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for service in ("", OFFLOAD_SERVICE):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    if config.reflection:
+        reflection.enable_server_reflection([OFFLOAD_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    try:
+        port = server.add_insecure_port(config.listen)
+    except RuntimeError:
+        raise OfframpError(f"cannot listen on {config.listen}: address in use or not local") from None
+    metrics_http = _start_metrics(config, metrics) if config.metrics_port is not None else None
+
+    batcher.start()
+    await server.start()
+    cloud = CloudServer(config, card, server, port, health_servicer, batcher, metrics, metrics_http, draining)
+    log.info("serving %s (split block %d, fingerprint %s) on %s", config.checkpoint, card.split_block,
+             card.fingerprint[:12], cloud.address)
+    if cloud.metrics_port is not None:
+        log.info("metrics on http://%s:%d/metrics", _host(config.listen), cloud.metrics_port)
+    log.info("settings: %s", ", ".join(f"{k}={v!r}" for k, v in non_defaults(config).items()))
+    return cloud
+
+
+def _host(listen: str) -> str:
+    return listen.rpartition(":")[0].strip("[]")
+
+
+def _start_metrics(config: CloudConfig, metrics: CloudMetrics) -> WSGIServer:
+    """Prometheus /metrics on the gRPC listen host, in a thread of its own."""
+    try:
+        httpd, _ = start_http_server(config.metrics_port, addr=_host(config.listen), registry=metrics.registry)
+    except OSError as e:
+        raise OfframpError(f"cannot serve metrics on port {config.metrics_port}: {e}") from None
+    return httpd
+
+
+def run(config: CloudConfig, ready: Callable[[CloudServer], None] | None = None) -> int:
+    """Serve until SIGTERM or SIGINT, then drain; ``ready`` is called once the server answers."""
+    logging.getLogger().setLevel(config.log_level)
+    asyncio.run(_serve_until_signalled(config, ready))
+    return 0
+
+
+async def _serve_until_signalled(config: CloudConfig, ready: Callable[[CloudServer], None] | None) -> None:
+    loop = asyncio.get_running_loop()
+    received: asyncio.Future[signal.Signals] = loop.create_future()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda s=sig: received.done() or received.set_result(s))
+    async with await serve(config) as server:
+        if ready is not None:
+            ready(server)
+        log.info("%s received", (await received).name)

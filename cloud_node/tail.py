@@ -1,0 +1,122 @@
+"""The model's tail behind the wire: check, decode, batch, answer — one request at a time.
+
+Everything the Offload service does, as plain async functions on protobuf
+messages, so the servicer stays a thin adapter. A request that cannot be
+served gets a reply carrying the reason in ``status``: one bad request must
+not end a stream that carries many good ones.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+
+import grpc
+import torch
+
+from offramp.checkpoint import Card
+from offramp.codec import CodecError, DecodeLimits, decode
+from offramp.split import CloudHalf
+from offramp.wire import make_status, pb, status_code
+
+from .batcher import Batcher, BatchResult
+from .errors import RequestError
+from .metrics import CloudMetrics
+
+log = logging.getLogger(__name__)
+
+MODALITIES = ("visual",)  # the tail consumes the `tokens` field only
+_FLOAT32_BYTES = 4  # the widest wire dtype
+
+
+class Tail:
+    """Answers OffloadRequests with ``half`` run in batches; describes what it serves."""
+
+    def __init__(
+        self,
+        half: CloudHalf,
+        card: Card,
+        batcher: Batcher,
+        metrics: CloudMetrics,
+        max_batch: int,
+        max_message_bytes: int,
+    ) -> None:
+        self._half = half
+        self._fingerprint = card.fingerprint
+        self._batcher = batcher
+        self._metrics = metrics
+        token_shape = tuple(half.spec.shape)  # (N, D) tokens or (C, H, W) map
+        self._limits = DecodeLimits(
+            max_payload_bytes=max_message_bytes,
+            # The most a legitimate request can inflate to: a full batch of float32 tokens.
+            max_raw_bytes=max_batch * math.prod(token_shape) * _FLOAT32_BYTES,
+            expected_shape=(None, *token_shape),
+        )
+        self._description = pb.DescribeReply(
+            card_json=json.dumps(card.to_dict()),
+            fingerprint=card.fingerprint,
+            split_block=half.split_block,
+            token_shape=token_shape,
+            max_batch_size=max_batch,
+            max_message_bytes=max_message_bytes,
+            modalities=MODALITIES,
+        )
+
+    def describe(self) -> pb.DescribeReply:
+        return self._description
+
+    async def answer(self, request: pb.OffloadRequest) -> pb.OffloadReply:
+        """The reply to one request: head output and timings, or the reason in ``status``."""
+        received = time.perf_counter()
+        self._metrics.received_bytes.inc(request.ByteSize())
+        reply = pb.OffloadReply(request_id=request.request_id, status=make_status())
+        try:
+            self._check(request)
+            tokens = await asyncio.to_thread(self._decode, request.tokens)  # off the loop: zstd and numpy
+            decoded = time.perf_counter()
+            deadline = received + request.deadline_ms / 1e3 if request.deadline_ms else None
+            result = await self._batcher.submit(tokens, deadline)
+        except (CodecError, RequestError) as e:
+            reply.status.CopyFrom(make_status(e.code, str(e)))
+        except Exception as e:  # a bug: fail this request, keep the stream
+            log.exception("request %d failed", request.request_id)
+            reply.status.CopyFrom(make_status(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}"))
+        else:
+            self._fill(reply, result, decoded - received)
+        total_s = time.perf_counter() - received
+        reply.timings.total_ms = total_s * 1e3
+        self._metrics.stage_seconds.labels("total").observe(total_s)
+        self._metrics.requests.labels(status_code(reply.status).name).inc()
+        return reply
+
+    def _check(self, request: pb.OffloadRequest) -> None:
+        if request.model_fingerprint != self._fingerprint:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"model fingerprint {request.model_fingerprint[:12] or '(none)'} does not match the cloud's "
+                f"{self._fingerprint[:12]}: edge and cloud must load the same checkpoint",
+            )
+        if request.split_block != self._half.split_block:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"tokens are from split block {request.split_block}; the cloud resumes at {self._half.split_block}",
+            )
+        if request.HasField("audio_tokens") or any(m not in MODALITIES for m in request.modalities):
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"this cloud serves {', '.join(MODALITIES)} only")
+        if not request.HasField("tokens"):
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the request carries no tokens")
+
+    def _decode(self, message: pb.EncodedTensor) -> torch.Tensor:
+        return torch.from_numpy(decode(message, self._limits))  # (B, *token_shape), fewer tokens after top-k
+
+    def _fill(self, reply: pb.OffloadReply, result: BatchResult, decode_s: float) -> None:
+        reply.output.extend(result.output.reshape(-1).tolist())
+        reply.output_shape.extend(result.output.shape)
+        reply.batch_size = result.batch_size
+        reply.timings.decode_ms = decode_s * 1e3
+        reply.timings.queue_ms = result.queue_s * 1e3
+        reply.timings.compute_ms = result.compute_s * 1e3
+        for stage, seconds in (("decode", decode_s), ("queue", result.queue_s), ("compute", result.compute_s)):
+            self._metrics.stage_seconds.labels(stage).observe(seconds)

@@ -1,0 +1,105 @@
+"""Helpers shared by the tests: polling with a deadline, an event loop in a thread, in-process clouds."""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import pytest
+
+if TYPE_CHECKING:
+    from cloud_node.server import CloudServer
+
+T = TypeVar("T")
+
+
+def wait_for(
+    condition: Callable[[], T], timeout: float, *, process: subprocess.Popen | None = None, what: str = ""
+) -> T:
+    """Poll ``condition`` until it returns something truthy, and return that.
+
+    The test fails after ``timeout`` seconds, or as soon as ``process`` has
+    exited: a daemon that died will never become ready, so waiting on is pointless.
+    """
+    what = what or getattr(condition, "__name__", repr(condition))
+    deadline = time.monotonic() + timeout
+    delay = 0.002
+    while True:
+        result = condition()
+        if result:
+            return result
+        if process is not None and process.poll() is not None:
+            pytest.fail(f"process exited with status {process.returncode} while waiting for {what}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+class LoopThread:
+    """An asyncio event loop in a background thread, so plain tests can host async servers."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="test-loop", daemon=True)
+
+    def __enter__(self) -> LoopThread:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        """Run ``coro`` on the loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+class CloudFactory:
+    """Starts in-process cloud servers on port 0, serving one checkpoint, on a background event loop.
+
+    ``with CloudFactory(checkpoint, defaults) as start: address, server = start(max_batch=4)``;
+    settings are CloudConfig fields over ``defaults``. Leaving stops every server.
+    """
+
+    def __init__(self, checkpoint: Path, defaults: dict[str, Any]) -> None:
+        self.checkpoint = checkpoint
+        self.defaults = defaults
+        self.loop = LoopThread()
+        self._servers: list[CloudServer] = []
+
+    def __enter__(self) -> CloudFactory:
+        self.loop.__enter__()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            for server in self._servers:
+                self.loop.run(server.stop())
+        finally:
+            self.loop.__exit__(exc_type, exc, tb)
+
+    def __call__(self, **settings: Any) -> tuple[str, CloudServer]:
+        from cloud_node.server import serve
+        from offramp.config import CloudConfig
+
+        config = CloudConfig(checkpoint=str(self.checkpoint), **{**self.defaults, **settings})
+        server = self.loop.run(serve(config))
+        self._servers.append(server)
+        return server.address, server
+
+    def stop_soon(self, server: CloudServer) -> concurrent.futures.Future[None]:
+        """Begin draining ``server`` without waiting for it, as a SIGTERM would."""
+        return asyncio.run_coroutine_threadsafe(server.stop(), self.loop.loop)
