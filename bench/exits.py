@@ -90,16 +90,17 @@ def run_setting(s: Setting, checkpoints: Path | None) -> dict[str, Any]:
     slvit = [i for i, e in enumerate(model.exit_configs) if e.type == "slvit"]
     label_trained = {i: copy.deepcopy(model.exits[i].state_dict()) for i in slvit}
     copycat: dict[str, dict[str, float]] = {}
+    fine_tuned: dict[str, dict[int, dict]] = {}
     for mode in ("hard", "soft"):
         for i in slvit:
             model.exits[i].load_state_dict(label_trained[i])
         log.info("[%s] copycat (%s) fine-tuning of the SL-ViT exits", s.name, mode)
         train_exits(model, data.train, replace(cfg, augment=False), targets=mode, epochs=cfg.copycat_epochs, only=slvit)
         copycat[mode] = {r.name: r.summary()["accuracy"] for r in evaluate(model, data.val)}
+        fine_tuned[mode] = {i: copy.deepcopy(model.exits[i].state_dict()) for i in slvit}
     # The saved checkpoint keeps the hard-copycat SL-ViT exits (CC-SL-ViT), the paper's choice.
     for i in slvit:
-        model.exits[i].load_state_dict(label_trained[i])
-    train_exits(model, data.train, replace(cfg, augment=False), targets="hard", epochs=cfg.copycat_epochs, only=slvit)
+        model.exits[i].load_state_dict(fine_tuned["hard"][i])
     if checkpoints is not None:
         save_checkpoint(checkpoints / s.name, model, Card(
             config=model.config, label_names=data.label_names, modality=data.modality, input_shape=data.input_shape,
