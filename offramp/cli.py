@@ -143,7 +143,26 @@ def _run_bench(args: argparse.Namespace) -> int:
     return module.main(args.bench_args)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_train, add_eval, add_models, add_demo, add_bench]
+def add_cloud(sub: argparse._SubParsersAction) -> None:
+    import importlib
+
+    importlib.import_module("cloud_node.cli").add_commands(sub)
+
+
+def add_edge(sub: argparse._SubParsersAction) -> None:
+    import importlib
+
+    importlib.import_module("edge_node.cli").add_commands(sub)
+
+
+def add_link(sub: argparse._SubParsersAction) -> None:
+    from .netem.cli import add_commands
+
+    add_commands(sub)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_train, add_eval, add_models, add_demo, add_bench, add_cloud, add_edge, add_link]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -254,6 +254,10 @@ class EdgeConfig:
     # "cpu", "cuda" or "cuda:N"; edge devices are usually CPUs.
     device: str = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # Torch intra-op threads; None: one per core. Set 1 when the CPU is shared
+    # with other busy work: every parallel op then waits for all its threads to
+    # get a time slice, which can cost more than the parallelism gains.
+    threads: int | None = None
     # Samples run together when requests queue up; an idle edge never waits to fill a batch.
     max_batch: int = 16
     # Prometheus /metrics port on the listen host; None disables it, 0 picks a free port.
@@ -275,6 +279,7 @@ class EdgeConfig:
         _require(self.connect_timeout_s > 0, "connect_timeout_s must be positive")
         _require(self.max_message_mb >= 1, "max_message_mb must be at least 1")
         _require(self.max_batch >= 1, "max_batch must be at least 1")
+        _require(self.threads is None or self.threads >= 1, "threads must be at least 1 (or unset for one per core)")
         _require(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "metrics_port must be in 0..65535")
         _require(self.grace_s >= 0, "grace_s must not be negative")
 

@@ -1,0 +1,193 @@
+"""Choosing exit thresholds offline, on the checkpoint's validation split.
+
+Every head (the edge exits and the full model, which stands in for the cloud)
+is evaluated once; a cascade under any thresholds is then a cheap lookup, so
+the search can afford to be thorough:
+
+1. one threshold shared by all exits, tried at every candidate value (exact
+   in one dimension: the candidates are the exits' own confidence quantiles,
+   plus "never leave" and "always leave");
+2. from the best shared value, per-exit coordinate descent: each exit's
+   threshold in turn moves to whichever candidate improves the objective,
+   until none does.
+
+The shared value is a robust starting point on small validation sets; the
+per-exit refinement only moves where it strictly helps, which pays off when
+exits are calibrated differently (early exits are often over-confident).
+Targets: the fewest offloads whose accuracy is no worse than the full model's
+minus ``accuracy_drop`` points, or the best accuracy (lowest MAE for
+regression) with at most ``max_offload`` of the samples sent to the cloud.
+The cloud is assumed to answer as the full model does: codec loss is ignored.
+"""
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from offramp.checkpoint import load_checkpoint
+from offramp.errors import OfframpError
+from offramp.pipeline import load_validation
+from offramp.scores import HIGHER_IS_CONFIDENT, check_score, default_score
+from offramp.train import HeadResult, evaluate
+
+CANDIDATES_PER_EXIT = 200  # quantiles of each exit's confidence; beyond this the search gains nothing visible
+MAX_ROUNDS = 20  # coordinate descent converges in a handful; this only bounds pathological cases
+
+
+@dataclass(frozen=True)
+class Target:
+    """Exactly one of the two is set."""
+
+    accuracy_drop: float | None = None  # percentage points below the full model's accuracy
+    max_offload: float | None = None  # fraction of samples sent to the cloud
+
+    def __post_init__(self) -> None:
+        if (self.accuracy_drop is None) == (self.max_offload is None):
+            raise ValueError("give exactly one target: an accuracy drop or an offload fraction")
+        if self.accuracy_drop is not None and not 0 <= self.accuracy_drop <= 100:
+            raise ValueError(f"accuracy drop must be in 0..100 points, not {self.accuracy_drop}")
+        if self.max_offload is not None and not 0 <= self.max_offload <= 1:
+            raise ValueError(f"offload fraction must be in 0..1, not {self.max_offload}")
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """Thresholds and what they do on the validation split."""
+
+    thresholds: tuple[float, ...]
+    quality: float  # accuracy, or -MAE for regression (higher is better either way)
+    offload: float  # fraction answered by the cloud
+    shares: tuple[float, ...]  # fraction answered by each exit, then by the cloud
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The chosen operating point, with what a user needs to judge it."""
+
+    chosen: OperatingPoint
+    full_quality: float  # the full model alone (everything offloaded)
+    target: Target
+    score: str
+    exit_names: tuple[str, ...]
+    samples: int
+    metric: str  # "accuracy", or "mae" for regression
+
+    def summary(self) -> str:
+        p, sign = self.chosen, ">=" if HIGHER_IS_CONFIDENT[self.score] else "<="
+        if self.metric == "accuracy":
+            quality = f"accuracy {p.quality:.4f} (full model {self.full_quality:.4f})"
+        else:
+            quality = f"MAE {-p.quality:.4g} (full model {-self.full_quality:.4g})"
+        goal = (f"accuracy at most {self.target.accuracy_drop:g} points below the full model, fewest offloads"
+                if self.target.accuracy_drop is not None
+                else f"at most {self.target.max_offload:.1%} offloaded, best {self.metric}")
+        answered = [f"{name} {share:.1%}" for name, share in zip([*self.exit_names, "cloud"], p.shares)]
+        return "\n".join([
+            f"calibrated on {self.samples} validation samples, score {self.score} ({goal}):",
+            "  thresholds    " + ", ".join(f"{n} {sign} {t:.6g}" for n, t in zip(self.exit_names, p.thresholds)),
+            f"  expected      {quality}",
+            f"  offload rate  {p.offload:.1%}",
+            "  answered by   " + ", ".join(answered),
+            "  (the cloud is assumed to answer as the full model does; codec loss is not included)",
+        ])
+
+
+class _Cascade:
+    """Confidences (E, n) of the edge exits and per-sample quality (E + 1, n) of every head."""
+
+    def __init__(self, exits: list[HeadResult], final: HeadResult, score: str) -> None:
+        self.higher = HIGHER_IS_CONFIDENT[score]
+        self.conf = np.stack([r.confidence for r in exits]).astype(np.float64)
+        heads = [*exits, final]
+        if final.correct is not None:
+            self.quality = np.stack([r.correct for r in heads]).astype(np.float64)
+        else:
+            self.quality = -np.stack([r.error for r in heads]).astype(np.float64)
+        self.num_exits, self.n = self.conf.shape
+
+    def point(self, thresholds: tuple[float, ...]) -> OperatingPoint:
+        t = np.asarray(thresholds)[:, None]
+        passes = self.conf >= t if self.higher else self.conf <= t  # (E, n)
+        taken_by = np.where(passes.any(axis=0), passes.argmax(axis=0), self.num_exits)  # first confident exit
+        quality = float(self.quality[taken_by, np.arange(self.n)].mean())
+        shares = np.bincount(taken_by, minlength=self.num_exits + 1) / self.n
+        return OperatingPoint(tuple(thresholds), quality, float(shares[-1]), tuple(float(s) for s in shares))
+
+    def candidates(self, confidences: np.ndarray) -> list[float]:
+        never, always = (math.inf, -math.inf) if self.higher else (-math.inf, math.inf)
+        qs = np.quantile(confidences, np.linspace(0, 1, CANDIDATES_PER_EXIT), method="lower")
+        return [never, *sorted({float(q) for q in qs}), always]
+
+
+def calibrate(exits: list[HeadResult], final: HeadResult, score: str, target: Target) -> Calibration:
+    """Thresholds for ``exits`` (edge exits, cheapest first) meeting ``target``; see the module docstring."""
+    if not exits:
+        raise ValueError("the edge has no exits: there is nothing to calibrate")
+    regression = final.correct is None
+    if regression and target.accuracy_drop is not None:
+        raise ValueError("an accuracy drop applies to classification; for regression give an offload fraction")
+    cascade = _Cascade(exits, final, score)
+    full = float(cascade.quality[-1].mean())
+    key = _objective(target, full)
+
+    shared = cascade.candidates(cascade.conf.ravel())
+    best = max((cascade.point((t,) * cascade.num_exits) for t in shared), key=key)
+    per_exit = [cascade.candidates(c) for c in cascade.conf]
+    for _ in range(MAX_ROUNDS):
+        improved = False
+        for e, values in enumerate(per_exit):
+            for t in values:
+                trial = cascade.point(best.thresholds[:e] + (t,) + best.thresholds[e + 1:])
+                if key(trial) > key(best):
+                    best, improved = trial, True
+        if not improved:
+            break
+    return Calibration(best, full, target, score, tuple(r.name for r in exits), cascade.n,
+                       "mae" if regression else "accuracy")
+
+
+def calibrate_checkpoint(checkpoint: str | Path, target: Target, score: str | None = None, data: str | None = None,
+                         edge_toml: str | Path | None = None) -> Calibration:
+    """Evaluate a checkpoint's heads on validation data and calibrate its edge exits.
+
+    An existing ``edge_toml`` supplies the split block (which exits are on the
+    edge) and, unless ``score`` is given, the score; the card and the task's
+    default score fill in what it does not set.
+    """
+    model, card = load_checkpoint(checkpoint)
+    task = model.config.task
+    configured = _read_edge_toml(Path(edge_toml)) if edge_toml is not None else {}
+    score = score or configured.get("score") or default_score(task)
+    split = configured.get("split_block", card.split_block)
+    try:
+        check_score(score, task)
+        val, _ = load_validation(card, data)
+        results = evaluate(model, val, score=score)
+        num_edge = sum(e.position <= split for e in model.exit_configs)
+        return calibrate(results[:num_edge], results[-1], score, target)
+    except ValueError as e:
+        raise OfframpError(str(e)) from None
+
+
+def _read_edge_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise OfframpError(f"{path} is not valid TOML: {e}") from None
+
+
+def _objective(target: Target, full_quality: float) -> Callable[[OperatingPoint], tuple[bool, float, float]]:
+    """Sort key: feasible points first, then the target's goal, then the other quantity as tie-break."""
+    if target.accuracy_drop is not None:
+        floor = full_quality - target.accuracy_drop / 100 - 1e-12
+        return lambda p: (p.quality >= floor, -p.offload, p.quality)
+    cap = target.max_offload + 1e-12
+    return lambda p: (p.offload <= cap, p.quality, -p.offload)

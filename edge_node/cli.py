@@ -1,0 +1,252 @@
+"""``offramp edge``, ``infer``, ``policy`` and ``calibrate``: the edge's subcommands.
+
+Only argparse is imported up front; each command imports what it needs when
+it runs, so ``offramp --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import grpc
+
+    from offramp.wire import pb
+
+    from .server import EdgeServer
+
+# Flags that override an EdgeConfig field of the same name.
+_OVERRIDES = ("checkpoint", "listen", "cloud", "thresholds", "score", "split_block", "codec", "top_k",
+              "deadline_ms", "device", "threads", "max_batch", "metrics_port")
+_SCORES = ["max_prob", "entropy", "margin", "std"]
+
+
+def floats(text: str) -> list[float]:
+    """Comma-separated numbers; ``inf`` and ``-inf`` mean "never" and "always" leave."""
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if any(math.isnan(v) for v in values):
+        raise argparse.ArgumentTypeError("thresholds must be numbers, not NaN")
+    return values
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add the edge's subcommands to the ``offramp`` command's subparsers."""
+    _add_edge(sub)
+    _add_infer(sub)
+    _add_policy(sub)
+    _add_calibrate(sub)
+
+
+def _add_edge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "edge", help="run the edge daemon: early exits on the device, the rest offloaded to a cloud",
+        description="Serves the local Edge API (gRPC). Each input runs through the first blocks and the exits; "
+                    "confident samples are answered at once, the others are compressed and sent to the cloud, "
+                    "and answered from their best exit (marked degraded) when the cloud is down or late. "
+                    "Settings come from --config, then the flags. SIGTERM or SIGINT drains it.",
+    )
+    p.add_argument("--config", metavar="TOML", help="settings file (see 'offramp calibrate --out' for a full one)")
+    p.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory written by 'offramp train' (required)")
+    p.add_argument("--listen", metavar="HOST:PORT", help="address of the local API; port 0 picks one")
+    p.add_argument("--cloud", metavar="HOST:PORT", nargs="+", action="extend",
+                   help="cloud addresses in order of preference (the rest are failover)")
+    p.add_argument("--thresholds", type=floats, metavar="T1,T2",
+                   help="one confidence threshold per edge exit, cheapest first")
+    p.add_argument("--score", choices=_SCORES, help="confidence score the thresholds apply to")
+    p.add_argument("--split-block", type=int, metavar="K", help="block after which to offload (default: the card's)")
+    p.add_argument("--codec", choices=["int8", "float16", "float32"], help="token precision on the wire")
+    p.add_argument("--top-k", type=int, metavar="K", help="send only the K most attended patch tokens")
+    p.add_argument("--deadline-ms", type=int, metavar="MS", help="how long to wait for the cloud per request")
+    p.add_argument("--device", help="cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, metavar="N", help="torch threads (default: one per core; 1 on a busy CPU)")
+    p.add_argument("--max-batch", type=int, metavar="N", help="most samples computed together")
+    p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics here; 0 picks one")
+    p.add_argument("--offload", choices=["on", "off"], help="off: the last exit answers everything")
+    p.add_argument("--port-file", metavar="PATH", help="write the bound gRPC port here once serving")
+    p.set_defaults(run=_run_edge)
+
+
+def _run_edge(args: argparse.Namespace) -> int:
+    from offramp.config import EdgeConfig, load_config
+
+    from .server import run
+
+    overrides = {key: getattr(args, key) for key in _OVERRIDES}
+    if args.offload is not None:
+        overrides["offload_enabled"] = args.offload == "on"
+    if args.verbose:
+        overrides["log_level"] = "DEBUG"
+    config = load_config(EdgeConfig, args.config, overrides)
+
+    def announce(server: EdgeServer) -> None:
+        # The one line on stdout: scripts and the demo read the address from it.
+        print(f"offramp edge listening on {server.address}", flush=True)
+        if args.port_file:
+            _write_atomically(Path(args.port_file), f"{server.port}\n")
+
+    return run(config, ready=announce)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write via a rename, so a reader polling for the file never sees it half-written."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _add_infer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("infer", help="send image or audio files to a running edge and print its answers",
+                       description="One line per file: the answer, where it was decided, its confidence, whether "
+                                   "it is degraded (and why), and the end-to-end latency at the edge.")
+    p.add_argument("--edge", required=True, metavar="HOST:PORT", help="the edge's local API address")
+    p.add_argument("files", nargs="+", metavar="FILE", help="JPEG/PNG images or WAV files")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for all answers (default 30)")
+    p.add_argument("--json", action="store_true", help="print each reply as one JSON line")
+    p.set_defaults(run=_run_infer)
+
+
+def _run_infer(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToJson
+
+    from offramp.errors import OfframpError
+    from offramp.wire import pb, pb_grpc, status_code
+
+    requests = []
+    for i, name in enumerate(args.files):
+        try:
+            requests.append(pb.InferRequest(request_id=i, encoded_file=Path(name).read_bytes()))
+        except OSError as e:
+            raise OfframpError(f"cannot read '{name}': {e.strerror}") from None
+    with grpc.insecure_channel(args.edge) as channel:
+        try:
+            replies = {r.request_id: r for r in pb_grpc.EdgeStub(channel).InferStream(iter(requests),
+                                                                                     timeout=args.timeout)}
+        except grpc.RpcError as e:
+            raise _rpc_error(args.edge, e) from None
+    failed = False
+    for i, name in enumerate(args.files):
+        reply = replies.get(i)
+        failed |= reply is None or reply.status.code != 0
+        if reply is None:
+            print(f"{name}: no answer", file=sys.stderr)
+        elif args.json:
+            print(MessageToJson(reply, indent=None))
+        elif reply.status.code:
+            print(f"{name}: error {status_code(reply.status).name}: {reply.status.message}")
+        else:
+            print(f"{name}: {describe_reply(reply)}")
+    return 1 if failed else 0
+
+
+def describe_reply(reply: pb.InferReply) -> str:
+    """``7 ("seven") by exit:slvit@2, confidence 0.973, 2.1 ms`` and the degradation, if any."""
+    answer = f'{reply.prediction} ("{reply.label}")' if reply.prediction >= 0 else f"{reply.value:.4g}"
+    text = f"{answer} by {reply.decided_by}, confidence {reply.confidence:.3f}, {reply.stage_ms['total']:.1f} ms"
+    if reply.degraded:
+        text += f", DEGRADED: {reply.degraded_reason}"
+    return text
+
+
+def _add_policy(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("policy", help="show or change a running edge's exit policy",
+                       description="'get' prints the policy in force; 'set' changes the given parts and keeps "
+                                   "the rest. The change applies from the next batch on.")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    get = actions.add_parser("get", help="print the thresholds, score and offload switch in force")
+    get.add_argument("--edge", required=True, metavar="HOST:PORT")
+    get.set_defaults(run=_run_policy)
+    put = actions.add_parser("set", help="change thresholds, score or offload switch")
+    put.add_argument("--edge", required=True, metavar="HOST:PORT")
+    put.add_argument("--thresholds", type=floats, metavar="T1,T2", help="one per edge exit, cheapest first")
+    put.add_argument("--score", choices=_SCORES)
+    put.add_argument("--offload", choices=["on", "off"])
+    put.set_defaults(run=_run_policy)
+
+
+def _run_policy(args: argparse.Namespace) -> int:
+    import grpc
+
+    from offramp.errors import OfframpError
+    from offramp.wire import pb, pb_grpc
+
+    with grpc.insecure_channel(args.edge) as channel:
+        stub = pb_grpc.EdgeStub(channel)
+        try:
+            policy = stub.GetPolicy(pb.GetPolicyRequest(), timeout=10)
+            if args.action == "set":
+                if args.thresholds is None and args.score is None and args.offload is None:
+                    raise OfframpError("nothing to set: give --thresholds, --score or --offload")
+                if args.thresholds is not None:
+                    policy.ClearField("thresholds")
+                    policy.thresholds.extend(args.thresholds)
+                if args.score is not None:
+                    policy.score = args.score
+                if args.offload is not None:
+                    policy.offload_enabled = args.offload == "on"
+                policy = stub.SetPolicy(policy, timeout=10)
+        except grpc.RpcError as e:
+            raise _rpc_error(args.edge, e) from None
+    print(f"thresholds: {', '.join(f'{t:g}' for t in policy.thresholds) or '(no exits)'}")
+    print(f"score:      {policy.score}")
+    print(f"offload:    {'on' if policy.offload_enabled else 'off'}")
+    return 0
+
+
+def _rpc_error(address: str, error: grpc.RpcError) -> Exception:
+    """A one-line user error from a failed call."""
+    import grpc
+
+    from offramp.errors import OfframpError
+
+    if error.code() is grpc.StatusCode.UNAVAILABLE:
+        return OfframpError(f"cannot reach the edge at {address}: {error.details()}")
+    return OfframpError(f"edge at {address}: {error.code().name}: {error.details()}")
+
+
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "calibrate", help="pick exit thresholds on validation data and write them into an edge config",
+        description="Evaluates the exits and the full model on the checkpoint's validation split (offline), "
+                    "then picks thresholds: a shared value searched exhaustively, refined per exit. "
+                    "Writes them (and the score) into --out, creating a complete, commented edge config "
+                    "if it does not exist and keeping every other setting if it does.",
+    )
+    p.add_argument("checkpoint", help="checkpoint directory written by 'offramp train'")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-accuracy-drop", type=float, metavar="POINTS",
+                        help="fewest offloads with accuracy at most POINTS percentage points below the full model")
+    target.add_argument("--target-offload", type=float, metavar="FRACTION",
+                        help="best accuracy with at most FRACTION (0..1) of the samples sent to the cloud")
+    p.add_argument("--score", choices=_SCORES,
+                   help="confidence score (default: the one --out names, else max_prob; std for regression)")
+    p.add_argument("--data", help="calibrate on all of this data spec instead of the card's validation split")
+    p.add_argument("--out", required=True, metavar="TOML", help="edge config to create or update")
+    p.set_defaults(run=_run_calibrate)
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from offramp.errors import OfframpError
+
+    from .calibrate import Target, calibrate_checkpoint
+    from .edge_toml import check_checkpoint, write_thresholds
+
+    try:
+        target = Target(accuracy_drop=args.target_accuracy_drop, max_offload=args.target_offload)
+    except ValueError as e:
+        raise OfframpError(str(e)) from None
+    check_checkpoint(args.out, args.checkpoint)  # before the evaluation, not after it
+    result = calibrate_checkpoint(args.checkpoint, target, score=args.score, data=args.data, edge_toml=args.out)
+    created = write_thresholds(args.out, args.checkpoint, result.chosen.thresholds, result.score)
+    print(result.summary())
+    print(f"{'created' if created else 'updated'} {args.out}")
+    return 0

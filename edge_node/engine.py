@@ -1,0 +1,198 @@
+"""The edge's decision path: exits first, the cloud for the rest, the best exit when the cloud fails.
+
+Every request gets exactly one ``InferReply``:
+
+* an exit was confident -> that exit answers (``decided_by="exit:NAME"``);
+* no exit was confident -> the tokens go to the cloud, and its answer is final
+  (``decided_by="cloud"``);
+* the cloud was wanted but is unreachable, refused, late or answered an error ->
+  the sample's most confident exit answers with ``degraded=True`` and the reason;
+* offload switched off by policy -> the last exit takes whatever the earlier
+  ones did not. That is the operator's choice, not a failure: not degraded.
+
+Stage timings (milliseconds) go into every reply: ``preprocess`` (by the
+caller), ``queue``, ``edge_compute`` (the whole local batch the sample ran in),
+``encode``, ``offload_rtt``, ``cloud`` (the cloud's own total) and ``total``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from offramp.checkpoint import Card
+from offramp.codec import CodecConfig, encode
+from offramp.scores import confidence, prediction
+from offramp.split import EdgeHalf
+from offramp.wire import make_status, pb
+
+from .batcher import Batcher
+from .metrics import EdgeMetrics
+from .offload import CloudError, CloudUnavailable, OffloadClient, OffloadError
+from .policy import ExitPolicy
+
+
+@dataclass(frozen=True)
+class _Job:
+    x: torch.Tensor  # (C, H, W)
+    submitted: float  # perf_counter
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What the edge half decided for one sample of a local batch."""
+
+    exit_index: int  # edge exit that answered; -1: the sample wants the cloud
+    best_exit: int  # most confident edge exit (the degraded fallback); -1 when the edge has none
+    output: torch.Tensor  # (num_outputs,) of that exit
+    score: str
+    tokens: pb.EncodedTensor | None  # survivors only, B = 1
+    encode_error: str  # why the tokens could not be encoded, if they could not
+    raw_bytes: int  # the survivor's tokens as plain float32
+    stage_ms: dict[str, float]
+
+
+def _ms(seconds: float) -> float:
+    return seconds * 1000.0
+
+
+class EdgeEngine:
+    """Runs requests through the edge half, the codec and the offload client, and answers each once."""
+
+    def __init__(self, half: EdgeHalf, card: Card, policy: ExitPolicy, codec: CodecConfig, deadline_ms: int,
+                 offload: OffloadClient | None, max_batch: int = 16) -> None:
+        if codec.top_k is not None and (half.spec.kind != "tokens" or half.split_block == 0):
+            raise ValueError("codec top_k selects tokens of a ViT split after block 1 or later; "
+                             f"this split gives a {half.spec.kind} representation after block {half.split_block}")
+        if deadline_ms <= 0:
+            raise ValueError(f"deadline_ms must be positive, not {deadline_ms}")
+        self.half = half
+        self.card = card
+        self.task = card.config.task
+        self.policy = policy
+        self.codec = codec
+        self.deadline_ms = deadline_ms
+        self.offload = offload
+        names = half.model.exit_names
+        self.exit_names = [names[i] for i in half.exit_ids]
+        self._batcher: Batcher[_Job, _Outcome] = Batcher(self._run_batch, max_batch)
+        self.metrics = EdgeMetrics(connected=lambda: float(offload is not None and offload.connected_to is not None),
+                                   queue_depth=self._batcher.depth)
+
+    def start(self) -> None:
+        """Start computing and connecting (needs the running event loop)."""
+        self._batcher.start()
+        if self.offload is not None:
+            self.offload.start()
+
+    async def close(self) -> None:
+        await self._batcher.close()
+        if self.offload is not None:
+            await self.offload.close()
+
+    async def infer(self, x: torch.Tensor, request_id: int = 0, since: float | None = None,
+                    stage_ms: dict[str, float] | None = None) -> pb.InferReply:
+        """The one answer for input ``x`` (C, H, W); ``since`` is when the request arrived (perf_counter)."""
+        since = time.perf_counter() if since is None else since
+        outcome = await self._batcher.submit(_Job(x, time.perf_counter()))
+        stages = {**(stage_ms or {}), **outcome.stage_ms}
+        reply, degraded_kind = await self._decide(outcome, stages)
+        reply.request_id = request_id
+        stages["total"] = _ms(time.perf_counter() - since)
+        reply.stage_ms.update(stages)
+        if reply.status.code == grpc.StatusCode.OK.value[0]:
+            self.metrics.record(reply, degraded_kind)
+        return reply
+
+    async def _decide(self, outcome: _Outcome, stages: dict[str, float]) -> tuple[pb.InferReply, str | None]:
+        """The reply for one sample, and the kind of degradation if it is degraded."""
+        if outcome.exit_index >= 0:
+            return self._exit_reply(outcome, outcome.exit_index), None
+        try:
+            reply = await self._offload(outcome, stages)
+            return reply, None
+        except OffloadError as e:
+            if outcome.best_exit < 0:  # nothing on the edge to fall back on
+                return pb.InferReply(status=make_status(grpc.StatusCode.UNAVAILABLE, str(e))), None
+            return self._exit_reply(outcome, outcome.best_exit, degraded_reason=str(e)), e.kind
+
+    async def _offload(self, outcome: _Outcome, stages: dict[str, float]) -> pb.InferReply:
+        if self.offload is None:
+            raise CloudUnavailable("cloud unavailable: no cloud address configured")
+        if outcome.tokens is None:
+            raise OffloadError(f"cannot encode the tokens: {outcome.encode_error}")
+        request = pb.OffloadRequest(
+            model_fingerprint=self.card.fingerprint, split_block=self.half.split_block, tokens=outcome.tokens,
+            deadline_ms=self.deadline_ms, edge_stage_ms=stages,
+        )
+        sent = time.perf_counter()
+        try:
+            cloud = await self.offload.infer(request, self.deadline_ms / 1000)
+        finally:  # also when it fails: a degraded answer shows how long the cloud was waited for
+            stages["offload_rtt"] = _ms(time.perf_counter() - sent)
+        stages["cloud"] = cloud.timings.total_ms
+        output = torch.tensor(list(cloud.output), dtype=torch.float32)
+        if list(cloud.output_shape) != [1, self.half.num_outputs] or output.numel() != self.half.num_outputs:
+            raise CloudError(f"cloud error: output of shape {list(cloud.output_shape)} for one sample with "
+                             f"{self.half.num_outputs} outputs")
+        reply = self._answer(output, outcome.score, decided_by="cloud", exit_index=-1)
+        size = request.ByteSize()
+        reply.bytes_sent = size
+        self.metrics.offloads.inc()
+        self.metrics.bytes_sent.inc(size)
+        self.metrics.bytes_saved.inc(max(0, outcome.raw_bytes - size))
+        return reply
+
+    def _exit_reply(self, outcome: _Outcome, exit_index: int, degraded_reason: str = "") -> pb.InferReply:
+        reply = self._answer(outcome.output, outcome.score, f"exit:{self.exit_names[exit_index]}", exit_index)
+        reply.degraded = bool(degraded_reason)
+        reply.degraded_reason = degraded_reason
+        return reply
+
+    def _answer(self, output: torch.Tensor, score: str, decided_by: str, exit_index: int) -> pb.InferReply:
+        """An OK reply from one head output (num_outputs,)."""
+        out = output[None]  # (1, num_outputs)
+        reply = pb.InferReply(
+            confidence=float(confidence(out, score)[0]), decided_by=decided_by, exit_index=exit_index,
+            output=output.tolist(), status=make_status(),
+        )
+        if self.task == "classification":
+            reply.prediction = int(prediction(out, self.task)[0])
+            reply.label = self.card.label_names[reply.prediction]
+        else:
+            reply.prediction = -1
+            reply.value = float(prediction(out, self.task)[0])
+        return reply
+
+    def _run_batch(self, jobs: list[_Job]) -> list[_Outcome]:
+        """Worker thread: exits for the whole batch under one policy snapshot, then encode the survivors."""
+        started = time.perf_counter()
+        policy = self.policy.get()
+        x = torch.stack([j.x for j in jobs])  # (B, C, H, W)
+        result = self.half.run(x, policy.run_thresholds(), policy.score, with_scores=self.codec.top_k is not None)
+        compute_ms = _ms(time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(jobs))
+        survivor_row = {sample: row for row, sample in enumerate(result.offload.tolist())}
+        outcomes = []
+        for i, job in enumerate(jobs):
+            stages = {"queue": _ms(started - job.submitted), "edge_compute": compute_ms}
+            tokens, error, raw = None, "", 0
+            row = survivor_row.get(i)
+            if row is not None:
+                t0 = time.perf_counter()
+                sample_tokens = result.tokens[row:row + 1]  # (1, N, D) or (1, C, H, W)
+                scores = None if result.scores is None else result.scores[row:row + 1]
+                raw = sample_tokens.numel() * 4
+                try:
+                    tokens = encode(sample_tokens, self.codec, scores, self.half.spec.num_prefix)
+                except ValueError as e:  # e.g. values beyond float16's range
+                    error = str(e)
+                stages["encode"] = _ms(time.perf_counter() - t0)
+            outcomes.append(_Outcome(
+                exit_index=int(result.exit_index[i]), best_exit=int(result.best_exit[i]), output=result.output[i],
+                score=policy.score, tokens=tokens, encode_error=error, raw_bytes=raw, stage_ms=stages,
+            ))
+        return outcomes
+

@@ -1,0 +1,48 @@
+"""Turning an ``InferRequest`` into the model's input, or saying precisely why not.
+
+Encoded files go through the very transform the model was trained with; raw
+tensors must already have the card's input shape. Anything else is the
+caller's mistake and becomes INVALID_ARGUMENT with the reason.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from offramp.data import preprocess_bytes
+from offramp.errors import DataError, OfframpError
+from offramp.wire import pb
+
+
+class InputError(OfframpError):
+    """An input the edge cannot use; the message goes back to the caller as is."""
+
+
+def request_tensor(request: pb.InferRequest, modality: str, input_shape: tuple[int, ...]) -> torch.Tensor:
+    """The (C, H, W) float32 input a request carries."""
+    if request.HasField("audio"):
+        raise InputError("this model is not audiovisual: leave the audio field unset")
+    kind = request.WhichOneof("input")
+    if kind == "encoded_file":
+        try:
+            return preprocess_bytes(request.encoded_file, modality, input_shape)
+        except (DataError, ValueError) as e:
+            raise InputError(f"cannot decode encoded_file as {modality}: {e}") from None
+    if kind == "tensor":
+        return _raw_tensor(request.tensor, tuple(input_shape))
+    raise InputError("the request carries no input: set encoded_file or tensor")
+
+
+def _raw_tensor(raw: pb.RawTensor, expected: tuple[int, ...]) -> torch.Tensor:
+    shape = tuple(raw.shape)
+    if shape != expected:
+        raise InputError(f"tensor has shape {list(shape)}, the model takes {list(expected)}")
+    want = math.prod(shape) * 4
+    if len(raw.data) != want:
+        raise InputError(f"tensor data has {len(raw.data)} bytes, shape {list(shape)} in float32 needs {want}")
+    array = np.frombuffer(raw.data, dtype="<f4").reshape(shape)
+    if not np.isfinite(array).all():
+        raise InputError("tensor contains NaN or infinite values")
+    return torch.from_numpy(array.astype(np.float32))  # a writable, native-endian copy

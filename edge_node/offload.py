@@ -1,0 +1,225 @@
+"""The edge's side of the Offload service: one long-lived stream to one cloud at a time.
+
+Many requests share the stream; replies come back in any order and are matched
+to their callers by ``request_id``. Before streaming, the client asks the cloud
+what it serves (``Describe``) and refuses to pair with a cloud whose model
+fingerprint or split block differ from the edge's: its answers would be wrong
+without any error to show for it. Clouds are tried in the configured order
+(the first is the primary); when none can be used the client keeps retrying
+with exponential back-off, and callers fail fast in the meantime, so the engine
+answers them from their best exit instead of letting them wait.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from offramp.wire import pb, pb_grpc, status_code
+
+log = logging.getLogger(__name__)
+
+
+class OffloadError(Exception):
+    """Why an offloaded request got no answer from the cloud; the message becomes the degraded reason."""
+
+    kind = "error"  # short label for metrics
+
+
+class CloudUnavailable(OffloadError):
+    kind = "unavailable"
+
+
+class DeadlineExceeded(OffloadError):
+    kind = "deadline"
+
+
+class CloudError(OffloadError):
+    """The cloud answered this one request with an error status."""
+
+    kind = "cloud_error"
+
+
+@dataclass(frozen=True)
+class OffloadSettings:
+    """Connection behaviour; ``EdgeConfig`` fills it in."""
+
+    backoff_initial_s: float = 0.1
+    backoff_max_s: float = 5.0
+    connect_timeout_s: float = 5.0
+    max_message_bytes: int = 64 << 20
+
+
+def pairing_problem(cloud: pb.DescribeReply, fingerprint: str, split_block: int) -> str | None:
+    """Why the edge must not send tokens to this cloud, or None if the halves belong together."""
+    if cloud.fingerprint != fingerprint:
+        return (f"it serves a different model (fingerprint {cloud.fingerprint[:12] or '<none>'}..., "
+                f"the edge has {fingerprint[:12]}...)")
+    if cloud.split_block != split_block:
+        return f"it resumes after block {cloud.split_block}, the edge stops after block {split_block}"
+    return None
+
+
+@dataclass
+class _Stream:
+    """One open Infer stream and the requests waiting to be written to it."""
+
+    address: str
+    max_request_bytes: int
+    outbox: asyncio.Queue[tuple[pb.OffloadRequest, asyncio.Future[pb.OffloadReply]]] = field(
+        default_factory=asyncio.Queue)
+
+    async def requests(self) -> AsyncIterator[pb.OffloadRequest]:
+        """What gRPC writes, in order; requests whose caller already gave up are skipped.
+
+        Writing from this iterator rather than from the callers matters: a caller
+        cancelled (by its deadline) inside ``call.write`` would cancel the whole
+        stream, and with it every other request in flight.
+        """
+        while True:
+            request, future = await self.outbox.get()
+            if not future.done():
+                yield request
+
+
+class OffloadClient:
+    """Offloads requests to the first usable cloud of ``addresses``, with failover and reconnection."""
+
+    def __init__(self, addresses: list[str], fingerprint: str, split_block: int,
+                 settings: OffloadSettings = OffloadSettings()) -> None:
+        if not addresses:
+            raise ValueError("an offload client needs at least one cloud address")
+        self.addresses = list(addresses)
+        self.fingerprint = fingerprint
+        self.split_block = split_block
+        self.settings = settings
+        self._options = [
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ]
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[pb.OffloadReply]] = {}
+        self._stream: _Stream | None = None
+        self._problems: dict[str, str] = {}  # address -> why it is not in use
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def connected_to(self) -> str | None:
+        """The cloud requests go to now, or None."""
+        return self._stream.address if self._stream else None
+
+    def unavailable_reason(self) -> str:
+        if not self._problems:
+            return f"connecting to {', '.join(self.addresses)}"
+        return "; ".join(f"{a}: {self._problems[a]}" for a in self.addresses if a in self._problems)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="offload-client")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._fail_pending(CloudUnavailable("cloud unavailable: the edge is shutting down"))
+
+    async def infer(self, request: pb.OffloadRequest, timeout_s: float) -> pb.OffloadReply:
+        """The cloud's OK reply to ``request`` (its ``request_id`` is set here), or an ``OffloadError``."""
+        stream = self._stream
+        if stream is None:
+            raise CloudUnavailable(f"cloud unavailable: {self.unavailable_reason()}")
+        size = request.ByteSize()
+        if size > stream.max_request_bytes:
+            raise OffloadError(f"offload request of {size} bytes exceeds the {stream.max_request_bytes}-byte "
+                               f"message limit of {stream.address}")
+        request.request_id = next(self._ids)
+        future: asyncio.Future[pb.OffloadReply] = asyncio.get_running_loop().create_future()
+        self._pending[request.request_id] = future
+        stream.outbox.put_nowait((request, future))
+        try:
+            return await asyncio.wait_for(future, timeout_s)  # on timeout the future is cancelled: never written
+        except TimeoutError:
+            raise DeadlineExceeded(f"deadline exceeded after {timeout_s * 1000:.0f} ms") from None
+        finally:
+            self._pending.pop(request.request_id, None)
+
+    async def _run(self) -> None:
+        """Connect, stream until the stream breaks, start over; primary first, back-off between rounds.
+
+        The back-off only resets after a stream that held up for ``backoff_max_s``,
+        so a cloud that accepts and then drops every stream is not hammered.
+        """
+        delay = self.settings.backoff_initial_s
+        while True:
+            lived = None
+            for address in self.addresses:
+                lived = await self._session(address)
+                if lived is not None:
+                    break
+            if lived is not None and lived >= self.settings.backoff_max_s:
+                delay = self.settings.backoff_initial_s
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # jitter: edges must not reconnect in lockstep
+            delay = min(2 * delay, self.settings.backoff_max_s)
+
+    async def _session(self, address: str) -> float | None:
+        """One connection to ``address``: seconds it streamed, or None if it never got that far."""
+        async with grpc.aio.insecure_channel(address, options=self._options) as channel:
+            stub = pb_grpc.OffloadStub(channel)
+            try:
+                cloud = await stub.Describe(pb.DescribeRequest(), timeout=self.settings.connect_timeout_s)
+            except grpc.aio.AioRpcError as e:
+                self._note(address, f"{e.code().name} ({e.details()})", logging.WARNING, "cloud %s is unreachable: %s")
+                return None
+            problem = pairing_problem(cloud, self.fingerprint, self.split_block)
+            if problem is not None:
+                self._note(address, f"refused: {problem}", logging.ERROR, "REFUSING cloud %s: %s")
+                return None
+            limit = min(self.settings.max_message_bytes, cloud.max_message_bytes or self.settings.max_message_bytes)
+            stream = _Stream(address, limit)
+            call = stub.Infer(stream.requests())
+            started = time.monotonic()
+            self._stream = stream
+            self._problems.pop(address, None)
+            log.info("offloading to cloud %s (split block %d, max batch %d)", address, cloud.split_block,
+                     cloud.max_batch_size)
+            reason = "the cloud closed the stream"
+            try:
+                async for reply in call:
+                    self._resolve(reply)
+            except grpc.aio.AioRpcError as e:
+                reason = f"{e.code().name} ({e.details()})"
+            finally:
+                self._stream = None
+                call.cancel()
+            self._problems[address] = f"lost: {reason}"
+            log.warning("lost cloud %s: %s; %d requests in flight fall back", address, reason, len(self._pending))
+            self._fail_pending(CloudUnavailable(f"cloud unavailable: lost {address}: {reason}"))
+            return time.monotonic() - started
+
+    def _note(self, address: str, problem: str, level: int, message: str) -> None:
+        """Remember why ``address`` is not in use; log it when it is news (retries repeat it every round)."""
+        news = self._problems.get(address) != problem
+        self._problems[address] = problem
+        log.log(level if news else logging.DEBUG, message, address, problem)
+
+    def _resolve(self, reply: pb.OffloadReply) -> None:
+        future = self._pending.pop(reply.request_id, None)
+        if future is None or future.done():
+            log.debug("reply %d came after its caller gave up", reply.request_id)
+            return
+        code = status_code(reply.status)
+        if code is grpc.StatusCode.OK:
+            future.set_result(reply)
+        else:
+            future.set_exception(CloudError(f"cloud error {code.name}: {reply.status.message}"))
+
+    def _fail_pending(self, error: OffloadError) -> None:
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(error)

@@ -1,0 +1,253 @@
+"""The edge daemon: ``serve(config)`` loads, binds and starts; ``stop()`` drains.
+
+Start-up order: load the checkpoint and check the policy against it (a bad
+one fails before anything listens), bind the gRPC port (port 0 picks a free
+one, read back from ``EdgeServer.port``), bind the metrics port, start the
+compute thread and the offload client, start serving. Health reports SERVING
+from then on, whether or not a cloud is reachable: without one the edge still
+answers, degraded. ``stop()`` reverses it.
+
+``run(config)`` is the blocking form for the command line: serve until
+SIGTERM or SIGINT, then drain.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from types import TracebackType
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import start_http_server
+
+from offramp.checkpoint import Card, load_checkpoint
+from offramp.codec import CodecConfig
+from offramp.config import EdgeConfig, non_defaults
+from offramp.errors import OfframpError
+from offramp.scores import default_score
+from offramp.split import EdgeHalf
+from offramp.wire import EDGE_SERVICE, make_status, pb, pb_grpc, status_code
+
+from .engine import EdgeEngine
+from .inputs import InputError, request_tensor
+from .offload import OffloadClient, OffloadSettings
+from .policy import ExitPolicy, PolicyError, PolicySettings, default_settings
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EdgeServer", "build_engine", "run", "serve"]
+
+
+class EdgeServicer(pb_grpc.EdgeServicer):
+    """Decode the request, hand it to the engine, send the reply back."""
+
+    def __init__(self, engine: EdgeEngine) -> None:
+        self.engine = engine
+        self.card: Card = engine.card
+
+    async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> pb.InferReply:
+        reply = await self._answer(request)
+        if reply.status.code != grpc.StatusCode.OK.value[0]:
+            await context.abort(status_code(reply.status), reply.status.message)
+        return reply
+
+    async def InferStream(self, request_iterator: AsyncIterator[pb.InferRequest],
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.InferReply]:
+        """Every request is answered as soon as it is done; a bad one gets an error reply, the stream goes on."""
+        replies: asyncio.Queue[pb.InferReply | None] = asyncio.Queue()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def answer(request: pb.InferRequest) -> None:
+            await replies.put(await self._answer(request))
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    task = asyncio.create_task(answer(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                await asyncio.gather(*tasks)
+            finally:
+                await replies.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (reply := await replies.get()) is not None:
+                yield reply
+            await reader  # a broken request stream ends the call with its error
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    async def GetPolicy(self, request: pb.GetPolicyRequest, context: grpc.aio.ServicerContext) -> pb.Policy:
+        return self.engine.policy.get().to_proto()
+
+    async def SetPolicy(self, request: pb.Policy, context: grpc.aio.ServicerContext) -> pb.Policy:
+        try:
+            settings = self.engine.policy.set(PolicySettings.from_proto(request))
+        except PolicyError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        log.info("policy changed: thresholds %s, score %s, offload %s", list(settings.thresholds), settings.score,
+                 "on" if settings.offload_enabled else "off")
+        return settings.to_proto()
+
+    async def _answer(self, request: pb.InferRequest) -> pb.InferReply:
+        """The one reply to ``request``; errors become its status rather than exceptions."""
+        arrived = time.perf_counter()
+        try:
+            x = await asyncio.to_thread(request_tensor, request, self.card.modality, self.card.input_shape)
+            preprocess_ms = (time.perf_counter() - arrived) * 1000
+            reply = await self.engine.infer(x, request.request_id, since=arrived,
+                                            stage_ms={"preprocess": preprocess_ms})
+        except InputError as e:
+            reply = pb.InferReply(request_id=request.request_id,
+                                  status=make_status(grpc.StatusCode.INVALID_ARGUMENT, str(e)))
+        except Exception:  # a bug must not leave the caller without an answer
+            log.exception("request %d failed", request.request_id)
+            reply = pb.InferReply(request_id=request.request_id,
+                                  status=make_status(grpc.StatusCode.INTERNAL, "internal error; see the edge's log"))
+        if reply.status.code != grpc.StatusCode.OK.value[0]:
+            self.engine.metrics.rejected.labels(status_code(reply.status).name).inc()
+        return reply
+
+
+def build_engine(config: EdgeConfig) -> EdgeEngine:
+    """Model, policy, codec and offload client from the config; user mistakes become ``OfframpError``."""
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    model, card = load_checkpoint(config.checkpoint)
+    split = card.split_block if config.split_block is None else config.split_block
+    task = card.config.task
+    try:
+        half = EdgeHalf(model, split, config.device, config.dtype)
+        score = config.score or default_score(task)
+        settings = (default_settings(half.num_exits, score, config.offload_enabled) if config.thresholds is None
+                    else PolicySettings(config.thresholds, score, config.offload_enabled))
+        policy = ExitPolicy(settings, half.num_exits, task)
+        codec = CodecConfig(config.codec, config.top_k, config.zstd_level)
+        offload = None
+        if config.cloud:
+            offload = OffloadClient(list(config.cloud), card.fingerprint, split, OffloadSettings(
+                backoff_initial_s=config.reconnect_initial_s, backoff_max_s=config.reconnect_max_s,
+                connect_timeout_s=config.connect_timeout_s, max_message_bytes=config.max_message_bytes))
+        return EdgeEngine(half, card, policy, codec, config.deadline_ms, offload, config.max_batch)
+    except PolicyError as e:
+        raise OfframpError(f"edge policy: {e}") from None
+    except ValueError as e:
+        raise OfframpError(f"cannot serve '{config.checkpoint}': {e}") from None
+
+
+class EdgeServer:
+    """A started edge daemon; ``await stop()`` (or leaving ``async with``) drains it."""
+
+    def __init__(self, config: EdgeConfig, engine: EdgeEngine, server: grpc.aio.Server, port: int,
+                 health_servicer: health.aio.HealthServicer, metrics_http: WSGIServer | None) -> None:
+        self.config = config
+        self.engine = engine
+        self.port = port
+        self._server = server
+        self._health = health_servicer
+        self._metrics_http = metrics_http
+        self._stopped: asyncio.Future[None] | None = None
+
+    @property
+    def address(self) -> str:
+        """HOST:PORT as bound, for clients and logs."""
+        return f"{_host(self.config.listen)}:{self.port}"
+
+    @property
+    def metrics_port(self) -> int | None:
+        return None if self._metrics_http is None else self._metrics_http.server_port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain within ``grace`` seconds (default: the config's); later calls wait for the first."""
+        if self._stopped is None:
+            self._stopped = asyncio.ensure_future(self._drain(self.config.grace_s if grace is None else grace))
+        await asyncio.shield(self._stopped)
+
+    async def _drain(self, grace: float) -> None:
+        """Health first (balancers stop sending), then gRPC (in-flight requests finish), then the engine."""
+        log.info("draining: finishing in-flight requests (grace %.1f s)", grace)
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+        await self.engine.close()
+        if self._metrics_http is not None:
+            await asyncio.to_thread(self._metrics_http.shutdown)
+            self._metrics_http.server_close()
+        log.info("stopped")
+
+    async def __aenter__(self) -> EdgeServer:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+
+async def serve(config: EdgeConfig) -> EdgeServer:
+    """Load the checkpoint, bind, start; the returned server is answering (and SERVING)."""
+    engine = await asyncio.to_thread(build_engine, config)
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", 0),  # a second daemon on a busy port must fail, not share it
+    ])
+    pb_grpc.add_EdgeServicer_to_server(EdgeServicer(engine), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        port = server.add_insecure_port(config.listen)
+    except RuntimeError:
+        raise OfframpError(f"cannot listen on {config.listen}: address in use or not local") from None
+    metrics_http = _start_metrics(config, engine) if config.metrics_port is not None else None
+
+    engine.start()
+    await server.start()
+    for service in ("", EDGE_SERVICE):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    edge = EdgeServer(config, engine, server, port, health_servicer, metrics_http)
+    policy = engine.policy.get()
+    log.info("offramp edge listening on %s (split block %d, exits %s, thresholds %s, score %s, clouds %s)",
+             edge.address, engine.half.split_block, ",".join(engine.exit_names) or "none",
+             list(policy.thresholds), policy.score, ",".join(config.cloud) or "none")
+    if edge.metrics_port is not None:
+        log.info("metrics on http://%s:%d/metrics", _host(config.listen), edge.metrics_port)
+    log.info("settings: %s", ", ".join(f"{k}={v!r}" for k, v in non_defaults(config).items()))
+    return edge
+
+
+def _host(listen: str) -> str:
+    return listen.rpartition(":")[0].strip("[]")
+
+
+def _start_metrics(config: EdgeConfig, engine: EdgeEngine) -> WSGIServer:
+    """Prometheus /metrics on the gRPC listen host, in a thread of its own."""
+    try:
+        httpd, _ = start_http_server(config.metrics_port, addr=_host(config.listen), registry=engine.metrics.registry)
+    except OSError as e:
+        raise OfframpError(f"cannot serve metrics on port {config.metrics_port}: {e}") from None
+    return httpd
+
+
+def run(config: EdgeConfig, ready: Callable[[EdgeServer], None] | None = None) -> int:
+    """Serve until SIGTERM or SIGINT, then drain; ``ready`` is called once the server answers."""
+    logging.getLogger().setLevel(config.log_level)
+    asyncio.run(_serve_until_signalled(config, ready))
+    return 0
+
+
+async def _serve_until_signalled(config: EdgeConfig, ready: Callable[[EdgeServer], None] | None) -> None:
+    loop = asyncio.get_running_loop()
+    received: asyncio.Future[signal.Signals] = loop.create_future()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda s=sig: received.done() or received.set_result(s))
+    async with await serve(config) as server:
+        if ready is not None:
+            ready(server)
+        log.info("%s received", (await received).name)
