@@ -133,6 +133,8 @@ class EdgeEngine:
         finally:  # also when it fails: a degraded answer shows how long the cloud was waited for
             stages["offload_rtt"] = _ms(time.perf_counter() - sent)
         stages["cloud"] = cloud.timings.total_ms
+        stages["cloud_decode"], stages["cloud_queue"], stages["cloud_compute"] = (
+            cloud.timings.decode_ms, cloud.timings.queue_ms, cloud.timings.compute_ms)
         output = torch.tensor(list(cloud.output), dtype=torch.float32)
         if list(cloud.output_shape) != [1, self.half.num_outputs] or output.numel() != self.half.num_outputs:
             raise CloudError(f"cloud error: output of shape {list(cloud.output_shape)} for one sample with "
