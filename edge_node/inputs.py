@@ -26,6 +26,11 @@ def request_tensor(request: pb.InferRequest, modality: str, input_shape: tuple[i
         raise InputError("this model is not audiovisual: leave the audio field unset")
     kind = request.WhichOneof("input")
     if kind == "encoded_file":
+        got = file_kind(request.encoded_file)
+        if got is not None and got[0] != modality:
+            takes, expected = ("audio", "a WAV file") if modality == "audio" else ("images", "an image file")
+            raise InputError(f"cannot decode encoded_file: the model takes {takes}, expected {expected} "
+                             f"but got {got[1]}")
         try:
             return preprocess_bytes(request.encoded_file, modality, input_shape)
         except (DataError, ValueError) as e:
@@ -33,6 +38,22 @@ def request_tensor(request: pb.InferRequest, modality: str, input_shape: tuple[i
     if kind == "tensor":
         return _raw_tensor(request.tensor, tuple(input_shape))
     raise InputError("the request carries no input: set encoded_file or tensor")
+
+
+_IMAGE_MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF87a": "GIF", b"GIF89a": "GIF",
+                b"BM": "BMP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
+
+
+def file_kind(data: bytes) -> tuple[str, str] | None:
+    """``(modality, description)`` of a file recognised by its first bytes, or None."""
+    if data[:4] in (b"RIFF", b"RIFX", b"RF64") and data[8:12] == b"WAVE":
+        return "audio", "a WAV file"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image", "a WebP image"
+    for magic, name in _IMAGE_MAGIC.items():
+        if data.startswith(magic):
+            return "image", f"a {name} image"
+    return None
 
 
 def _raw_tensor(raw: pb.RawTensor, expected: tuple[int, ...]) -> torch.Tensor:

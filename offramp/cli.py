@@ -112,16 +112,22 @@ def _run_models(args: argparse.Namespace) -> int:
 
 
 def add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the quick start: train on digits, then run edge + cloud over loopback gRPC")
+    p = sub.add_parser("demo", help="the quick start: train on digits (or --data), then run edge + cloud "
+                                    "over loopback gRPC")
     p.add_argument("--workdir", default="runs/demo", help="where the demo keeps its checkpoint (reused if present)")
     p.add_argument("--retrain", action="store_true", help="train again even if a checkpoint exists")
+    p.add_argument("--data", default="digits",
+                   help="digits | imagefolder:PATH | fsdd:PATH (default: digits); a checkpoint trained on other "
+                        "data is retrained")
+    p.add_argument("--model", default=None,
+                   help="backbone variant (default: vit_micro_32 for 32x32 inputs, vit_tiny_spec for audio)")
     p.set_defaults(run=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(args.workdir, retrain=args.retrain)
+    return run_demo(args.workdir, retrain=args.retrain, data=args.data, model=args.model)
 
 
 def add_bench(sub: argparse._SubParsersAction) -> None:

@@ -1,9 +1,11 @@
 """The quick start, end to end: a cloud and an edge as separate processes on loopback.
 
-Trains a small ViT with SL-ViT exits on the bundled digits (once; later runs
-reuse it), calibrates the exit thresholds, starts ``offramp cloud`` and
-``offramp edge``, pushes the validation set through the edge's streaming API
-and prints where each answer came from, accuracy, bytes and latency.
+Trains a small ViT with SL-ViT exits on the bundled digits, or on another data
+spec (``--data fsdd:PATH`` trains the spectrogram ViT on spoken digits), once:
+later runs reuse the checkpoint while its card names the same data. Then it
+calibrates the exit thresholds, starts ``offramp cloud`` and ``offramp edge``,
+pushes the validation set through the edge's streaming API and prints where
+each answer came from, accuracy, bytes and latency.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import numpy as np
 
 from .checkpoint import CARD, read_card
 from .daemon_proc import DaemonProcess
+from .data import load_data
 from .errors import OfframpError
 from .pipeline import TrainJob, load_validation, run_training
 from .report import format_table
@@ -27,15 +30,44 @@ from .wire import pb, pb_grpc
 
 DEMO_JOB = TrainJob(data="digits", model="vit_micro_32", exits="slvit@2,slvit@4")
 DEMO_TRAIN = TrainConfig(epochs=30, exit_epochs=10, copycat="hard", copycat_epochs=5, batch_size=64, lr=2e-3)
+# Other data, by modality: half the FSDD benchmark's schedule (30 backbone, 10 exit epochs) is
+# enough for a demo; images from an imagefolder are many more samples per epoch, so fewer epochs.
+OTHER_TRAIN = {
+    "audio": TrainConfig(epochs=15, exit_epochs=5, copycat="hard", copycat_epochs=3, batch_size=64, lr=2e-3),
+    "image": TrainConfig(epochs=4, exit_epochs=2, copycat="hard", copycat_epochs=1, batch_size=128, lr=2e-3),
+}
 ACCURACY_DROP = 0.5  # points of accuracy the exits may cost, as calibrated on validation data
 
 
-def ensure_demo_model(workdir: Path, retrain: bool = False) -> Path:
-    """Train the demo model once; later runs reuse the checkpoint."""
+def _stale_reason(checkpoint: Path, data: str, model: str | None) -> str | None:
+    """Why the checkpoint there cannot serve this demo (None: reuse it)."""
+    if not (checkpoint / CARD).is_file():
+        return "no checkpoint yet"
+    card = read_card(checkpoint)
+    if card.data.get("spec") != data:
+        return f"the checkpoint there was trained on '{card.data.get('spec')}', not '{data}'"
+    if model is not None and card.config.backbone != model:
+        return f"the checkpoint there is a {card.config.backbone}, not a {model}"
+    return None
+
+
+def ensure_demo_model(workdir: Path, retrain: bool = False, data: str = "digits", model: str | None = None) -> Path:
+    """Train the demo model once; later runs reuse the checkpoint if it was trained on ``data`` (and is ``model``)."""
     out = workdir / "model"
-    if retrain or not (out / CARD).is_file():
-        print(f"training the demo model on digits into {out} (a few minutes on 2 cores)...", flush=True)
-        run_training(TrainJob(**{**DEMO_JOB.__dict__, "out": str(out)}), DEMO_TRAIN)
+    reason = "--retrain" if retrain else _stale_reason(out, data, model)
+    if reason is None:
+        return out
+    if data == DEMO_JOB.data:
+        job = TrainJob(**{**DEMO_JOB.__dict__, "model": model or DEMO_JOB.model, "out": str(out)})
+        print(f"training the demo model on digits into {out} ({reason}; a few minutes on 2 cores)...", flush=True)
+        run_training(job, DEMO_TRAIN)
+        return out
+    job = TrainJob(data=data, model=model, exits=DEMO_JOB.exits, out=str(out))
+    splits = load_data(job.data, val_fraction=job.val_fraction, seed=job.seed)
+    cfg = OTHER_TRAIN.get(splits.modality, OTHER_TRAIN["image"])
+    print(f"training the demo model on {data} ({len(splits.train)} {splits.modality} samples) into {out} "
+          f"({reason}; {cfg.epochs} + {cfg.exit_epochs} + {cfg.copycat_epochs} epochs)...", flush=True)
+    run_training(job, cfg, data=splits)
     return out
 
 
@@ -54,9 +86,9 @@ def requests(x: np.ndarray) -> Iterator[pb.InferRequest]:
                                                                 data=sample.astype(np.float32).tobytes()))
 
 
-def run_demo(workdir: str, retrain: bool = False) -> int:
+def run_demo(workdir: str, retrain: bool = False, data: str = "digits", model: str | None = None) -> int:
     work = Path(workdir)
-    checkpoint = ensure_demo_model(work, retrain)
+    checkpoint = ensure_demo_model(work, retrain, data, model)
     card = read_card(checkpoint)
     val, _ = load_validation(card)
     x, y = val.tensors[0].numpy(), val.tensors[1].numpy()

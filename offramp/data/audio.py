@@ -26,17 +26,24 @@ N_FFT = 256
 N_MELS = 64
 N_FRAMES = 64
 AUDIO_SHAPE = (1, N_MELS, N_FRAMES)
+# Rates a clip may come at: below 4 kHz there is too little of the speech band
+# left to resample from; above 384 kHz is no audio interface's rate.
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 4000, 384000
 
 
 def read_wav(data: bytes, what: str) -> tuple[np.ndarray, int]:
     """WAV bytes -> (mono float32 samples in [-1, 1], sample rate).
 
-    ``what`` names the file in the error message.
+    ``what`` names the file in the error message. Refuses files without
+    samples, with non-finite samples, or at a rate the front end cannot
+    sensibly resample to ``SAMPLE_RATE`` from.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", scipy.io.wavfile.WavFileWarning)  # odd chunks are harmless
             rate, samples = scipy.io.wavfile.read(io.BytesIO(data))
+    except ZeroDivisionError:  # scipy divides the block size by the channel count
+        raise DataError(f"corrupt WAV file {what}: its header declares 0 channels or 0-byte samples") from None
     except Exception as e:  # scipy's parser lets odd errors escape on damaged headers; all mean "corrupt"
         raise DataError(f"corrupt WAV file {what}: {e or type(e).__name__}") from None
     if samples.dtype == np.uint8:
@@ -49,12 +56,22 @@ def read_wav(data: bytes, what: str) -> tuple[np.ndarray, int]:
         x = x.mean(axis=1)
     if x.ndim != 1 or rate <= 0:
         raise DataError(f"corrupt WAV file {what}: unexpected shape {samples.shape} at {rate} Hz")
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise DataError(f"WAV file {what} has a sample rate of {rate} Hz; clips must be recorded at "
+                        f"{MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz (they are resampled to {SAMPLE_RATE} Hz)")
+    if x.size == 0:
+        raise DataError(f"WAV file {what} has no samples")
+    if not np.isfinite(x).all():
+        raise DataError(f"WAV file {what} contains NaN or infinite samples")
     return x, int(rate)
 
 
 def fix_clip(samples: np.ndarray, rate: int) -> np.ndarray:
     """Resample to ``SAMPLE_RATE`` and trim or zero-pad to exactly one clip length."""
     if rate != SAMPLE_RATE:
+        # Only the first clip length (and a margin for the filter) reaches the output: resampling
+        # the rest of a long recording would cost time and change nothing.
+        samples = samples[: math.ceil(rate * (CLIP_SECONDS + 64 / SAMPLE_RATE))]
         g = math.gcd(rate, SAMPLE_RATE)
         samples = scipy.signal.resample_poly(samples, SAMPLE_RATE // g, rate // g).astype(np.float32)
     n = int(SAMPLE_RATE * CLIP_SECONDS)
