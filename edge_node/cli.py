@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 # Flags that override an EdgeConfig field of the same name.
 _OVERRIDES = ("checkpoint", "listen", "cloud", "thresholds", "score", "split_block", "codec", "top_k",
-              "deadline_ms", "device", "dtype", "threads", "max_batch", "metrics_port")
+              "deadline_ms", "device", "dtype", "threads", "slowdown", "max_batch", "metrics_port")
 _SCORES = ["max_prob", "entropy", "margin", "std"]
 
 
@@ -69,6 +69,8 @@ def _add_edge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute precision (autocast)")
     p.add_argument("--threads", type=int, metavar="N", help="torch threads (default: one per core; 1 on a busy CPU)")
     p.add_argument("--max-batch", type=int, metavar="N", help="most samples computed together")
+    p.add_argument("--slowdown", type=float, metavar="FACTOR",
+                   help="emulate a device FACTOR times slower (sleeps after each compute; default 1)")
     p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics here; 0 picks one")
     p.add_argument("--offload", choices=["on", "off"], help="off: the last exit answers everything")
     p.add_argument("--port-file", metavar="PATH", help="write the bound gRPC port here once serving")

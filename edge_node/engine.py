@@ -24,6 +24,7 @@ import torch
 
 from offramp.checkpoint import Card
 from offramp.codec import CodecConfig, encode
+from offramp.netem.profiles import slowed
 from offramp.scores import confidence, prediction
 from offramp.split import EdgeHalf
 from offramp.wire import make_status, pb
@@ -62,7 +63,7 @@ class EdgeEngine:
     """Runs requests through the edge half, the codec and the offload client, and answers each once."""
 
     def __init__(self, half: EdgeHalf, card: Card, policy: ExitPolicy, codec: CodecConfig, deadline_ms: int,
-                 offload: OffloadClient | None, max_batch: int = 16) -> None:
+                 offload: OffloadClient | None, max_batch: int = 16, slowdown: float = 1.0) -> None:
         if codec.top_k is not None and (half.spec.kind != "tokens" or half.split_block == 0):
             raise ValueError("codec top_k selects tokens of a ViT split after block 1 or later; "
                              f"this split gives a {half.spec.kind} representation after block {half.split_block}")
@@ -75,6 +76,9 @@ class EdgeEngine:
         self.codec = codec
         self.deadline_ms = deadline_ms
         self.offload = offload
+        # Emulated weaker device: edge compute and encoding take `slowdown` times as long.
+        self._run_half = slowed(half.run, slowdown)
+        self._encode = slowed(encode, slowdown)
         names = half.model.exit_names
         self.exit_names = [names[i] for i in half.exit_ids]
         self._batcher: Batcher[_Job, _Outcome] = Batcher(self._run_batch, max_batch)
@@ -173,7 +177,7 @@ class EdgeEngine:
         started = time.perf_counter()
         policy = self.policy.get()
         x = torch.stack([j.x for j in jobs])  # (B, C, H, W)
-        result = self.half.run(x, policy.run_thresholds(), policy.score, with_scores=self.codec.top_k is not None)
+        result = self._run_half(x, policy.run_thresholds(), policy.score, with_scores=self.codec.top_k is not None)
         compute_ms = _ms(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(jobs))
         survivor_row = {sample: row for row, sample in enumerate(result.offload.tolist())}
@@ -188,7 +192,7 @@ class EdgeEngine:
                 scores = None if result.scores is None else result.scores[row:row + 1]
                 raw = sample_tokens.numel() * 4
                 try:
-                    tokens = encode(sample_tokens, self.codec, scores, self.half.spec.num_prefix)
+                    tokens = self._encode(sample_tokens, self.codec, scores, self.half.spec.num_prefix)
                 except ValueError as e:  # e.g. values beyond float16's range
                     error = str(e)
                 stages["encode"] = _ms(time.perf_counter() - t0)

@@ -136,7 +136,7 @@ def build_engine(config: EdgeConfig) -> EdgeEngine:
             offload = OffloadClient(list(config.cloud), card.fingerprint, split, OffloadSettings(
                 backoff_initial_s=config.reconnect_initial_s, backoff_max_s=config.reconnect_max_s,
                 connect_timeout_s=config.connect_timeout_s, max_message_bytes=config.max_message_bytes))
-        return EdgeEngine(half, card, policy, codec, config.deadline_ms, offload, config.max_batch)
+        return EdgeEngine(half, card, policy, codec, config.deadline_ms, offload, config.max_batch, config.slowdown)
     except PolicyError as e:
         raise OfframpError(f"edge policy: {e}") from None
     except ValueError as e:

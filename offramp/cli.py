@@ -167,8 +167,14 @@ def add_link(sub: argparse._SubParsersAction) -> None:
     add_commands(sub)
 
 
+def add_experiment(sub: argparse._SubParsersAction) -> None:
+    import importlib
+
+    importlib.import_module("orchestrator.cli").add_commands(sub)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_train, add_eval, add_models, add_demo, add_bench, add_cloud, add_edge, add_link]
+    add_train, add_eval, add_models, add_demo, add_bench, add_cloud, add_edge, add_link, add_experiment]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -260,6 +260,9 @@ class EdgeConfig:
     threads: int | None = None
     # Samples run together when requests queue up; an idle edge never waits to fill a batch.
     max_batch: int = 16
+    # Emulate a device this many times slower than this CPU: each local batch's
+    # compute and encoding is followed by a sleep of (slowdown - 1) x its duration.
+    slowdown: float = 1.0
     # Prometheus /metrics port on the listen host; None disables it, 0 picks a free port.
     metrics_port: int | None = None
     # Seconds a draining edge gives in-flight requests (offloads included) before cancelling them.
@@ -279,6 +282,7 @@ class EdgeConfig:
         _require(self.connect_timeout_s > 0, "connect_timeout_s must be positive")
         _require(self.max_message_mb >= 1, "max_message_mb must be at least 1")
         _require(self.max_batch >= 1, "max_batch must be at least 1")
+        _require(self.slowdown >= 1.0, f"slowdown must be at least 1, not {self.slowdown}")
         _require(self.threads is None or self.threads >= 1, "threads must be at least 1 (or unset for one per core)")
         _require(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "metrics_port must be in 0..65535")
         _require(self.grace_s >= 0, "grace_s must not be negative")

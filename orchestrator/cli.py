@@ -1,0 +1,71 @@
+"""``offramp experiment run`` and ``offramp experiment show``.
+
+Only argparse is imported up front; Ray, torch and matplotlib load when a
+command runs, so ``offramp --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``experiment`` (with ``run`` and ``show``) to the ``offramp`` command's subparsers."""
+    p = sub.add_parser(
+        "experiment", help="run a sweep of edge/cloud experiments on Ray, with baselines, records and plots",
+        description="An experiment file names a checkpoint, the daemons' settings, the workload per edge and "
+                    "a sweep (thresholds x codecs x link profiles x number of edges). See orchestrator/README.md.",
+    )
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    run = actions.add_parser(
+        "run", help="run every point of the sweep and write records, a summary and plots",
+        description="Starts a local Ray with one 'cloud' and enough 'edge' slots, or joins the cluster at "
+                    "--address; per point starts the cloud, a link proxy per edge and the edges, drives the "
+                    "load, and stops them. Writes records.parquet (or .csv), summary.csv/.json, plots/*.png, "
+                    "points.json, nodes.json and the daemons' logs under the output folder.",
+    )
+    run.add_argument("file", metavar="FILE.toml", help="experiment file")
+    run.add_argument("--address", metavar="RAY_ADDRESS",
+                     help="join this Ray cluster (e.g. HEAD:6379) instead of starting a local one")
+    run.add_argument("--out", metavar="DIR", help="output folder (default: the file's 'out', else "
+                                                  "runs/experiments/NAME)")
+    run.add_argument("--checkpoint", metavar="DIR", help="use this checkpoint instead of the file's")
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    run.set_defaults(run=_run)
+    show = actions.add_parser("show", help="print the sweep points an experiment file expands to")
+    show.add_argument("file", metavar="FILE.toml", help="experiment file")
+    show.set_defaults(run=_show)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .config import load_experiment
+    from .report import format_summary
+    from .sweep import run_experiment
+
+    config = load_experiment(args.file, checkpoint=args.checkpoint, out=args.out)
+    result = run_experiment(config, address=args.address, progress=not args.no_progress)
+    print(format_summary(result.summary))
+    print(f"\nrecords: {result.records}")
+    print(f"summary: {result.out_dir / 'summary.csv'}, {result.out_dir / 'summary.json'}")
+    for plot in result.plots:
+        print(f"plot:    {plot}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from offramp.report import format_table
+
+    from .config import load_experiment
+    from .sweep import expand
+
+    config = load_experiment(args.file)
+    points = expand(config)
+    w = config.workload
+    load = f"Poisson at {w.rate:g}/s" if w.arrival == "poisson" else f"closed loop, {w.concurrency} in flight"
+    limits = " and ".join(x for x in (w.count is not None and f"{w.count} requests",
+                                      w.duration_s is not None and f"{w.duration_s:g} s") if x)
+    print(f"{config.name}: {len(points)} points; checkpoint {config.checkpoint}")
+    print(f"per edge: {load}, up to {limits}; seed {config.seed}; edge slowdown {config.edge.slowdown:g}x\n")
+    print(format_table(["#", "variant", "edges", "link per edge", "codec", "thresholds"],
+                       [[p.index, p.variant, p.edges, ", ".join(p.links()) if p.profile is not None else "-",
+                         p.codec or "-", p.thresholds_label or "-"] for p in points]))
+    return 0

@@ -1,0 +1,313 @@
+"""The sweep: expand the grid into points, run each on freshly started daemons, gather the records.
+
+A point is one variant under one set of conditions:
+
+* ``system`` — thresholds × codec × link profile × number of edges;
+* ``fixed_split`` — the same daemons with every threshold out of reach
+  (every sample offloaded), per codec × profile × edges;
+* ``cloud_only`` — the whole model in the cloud, fed the input's file through
+  the link, per profile × edges;
+* ``edge_only`` — the whole model on the (slowed) edge, per number of edges.
+
+Per point everything starts fresh and stops in a ``finally``: the cloud, one
+link proxy per edge (on the edge's node, edge → proxy → cloud), the edges
+with the point's thresholds and codec; the drivers warm up, the link
+schedules start, the load runs, and every request yields one record. Points
+with the same number of edges share one placement (the Ray actors), not
+their daemons.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from .config import ExperimentConfig, LinkSpec, Threshold
+from .workload import EdgeLoad, Record
+
+log = logging.getLogger(__name__)
+
+Variant = Literal["system", "fixed_split", "cloud_only", "edge_only"]
+DAEMON_VARIANTS: tuple[Variant, ...] = ("system", "fixed_split")  # run on the real edge and cloud daemons
+NEVER = math.inf  # the fixed split's threshold: no exit is ever sure enough
+
+
+@dataclass(frozen=True)
+class Point:
+    """One run of the sweep; ``params()`` goes into each of its records."""
+
+    index: int
+    variant: Variant
+    edges: int
+    profile: LinkSpec | None = None  # None: no link (edge-only)
+    codec: str | None = None  # None: no token codec (the whole-model baselines)
+    thresholds: Threshold | None = None
+
+    def links(self) -> tuple[str, ...]:
+        """One link spec per edge: a list in the sweep is cycled over the edges."""
+        specs = self.profile if isinstance(self.profile, tuple) else (self.profile,)
+        return tuple(str(specs[i % len(specs)]) for i in range(self.edges))
+
+    @property
+    def profile_label(self) -> str:
+        if self.profile is None:
+            return ""
+        return " | ".join(self.profile) if isinstance(self.profile, tuple) else self.profile
+
+    @property
+    def thresholds_label(self) -> str:
+        if self.thresholds is None:
+            return ""
+        if self.thresholds == NEVER:
+            return "never"
+        values = self.thresholds if isinstance(self.thresholds, tuple) else (self.thresholds,)
+        return "/".join(f"{t:g}" for t in values)
+
+    def params(self) -> dict[str, Any]:
+        scalar = self.thresholds if isinstance(self.thresholds, float) and self.thresholds != NEVER else None
+        return {"point": self.index, "variant": self.variant, "edges": self.edges, "profile": self.profile_label,
+                "codec": self.codec or "", "thresholds": self.thresholds_label, "threshold": scalar}
+
+    def describe(self) -> str:
+        parts = [self.variant, f"{self.edges} edge{'s' if self.edges > 1 else ''}", self.profile_label,
+                 self.codec or "", f"t={self.thresholds_label}" if self.variant == "system" else ""]
+        return ", ".join(p for p in parts if p)
+
+
+def expand(config: ExperimentConfig) -> list[Point]:
+    """The grid in run order: grouped by number of edges (one placement each), baselines beside the system."""
+    sweep, baselines = config.sweep, set(config.baselines.run)
+    points: list[Point] = []
+
+    def add(**kwargs: Any) -> None:
+        points.append(Point(index=len(points), **kwargs))
+
+    for edges in sweep.edges:
+        for profile in sweep.profiles:
+            for codec in sweep.codecs:
+                for thresholds in sweep.thresholds:
+                    add(variant="system", edges=edges, profile=profile, codec=codec, thresholds=thresholds)
+                if "fixed_split" in baselines:
+                    add(variant="fixed_split", edges=edges, profile=profile, codec=codec, thresholds=NEVER)
+            if "cloud_only" in baselines:
+                add(variant="cloud_only", edges=edges, profile=profile)
+        if "edge_only" in baselines:
+            add(variant="edge_only", edges=edges)
+    return points
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every point of one experiment shares."""
+
+    config: ExperimentConfig
+    num_exits: int  # edge exits at the checkpoint's split
+    score: str
+    host: str | None  # where cloud-side servers bind (None: each node's IP)
+    num_inputs: int
+
+    def edge_thresholds(self, point: Point) -> list[float]:
+        """The point's thresholds, one per edge exit; "never" points the right way for the score."""
+        from offramp.scores import HIGHER_IS_CONFIDENT
+
+        if point.thresholds == NEVER:
+            return [NEVER if HIGHER_IS_CONFIDENT[self.score] else -NEVER] * self.num_exits
+        assert point.thresholds is not None
+        return list(point.thresholds) if isinstance(point.thresholds, tuple) else [point.thresholds] * self.num_exits
+
+    def cloud_args(self) -> list[str]:
+        c = self.config.cloud
+        return ["--checkpoint", self.config.checkpoint, "--max-batch", str(c.max_batch),
+                "--max-wait-ms", repr(c.max_wait_ms), "--device", c.device]
+
+    def edge_args(self, point: Point, cloud: str) -> list[str]:
+        e = self.config.edge
+        args = ["--checkpoint", self.config.checkpoint, "--cloud", cloud, "--codec", str(point.codec),
+                "--score", self.score, "--max-batch", str(e.max_batch), "--deadline-ms", str(e.deadline_ms),
+                "--device", e.device]
+        if self.num_exits:
+            args.append("--thresholds=" + ",".join(repr(t) for t in self.edge_thresholds(point)))  # '=': '-inf'
+        if e.top_k is not None:
+            args += ["--top-k", str(e.top_k)]
+        if e.slowdown != 1.0:
+            args += ["--slowdown", repr(e.slowdown)]
+        return args
+
+    def load(self, edge: int) -> EdgeLoad:
+        return EdgeLoad(self.config.workload, self.config.seed, edge, self.num_inputs)
+
+    def link_seed(self, edge: int) -> int:
+        return self.config.seed * 1000 + edge
+
+
+@dataclass
+class PointResult:
+    records: list[Record] = dataclasses.field(default_factory=list)
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)  # params, nodes, link counters: points.json
+    logs: dict[str, str] = dataclasses.field(default_factory=dict)  # daemon name → its log
+
+
+def run_point(point: Point, placement: Any, ctx: Context, result: PointResult) -> None:
+    """Start what ``point`` needs on ``placement``'s actors, drive the load, stop everything; fill ``result``.
+
+    ``result`` is the caller's so that the daemons' logs reach it even when the point fails.
+    """
+    cfg, e, w = ctx.config, ctx.config.edge, ctx.config.workload
+    slots = placement.edges[:point.edges]
+    result.info.update(params=point.params(), nodes={}, links=[])
+    with contextlib.ExitStack() as stack:
+        cloud = None
+        if point.variant in DAEMON_VARIANTS:
+            stack.callback(_stop_daemons, [placement.cloud], ["cloud"], result.logs)
+            cloud = _get(placement.cloud.start.remote("cloud", ctx.cloud_args(), ctx.host, cfg.cloud.threads))
+        elif point.variant == "cloud_only":
+            stack.callback(_stop_all, [placement.cloud_full_model])
+            cloud = _get(placement.cloud_full_model.start.remote(
+                cfg.checkpoint, "cloud", host=ctx.host, slowdown=1.0, max_batch=cfg.cloud.max_batch,
+                max_wait_ms=cfg.cloud.max_wait_ms, threads=cfg.cloud.threads, device=cfg.cloud.device))
+        links = []
+        if cloud is not None:
+            stack.callback(_stop_links, [s.link for s in slots], result.info["links"])
+            links = _get([s.link.start.remote(cloud.address, spec, ctx.link_seed(i))
+                          for i, (s, spec) in enumerate(zip(slots, point.links()))])
+        if point.variant in DAEMON_VARIANTS:
+            names = [f"edge-{i}" for i in range(len(slots))]
+            stack.callback(_stop_daemons, [s.daemon for s in slots], names, result.logs)
+            targets = _get([s.daemon.start.remote("edge", ctx.edge_args(point, link.address), "127.0.0.1", e.threads)
+                            for s, link in zip(slots, links)])
+        elif point.variant == "cloud_only":
+            targets = links  # the driver sends the input's file straight into the link
+        else:
+            stack.callback(_stop_all, [s.full_model for s in slots])
+            targets = _get([s.full_model.start.remote(
+                cfg.checkpoint, "edge", host="127.0.0.1", slowdown=e.slowdown, max_batch=e.max_batch, max_wait_ms=0.0,
+                threads=e.threads, device=e.device) for s in slots])
+        encoded = point.variant == "cloud_only"
+        _get([s.driver.warm_up.remote(t.address, w.warmup, encoded, w.timeout_s) for s, t in zip(slots, targets)])
+        _get([s.link.begin.remote() for s in slots[:len(links)]])
+        per_edge = _get([s.driver.drive.remote(t.address, ctx.load(i), encoded)
+                         for i, (s, t) in enumerate(zip(slots, targets))])
+    nodes = {"cloud": cloud.node_id if cloud else "", "edges": [t.node_id for t in targets],
+             "drivers": [s.node_id for s in slots]}
+    result.info["nodes"] = nodes
+    for i, records in enumerate(per_edge):
+        result.records += [{**point.params(), "edge": i, **r, "edge_node": nodes["edges"][i],
+                            "cloud_node": nodes["cloud"], "driver_node": nodes["drivers"][i]} for r in records]
+
+
+def _get(refs: Any) -> Any:
+    """``ray.get``, with a user error raised inside an actor surfacing as itself rather than as a Ray traceback."""
+    import ray
+
+    from offramp.errors import OfframpError
+
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, OfframpError):
+            raise OfframpError(str(e.cause)) from None
+        raise
+
+
+def _stop_daemons(actors: Sequence[Any], names: Sequence[str], logs: dict[str, str]) -> None:
+    logs.update(zip(names, _get([a.stop.remote() for a in actors])))
+
+
+def _stop_links(actors: Sequence[Any], stats: list[dict[str, Any]]) -> None:
+    stats.extend(_get([a.stop.remote() for a in actors]))
+
+
+def _stop_all(actors: Sequence[Any]) -> None:
+    _get([a.stop.remote() for a in actors])
+
+
+@dataclass(frozen=True)
+class ExperimentResult:
+    out_dir: Path
+    records: Path
+    summary: list[dict[str, Any]]
+    plots: list[Path]
+
+
+def run_experiment(config: ExperimentConfig, address: str | None = None, progress: bool = True) -> ExperimentResult:
+    """Run every point of ``config`` on a local Ray (or the cluster at ``address``) and write the outputs.
+
+    Records, points and nodes are written even when a point fails, so what
+    ran is not lost; the summary and plots only when every point ran.
+    """
+    import ray
+    from tqdm import tqdm
+
+    from offramp.checkpoint import read_card
+    from offramp.scores import default_score
+
+    from . import report
+    from .actors import Placement, node_resources, ray_session
+    from .baselines import encode_images
+    from .workload import load_dataset
+
+    card = read_card(config.checkpoint)
+    num_exits = sum(e.position <= card.split_block for e in card.config.exits)
+    _check_thresholds(config, num_exits)
+    dataset = load_dataset(card, config.workload.data)
+    if "cloud_only" in config.baselines.run and card.modality == "image":
+        dataset = dataclasses.replace(dataset, encoded=encode_images(
+            dataset.inputs, config.baselines.image_format, config.baselines.jpeg_quality))
+    points = expand(config)
+    out = config.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_json(out / "experiment.json", dataclasses.asdict(config))
+    records: list[Record] = []
+    infos: list[dict[str, Any]] = []
+    with ray_session(address, config.nodes, max(config.sweep.edges)) as host:
+        ctx = Context(config, num_exits, config.edge.score or default_score(card.config.task), host, len(dataset))
+        data_ref = ray.put(dataset)
+        variants = {p.variant for p in points}
+        try:
+            with tqdm(total=len(points), disable=not progress, unit="point", dynamic_ncols=True) as bar:
+                for edges, group in itertools.groupby(points, key=lambda p: p.edges):
+                    with Placement(edges, data_ref, edge_only="edge_only" in variants,
+                                   cloud_only="cloud_only" in variants) as placement:
+                        for point in group:
+                            bar.set_postfix_str(point.describe())
+                            result = _run_logged(point, placement, ctx, out)
+                            records += result.records
+                            infos.append(result.info)
+                            bar.update()
+        finally:
+            report.write_json(out / "nodes.json", node_resources())
+            report.write_json(out / "points.json", infos)
+            records_path = report.write_records(records, out)
+    summary = report.summarize(records)
+    report.write_summary(summary, out)
+    plots = report.plot_all(summary, records, out / "plots")
+    return ExperimentResult(out, records_path, summary, plots)
+
+
+def _run_logged(point: Point, placement: Any, ctx: Context, out: Path) -> PointResult:
+    """Run a point; its daemons' logs land under ``logs/point-NNN/`` whether it succeeded or not."""
+    log.info("point %d: %s", point.index, point.describe())
+    result = PointResult()
+    try:
+        run_point(point, placement, ctx, result)
+    finally:
+        folder = out / "logs" / f"point-{point.index:03d}"
+        for name, text in result.logs.items():
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{name}.log").write_text(text)
+    return result
+
+
+def _check_thresholds(config: ExperimentConfig, num_exits: int) -> None:
+    from offramp.errors import OfframpError
+
+    for i, t in enumerate(config.sweep.thresholds):
+        if isinstance(t, tuple) and len(t) != num_exits:
+            raise OfframpError(f"sweep.thresholds[{i}] lists {len(t)} values; the checkpoint's edge has "
+                               f"{num_exits} exit(s), one threshold each (or give one number for all)")

@@ -1,0 +1,215 @@
+"""The orchestrator: experiment files, the sweep grid, seeded load, and whole sweeps on Ray.
+
+The Ray tests start real daemons: one on a three-node ``ray.cluster_utils.Cluster``
+(a ``cloud`` node and two ``edge`` nodes) checks placement and one record per
+request; one runs ``offramp experiment run`` on the CI experiment end to end.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from offramp.errors import OfframpError
+from orchestrator.config import ExperimentConfig, SweepConfig, WorkloadConfig, load_experiment
+from orchestrator.report import summarize
+from orchestrator.sweep import NEVER, expand
+from orchestrator.workload import EdgeLoad
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "orchestrator" / "experiments"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "exp.toml"
+    path.write_text(text)
+    return path
+
+
+# -- experiment files ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["digits_smoke", "tradeoff", "bandwidth_drop"])
+def test_example_experiments_load(name: str) -> None:
+    config = load_experiment(EXPERIMENTS / f"{name}.toml")
+    assert Path(config.checkpoint).is_absolute()
+    assert expand(config)
+
+
+def test_paths_are_relative_to_the_file_and_flags_override_them(tmp_path: Path) -> None:
+    path = write(tmp_path, 'checkpoint = "model"\n[workload]\ncount = 5\n')
+    assert load_experiment(path).checkpoint == str(tmp_path / "model")
+    assert load_experiment(path, checkpoint="other").checkpoint == str(Path("other").resolve())
+    assert load_experiment(path).out_dir == Path("runs/experiments/experiment")
+
+
+@pytest.mark.parametrize("text, message", [
+    ('checkpoint = "m"\ncheckpiont = "m"', "unknown key 'checkpiont'"),
+    ('name = "x"', "missing required key(s) checkpoint"),
+    ('checkpoint = "m"\n[sweep]\ncodecs = ["int8", "int4"]', "'sweep.codecs[1]' must be one of 'int8'"),
+    ('checkpoint = "m"\n[sweep]\nthresholds = [0.8, "high"]', "'sweep.thresholds[1]' must be a number"),
+    ('checkpoint = "m"\n[sweep]\nthresholds = [0.8, [0.7, "high"]]', "'sweep.thresholds[1][1]' must be a number"),
+    ('checkpoint = "m"\n[sweep]\nprofiles = ["lte", "5g"]', "sweep.profiles[1]: unknown link profile '5g'"),
+    ('checkpoint = "m"\n[sweep]\nedges = []', "sweep.edges must list at least one value"),
+    ('checkpoint = "m"\n[workload]\nrate = 5', "workload.count or duration_s must be set"),
+    ('checkpoint = "m"\n[workload]\ncount = 5\nrate = -1', "workload.rate must be positive"),
+    ('checkpoint = "m"\n[edge]\nslowdown = 0.5', "edge.slowdown must be at least 1"),
+    ('checkpoint = "m"\nedge = 3', "'edge' must be a table"),
+    ('checkpoint = "m"\n[baselines]\nrun = ["edge_only", "oracle"]', "'baselines.run[1]' must be one of"),
+])
+def test_errors_name_the_file_and_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(OfframpError) as info:
+        load_experiment(path)
+    assert str(path) in str(info.value) and message in str(info.value)
+
+
+def test_grid_runs_every_baseline_beside_the_system() -> None:
+    config = ExperimentConfig(checkpoint="m", sweep=SweepConfig(
+        thresholds=(0.8, (0.7, 0.9)), codecs=("int8", "float16"), profiles=("lan", ("lte", "3g")), edges=(1, 3)))
+    points = expand(config)
+    kinds = Counter(p.variant for p in points)
+    # system: 2 thresholds x 2 codecs x 2 profiles x 2 edge counts; fixed split per codec, profile and edge
+    # count; cloud-only per profile and edge count; edge-only per edge count.
+    assert kinds == {"system": 16, "fixed_split": 8, "cloud_only": 4, "edge_only": 2}
+    assert [p.index for p in points] == list(range(len(points)))
+    assert [p.edges for p in points] == sorted(p.edges for p in points)  # grouped: one placement per edge count
+    assert all(p.thresholds == NEVER for p in points if p.variant == "fixed_split")
+    mixed = next(p for p in points if p.profile == ("lte", "3g") and p.edges == 3)
+    assert mixed.links() == ("lte", "3g", "lte") and mixed.profile_label == "lte | 3g"
+    assert next(p for p in points if p.thresholds == (0.7, 0.9)).thresholds_label == "0.7/0.9"
+
+
+# -- the load ------------------------------------------------------------------------------------------------------
+
+def test_load_is_seeded_per_edge() -> None:
+    w = WorkloadConfig(rate=50.0, count=200)
+    a, b, other_edge = EdgeLoad(w, 7, 0, 30), EdgeLoad(w, 7, 0, 30), EdgeLoad(w, 7, 1, 30)
+    assert np.array_equal(a.arrivals(), b.arrivals()) and len(a.arrivals()) == 200
+    assert not np.array_equal(a.arrivals(), other_edge.arrivals())
+    first = [s for s, _ in zip(a.samples(), range(90))]
+    assert first == [s for s, _ in zip(b.samples(), range(90))]
+    assert sorted(first[:30]) == list(range(30)) and first[:30] != first[30:60]  # a fresh permutation per pass
+    mean_gap = float(np.diff(a.arrivals()).mean())
+    assert 0.5 / 50 < mean_gap < 2 / 50
+
+
+def test_duration_cuts_the_arrivals() -> None:
+    load = EdgeLoad(WorkloadConfig(rate=100.0, duration_s=2.0), 0, 0, 10)
+    arrivals = load.arrivals()
+    assert arrivals[-1] <= 2.0 and 120 < len(arrivals) < 280 and load.planned_s == arrivals[-1]
+
+
+def test_summary_counts_every_request() -> None:
+    def record(i: int, correct: bool, offloaded: bool, latency: float, status: str = "OK") -> dict:
+        return {"point": 0, "variant": "system", "edges": 1, "profile": "lan", "codec": "int8", "thresholds": "0.9",
+                "threshold": 0.9, "status": status, "correct": correct, "offloaded": offloaded, "degraded": False,
+                "bytes_sent": 1000 if offloaded else 0, "latency_ms": latency, "sent_s": i * 0.1}
+
+    rows = summarize([record(0, True, False, 10.0), record(1, True, True, 30.0), record(2, False, True, 50.0),
+                      record(3, False, False, math.nan, status="NO_REPLY")])
+    (row,) = rows
+    assert row["requests"] == 4 and row["errors"] == 1
+    assert row["accuracy"] == 0.5 and row["offload_rate"] == 0.5
+    assert row["latency_mean_ms"] == 30.0 and row["bytes_per_request"] == 500 and row["bytes_per_offload"] == 1000
+
+
+# -- whole sweeps on Ray --------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def three_nodes() -> Iterator[str]:
+    """A Ray cluster on this machine: a head with ``cloud`` and two nodes with ``edge``; yields its address."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"cloud": 1},
+                                                            "include_dashboard": False})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=1, resources={"edge": 1})
+        cluster.wait_for_nodes()
+        yield cluster.address
+    finally:
+        cluster.shutdown()
+
+
+def test_daemons_are_placed_by_resource_and_every_request_has_one_record(
+        three_nodes: str, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from orchestrator.sweep import run_experiment
+
+    count = 12
+    path = write(tmp_path, textwrap.dedent(f"""
+        name = "placement"
+        checkpoint = "{tiny_checkpoint}"
+        [nodes]
+        host = "127.0.0.1"
+        [workload]
+        rate = 40.0
+        count = {count}
+        warmup = 2
+        [sweep]
+        thresholds = [0.0]   # every sample leaves at the first exit
+        profiles = ["lan"]
+        edges = [2]
+        [baselines]
+        run = ["fixed_split"]  # every sample crosses to the cloud node
+    """))
+    result = run_experiment(load_experiment(path, out=str(tmp_path / "out")), address=three_nodes, progress=False)
+
+    nodes = json.loads((result.out_dir / "nodes.json").read_text())
+    points = json.loads((result.out_dir / "points.json").read_text())
+    assert [p["params"]["variant"] for p in points] == ["system", "fixed_split"]
+    for point in points:
+        placed = point["nodes"]
+        assert nodes[placed["cloud"]].get("cloud") == 1
+        assert all(nodes[node].get("edge") == 1 for node in placed["edges"] + placed["drivers"])
+        assert len(set(placed["edges"])) == 2 and placed["edges"] == placed["drivers"]  # one edge per node
+        assert placed["cloud"] not in placed["edges"]
+
+    import pyarrow.parquet as pq
+
+    records = pq.read_table(result.records).to_pylist()
+    keys = Counter((r["point"], r["edge"], r["request_id"]) for r in records)
+    assert set(keys.values()) == {1}
+    assert sorted(keys) == [(p, e, i) for p in (0, 1) for e in (0, 1) for i in range(count)]
+    assert all(r["status"] == "OK" and not r["degraded"] for r in records)
+    assert {r["decided_by"] for r in records if r["point"] == 0} == {"exit:slvit@2"}
+    assert {r["decided_by"] for r in records if r["point"] == 1} == {"cloud"}
+    assert all(r["bytes_sent"] > 0 and r["cloud_node"] != r["edge_node"] for r in records if r["point"] == 1)
+
+
+def test_experiment_run_writes_records_summary_and_plots(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    smoke = EXPERIMENTS / "digits_smoke.toml"
+    config = load_experiment(smoke)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "offramp.cli", "experiment", "run", str(smoke), "--checkpoint",
+               str(tiny_checkpoint), "--out", str(out), "--no-progress"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "edge-only" in run.stdout and "cloud-only" in run.stdout and "fixed split" in run.stdout
+
+    import pyarrow.parquet as pq
+
+    points = expand(config)
+    records = pq.read_table(out / "records.parquet").to_pylist()
+    edges = max(config.sweep.edges)
+    assert len(records) == len(points) * edges * config.workload.count
+    assert Counter(r["variant"] for r in records)["edge_only"] == edges * config.workload.count
+    with (out / "summary.csv").open() as fh:
+        summary = list(csv.DictReader(fh))
+    assert [int(r["point"]) for r in summary] == [p.index for p in points]
+    assert len(json.loads((out / "summary.json").read_text())) == len(points)
+    for plot in ("accuracy_latency", "offload_rate", "bytes_per_request"):
+        assert (out / "plots" / f"{plot}.png").stat().st_size > 10_000
+    assert (out / "logs" / "point-000" / "edge-1.log").is_file()
+
+    shown = subprocess.run([sys.executable, "-m", "offramp.cli", "experiment", "show", str(smoke)],
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and f"{len(points)} points" in shown.stdout
