@@ -2,15 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from offramp.config import CloudConfig
 
 if TYPE_CHECKING:
-    from .server import CloudServer
+    pass
 
 # Flags that override a CloudConfig field of the same name.
 _OVERRIDES = ("checkpoint", "listen", "device", "dtype", "max_batch", "max_wait_ms", "max_queue", "metrics_port")
@@ -48,6 +45,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def _run_cloud(args: argparse.Namespace) -> int:
     from offramp.config import load_config
+    from offramp.daemon import announce
 
     from .server import run
 
@@ -56,18 +54,4 @@ def _run_cloud(args: argparse.Namespace) -> int:
         overrides["log_level"] = "DEBUG"
     config = load_config(CloudConfig, args.config, overrides)
 
-    def announce(server: CloudServer) -> None:
-        # The one line on stdout: scripts and the demo read the address from it.
-        print(f"offramp cloud listening on {server.address}", flush=True)
-        if args.port_file:
-            _write_atomically(Path(args.port_file), f"{server.port}\n")
-
-    return run(config, ready=announce)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write via a rename, so a reader polling for the file never sees it half-written."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    return run(config, ready=lambda server: announce("cloud", server.address, server.port, args.port_file))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from collections.abc import Callable
 from types import TracebackType
 from wsgiref.simple_server import WSGIServer
@@ -22,10 +21,10 @@ from wsgiref.simple_server import WSGIServer
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 from offramp.checkpoint import Card, load_checkpoint
 from offramp.config import CloudConfig, non_defaults
+from offramp.daemon import listen_host, run_until_signalled, start_metrics
 from offramp.errors import OfframpError
 from offramp.split import CloudHalf
 from offramp.wire import OFFLOAD_SERVICE, pb_grpc
@@ -135,7 +134,7 @@ async def serve(config: CloudConfig) -> CloudServer:
         port = server.add_insecure_port(config.listen)
     except RuntimeError:
         raise OfframpError(f"cannot listen on {config.listen}: address in use or not local") from None
-    metrics_http = _start_metrics(config, metrics) if config.metrics_port is not None else None
+    metrics_http = start_metrics(config.metrics_port, config.listen, metrics.registry) if config.metrics_port is not None else None
 
     batcher.start()
     await server.start()
@@ -143,37 +142,11 @@ async def serve(config: CloudConfig) -> CloudServer:
     log.info("serving %s (split block %d, fingerprint %s) on %s", config.checkpoint, card.split_block,
              card.fingerprint[:12], cloud.address)
     if cloud.metrics_port is not None:
-        log.info("metrics on http://%s:%d/metrics", _host(config.listen), cloud.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", listen_host(config.listen), cloud.metrics_port)
     log.info("settings: %s", ", ".join(f"{k}={v!r}" for k, v in non_defaults(config).items()))
     return cloud
 
 
-def _host(listen: str) -> str:
-    return listen.rpartition(":")[0].strip("[]")
-
-
-def _start_metrics(config: CloudConfig, metrics: CloudMetrics) -> WSGIServer:
-    """Prometheus /metrics on the gRPC listen host, in a thread of its own."""
-    try:
-        httpd, _ = start_http_server(config.metrics_port, addr=_host(config.listen), registry=metrics.registry)
-    except OSError as e:
-        raise OfframpError(f"cannot serve metrics on port {config.metrics_port}: {e}") from None
-    return httpd
-
-
 def run(config: CloudConfig, ready: Callable[[CloudServer], None] | None = None) -> int:
     """Serve until SIGTERM or SIGINT, then drain; ``ready`` is called once the server answers."""
-    logging.getLogger().setLevel(config.log_level)
-    asyncio.run(_serve_until_signalled(config, ready))
-    return 0
-
-
-async def _serve_until_signalled(config: CloudConfig, ready: Callable[[CloudServer], None] | None) -> None:
-    loop = asyncio.get_running_loop()
-    received: asyncio.Future[signal.Signals] = loop.create_future()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda s=sig: received.done() or received.set_result(s))
-    async with await serve(config) as server:
-        if ready is not None:
-            ready(server)
-        log.info("%s received", (await received).name)
+    return run_until_signalled(lambda: serve(config), config.log_level, ready)

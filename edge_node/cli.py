@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,7 +16,6 @@ if TYPE_CHECKING:
 
     from offramp.wire import pb
 
-    from .server import EdgeServer
 
 # Flags that override an EdgeConfig field of the same name.
 _OVERRIDES = ("checkpoint", "listen", "cloud", "thresholds", "score", "split_block", "codec", "top_k",
@@ -79,6 +76,7 @@ def _add_edge(sub: argparse._SubParsersAction) -> None:
 
 def _run_edge(args: argparse.Namespace) -> int:
     from offramp.config import EdgeConfig, load_config
+    from offramp.daemon import announce
 
     from .server import run
 
@@ -89,21 +87,7 @@ def _run_edge(args: argparse.Namespace) -> int:
         overrides["log_level"] = "DEBUG"
     config = load_config(EdgeConfig, args.config, overrides)
 
-    def announce(server: EdgeServer) -> None:
-        # The one line on stdout: scripts and the demo read the address from it.
-        print(f"offramp edge listening on {server.address}", flush=True)
-        if args.port_file:
-            _write_atomically(Path(args.port_file), f"{server.port}\n")
-
-    return run(config, ready=announce)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write via a rename, so a reader polling for the file never sees it half-written."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    return run(config, ready=lambda server: announce("edge", server.address, server.port, args.port_file))
 
 
 def _add_infer(sub: argparse._SubParsersAction) -> None:

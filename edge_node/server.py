@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from types import TracebackType
@@ -23,11 +22,11 @@ from wsgiref.simple_server import WSGIServer
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import start_http_server
 
 from offramp.checkpoint import Card, load_checkpoint
 from offramp.codec import CodecConfig
 from offramp.config import EdgeConfig, non_defaults
+from offramp.daemon import listen_host, run_until_signalled, start_metrics
 from offramp.errors import OfframpError
 from offramp.scores import default_score
 from offramp.split import EdgeHalf
@@ -159,7 +158,7 @@ class EdgeServer:
     @property
     def address(self) -> str:
         """HOST:PORT as bound, for clients and logs."""
-        return f"{_host(self.config.listen)}:{self.port}"
+        return f"{listen_host(self.config.listen)}:{self.port}"
 
     @property
     def metrics_port(self) -> int | None:
@@ -205,7 +204,7 @@ async def serve(config: EdgeConfig) -> EdgeServer:
         port = server.add_insecure_port(config.listen)
     except RuntimeError:
         raise OfframpError(f"cannot listen on {config.listen}: address in use or not local") from None
-    metrics_http = _start_metrics(config, engine) if config.metrics_port is not None else None
+    metrics_http = start_metrics(config.metrics_port, config.listen, engine.metrics.registry) if config.metrics_port is not None else None
 
     engine.start()
     await server.start()
@@ -217,37 +216,11 @@ async def serve(config: EdgeConfig) -> EdgeServer:
              edge.address, engine.half.split_block, ",".join(engine.exit_names) or "none",
              list(policy.thresholds), policy.score, ",".join(config.cloud) or "none")
     if edge.metrics_port is not None:
-        log.info("metrics on http://%s:%d/metrics", _host(config.listen), edge.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", listen_host(config.listen), edge.metrics_port)
     log.info("settings: %s", ", ".join(f"{k}={v!r}" for k, v in non_defaults(config).items()))
     return edge
 
 
-def _host(listen: str) -> str:
-    return listen.rpartition(":")[0].strip("[]")
-
-
-def _start_metrics(config: EdgeConfig, engine: EdgeEngine) -> WSGIServer:
-    """Prometheus /metrics on the gRPC listen host, in a thread of its own."""
-    try:
-        httpd, _ = start_http_server(config.metrics_port, addr=_host(config.listen), registry=engine.metrics.registry)
-    except OSError as e:
-        raise OfframpError(f"cannot serve metrics on port {config.metrics_port}: {e}") from None
-    return httpd
-
-
 def run(config: EdgeConfig, ready: Callable[[EdgeServer], None] | None = None) -> int:
     """Serve until SIGTERM or SIGINT, then drain; ``ready`` is called once the server answers."""
-    logging.getLogger().setLevel(config.log_level)
-    asyncio.run(_serve_until_signalled(config, ready))
-    return 0
-
-
-async def _serve_until_signalled(config: EdgeConfig, ready: Callable[[EdgeServer], None] | None) -> None:
-    loop = asyncio.get_running_loop()
-    received: asyncio.Future[signal.Signals] = loop.create_future()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda s=sig: received.done() or received.set_result(s))
-    async with await serve(config) as server:
-        if ready is not None:
-            ready(server)
-        log.info("%s received", (await received).name)
+    return run_until_signalled(lambda: serve(config), config.log_level, ready)
