@@ -97,13 +97,13 @@ def run(checkpoint: str, samples: int) -> dict[str, Any]:
             "float32_accuracy": ref_acc, "jpeg_bytes": jpeg, "png_bytes": png, "rows": rows}
 
 
+@torch.no_grad()  # scoped: main() also runs inside test processes
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench.codec", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default="runs/bench-exits/cifar10-vit", help="checkpoint directory")
     ap.add_argument("--samples", type=int, default=1000, help="validation samples to measure")
     ap.add_argument("--out", default=str(RESULTS / "codec.json"))
     args = ap.parse_args(argv)
-    torch.set_grad_enabled(False)
     result = run(args.checkpoint, args.samples)
     print(f"{result['samples']} samples of {args.checkpoint}, split after block {result['split_block']}, "
           f"tokens {result['token_shape']}; input JPEG q90 {result['jpeg_bytes']:.0f} B, PNG {result['png_bytes']:.0f} B")

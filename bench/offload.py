@@ -145,6 +145,7 @@ def tail_best_throughput(half: CloudHalf, token: torch.Tensor, batches: tuple[in
     return out
 
 
+@torch.no_grad()  # scoped: main() also runs inside test processes
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench.offload", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default="runs/bench-exits/cifar10-vit")
@@ -156,7 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.samples, args.requests, args.seconds = 100, 20, 1.0
-    torch.set_grad_enabled(False)
     result: dict[str, Any] = {"command": "python -m bench.offload " + " ".join(argv if argv is not None else sys.argv[1:])}
 
     result["codec"] = codec = codec_bench.run(args.checkpoint, args.samples)

@@ -251,7 +251,7 @@ def test_loss_stalls(link: Callable[..., ProxyThread]) -> None:
     assert _rtts(proxy, 1)[0] >= 210.0
     stats = proxy.stats()
     assert stats.uplink.stalls == stats.downlink.stalls == 1
-    assert stats.uplink.mean_added_delay_ms >= 105.0
+    assert stats.uplink.mean_added_delay_ms >= 105.0 - 1e-6  # float sums of the configured parts
 
 
 def test_loss_in_reset_mode_kills_the_connection(link: Callable[..., ProxyThread]) -> None:
