@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from types import TracebackType
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -24,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from offramp.checkpoint import Card, load_checkpoint
 from offramp.config import CloudConfig, non_defaults
-from offramp.daemon import listen_host, run_until_signalled, start_metrics
+from offramp.daemon import DaemonServer, bind, grpc_server, listen_host, run_until_signalled, start_metrics
 from offramp.errors import OfframpError
 from offramp.split import CloudHalf
 from offramp.wire import OFFLOAD_SERVICE, pb_grpc
@@ -39,7 +38,7 @@ log = logging.getLogger(__name__)
 __all__ = ["CloudServer", "run", "serve"]
 
 
-class CloudServer:
+class CloudServer(DaemonServer):
     """A started cloud daemon; ``await stop()`` (or leaving ``async with``) drains it."""
 
     def __init__(
@@ -54,56 +53,23 @@ class CloudServer:
         metrics_http: WSGIServer | None,
         draining: asyncio.Event,
     ) -> None:
-        self.config = config
+        super().__init__(config, server, port, health_servicer, metrics_http)
         self.card = card
         self.metrics = metrics
-        self.port = port
-        self._server = server
-        self._health = health_servicer
         self._batcher = batcher
-        self._metrics_http = metrics_http
         self._draining = draining
-        self._stopped: asyncio.Future[None] | None = None
-
-    @property
-    def address(self) -> str:
-        """HOST:PORT as bound, for clients and logs."""
-        return f"{self.config.listen.rpartition(':')[0]}:{self.port}"
-
-    @property
-    def metrics_port(self) -> int | None:
-        return None if self._metrics_http is None else self._metrics_http.server_port
 
     @property
     def queue_depth(self) -> int:
         """Samples waiting for a batch right now."""
         return self._batcher.depth
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Drain within ``grace`` seconds (default: the config's); later calls wait for the first."""
-        if self._stopped is None:
-            self._stopped = asyncio.ensure_future(self._drain(self.config.grace_s if grace is None else grace))
-        await asyncio.shield(self._stopped)
+    async def _before_grpc_stop(self) -> None:
+        self._draining.set()  # streams stop reading new requests
+        self._batcher.flush()  # the open batch window closes early
 
-    async def _drain(self, grace: float) -> None:
-        log.info("draining: finishing in-flight requests (grace %.1f s)", grace)
-        await self._health.enter_graceful_shutdown()
-        self._draining.set()
-        self._batcher.flush()
-        await self._server.stop(grace)
+    async def _after_grpc_stop(self) -> None:
         await self._batcher.close()
-        if self._metrics_http is not None:
-            await asyncio.to_thread(self._metrics_http.shutdown)
-            self._metrics_http.server_close()
-        log.info("stopped")
-
-    async def __aenter__(self) -> CloudServer:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
 
 async def serve(config: CloudConfig) -> CloudServer:
@@ -118,11 +84,7 @@ async def serve(config: CloudConfig) -> CloudServer:
     tail = Tail(half, card, batcher, metrics, config.max_batch, config.max_message_bytes)
     draining = asyncio.Event()
 
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.so_reuseport", 0),  # a second daemon on a busy port must fail, not share it
-    ])
+    server = grpc_server(config.max_message_bytes)
     pb_grpc.add_OffloadServicer_to_server(OffloadServicer(tail, draining), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -130,10 +92,7 @@ async def serve(config: CloudConfig) -> CloudServer:
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     if config.reflection:
         reflection.enable_server_reflection([OFFLOAD_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    try:
-        port = server.add_insecure_port(config.listen)
-    except RuntimeError:
-        raise OfframpError(f"cannot listen on {config.listen}: address in use or not local") from None
+    port = bind(server, config.listen)
     metrics_http = start_metrics(config.metrics_port, config.listen, metrics.registry) if config.metrics_port is not None else None
 
     batcher.start()

@@ -16,7 +16,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from types import TracebackType
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -26,7 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from offramp.checkpoint import Card, load_checkpoint
 from offramp.codec import CodecConfig
 from offramp.config import EdgeConfig, non_defaults
-from offramp.daemon import listen_host, run_until_signalled, start_metrics
+from offramp.daemon import DaemonServer, bind, grpc_server, listen_host, run_until_signalled, start_metrics
 from offramp.errors import OfframpError
 from offramp.scores import default_score
 from offramp.split import EdgeHalf
@@ -142,68 +141,26 @@ def build_engine(config: EdgeConfig) -> EdgeEngine:
         raise OfframpError(f"cannot serve '{config.checkpoint}': {e}") from None
 
 
-class EdgeServer:
+class EdgeServer(DaemonServer):
     """A started edge daemon; ``await stop()`` (or leaving ``async with``) drains it."""
 
     def __init__(self, config: EdgeConfig, engine: EdgeEngine, server: grpc.aio.Server, port: int,
                  health_servicer: health.aio.HealthServicer, metrics_http: WSGIServer | None) -> None:
-        self.config = config
+        super().__init__(config, server, port, health_servicer, metrics_http)
         self.engine = engine
-        self.port = port
-        self._server = server
-        self._health = health_servicer
-        self._metrics_http = metrics_http
-        self._stopped: asyncio.Future[None] | None = None
 
-    @property
-    def address(self) -> str:
-        """HOST:PORT as bound, for clients and logs."""
-        return f"{listen_host(self.config.listen)}:{self.port}"
-
-    @property
-    def metrics_port(self) -> int | None:
-        return None if self._metrics_http is None else self._metrics_http.server_port
-
-    async def stop(self, grace: float | None = None) -> None:
-        """Drain within ``grace`` seconds (default: the config's); later calls wait for the first."""
-        if self._stopped is None:
-            self._stopped = asyncio.ensure_future(self._drain(self.config.grace_s if grace is None else grace))
-        await asyncio.shield(self._stopped)
-
-    async def _drain(self, grace: float) -> None:
-        """Health first (balancers stop sending), then gRPC (in-flight requests finish), then the engine."""
-        log.info("draining: finishing in-flight requests (grace %.1f s)", grace)
-        await self._health.enter_graceful_shutdown()
-        await self._server.stop(grace)
+    async def _after_grpc_stop(self) -> None:
         await self.engine.close()
-        if self._metrics_http is not None:
-            await asyncio.to_thread(self._metrics_http.shutdown)
-            self._metrics_http.server_close()
-        log.info("stopped")
-
-    async def __aenter__(self) -> EdgeServer:
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.stop()
 
 
 async def serve(config: EdgeConfig) -> EdgeServer:
     """Load the checkpoint, bind, start; the returned server is answering (and SERVING)."""
     engine = await asyncio.to_thread(build_engine, config)
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.so_reuseport", 0),  # a second daemon on a busy port must fail, not share it
-    ])
+    server = grpc_server(config.max_message_bytes)
     pb_grpc.add_EdgeServicer_to_server(EdgeServicer(engine), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    try:
-        port = server.add_insecure_port(config.listen)
-    except RuntimeError:
-        raise OfframpError(f"cannot listen on {config.listen}: address in use or not local") from None
+    port = bind(server, config.listen)
     metrics_http = start_metrics(config.metrics_port, config.listen, engine.metrics.registry) if config.metrics_port is not None else None
 
     engine.start()

@@ -9,9 +9,12 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import TypeVar
+from types import TracebackType
+from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIServer
 
+import grpc
+from grpc_health.v1 import health
 from prometheus_client import CollectorRegistry, start_http_server
 
 from .errors import OfframpError
@@ -32,6 +35,80 @@ def start_metrics(port: int, listen: str, registry: CollectorRegistry) -> WSGISe
     except OSError as e:
         raise OfframpError(f"cannot serve metrics on port {port}: {e}") from None
     return httpd
+
+
+def grpc_server(max_message_bytes: int) -> grpc.aio.Server:
+    """An asyncio gRPC server with deliberate message limits on both directions."""
+    return grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),  # a second daemon on a busy port must fail, not share it
+    ])
+
+
+def bind(server: grpc.aio.Server, listen: str) -> int:
+    """Bind ``listen`` (port 0 picks one) and return the bound port."""
+    try:
+        return server.add_insecure_port(listen)
+    except RuntimeError:
+        raise OfframpError(f"cannot listen on {listen}: address in use or not local") from None
+
+
+class DaemonServer:
+    """A started daemon: its address, and an idempotent drain.
+
+    The drain order is the same for both daemons: health NOT_SERVING first (balancers
+    stop sending), then ``_before_grpc_stop``, then gRPC stops within the grace (in-flight
+    requests finish), then ``_after_grpc_stop``, then the metrics endpoint.
+    """
+
+    def __init__(self, config: Any, server: grpc.aio.Server, port: int,
+                 health_servicer: health.aio.HealthServicer, metrics_http: WSGIServer | None) -> None:
+        self.config = config
+        self.port = port
+        self._server = server
+        self._health = health_servicer
+        self._metrics_http = metrics_http
+        self._stopped: asyncio.Future[None] | None = None
+
+    @property
+    def address(self) -> str:
+        """HOST:PORT as bound, for clients and logs."""
+        return f"{listen_host(self.config.listen)}:{self.port}"
+
+    @property
+    def metrics_port(self) -> int | None:
+        return None if self._metrics_http is None else self._metrics_http.server_port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain within ``grace`` seconds (default: the config's); later calls wait for the first."""
+        if self._stopped is None:
+            self._stopped = asyncio.ensure_future(self._drain(self.config.grace_s if grace is None else grace))
+        await asyncio.shield(self._stopped)
+
+    async def _before_grpc_stop(self) -> None:
+        """Hook: stop taking new work."""
+
+    async def _after_grpc_stop(self) -> None:
+        """Hook: release what the requests used."""
+
+    async def _drain(self, grace: float) -> None:
+        log.info("draining: finishing in-flight requests (grace %.1f s)", grace)
+        await self._health.enter_graceful_shutdown()
+        await self._before_grpc_stop()
+        await self._server.stop(grace)
+        await self._after_grpc_stop()
+        if self._metrics_http is not None:
+            await asyncio.to_thread(self._metrics_http.shutdown)
+            self._metrics_http.server_close()
+        log.info("stopped")
+
+    async def __aenter__(self) -> "DaemonServer":
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
 
 
 def run_until_signalled(serve: Callable[[], Awaitable[S]], log_level: str,
