@@ -34,6 +34,7 @@ from offramp.checkpoint import load_checkpoint
 from offramp.errors import OfframpError
 from offramp.pipeline import load_validation
 from offramp.scores import HIGHER_IS_CONFIDENT, check_score, default_score
+from offramp.split import edge_exit_ids
 from offramp.train import HeadResult, evaluate
 
 CANDIDATES_PER_EXIT = 200  # quantiles of each exit's confidence; beyond this the search gains nothing visible
@@ -156,8 +157,8 @@ def calibrate_checkpoint(checkpoint: str | Path, target: Target, score: str | No
                          edge_toml: str | Path | None = None) -> Calibration:
     """Evaluate a checkpoint's heads on validation data and calibrate its edge exits.
 
-    An existing ``edge_toml`` supplies the split block (which exits are on the
-    edge) and, unless ``score`` is given, the score; the card and the task's
+    An existing ``edge_toml`` supplies the split block and the exits list
+    (which exits are on the edge) and, unless ``score`` is given, the score; the card and the task's
     default score fill in what it does not set.
     """
     model, card = load_checkpoint(checkpoint)
@@ -169,8 +170,8 @@ def calibrate_checkpoint(checkpoint: str | Path, target: Target, score: str | No
         check_score(score, task)
         val, _ = load_validation(card, data)
         results = evaluate(model, val, score=score)
-        num_edge = sum(e.position <= split for e in model.exit_configs)
-        return calibrate(results[:num_edge], results[-1], score, target)
+        ids = edge_exit_ids(model, split, configured.get("exits"))
+        return calibrate([results[i] for i in ids], results[-1], score, target)
     except ValueError as e:
         raise OfframpError(str(e)) from None
 

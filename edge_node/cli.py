@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 
 # Flags that override an EdgeConfig field of the same name.
-_OVERRIDES = ("checkpoint", "listen", "cloud", "thresholds", "score", "split_block", "codec", "top_k",
+_OVERRIDES = ("checkpoint", "listen", "cloud", "thresholds", "score", "split_block", "exits", "codec", "top_k",
               "deadline_ms", "device", "dtype", "threads", "slowdown", "max_batch", "metrics_port")
 _SCORES = ["max_prob", "entropy", "margin", "std"]
 
@@ -31,6 +31,14 @@ def floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
     if any(math.isnan(v) for v in values):
         raise argparse.ArgumentTypeError("thresholds must be numbers, not NaN")
+    return values
+
+
+def names(text: str) -> list[str]:
+    """Comma-separated exit names (as 'offramp eval' prints them)."""
+    values = [t.strip() for t in text.split(",") if t.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("expected exit names such as slvit@2,slvit@4")
     return values
 
 
@@ -59,6 +67,8 @@ def _add_edge(sub: argparse._SubParsersAction) -> None:
                    help="one confidence threshold per edge exit, cheapest first")
     p.add_argument("--score", choices=_SCORES, help="confidence score the thresholds apply to")
     p.add_argument("--split-block", type=int, metavar="K", help="block after which to offload (default: the card's)")
+    p.add_argument("--exits", type=names, metavar="NAME,NAME",
+                   help="run only these exits, e.g. slvit@2,slvit@4 (default: every exit up to the split)")
     p.add_argument("--codec", choices=["int8", "float16", "float32"], help="token precision on the wire")
     p.add_argument("--top-k", type=int, metavar="K", help="send only the K most attended patch tokens")
     p.add_argument("--deadline-ms", type=int, metavar="MS", help="how long to wait for the cloud per request")

@@ -37,6 +37,9 @@ cloud = []
 offload_enabled = true
 # Block after which the edge hands over to the cloud (default: the checkpoint's).
 # split_block = 4
+# Run only these exits (names as `offramp eval` prints them; default: all up to the split).
+# Re-run `offramp calibrate` after changing it: thresholds follow this list.
+# exits = ["slvit@2", "slvit@4"]
 
 # Codec for offloaded tokens: "int8" (4x smaller than float32), "float16" or "float32".
 codec = "int8"

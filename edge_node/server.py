@@ -123,7 +123,7 @@ def build_engine(config: EdgeConfig) -> EdgeEngine:
     split = card.split_block if config.split_block is None else config.split_block
     task = card.config.task
     try:
-        half = EdgeHalf(model, split, config.device, config.dtype)
+        half = EdgeHalf(model, split, config.device, config.dtype, config.exits)
         score = config.score or default_score(task)
         settings = (default_settings(half.num_exits, score, config.offload_enabled) if config.thresholds is None
                     else PolicySettings(config.thresholds, score, config.offload_enabled))

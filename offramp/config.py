@@ -234,6 +234,10 @@ class EdgeConfig:
     offload_enabled: bool = True
     # Block after which the edge hands over; None: the card's. The cloud must resume there too.
     split_block: int | None = None
+    # Exits the edge runs, by name ("slvit@2"), when the checkpoint holds more
+    # than are worth running (e.g. several exit types per position); None: all
+    # exits up to the split. `thresholds` has one value per exit run.
+    exits: tuple[str, ...] | None = None
     # Offloaded tokens: int8 (per-token scale) is 4x smaller than float32 for
     # almost no accuracy; float16 halves them; float32 is lossless.
     codec: Literal["int8", "float16", "float32"] = "int8"

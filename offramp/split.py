@@ -8,6 +8,7 @@ received from any number of edges.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -70,10 +71,30 @@ class EdgeResult:
     scores: torch.Tensor | None
 
 
+def edge_exit_ids(model: MultiExitModel, split_block: int, names: Sequence[str] | None = None) -> list[int]:
+    """Indices of the exits an edge runs: all those up to the split, or the named subset.
+
+    A checkpoint may hold several exit types at one position (to compare
+    them); a deployment runs only the ones worth their cost.
+    """
+    before = [i for i, e in enumerate(model.exit_configs) if e.position <= split_block]
+    if names is None:
+        return before
+    by_name = {model.exit_configs[i].name: i for i in before}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ValueError(f"no exit {', '.join(unknown)} up to block {split_block}; "
+                         f"the checkpoint has {', '.join(by_name) or 'none there'}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"exits listed twice in {', '.join(names)}")
+    return sorted(by_name[n] for n in names)
+
+
 class EdgeHalf:
     """Stem, blocks ``[0, split)`` and the exits placed there."""
 
-    def __init__(self, model: MultiExitModel, split_block: int, device: str = "cpu", dtype: str = "float32") -> None:
+    def __init__(self, model: MultiExitModel, split_block: int, device: str = "cpu", dtype: str = "float32",
+                 exits: Sequence[str] | None = None) -> None:
         self.model = model.eval()
         self.backbone = model.backbone
         self.split_block = split_block
@@ -82,7 +103,7 @@ class EdgeHalf:
         self.dtype = dtype
         compute_context(self.device, dtype)  # validate once
         self.model.to(self.device)
-        self.exit_ids = [i for i, e in enumerate(model.exit_configs) if e.position <= split_block]
+        self.exit_ids = edge_exit_ids(model, split_block, exits)
         self.spec = self.backbone.feature_spec(split_block)
         self.num_outputs = head_outputs(model.config.task, model.config.num_classes)
 

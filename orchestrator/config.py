@@ -84,9 +84,12 @@ class EdgeSettings:
     score: Literal["max_prob", "entropy", "margin"] | None = None
     # Send only the k most attended tokens; None sends all.
     top_k: int | None = None
+    # Exits the edge runs, by name ("slvit@2"); None: every exit up to the split.
+    exits: tuple[str, ...] | None = None
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        _require(self.exits is None or len(self.exits) > 0, "exits must name at least one exit (or be left out)")
         _require(self.slowdown >= 1.0, "slowdown must be at least 1 (a device cannot be made faster)")
         _require(self.threads >= 1, "threads must be at least 1")
         _require(self.max_batch >= 1, "max_batch must be at least 1")

@@ -135,6 +135,8 @@ class Context:
             args.append("--thresholds=" + ",".join(repr(t) for t in self.edge_thresholds(point)))  # '=': '-inf'
         if e.top_k is not None:
             args += ["--top-k", str(e.top_k)]
+        if e.exits is not None:
+            args += ["--exits", ",".join(e.exits)]
         if e.slowdown != 1.0:
             args += ["--slowdown", repr(e.slowdown)]
         return args
@@ -253,7 +255,7 @@ def run_experiment(config: ExperimentConfig, address: str | None = None, progres
     from .workload import load_dataset
 
     card = read_card(config.checkpoint)
-    num_exits = sum(e.position <= card.split_block for e in card.config.exits)
+    num_exits = _num_edge_exits(card, config.edge.exits)
     _check_thresholds(config, num_exits)
     dataset = load_dataset(card, config.workload.data)
     if "cloud_only" in config.baselines.run and card.modality == "image":
@@ -302,6 +304,20 @@ def _run_logged(point: Point, placement: Any, ctx: Context, out: Path) -> PointR
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"{name}.log").write_text(text)
     return result
+
+
+def _num_edge_exits(card: Any, names: tuple[str, ...] | None) -> int:
+    """How many exits the edge will run: the named ones (checked against the card) or all up to the split."""
+    from offramp.errors import OfframpError
+
+    available = [e.name for e in card.config.exits if e.position <= card.split_block]
+    if names is None:
+        return len(available)
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise OfframpError(f"edge.exits names {', '.join(unknown)}, which the checkpoint's edge does not have "
+                           f"(it has {', '.join(available) or 'none'})")
+    return len(names)
 
 
 def _check_thresholds(config: ExperimentConfig, num_exits: int) -> None:

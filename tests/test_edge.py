@@ -344,3 +344,28 @@ def test_policy_and_pairing_are_validated() -> None:
     assert pairing_problem(cloud, "ab" * 32, 4) is None
     assert "after block 6" in pairing_problem(cloud, "ab" * 32, 6)
     assert "different model" in pairing_problem(cloud, "cd" * 32, 4)
+
+
+def test_edge_runs_only_the_exits_it_is_told_to(
+        cloud: tuple[str, Any], start_edge: Callable[..., EdgeServer], inputs: torch.Tensor) -> None:
+    address, _ = cloud
+    edge = start_edge(cloud=(address,), exits=("slvit@4",), thresholds=(ALWAYS[0],))
+    assert edge.engine.exit_names == ["slvit@4"]
+    with edge_stub(edge.address) as stub:
+        replies = list(stub.InferStream(requests(inputs[:4]), timeout=30))
+    assert {(r.decided_by, r.exit_index) for r in replies} == {("exit:slvit@4", 0)}
+
+
+def test_unknown_or_repeated_exit_names_are_refused(tiny_checkpoint: Path) -> None:
+    from offramp.split import edge_exit_ids
+
+    model, _ = load_checkpoint(tiny_checkpoint)
+    assert edge_exit_ids(model, 4) == [0, 1]
+    assert edge_exit_ids(model, 4, ["slvit@4"]) == [1]
+    assert edge_exit_ids(model, 2) == [0]
+    with pytest.raises(ValueError, match="no exit cnn@2 up to block 4; the checkpoint has slvit@2, slvit@4"):
+        edge_exit_ids(model, 4, ["cnn@2"])
+    with pytest.raises(ValueError, match="no exit slvit@4 up to block 2"):
+        edge_exit_ids(model, 2, ["slvit@4"])
+    with pytest.raises(ValueError, match="listed twice"):
+        edge_exit_ids(model, 4, ["slvit@2", "slvit@2"])
