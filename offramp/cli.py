@@ -24,11 +24,15 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a backbone, its exits, and optionally copycat-fine-tune the exits",
                        description="Phase 1 trains the backbone; phase 2 trains the exits on the frozen backbone; "
                                    "--copycat adds phase 3 (CC-SL-ViT): exits imitate the backbone's answers.")
-    p.add_argument("--data", default="digits", help="digits | imagefolder:PATH | fsdd:PATH (default: digits)")
+    p.add_argument("--data", default="digits",
+                   help="digits | imagefolder:PATH | fsdd:PATH | crowd-av[:N] (synthetic audiovisual crowd counting, "
+                        "a regression task) (default: digits)")
     p.add_argument("--model", default=None, help="backbone variant (default: vit_micro_32 for 32x32 inputs, "
                                                 "vit_tiny_spec for audio); see 'offramp models'")
-    p.add_argument("--exits", default="slvit@2,slvit@4",
-                   help="exits as TYPE@BLOCK, comma-separated; TYPE in slvit, mlp, cnn (default: slvit@2,slvit@4)")
+    p.add_argument("--exits", default=None,
+                   help="exits as TYPE@BLOCK[:MODALITY], comma-separated; TYPE in slvit, mlp, cnn; MODALITY "
+                        "(audiovisual data, slvit only) visual, audio or fused (default: slvit@2,slvit@4; for "
+                        "crowd-av the ladder slvit@0:audio,slvit@2,slvit@2:fused,slvit@4:fused)")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--split-block", type=int, default=None,
                    help="block after which the edge hands over to the cloud (default: the last exit's position)")

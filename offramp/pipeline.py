@@ -6,16 +6,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
 from .checkpoint import Card, load_checkpoint, save_checkpoint
 from .data import DataSplits, load_data
 from .errors import OfframpError
-from .models import ModelConfig, MultiExitModel, parse_exits, variant_names
+from .models import AudioConfig, ModelConfig, MultiExitModel, create_backbone, parse_exits, variant_names
 from .report import evaluation_report
 from .scores import check_score, default_score
-from .train import TrainConfig, evaluate, train_backbone, train_exits
+from .train import HeadResult, TrainConfig, evaluate, train_backbone, train_exits, unpack
 
 log = logging.getLogger(__name__)
 DEFAULT_THRESHOLDS = [0.5, 0.7, 0.8, 0.9, 0.95]
@@ -27,7 +28,7 @@ class TrainJob:
 
     data: str = "digits"
     model: str | None = None  # None: a default variant for the data's modality
-    exits: str = "slvit@2,slvit@4"
+    exits: str | None = None  # None: a default for the data's modality
     out: str = "runs/model"
     split_block: int | None = None  # None: after the last exit
     limit: int | None = None
@@ -39,23 +40,76 @@ def default_variant(modality: str) -> str:
     return "vit_tiny_spec" if modality == "audio" else "vit_micro_32"
 
 
-def build_model(job: TrainJob, data: DataSplits) -> MultiExitModel:
-    """Model config from the job and the data; name errors become one-line user errors."""
+# The modality ladder: audio alone (no visual block), then visual, then fused, then the cloud.
+DEFAULT_EXITS = {"audiovisual": "slvit@0:audio,slvit@2,slvit@2:fused,slvit@4:fused"}
+
+
+def default_exits(modality: str) -> str:
+    return DEFAULT_EXITS.get(modality, "slvit@2,slvit@4")
+
+
+def split_block_of(job: TrainJob, exits: tuple, num_blocks: int) -> int:
+    """The job's split block, or right after the last exit."""
+    split = job.split_block if job.split_block is not None else max(
+        (e.position for e in exits), default=num_blocks // 2)
+    if not 0 <= split <= num_blocks:
+        raise OfframpError(f"split block {split} is outside 0..{num_blocks}")
+    return split
+
+
+def build_model(job: TrainJob, data: DataSplits) -> tuple[MultiExitModel, int]:
+    """Model config from the job and the data, and the split block; mistakes become one-line user errors.
+
+    Audiovisual models fuse audio into the backbone right at the split, so the
+    edge's exits and the cloud's tail both see both modalities.
+    """
     variant = job.model or default_variant(data.modality)
     if variant not in variant_names():
         raise OfframpError(f"unknown model variant '{variant}'; choose from {', '.join(variant_names())}")
     try:
-        exits = parse_exits(job.exits)
+        exits = parse_exits(job.exits or default_exits(data.modality))
+        num_blocks = create_backbone_depth(variant)
+        split = split_block_of(job, exits, num_blocks)
+        audio = None
+        if data.modality == "audiovisual":
+            if split >= num_blocks:
+                raise OfframpError(f"an audiovisual model fuses audio at the split: split block {split} must be "
+                                   f"below {num_blocks}")
+            audio = AudioConfig(input_shape=tuple(data.audio_shape), fuse_at=split)
         config = ModelConfig(
             backbone=variant,
             img_size=tuple(data.input_shape[1:]),
             in_chans=data.input_shape[0],
             num_classes=len(data.label_names),
+            task=data.task,
             exits=exits,
+            audio=audio,
+            target_stats=target_stats(data) if data.task == "regression" else None,
         )
-        return MultiExitModel(config)
+        return MultiExitModel(config), split
     except (ValueError, ImportError) as e:
         raise OfframpError(str(e)) from None
+
+
+def create_backbone_depth(variant: str) -> int:
+    """Number of blocks of a variant (built once on the meta device: no memory, no init)."""
+    with torch.device("meta"):
+        return create_backbone(variant).num_blocks
+
+
+def target_stats(data: DataSplits) -> tuple[float, float]:
+    """Mean and standard deviation of the training targets: the regression heads' units."""
+    y = unpack(data.train)[2].float()
+    return float(y.mean()), float(y.std().clamp_min(1e-6))
+
+
+def default_thresholds(results: list[HeadResult], score: str) -> list[float]:
+    """Thresholds for the exit-share table: fixed for bounded scores; for ``std``, which is in the
+    target's units, the 10-90th percentiles of the exits' predicted deviations."""
+    if score != "std" or len(results) < 2:
+        return DEFAULT_THRESHOLDS
+    stds = np.concatenate([r.confidence for r in results[:-1]])
+    return sorted({float(f"{q:.3g}") for q in np.percentile(stds, [10, 25, 50, 75, 90])})
 
 
 def head_metrics(model: MultiExitModel, data: TensorDataset) -> dict[str, dict[str, float]]:
@@ -67,14 +121,10 @@ def run_training(job: TrainJob, cfg: TrainConfig, data: DataSplits | None = None
     data = data or load_data(job.data, val_fraction=job.val_fraction, seed=job.seed, limit=job.limit)
     if cfg.flip and not job.data.startswith("imagefolder"):
         cfg = replace(cfg, flip=False)  # digits and spectrograms are not mirror-symmetric
-    if data.modality == "audio":
-        cfg = replace(cfg, augment=False)
+    if data.modality != "image":
+        cfg = replace(cfg, augment=False)  # shifting spectrograms changes them; shifting crowds crops people
     torch.manual_seed(job.seed)
-    model = build_model(job, data)
-    split = job.split_block if job.split_block is not None else max(
-        (e.position for e in model.exit_configs), default=model.num_blocks // 2)
-    if not 0 <= split <= model.num_blocks:
-        raise OfframpError(f"split block {split} is outside 0..{model.num_blocks}")
+    model, split = build_model(job, data)
     log.info("training %s with exits %s on %s (%d train / %d val)", model.config.backbone,
              ",".join(model.exit_names) or "none", job.data, len(data.train), len(data.val))
     metrics: dict[str, Any] = {}
@@ -90,8 +140,9 @@ def run_training(job: TrainJob, cfg: TrainConfig, data: DataSplits | None = None
         data={"spec": job.data, "seed": job.seed, "val_fraction": job.val_fraction, "limit": job.limit},
     )
     save_checkpoint(job.out, model, card)
-    return evaluation_report(model, evaluate(model, data.val), data.input_shape, default_score(model.config.task),
-                             DEFAULT_THRESHOLDS)
+    results = evaluate(model, data.val)
+    score = default_score(model.config.task)
+    return evaluation_report(model, results, data.input_shape, score, default_thresholds(results, score))
 
 
 def load_validation(card: Card, data: str | None = None) -> tuple[TensorDataset, tuple[int, int, int]]:
@@ -117,8 +168,8 @@ def evaluate_checkpoint(directory: str | Path, data: str | None = None, score: s
     val, input_shape = load_validation(card, data)
     if tuple(input_shape) != tuple(card.input_shape):
         raise OfframpError(f"data '{data}' has inputs of shape {input_shape}, the model expects {card.input_shape}")
-    report = evaluation_report(model, evaluate(model, val, score=score), card.input_shape, score,
-                               thresholds or DEFAULT_THRESHOLDS)
+    results = evaluate(model, val, score=score)
+    report = evaluation_report(model, results, card.input_shape, score, thresholds or default_thresholds(results, score))
     report["checkpoint"] = str(directory)
     report["fingerprint"] = card.fingerprint
     return report

@@ -12,22 +12,32 @@ from .scores import HIGHER_IS_CONFIDENT
 from .train import HeadResult
 
 
+@torch.no_grad()
 def head_costs(model: MultiExitModel, input_shape: tuple[int, ...]) -> list[dict[str, int]]:
-    """Params and MACs of each exit and of the final head, plus MACs spent to reach each answer."""
+    """Params and MACs of each exit and of the final head, plus MACs spent to reach each answer.
+
+    The edge walks the exits in order, so an answer costs every exit before
+    it, the blocks up to its position, and (audiovisual) the audio encoder,
+    which runs first; an audio-only exit at position 0 needs no visual block.
+    """
     bb = model.backbone
     x = torch.zeros(1, *input_shape)
-    costs, spent_exits = [], 0
+    audio = torch.zeros(1, *model.config.audio.input_shape) if model.audiovisual else None
+    audio_tokens = model.encode_audio(audio)
+    audio_macs = count_macs(model.audio_encoder, audio) if audio is not None else 0
+    costs, spent_exits, visual_at = [], 0, None
     for i, e in enumerate(model.exit_configs):
-        grid = bb.to_grid(bb.head(x, e.position), e.position)
-        macs = count_macs(model.exits[i], grid)
+        feats = bb.head(x, e.position)
+        macs = count_macs(lambda f, i=i: model.run_exit(i, f, audio_tokens), feats)
         spent_exits += macs
-        costs.append({
-            "params": count_params(model.exits[i]),
-            "macs": macs,
-            "macs_to_answer": count_macs(lambda t, p=e.position: bb.head(t, p), x) + spent_exits,
-        })
-    full = count_macs(bb, x)
-    costs.append({"params": count_params(bb), "macs": full, "macs_to_answer": full + spent_exits})
+        if e.uses_visual:
+            visual_at = e.position  # the walk has run the visual blocks this far
+        visual = 0 if visual_at is None else count_macs(lambda t, p=visual_at: bb.head(t, p), x)
+        costs.append({"params": count_params(model.exits[i]), "macs": macs,
+                      "macs_to_answer": audio_macs + visual + spent_exits})
+    full = count_macs(model.final, x, audio) if audio is not None else count_macs(bb, x)
+    costs.append({"params": count_params(model) - count_params(model.exits), "macs": full,
+                  "macs_to_answer": full + spent_exits})
     return costs
 
 

@@ -59,7 +59,8 @@ class EdgeResult:
     for the others, their best exit's (the degraded fallback).
     ``offload`` lists the sample indices that go on; ``tokens`` (len(offload), ...)
     their representation at the split, ``scores`` the class-token attention
-    (for top-k token selection) when asked for.
+    (for top-k token selection) when asked for, ``audio_tokens`` (audiovisual
+    models) their audio tokens, which the cloud fuses too.
     """
 
     exit_index: torch.Tensor
@@ -69,6 +70,7 @@ class EdgeResult:
     offload: torch.Tensor
     tokens: torch.Tensor
     scores: torch.Tensor | None
+    audio_tokens: torch.Tensor | None = None
 
 
 def edge_exit_ids(model: MultiExitModel, split_block: int, names: Sequence[str] | None = None) -> list[int]:
@@ -104,6 +106,10 @@ class EdgeHalf:
         compute_context(self.device, dtype)  # validate once
         self.model.to(self.device)
         self.exit_ids = edge_exit_ids(model, split_block, exits)
+        audio = model.config.audio
+        if audio is not None and split_block > audio.fuse_at:
+            raise ValueError(f"this audiovisual model fuses audio into the backbone before block {audio.fuse_at}; "
+                             f"the edge must split there or earlier, not after block {split_block}")
         self.spec = self.backbone.feature_spec(split_block)
         self.num_outputs = head_outputs(model.config.task, model.config.num_classes)
 
@@ -112,8 +118,14 @@ class EdgeHalf:
         return len(self.exit_ids)
 
     @torch.no_grad()
-    def run(self, x: torch.Tensor, thresholds: list[float], score: str, with_scores: bool = False) -> EdgeResult:
-        """Walk the exits cheapest first; a sample leaves at the first exit confident enough."""
+    def run(self, x: torch.Tensor, thresholds: list[float], score: str, with_scores: bool = False,
+            audio: torch.Tensor | None = None) -> EdgeResult:
+        """Walk the exits cheapest first; a sample leaves at the first exit confident enough.
+
+        Audiovisual models encode ``audio`` first; visual blocks run only once
+        an exit needs them, so samples an audio-only exit answers cost no
+        visual compute at all.
+        """
         if len(thresholds) != self.num_exits:
             raise ValueError(f"{len(thresholds)} thresholds for {self.num_exits} edge exits")
         bb, B = self.backbone, x.shape[0]
@@ -123,58 +135,93 @@ class EdgeHalf:
         output = torch.zeros(B, self.num_outputs)
         conf = torch.full((B,), float("-inf") if higher else float("inf"))
         alive = torch.arange(B)  # sample ids still on the edge
+        feats: torch.Tensor | None = None  # visual representation of the alive samples after `pos` blocks
+        pos = 0
         last_in = None  # input of block split-1, kept for class-token attention scores
         need_scores = with_scores and self.split_block > 0
 
-        def advance(feats: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-            nonlocal last_in
-            if need_scores and start < self.split_block <= stop:
-                feats = bb.forward_blocks(feats, start, self.split_block - 1)
+        def advance(stop: int) -> None:
+            nonlocal feats, pos, last_in
+            if feats is None:
+                feats = bb.embed(x[alive].to(self.device))
+            if need_scores and pos < self.split_block <= stop:
+                feats = bb.forward_blocks(feats, pos, self.split_block - 1)
                 last_in = feats
-                return bb.forward_blocks(feats, self.split_block - 1, stop)
-            return bb.forward_blocks(feats, start, stop)
+                pos = self.split_block - 1
+            feats, pos = bb.forward_blocks(feats, pos, stop), stop
 
         with compute_context(self.device, self.dtype):
-            feats, pos = bb.embed(x.to(self.device)), 0
+            audio_tokens = None
+            if self.model.audiovisual:
+                if audio is None:
+                    raise ValueError("this model is audiovisual: the edge needs the audio input")
+                audio_tokens = self.model.encode_audio(audio.to(self.device))
             for k, (i, t) in enumerate(zip(self.exit_ids, thresholds)):
                 e = self.model.exit_configs[i]
-                feats, pos = advance(feats, pos, e.position), e.position
-                out = self.model.run_exit(i, feats).float().cpu()
+                if e.uses_visual:
+                    advance(e.position)
+                out = self.model.run_exit(i, feats if e.uses_visual else None, audio_tokens).float().cpu()
                 c = confidence(out, score)
                 better = c > conf[alive] if higher else c < conf[alive]
                 upd = alive[better]
                 output[upd], conf[upd], best_exit[upd] = out[better], c[better], k
                 leave = c >= t if higher else c <= t
                 exit_index[alive[leave]] = k
-                stay = ~leave.to(feats.device)
-                feats, alive = feats[stay], alive[~leave]
-                if last_in is not None:
-                    last_in = last_in[stay]
+                stay = ~leave.to(self.device)
+                feats = None if feats is None else feats[stay]
+                audio_tokens = None if audio_tokens is None else audio_tokens[stay]
+                last_in = None if last_in is None else last_in[stay]
+                alive = alive[~leave]
                 if len(alive) == 0:
                     break
             if len(alive):
-                feats = advance(feats, pos, self.split_block)
+                advance(self.split_block)
             scores = None
             if need_scores and last_in is not None and len(alive):
                 scores = cls_attention(bb.blocks[self.split_block - 1], last_in, self.spec.num_prefix).float().cpu()
-        return EdgeResult(exit_index, best_exit, output, conf, alive, feats.float().cpu(), scores)
+        tokens = torch.empty(0, *self.spec.shape) if feats is None or not len(alive) else feats.float().cpu()
+        audio_out = None if audio_tokens is None else audio_tokens.float().cpu()
+        return EdgeResult(exit_index, best_exit, output, conf, alive, tokens, scores, audio_out)
 
 
 class CloudHalf:
-    """Blocks ``[split, L)`` and the final head, on tokens from the wire."""
+    """Blocks ``[split, L)`` and the final head, on tokens from the wire.
+
+    For audiovisual models a sample's tokens are its visual tokens followed
+    by its ``num_audio_tokens`` audio tokens (as the edge's audio encoder
+    produced them); the tail fuses them into the backbone at the model's
+    fusion block.
+    """
 
     def __init__(self, model: MultiExitModel, split_block: int, device: str = "cpu", dtype: str = "float32") -> None:
-        self.backbone = model.backbone.eval()
+        self.model = model.eval()
+        self.backbone = model.backbone
         self.split_block = split_block
         self.backbone.check_position(split_block)
+        audio = model.config.audio
+        if audio is not None and split_block > audio.fuse_at:
+            raise ValueError(f"this audiovisual model fuses audio before block {audio.fuse_at}; the cloud must "
+                             f"resume there or earlier, not after block {split_block}")
         self.device = resolve_device(device)
         self.dtype = dtype
         compute_context(self.device, dtype)
-        self.backbone.to(self.device)
+        self.model.to(self.device)
         self.spec = self.backbone.feature_spec(split_block)
+        self.num_audio_tokens = model.num_audio_tokens
+
+    @property
+    def audio_shape(self) -> tuple[int, int] | None:
+        """(tokens, width) of the audio tokens the tail expects, or None without audio."""
+        if not self.num_audio_tokens:
+            return None
+        return (self.num_audio_tokens, self.model.audio_encoder.dim)
 
     @torch.no_grad()
     def run(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, *token_shape) -> (B, num_outputs) float32 on the CPU."""
+        """(B, *token_shape) [+ audio tokens] -> (B, num_outputs) float32 on the CPU."""
+        tokens = tokens.to(self.device)
+        audio = None
+        if self.num_audio_tokens:
+            tokens, audio = tokens[:, :-self.num_audio_tokens], tokens[:, -self.num_audio_tokens:]
         with compute_context(self.device, self.dtype):
-            return self.backbone.tail(tokens.to(self.device), self.split_block).float().cpu()
+            return self.model.tail(tokens, self.split_block, audio).float().cpu()

@@ -65,6 +65,20 @@ def augment_batch(x: torch.Tensor, g: torch.Generator, flip: bool, pad: int = 4)
     return out
 
 
+def unpack(data: TensorDataset) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``(inputs, audio or None, targets)`` of a dataset: (x, y) or, audiovisual, (x, audio, y)."""
+    tensors = data.tensors
+    if len(tensors) == 2:
+        return tensors[0], None, tensors[1]
+    if len(tensors) == 3:
+        return tensors
+    raise ValueError(f"expected a dataset of (x, y) or (x, audio, y), got {len(tensors)} tensors")
+
+
+def _take(audio: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
+    return None if audio is None else audio[idx]
+
+
 def task_loss(output: torch.Tensor, target: torch.Tensor, task: str, label_smoothing: float = 0.0) -> torch.Tensor:
     if task == "classification":
         return F.cross_entropy(output, target, label_smoothing=label_smoothing)
@@ -91,15 +105,16 @@ def _optimizer(params: list[nn.Parameter], lr: float, weight_decay: float, steps
 
 
 def train_backbone(model: MultiExitModel, data: TensorDataset, cfg: TrainConfig) -> None:
-    """Phase 1: the backbone and its final head, exits untouched."""
+    """Phase 1: the backbone and its final head (and the audio encoder, audiovisual), exits untouched."""
     if cfg.epochs <= 0:
         return
-    backbone, task = model.backbone, model.config.task
-    x_all, y_all = data.tensors
+    task = model.config.task
+    x_all, a_all, y_all = unpack(data)
     g = torch.Generator().manual_seed(cfg.seed)
     steps = cfg.epochs * math.ceil(len(x_all) / cfg.batch_size)
-    opt, sched = _optimizer(list(backbone.parameters()), cfg.lr, cfg.weight_decay, steps)
-    backbone.train()
+    params = model.trunk_parameters()
+    opt, sched = _optimizer(params, cfg.lr, cfg.weight_decay, steps)
+    model.train()
     for epoch in range(cfg.epochs):
         bar = tqdm(list(batches(len(x_all), cfg.batch_size, g)), desc=f"backbone {epoch + 1}/{cfg.epochs}",
                    disable=not cfg.progress, leave=False)
@@ -108,16 +123,16 @@ def train_backbone(model: MultiExitModel, data: TensorDataset, cfg: TrainConfig)
             x, y = x_all[idx], y_all[idx]
             if cfg.augment:
                 x = augment_batch(x, g, cfg.flip)
-            loss = task_loss(backbone(x), y, task, cfg.label_smoothing)
+            loss = task_loss(model.final(x, _take(a_all, idx)), y, task, cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(backbone.parameters(), 1.0)
+            nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
             total += loss.item() * len(idx)
             bar.set_postfix(loss=f"{loss.item():.3f}")
         log.info("backbone epoch %d/%d: loss %.4f", epoch + 1, cfg.epochs, total / len(x_all))
-    backbone.eval()
+    model.eval()
 
 
 def train_exits(model: MultiExitModel, data: TensorDataset, cfg: TrainConfig, targets: Targets = "labels",
@@ -132,12 +147,15 @@ def train_exits(model: MultiExitModel, data: TensorDataset, cfg: TrainConfig, ta
     if epochs <= 0 or not chosen:
         return
     task = model.config.task
-    x_all, y_all = data.tensors
+    x_all, a_all, y_all = unpack(data)
     g = torch.Generator().manual_seed(cfg.seed + 1)
     params = [p for i in chosen for p in model.exits[i].parameters()]
     steps = epochs * math.ceil(len(x_all) / cfg.batch_size)
     opt, sched = _optimizer(params, cfg.exit_lr, cfg.weight_decay, steps)
-    model.backbone.eval().requires_grad_(False)
+    trunk = model.trunk_parameters()
+    model.eval()
+    for p in trunk:
+        p.requires_grad_(False)
     for i in chosen:
         model.exits[i].train()
     phase = "exits" if targets == "labels" else f"copycat-{targets}"
@@ -150,10 +168,10 @@ def train_exits(model: MultiExitModel, data: TensorDataset, cfg: TrainConfig, ta
                 if cfg.augment:
                     x = augment_batch(x, g, cfg.flip)
                 with torch.no_grad():
-                    feats_at, final = _backbone_pass(model, x, chosen)
+                    feats_at, audio_tokens, final = _backbone_pass(model, x, _take(a_all, idx), chosen)
                 losses = []
                 for i in chosen:
-                    out = model.run_exit(i, feats_at[i])
+                    out = model.run_exit(i, feats_at[i], audio_tokens)
                     if targets == "labels":
                         losses.append(task_loss(out, y, task))
                     else:
@@ -166,18 +184,21 @@ def train_exits(model: MultiExitModel, data: TensorDataset, cfg: TrainConfig, ta
                 bar.set_postfix(loss=f"{loss.item() / len(chosen):.3f}")
             log.info("%s epoch %d/%d done", phase, epoch + 1, epochs)
     finally:
-        model.backbone.requires_grad_(True)
+        for p in trunk:
+            p.requires_grad_(True)
         model.eval()
 
 
-def _backbone_pass(model: MultiExitModel, x: torch.Tensor, chosen: list[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """Backbone representation at each chosen exit's position, and the final head's output."""
-    bb, feats, pos, at = model.backbone, model.backbone.embed(x), 0, {}
+def _backbone_pass(model: MultiExitModel, x: torch.Tensor, audio: torch.Tensor | None, chosen: list[int]
+                   ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None, torch.Tensor]:
+    """Backbone representation at each chosen exit's position, the audio tokens, and the final head's output."""
+    audio_tokens = model.encode_audio(audio)
+    feats, pos, at = model.backbone.embed(x), 0, {}
     for i, e in enumerate(model.exit_configs):
-        feats, pos = bb.forward_blocks(feats, pos, e.position), e.position
+        feats, pos = model.forward_blocks(feats, pos, e.position, audio_tokens), e.position
         if i in chosen:
             at[i] = feats
-    return at, bb.tail(feats, pos)
+    return at, audio_tokens, model.tail(feats, pos, audio_tokens)
 
 
 @dataclass
@@ -202,10 +223,10 @@ def evaluate(model: MultiExitModel, data: TensorDataset, batch_size: int = 256, 
     model.eval()
     task = model.config.task
     score = score or default_score(task)
-    x_all, y_all = data.tensors
+    x_all, a_all, y_all = unpack(data)
     outs: list[list[torch.Tensor]] = [[] for _ in range(len(model.exits) + 1)]
     for idx in batches(len(x_all), batch_size, None):
-        exit_outs, final = model(x_all[idx])
+        exit_outs, final = model(x_all[idx], _take(a_all, idx))
         for i, o in enumerate([*exit_outs, final]):
             outs[i].append(o)
     names = [*model.exit_names, "final"]

@@ -70,7 +70,7 @@ def test_eval_prints_tables(trained: Path, capsys: pytest.CaptureFixture) -> Non
 
 def test_training_learns_and_copycat_imitates_the_backbone() -> None:
     data = load_data("digits", seed=0)
-    model = build_model(TrainJob(model="resnet_tiny_32", exits="slvit@1"), data)
+    model, _ = build_model(TrainJob(model="resnet_tiny_32", exits="slvit@1"), data)
     cfg = TrainConfig(epochs=2, exit_epochs=2, batch_size=64, flip=False, progress=False)
     torch.manual_seed(0)
     train_backbone(model, data.train, cfg)

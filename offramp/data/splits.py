@@ -1,4 +1,4 @@
-"""Data specs (``digits``, ``imagefolder:PATH``, ``fsdd:PATH``) -> train/val tensors."""
+"""Data specs (``digits``, ``imagefolder:PATH``, ``fsdd:PATH``, ``crowd-av[:N]``) -> train/val tensors."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,24 +8,27 @@ import torch
 from torch.utils.data import TensorDataset
 
 from ..errors import DataError
+from .crowd import CROWD_SPEC, load_crowd, parse_crowd_spec
 from .digits import list_digits
 from .fsdd import list_fsdd
 from .imagefolder import list_imagefolder
 from .listing import Listing
 
-SPEC_KINDS = ("digits", "imagefolder:PATH", "fsdd:PATH")
+SPEC_KINDS = ("digits", "imagefolder:PATH", "fsdd:PATH", "crowd-av[:N]")
 
 
 @dataclass(frozen=True)
 class DataSplits:
     """A dataset ready to train on, with what a checkpoint needs to serve it later."""
 
-    train: TensorDataset                # (x float32 (N, C, H, W), y int64 (N,))
+    train: TensorDataset                # (x float32 (N, C, H, W), y int64 (N,)); audiovisual: (x, audio, y float32)
     val: TensorDataset
-    label_names: list[str]
+    label_names: list[str]              # regression: the quantity's name
     input_shape: tuple[int, int, int]   # (C, H, W)
-    modality: str                       # "image" or "audio"
+    modality: str                       # "image", "audio" or "audiovisual"
     spec: str                           # the spec string it was loaded from
+    task: str = "classification"        # or "regression"
+    audio_shape: tuple[int, int, int] | None = None  # audiovisual: the log-mel's (1, mels, frames)
 
 
 def _list(spec: str) -> Listing:
@@ -51,6 +54,8 @@ def load_data(spec: str, *, val_fraction: float = 0.1, seed: int = 0, limit: int
         raise DataError(f"validation fraction must be in [0, 1), not {val_fraction}")
     if limit is not None and limit < 1:
         raise DataError(f"limit must be at least 1, not {limit}")
+    if spec.partition(":")[0].strip().lower() == CROWD_SPEC:
+        return _load_crowd(spec, seed, limit)
     listing = _list(spec)
     rng = np.random.default_rng(seed)
     n = len(listing.labels)
@@ -71,3 +76,23 @@ def load_data(spec: str, *, val_fraction: float = 0.1, seed: int = 0, limit: int
         modality=listing.modality,
         spec=spec,
     )
+
+
+def _load_crowd(spec: str, seed: int, limit: int | None) -> DataSplits:
+    """The synthetic crowd scenes' own train/validation split (70/15; the test 15% is left out here).
+
+    ``limit`` caps the number of scenes generated; the validation fraction is
+    the generator's, so that every run validates on the same scenes.
+    """
+    n = parse_crowd_spec(spec)
+    if limit is not None:
+        n = min(n, limit)
+    crowd = load_crowd(n, seed)
+    return DataSplits(train=_without_lighting(crowd.train), val=_without_lighting(crowd.val), label_names=["count"],
+                      input_shape=crowd.image_shape, modality="audiovisual", spec=spec, task="regression",
+                      audio_shape=crowd.audio_shape)
+
+
+def _without_lighting(data: TensorDataset) -> TensorDataset:
+    """(x, audio, count, lighting) -> (x, audio, count): the lighting is for analysis, not training."""
+    return TensorDataset(*data.tensors[:3])
