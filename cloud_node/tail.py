@@ -27,7 +27,7 @@ from .metrics import CloudMetrics
 
 log = logging.getLogger(__name__)
 
-MODALITIES = ("visual",)  # the tail consumes the `tokens` field only
+VISUAL, AUDIOVISUAL = ("visual",), ("visual", "audio")  # what a tail consumes: `tokens`, and `audio_tokens`
 _FLOAT32_BYTES = 4  # the widest wire dtype
 
 
@@ -54,6 +54,13 @@ class Tail:
             max_raw_bytes=max_batch * math.prod(token_shape) * _FLOAT32_BYTES,
             expected_shape=(None, *token_shape),
         )
+        audio_shape = half.audio_shape  # (tokens, width) for audiovisual models
+        self._modalities = VISUAL if audio_shape is None else AUDIOVISUAL
+        self._audio_limits = None if audio_shape is None else DecodeLimits(
+            max_payload_bytes=max_message_bytes,
+            max_raw_bytes=max_batch * math.prod(audio_shape) * _FLOAT32_BYTES,
+            expected_shape=(None, *audio_shape),
+        )
         self._description = pb.DescribeReply(
             card_json=json.dumps(card.to_dict()),
             fingerprint=card.fingerprint,
@@ -61,7 +68,7 @@ class Tail:
             token_shape=token_shape,
             max_batch_size=max_batch,
             max_message_bytes=max_message_bytes,
-            modalities=MODALITIES,
+            modalities=self._modalities,
         )
 
     def describe(self) -> pb.DescribeReply:
@@ -74,7 +81,7 @@ class Tail:
         reply = pb.OffloadReply(request_id=request.request_id, status=make_status())
         try:
             self._check(request)
-            tokens = await asyncio.to_thread(self._decode, request.tokens)  # off the loop: zstd and numpy
+            tokens = await asyncio.to_thread(self._decode_request, request)  # off the loop: zstd and numpy
             decoded = time.perf_counter()
             deadline = received + request.deadline_ms / 1e3 if request.deadline_ms else None
             result = await self._batcher.submit(tokens, deadline)
@@ -103,13 +110,35 @@ class Tail:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"tokens are from split block {request.split_block}; the cloud resumes at {self._half.split_block}",
             )
-        if request.HasField("audio_tokens") or any(m not in MODALITIES for m in request.modalities):
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"this cloud serves {', '.join(MODALITIES)} only")
+        unknown = [m for m in request.modalities if m not in AUDIOVISUAL]
+        if unknown:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"unknown modality {', '.join(map(repr, unknown))}; this cloud takes "
+                               f"{' and '.join(self._modalities)}")
+        if self._audio_limits is None:
+            if request.HasField("audio_tokens") or "audio" in request.modalities:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   "this cloud's model is not audiovisual: send visual tokens only")
+        elif not request.HasField("audio_tokens"):
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               "this cloud's model fuses audio with the visual tokens: the request carries no "
+                               "audio_tokens")
         if not request.HasField("tokens"):
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the request carries no tokens")
 
-    def _decode(self, message: pb.EncodedTensor) -> torch.Tensor:
-        return torch.from_numpy(decode(message, self._limits))  # (B, *token_shape), fewer tokens after top-k
+    def _decode_request(self, request: pb.OffloadRequest) -> torch.Tensor:
+        """(B, *token_shape) (fewer tokens after top-k), followed along the token axis by the audio tokens."""
+        tokens = torch.from_numpy(decode(request.tokens, self._limits))
+        if self._audio_limits is None:
+            return tokens
+        try:
+            audio = torch.from_numpy(decode(request.audio_tokens, self._audio_limits))
+        except CodecError as e:
+            raise CodecError(f"audio_tokens: {e}", e.code) from None
+        if audio.shape[0] != tokens.shape[0]:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"{tokens.shape[0]} samples of visual tokens but {audio.shape[0]} of audio tokens")
+        return torch.cat([tokens, audio], dim=1)
 
     def _fill(self, reply: pb.OffloadReply, result: BatchResult, decode_s: float) -> None:
         reply.output.extend(result.output.reshape(-1).tolist())

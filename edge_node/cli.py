@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from offramp.cli import exit_names
+
 if TYPE_CHECKING:
     import grpc
 
@@ -31,14 +33,6 @@ def floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
     if any(math.isnan(v) for v in values):
         raise argparse.ArgumentTypeError("thresholds must be numbers, not NaN")
-    return values
-
-
-def names(text: str) -> list[str]:
-    """Comma-separated exit names (as 'offramp eval' prints them)."""
-    values = [t.strip() for t in text.split(",") if t.strip()]
-    if not values:
-        raise argparse.ArgumentTypeError("expected exit names such as slvit@2,slvit@4")
     return values
 
 
@@ -67,7 +61,7 @@ def _add_edge(sub: argparse._SubParsersAction) -> None:
                    help="one confidence threshold per edge exit, cheapest first")
     p.add_argument("--score", choices=_SCORES, help="confidence score the thresholds apply to")
     p.add_argument("--split-block", type=int, metavar="K", help="block after which to offload (default: the card's)")
-    p.add_argument("--exits", type=names, metavar="NAME,NAME",
+    p.add_argument("--exits", type=exit_names, metavar="NAME,NAME",
                    help="run only these exits, e.g. slvit@2,slvit@4 (default: every exit up to the split)")
     p.add_argument("--codec", choices=["int8", "float16", "float32"], help="token precision on the wire")
     p.add_argument("--top-k", type=int, metavar="K", help="send only the K most attended patch tokens")
@@ -106,6 +100,8 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
                                    "it is degraded (and why), and the end-to-end latency at the edge.")
     p.add_argument("--edge", required=True, metavar="HOST:PORT", help="the edge's local API address")
     p.add_argument("files", nargs="+", metavar="FILE", help="JPEG/PNG images or WAV files")
+    p.add_argument("--audio", nargs="+", action="extend", metavar="WAV",
+                   help="audiovisual models: one WAV clip per FILE, in the same order (the scene's sound)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for all answers (default 30)")
     p.add_argument("--json", action="store_true", help="print each reply as one JSON line")
     p.set_defaults(run=_run_infer)
@@ -118,12 +114,21 @@ def _run_infer(args: argparse.Namespace) -> int:
     from offramp.errors import OfframpError
     from offramp.wire import pb, pb_grpc, status_code
 
-    requests = []
-    for i, name in enumerate(args.files):
+    if args.audio is not None and len(args.audio) != len(args.files):
+        raise OfframpError(f"--audio names {len(args.audio)} clips for {len(args.files)} files: give one per file")
+
+    def read(name: str) -> bytes:
         try:
-            requests.append(pb.InferRequest(request_id=i, encoded_file=Path(name).read_bytes()))
+            return Path(name).read_bytes()
         except OSError as e:
             raise OfframpError(f"cannot read '{name}': {e.strerror}") from None
+
+    requests = []
+    for i, name in enumerate(args.files):
+        request = pb.InferRequest(request_id=i, encoded_file=read(name))
+        if args.audio is not None:
+            request.audio = read(args.audio[i])
+        requests.append(request)
     with grpc.insecure_channel(args.edge) as channel:
         try:
             replies = {r.request_id: r for r in pb_grpc.EdgeStub(channel).InferStream(iter(requests),

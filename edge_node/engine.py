@@ -16,6 +16,7 @@ caller), ``queue``, ``edge_compute`` (the whole local batch the sample ran in),
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ from .policy import ExitPolicy
 class _Job:
     x: torch.Tensor  # (C, H, W)
     submitted: float  # perf_counter
+    audio: torch.Tensor | None = None  # (1, mels, frames), audiovisual models only
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class _Outcome:
     output: torch.Tensor  # (num_outputs,) of that exit
     score: str
     tokens: pb.EncodedTensor | None  # survivors only, B = 1
+    audio_tokens: pb.EncodedTensor | None  # survivors of audiovisual models, B = 1
     encode_error: str  # why the tokens could not be encoded, if they could not
     raw_bytes: int  # the survivor's tokens as plain float32
     stage_ms: dict[str, float]
@@ -97,10 +100,13 @@ class EdgeEngine:
             await self.offload.close()
 
     async def infer(self, x: torch.Tensor, request_id: int = 0, since: float | None = None,
-                    stage_ms: dict[str, float] | None = None) -> pb.InferReply:
-        """The one answer for input ``x`` (C, H, W); ``since`` is when the request arrived (perf_counter)."""
+                    stage_ms: dict[str, float] | None = None, audio: torch.Tensor | None = None) -> pb.InferReply:
+        """The one answer for input ``x`` (C, H, W) (and ``audio``, audiovisual models);
+        ``since`` is when the request arrived (perf_counter)."""
         since = time.perf_counter() if since is None else since
-        outcome = await self._batcher.submit(_Job(x, time.perf_counter()))
+        if (audio is None) == self.half.model.audiovisual:
+            raise ValueError("audiovisual models need the audio input, others must not get one")
+        outcome = await self._batcher.submit(_Job(x, time.perf_counter(), audio))
         stages = {**(stage_ms or {}), **outcome.stage_ms}
         reply, degraded_kind = await self._decide(outcome, stages)
         reply.request_id = request_id
@@ -131,6 +137,9 @@ class EdgeEngine:
             model_fingerprint=self.card.fingerprint, split_block=self.half.split_block, tokens=outcome.tokens,
             deadline_ms=self.deadline_ms, edge_stage_ms=stages,
         )
+        if outcome.audio_tokens is not None:
+            request.audio_tokens.CopyFrom(outcome.audio_tokens)
+            request.modalities.extend(("visual", "audio"))
         sent = time.perf_counter()
         try:
             cloud = await self.offload.infer(request, self.deadline_ms / 1000)
@@ -177,14 +186,16 @@ class EdgeEngine:
         started = time.perf_counter()
         policy = self.policy.get()
         x = torch.stack([j.x for j in jobs])  # (B, C, H, W)
-        result = self._run_half(x, policy.run_thresholds(), policy.score, with_scores=self.codec.top_k is not None)
+        audio = torch.stack([j.audio for j in jobs]) if jobs[0].audio is not None else None
+        result = self._run_half(x, policy.run_thresholds(), policy.score, with_scores=self.codec.top_k is not None,
+                                audio=audio)
         compute_ms = _ms(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(jobs))
         survivor_row = {sample: row for row, sample in enumerate(result.offload.tolist())}
         outcomes = []
         for i, job in enumerate(jobs):
             stages = {"queue": _ms(started - job.submitted), "edge_compute": compute_ms}
-            tokens, error, raw = None, "", 0
+            tokens, audio_tokens, error, raw = None, None, "", 0
             row = survivor_row.get(i)
             if row is not None:
                 t0 = time.perf_counter()
@@ -193,12 +204,17 @@ class EdgeEngine:
                 raw = sample_tokens.numel() * 4
                 try:
                     tokens = self._encode(sample_tokens, self.codec, scores, self.half.spec.num_prefix)
+                    if result.audio_tokens is not None:  # all of them: top-k selects visual tokens only
+                        sample_audio = result.audio_tokens[row:row + 1]
+                        raw += sample_audio.numel() * 4
+                        audio_tokens = self._encode(sample_audio, dataclasses.replace(self.codec, top_k=None))
                 except ValueError as e:  # e.g. values beyond float16's range
-                    error = str(e)
+                    tokens, error = None, str(e)
                 stages["encode"] = _ms(time.perf_counter() - t0)
             outcomes.append(_Outcome(
                 exit_index=int(result.exit_index[i]), best_exit=int(result.best_exit[i]), output=result.output[i],
-                score=policy.score, tokens=tokens, encode_error=error, raw_bytes=raw, stage_ms=stages,
+                score=policy.score, tokens=tokens, audio_tokens=audio_tokens, encode_error=error, raw_bytes=raw,
+                stage_ms=stages,
             ))
         return outcomes
 

@@ -1,8 +1,10 @@
 """Turning an ``InferRequest`` into the model's input, or saying precisely why not.
 
 Encoded files go through the very transform the model was trained with; raw
-tensors must already have the card's input shape. Anything else is the
-caller's mistake and becomes INVALID_ARGUMENT with the reason.
+tensors must already have the card's input shape. Audiovisual models take the
+picture in ``encoded_file``/``tensor`` and the clip as a WAV in ``audio``.
+Anything else is the caller's mistake and becomes INVALID_ARGUMENT with the
+reason.
 """
 from __future__ import annotations
 
@@ -20,10 +22,29 @@ class InputError(OfframpError):
     """An input the edge cannot use; the message goes back to the caller as is."""
 
 
+def request_inputs(request: pb.InferRequest, modality: str, input_shape: tuple[int, ...],
+                   audio_shape: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The (C, H, W) input a request carries and, for audiovisual models, its (1, mels, frames) log-mel."""
+    if modality != "audiovisual":
+        if request.HasField("audio"):
+            raise InputError("this model is not audiovisual: leave the audio field unset")
+        return request_tensor(request, modality, input_shape), None
+    if not request.HasField("audio"):
+        raise InputError("this model is audiovisual: set audio to a WAV clip beside the image")
+    if request.WhichOneof("input") is None:
+        raise InputError("this model is audiovisual: set encoded_file (or tensor) to the image beside the audio")
+    if file_kind(request.audio) != ("audio", "a WAV file"):
+        got = file_kind(request.audio)
+        raise InputError(f"audio must be a WAV file, got {got[1] if got else 'unrecognised bytes'}")
+    try:
+        audio = preprocess_bytes(request.audio, "audio", tuple(audio_shape))
+    except (DataError, ValueError) as e:
+        raise InputError(f"cannot decode audio: {e}") from None
+    return request_tensor(request, "image", input_shape), audio
+
+
 def request_tensor(request: pb.InferRequest, modality: str, input_shape: tuple[int, ...]) -> torch.Tensor:
-    """The (C, H, W) float32 input a request carries."""
-    if request.HasField("audio"):
-        raise InputError("this model is not audiovisual: leave the audio field unset")
+    """The (C, H, W) float32 input in ``encoded_file`` or ``tensor``."""
     kind = request.WhichOneof("input")
     if kind == "encoded_file":
         got = file_kind(request.encoded_file)

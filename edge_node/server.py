@@ -32,7 +32,7 @@ from offramp.split import EdgeHalf
 from offramp.wire import EDGE_SERVICE, make_status, pb, pb_grpc, status_code
 
 from .engine import EdgeEngine
-from .inputs import InputError, request_tensor
+from .inputs import InputError, request_inputs
 from .offload import OffloadClient, OffloadSettings
 from .policy import ExitPolicy, PolicyError, PolicySettings, default_settings
 
@@ -47,6 +47,8 @@ class EdgeServicer(pb_grpc.EdgeServicer):
     def __init__(self, engine: EdgeEngine) -> None:
         self.engine = engine
         self.card: Card = engine.card
+        audio = self.card.config.audio
+        self._audio_shape = None if audio is None else tuple(audio.input_shape)
 
     async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> pb.InferReply:
         reply = await self._answer(request)
@@ -99,10 +101,11 @@ class EdgeServicer(pb_grpc.EdgeServicer):
         """The one reply to ``request``; errors become its status rather than exceptions."""
         arrived = time.perf_counter()
         try:
-            x = await asyncio.to_thread(request_tensor, request, self.card.modality, self.card.input_shape)
+            x, audio = await asyncio.to_thread(request_inputs, request, self.card.modality, self.card.input_shape,
+                                               self._audio_shape)
             preprocess_ms = (time.perf_counter() - arrived) * 1000
             reply = await self.engine.infer(x, request.request_id, since=arrived,
-                                            stage_ms={"preprocess": preprocess_ms})
+                                            stage_ms={"preprocess": preprocess_ms}, audio=audio)
         except InputError as e:
             reply = pb.InferReply(request_id=request.request_id,
                                   status=make_status(grpc.StatusCode.INVALID_ARGUMENT, str(e)))

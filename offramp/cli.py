@@ -20,6 +20,14 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def exit_names(text: str) -> list[str]:
+    """Comma-separated exit names, as 'offramp eval' prints them (slvit@2,slvit@4:fused)."""
+    values = [t.strip() for t in text.split(",") if t.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("expected exit names such as slvit@2,slvit@4")
+    return values
+
+
 def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a backbone, its exits, and optionally copycat-fine-tune the exits",
                        description="Phase 1 trains the backbone; phase 2 trains the exits on the frozen backbone; "
@@ -82,6 +90,9 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--score", default=None, help="max_prob (default), entropy or margin; std for regression")
     p.add_argument("--thresholds", type=_floats, default=None,
                    help=f"confidence thresholds for the exit-share table (default {DEFAULT_THRESHOLDS})")
+    p.add_argument("--exits", type=exit_names, default=None, metavar="NAME,NAME",
+                   help="walk only these exits in the exit-share table, as 'offramp edge --exits' does "
+                        "(e.g. slvit@2,slvit@4; default: all)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(run=_run_eval)
 
@@ -92,7 +103,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     from .pipeline import evaluate_checkpoint
     from .report import format_report
 
-    report = evaluate_checkpoint(args.checkpoint, data=args.data, score=args.score, thresholds=args.thresholds)
+    report = evaluate_checkpoint(args.checkpoint, data=args.data, score=args.score, thresholds=args.thresholds,
+                                 exits=args.exits)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 

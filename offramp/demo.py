@@ -63,6 +63,9 @@ def ensure_demo_model(workdir: Path, retrain: bool = False, data: str = "digits"
         run_training(job, DEMO_TRAIN)
         return out
     job = TrainJob(data=data, model=model, exits=DEMO_JOB.exits, out=str(out))
+    if data.partition(":")[0].strip().lower() == "crowd-av":
+        raise OfframpError("the demo streams classification data; for the audiovisual crowd-av model use "
+                           "'offramp train --data crowd-av', 'offramp infer --audio' or 'python -m bench.multimodal'")
     splits = load_data(job.data, val_fraction=job.val_fraction, seed=job.seed)
     cfg = OTHER_TRAIN.get(splits.modality, OTHER_TRAIN["image"])
     print(f"training the demo model on {data} ({len(splits.train)} {splits.modality} samples) into {out} "

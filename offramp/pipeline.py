@@ -16,6 +16,7 @@ from .errors import OfframpError
 from .models import AudioConfig, ModelConfig, MultiExitModel, create_backbone, parse_exits, variant_names
 from .report import evaluation_report
 from .scores import check_score, default_score
+from .split import edge_exit_ids
 from .train import HeadResult, TrainConfig, evaluate, train_backbone, train_exits, unpack
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,8 @@ def load_validation(card: Card, data: str | None = None) -> tuple[TensorDataset,
 
 
 def evaluate_checkpoint(directory: str | Path, data: str | None = None, score: str | None = None,
-                        thresholds: list[float] | None = None) -> dict[str, Any]:
+                        thresholds: list[float] | None = None, exits: list[str] | None = None) -> dict[str, Any]:
+    """Every exit and the final head on validation data; ``exits`` names a subset to walk, as an edge would."""
     model, card = load_checkpoint(directory)
     score = score or default_score(model.config.task)
     try:
@@ -168,8 +170,15 @@ def evaluate_checkpoint(directory: str | Path, data: str | None = None, score: s
     val, input_shape = load_validation(card, data)
     if tuple(input_shape) != tuple(card.input_shape):
         raise OfframpError(f"data '{data}' has inputs of shape {input_shape}, the model expects {card.input_shape}")
+    try:
+        ids = None if exits is None else edge_exit_ids(model, model.num_blocks, exits)
+    except ValueError as e:
+        raise OfframpError(str(e)) from None
     results = evaluate(model, val, score=score)
-    report = evaluation_report(model, results, card.input_shape, score, thresholds or default_thresholds(results, score))
+    if ids is not None:
+        results = [*(results[i] for i in ids), results[-1]]
+    report = evaluation_report(model, results, card.input_shape, score, thresholds or default_thresholds(results, score),
+                               ids)
     report["checkpoint"] = str(directory)
     report["fingerprint"] = card.fingerprint
     return report

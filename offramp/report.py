@@ -13,8 +13,10 @@ from .train import HeadResult
 
 
 @torch.no_grad()
-def head_costs(model: MultiExitModel, input_shape: tuple[int, ...]) -> list[dict[str, int]]:
-    """Params and MACs of each exit and of the final head, plus MACs spent to reach each answer.
+def head_costs(model: MultiExitModel, input_shape: tuple[int, ...],
+               exit_ids: list[int] | None = None) -> list[dict[str, int]]:
+    """Params and MACs of each exit (``exit_ids``: of those walked) and of the final head,
+    plus MACs spent to reach each answer.
 
     The edge walks the exits in order, so an answer costs every exit before
     it, the blocks up to its position, and (audiovisual) the audio encoder,
@@ -26,7 +28,9 @@ def head_costs(model: MultiExitModel, input_shape: tuple[int, ...]) -> list[dict
     audio_tokens = model.encode_audio(audio)
     audio_macs = count_macs(model.audio_encoder, audio) if audio is not None else 0
     costs, spent_exits, visual_at = [], 0, None
-    for i, e in enumerate(model.exit_configs):
+    walked = range(len(model.exit_configs)) if exit_ids is None else exit_ids
+    for i in walked:
+        e = model.exit_configs[i]
         feats = bb.head(x, e.position)
         macs = count_macs(lambda f, i=i: model.run_exit(i, f, audio_tokens), feats)
         spent_exits += macs
@@ -94,9 +98,10 @@ def _fmt(v: Any) -> str:
 
 
 def evaluation_report(model: MultiExitModel, results: list[HeadResult], input_shape: tuple[int, ...],
-                      score: str, thresholds: list[float]) -> dict[str, Any]:
-    """Everything ``offramp eval`` prints, as plain JSON-able data."""
-    costs = head_costs(model, input_shape)
+                      score: str, thresholds: list[float], exit_ids: list[int] | None = None) -> dict[str, Any]:
+    """Everything ``offramp eval`` prints, as plain JSON-able data; ``exit_ids``: the exits walked
+    (``results`` holds those exits' results, then the final head's)."""
+    costs = head_costs(model, input_shape, exit_ids)
     heads = [{"name": r.name, **r.summary(), **c} for r, c in zip(results, costs)]
     return {"score": score, "heads": heads, "cascade": cascade(results, score, thresholds)}
 

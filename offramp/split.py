@@ -166,7 +166,8 @@ class EdgeHalf:
                 upd = alive[better]
                 output[upd], conf[upd], best_exit[upd] = out[better], c[better], k
                 leave = c >= t if higher else c <= t
-                exit_index[alive[leave]] = k
+                left = alive[leave]  # answered here, with this exit's answer (not an earlier, surer one's)
+                exit_index[left], output[left], conf[left] = k, out[leave], c[leave]
                 stay = ~leave.to(self.device)
                 feats = None if feats is None else feats[stay]
                 audio_tokens = None if audio_tokens is None else audio_tokens[stay]
@@ -219,6 +220,8 @@ class CloudHalf:
     @torch.no_grad()
     def run(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, *token_shape) [+ audio tokens] -> (B, num_outputs) float32 on the CPU."""
+        if self.num_audio_tokens and tokens.shape[1] <= self.num_audio_tokens:
+            raise ValueError(f"expected visual tokens followed by {self.num_audio_tokens} audio tokens")
         tokens = tokens.to(self.device)
         audio = None
         if self.num_audio_tokens:

@@ -41,6 +41,10 @@ class TrainConfig:
     exit_lr: float = 2e-3
     weight_decay: float = 0.05
     label_smoothing: float = 0.1  # backbone only; exits learn the plain targets
+    # Audiovisual backbones: share of phase-1 batches trained on the picture alone, so that
+    # the visual pathway (what visual exits see) must solve the task by itself too rather
+    # than lean on the easier modality. Off by default: on crowd-av it has not paid off yet.
+    modality_dropout: float = 0.0
     augment: bool = True  # random shifts (and flips for natural images)
     flip: bool = True
     seed: int = 0
@@ -123,7 +127,8 @@ def train_backbone(model: MultiExitModel, data: TensorDataset, cfg: TrainConfig)
             x, y = x_all[idx], y_all[idx]
             if cfg.augment:
                 x = augment_batch(x, g, cfg.flip)
-            loss = task_loss(model.final(x, _take(a_all, idx)), y, task, cfg.label_smoothing)
+            drop = a_all is not None and torch.rand((), generator=g).item() < cfg.modality_dropout
+            loss = task_loss(model.final(x, _take(a_all, idx), drop_audio=drop), y, task, cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(params, 1.0)

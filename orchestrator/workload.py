@@ -66,6 +66,9 @@ def load_dataset(card: Card, data: str | None) -> Dataset:
     """The checkpoint's validation split (or all of ``data``), checked against the model's input shape."""
     from offramp.pipeline import load_validation  # torch: only the head needs it, not the drivers
 
+    if card.config.task != "classification":
+        raise OfframpError("experiments score classification models; this checkpoint predicts numbers "
+                           "(for the audiovisual crowd-counting model, see bench/multimodal.py)")
     val, input_shape = load_validation(card, data)
     if tuple(input_shape) != tuple(card.input_shape):
         raise OfframpError(f"workload.data '{data}' has inputs of shape {tuple(input_shape)}, "

@@ -369,3 +369,12 @@ def test_unknown_or_repeated_exit_names_are_refused(tiny_checkpoint: Path) -> No
         edge_exit_ids(model, 2, ["slvit@4"])
     with pytest.raises(ValueError, match="listed twice"):
         edge_exit_ids(model, 4, ["slvit@2", "slvit@2"])
+
+
+def test_calibration_follows_the_exits_the_edge_config_names(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from edge_node.calibrate import calibrate_checkpoint
+
+    config = tmp_path / "edge.toml"
+    config.write_text(f'checkpoint = "{tiny_checkpoint}"\nexits = ["slvit@4"]\n')
+    result = calibrate_checkpoint(tiny_checkpoint, Target(max_offload=0.5), edge_toml=config)
+    assert result.exit_names == ("slvit@4",) and len(result.chosen.thresholds) == 1

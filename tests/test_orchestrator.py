@@ -150,6 +150,8 @@ def test_daemons_are_placed_by_resource_and_every_request_has_one_record(
         checkpoint = "{tiny_checkpoint}"
         [nodes]
         host = "127.0.0.1"
+        [edge]
+        exits = ["slvit@4"]  # of the card's slvit@2 and slvit@4
         [workload]
         rate = 40.0
         count = {count}
@@ -180,7 +182,7 @@ def test_daemons_are_placed_by_resource_and_every_request_has_one_record(
     assert set(keys.values()) == {1}
     assert sorted(keys) == [(p, e, i) for p in (0, 1) for e in (0, 1) for i in range(count)]
     assert all(r["status"] == "OK" and not r["degraded"] for r in records)
-    assert {r["decided_by"] for r in records if r["point"] == 0} == {"exit:slvit@2"}
+    assert {r["decided_by"] for r in records if r["point"] == 0} == {"exit:slvit@4"}
     assert {r["decided_by"] for r in records if r["point"] == 1} == {"cloud"}
     assert all(r["bytes_sent"] > 0 and r["cloud_node"] != r["edge_node"] for r in records if r["point"] == 1)
 
@@ -213,3 +215,17 @@ def test_experiment_run_writes_records_summary_and_plots(tiny_checkpoint: Path, 
     shown = subprocess.run([sys.executable, "-m", "offramp.cli", "experiment", "show", str(smoke)],
                            capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0 and f"{len(points)} points" in shown.stdout
+
+
+def test_edge_exits_must_be_the_checkpoints(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from orchestrator.sweep import run_experiment
+
+    path = write(tmp_path, textwrap.dedent(f"""
+        name = "bad-exits"
+        checkpoint = "{tiny_checkpoint}"
+        [edge]
+        exits = ["cnn@2"]
+    """))
+    with pytest.raises(OfframpError, match="edge.exits names cnn@2, which the checkpoint's edge does not have "
+                                           r"\(it has slvit@2, slvit@4\)"):
+        run_experiment(load_experiment(path, out=str(tmp_path / "out")), progress=False)

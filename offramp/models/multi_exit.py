@@ -213,13 +213,15 @@ class MultiExitModel(nn.Module):
 
     def forward_blocks(self, feats: torch.Tensor, start: int, stop: int | None = None,
                        audio_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """Backbone blocks ``[start, stop)``; audio tokens join the sequence before block ``fuse_at``."""
+        """Backbone blocks ``[start, stop)``; audio tokens, when given, join the sequence before block ``fuse_at``.
+
+        Without them an audiovisual model runs visual-only (phase 1 does so on
+        some batches, so that the visual pathway learns to count on its own).
+        """
         stop = self.num_blocks if stop is None else stop
         fuse_at = None if self.config.audio is None else self.config.audio.fuse_at
-        if fuse_at is None or not start <= fuse_at < stop:
+        if audio_tokens is None or fuse_at is None or not start <= fuse_at < stop:
             return self.backbone.forward_blocks(feats, start, stop)
-        if audio_tokens is None:
-            raise ValueError(f"blocks {start}..{stop} fuse audio at block {fuse_at}: audio tokens are needed")
         feats = self.backbone.forward_blocks(feats, start, fuse_at)
         feats = torch.cat([feats, audio_tokens + self.audio_type_embed], dim=1)
         return self.backbone.forward_blocks(feats, fuse_at, stop)
@@ -244,9 +246,10 @@ class MultiExitModel(nn.Module):
         loc, scale = self._target
         return torch.stack([out[:, 0] * scale + loc, out[:, 1] + 2 * math.log(scale)], dim=1)
 
-    def final(self, x: torch.Tensor, audio: torch.Tensor | None = None) -> torch.Tensor:
-        """The whole model without exits (what phase 1 trains and baselines run)."""
-        return self.tail(self.backbone.embed(x), 0, self.encode_audio(audio))
+    def final(self, x: torch.Tensor, audio: torch.Tensor | None = None, drop_audio: bool = False) -> torch.Tensor:
+        """The whole model without exits (what phase 1 trains and baselines run); ``drop_audio``
+        runs an audiovisual model on the picture alone."""
+        return self.tail(self.backbone.embed(x), 0, None if drop_audio else self.encode_audio(audio))
 
     def forward(self, x: torch.Tensor, audio: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
         """One full pass: every exit's output and the final head's output."""
