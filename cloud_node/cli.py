@@ -10,7 +10,8 @@ if TYPE_CHECKING:
     pass
 
 # Flags that override a CloudConfig field of the same name.
-_OVERRIDES = ("checkpoint", "listen", "device", "dtype", "max_batch", "max_wait_ms", "max_queue", "metrics_port")
+_OVERRIDES = ("checkpoint", "listen", "device", "dtype", "max_batch", "max_wait_ms", "max_queue", "metrics_port",
+              "tls_cert", "tls_key", "tls_client_ca", "token_file")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -39,6 +40,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help=f"samples allowed to wait; beyond, requests get RESOURCE_EXHAUSTED (default {d.max_queue})")
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve Prometheus metrics on this port of the listen host; 0 picks one (default: off)")
+    p.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain (needs --tls-key)")
+    p.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    p.add_argument("--tls-client-ca", metavar="PEM",
+                   help="mutual TLS: accept only edges with a certificate signed by this CA")
+    p.add_argument("--token-file", metavar="PATH",
+                   help="require this bearer token from edges (a file, so it stays off the command line)")
     p.add_argument("--port-file", metavar="PATH", help="write the bound gRPC port here once serving")
     p.set_defaults(run=_run_cloud)
 

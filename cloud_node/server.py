@@ -25,6 +25,7 @@ from offramp.checkpoint import Card, load_checkpoint
 from offramp.config import CloudConfig, non_defaults
 from offramp.daemon import DaemonServer, bind, grpc_server, listen_host, run_until_signalled, start_metrics
 from offramp.errors import OfframpError
+from offramp.security import BearerTokenInterceptor, read_token, server_credentials
 from offramp.split import CloudHalf
 from offramp.wire import OFFLOAD_SERVICE, pb_grpc
 
@@ -84,7 +85,10 @@ async def serve(config: CloudConfig) -> CloudServer:
     tail = Tail(half, card, batcher, metrics, config.max_batch, config.max_message_bytes)
     draining = asyncio.Event()
 
-    server = grpc_server(config.max_message_bytes)
+    credentials = (server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+                   if config.tls_cert is not None else None)
+    interceptors = [BearerTokenInterceptor(read_token(config.token_file))] if config.token_file is not None else []
+    server = grpc_server(config.max_message_bytes, interceptors)
     pb_grpc.add_OffloadServicer_to_server(OffloadServicer(tail, draining), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -92,14 +96,16 @@ async def serve(config: CloudConfig) -> CloudServer:
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     if config.reflection:
         reflection.enable_server_reflection([OFFLOAD_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = bind(server, config.listen)
+    port = bind(server, config.listen, credentials)
     metrics_http = start_metrics(config.metrics_port, config.listen, metrics.registry) if config.metrics_port is not None else None
 
     batcher.start()
     await server.start()
     cloud = CloudServer(config, card, server, port, health_servicer, batcher, metrics, metrics_http, draining)
-    log.info("serving %s (split block %d, fingerprint %s) on %s", config.checkpoint, card.split_block,
-             card.fingerprint[:12], cloud.address)
+    security = ("mutual TLS" if config.tls_client_ca else "TLS" if credentials else "plaintext") + (
+        " + bearer token" if interceptors else "")
+    log.info("serving %s (split block %d, fingerprint %s) on %s (%s)", config.checkpoint, card.split_block,
+             card.fingerprint[:12], cloud.address, security)
     if cloud.metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", listen_host(config.listen), cloud.metrics_port)
     log.info("settings: %s", ", ".join(f"{k}={v!r}" for k, v in non_defaults(config).items()))

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 # Flags that override an EdgeConfig field of the same name.
 _OVERRIDES = ("checkpoint", "listen", "cloud", "thresholds", "score", "split_block", "exits", "codec", "top_k",
-              "deadline_ms", "device", "dtype", "threads", "slowdown", "max_batch", "metrics_port")
+              "deadline_ms", "device", "dtype", "threads", "slowdown", "max_batch", "metrics_port",
+              "cloud_tls_ca", "cloud_tls_cert", "cloud_tls_key", "cloud_tls_server_name", "cloud_token_file")
 _SCORES = ["max_prob", "entropy", "margin", "std"]
 
 
@@ -74,6 +75,12 @@ def _add_edge(sub: argparse._SubParsersAction) -> None:
                    help="emulate a device FACTOR times slower (sleeps after each compute; default 1)")
     p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics here; 0 picks one")
     p.add_argument("--offload", choices=["on", "off"], help="off: the last exit answers everything")
+    p.add_argument("--cloud-tls-ca", metavar="PEM", help="use TLS towards the clouds, trusting this CA")
+    p.add_argument("--cloud-tls-cert", metavar="PEM", help="mutual TLS: this edge's certificate (needs --cloud-tls-key)")
+    p.add_argument("--cloud-tls-key", metavar="PEM", help="private key of --cloud-tls-cert")
+    p.add_argument("--cloud-tls-server-name", metavar="NAME",
+                   help="check the cloud's certificate against NAME instead of the address's host")
+    p.add_argument("--cloud-token-file", metavar="PATH", help="send the bearer token in this file to the clouds")
     p.add_argument("--port-file", metavar="PATH", help="write the bound gRPC port here once serving")
     p.set_defaults(run=_run_edge)
 

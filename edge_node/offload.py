@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from offramp.security import bearer_metadata
 from offramp.wire import pb, pb_grpc, status_code
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,9 @@ class OffloadSettings:
     backoff_max_s: float = 5.0
     connect_timeout_s: float = 5.0
     max_message_bytes: int = 64 << 20
+    credentials: grpc.ChannelCredentials | None = None  # None: plaintext
+    server_name: str | None = None  # name to check the cloud's certificate against, if not the host's
+    token: str | None = None  # bearer token the clouds expect
 
 
 def pairing_problem(cloud: pb.DescribeReply, fingerprint: str, split_block: int) -> str | None:
@@ -103,6 +107,9 @@ class OffloadClient:
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.max_receive_message_length", settings.max_message_bytes),
         ]
+        if settings.server_name is not None:
+            self._options.append(("grpc.ssl_target_name_override", settings.server_name))
+        self._metadata = bearer_metadata(settings.token)
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[pb.OffloadReply]] = {}
         self._stream: _Stream | None = None
@@ -168,10 +175,14 @@ class OffloadClient:
 
     async def _session(self, address: str) -> float | None:
         """One connection to ``address``: seconds it streamed, or None if it never got that far."""
-        async with grpc.aio.insecure_channel(address, options=self._options) as channel:
+        credentials = self.settings.credentials
+        channel = (grpc.aio.insecure_channel(address, options=self._options) if credentials is None
+                   else grpc.aio.secure_channel(address, credentials, options=self._options))
+        async with channel:
             stub = pb_grpc.OffloadStub(channel)
             try:
-                cloud = await stub.Describe(pb.DescribeRequest(), timeout=self.settings.connect_timeout_s)
+                cloud = await stub.Describe(pb.DescribeRequest(), timeout=self.settings.connect_timeout_s,
+                                            metadata=self._metadata)
             except grpc.aio.AioRpcError as e:
                 self._note(address, f"{e.code().name} ({e.details()})", logging.WARNING, "cloud %s is unreachable: %s")
                 return None
@@ -181,7 +192,7 @@ class OffloadClient:
                 return None
             limit = min(self.settings.max_message_bytes, cloud.max_message_bytes or self.settings.max_message_bytes)
             stream = _Stream(address, limit)
-            call = stub.Infer(stream.requests())
+            call = stub.Infer(stream.requests(), metadata=self._metadata)
             started = time.monotonic()
             self._stream = stream
             self._problems.pop(address, None)

@@ -28,6 +28,7 @@ from offramp.config import EdgeConfig, non_defaults
 from offramp.daemon import DaemonServer, bind, grpc_server, listen_host, run_until_signalled, start_metrics
 from offramp.errors import OfframpError
 from offramp.scores import default_score
+from offramp.security import channel_credentials, read_token
 from offramp.split import EdgeHalf
 from offramp.wire import EDGE_SERVICE, make_status, pb, pb_grpc, status_code
 
@@ -134,9 +135,13 @@ def build_engine(config: EdgeConfig) -> EdgeEngine:
         codec = CodecConfig(config.codec, config.top_k, config.zstd_level)
         offload = None
         if config.cloud:
+            credentials = (channel_credentials(config.cloud_tls_ca, config.cloud_tls_cert, config.cloud_tls_key)
+                           if config.cloud_tls_ca is not None else None)
+            token = read_token(config.cloud_token_file) if config.cloud_token_file is not None else None
             offload = OffloadClient(list(config.cloud), card.fingerprint, split, OffloadSettings(
                 backoff_initial_s=config.reconnect_initial_s, backoff_max_s=config.reconnect_max_s,
-                connect_timeout_s=config.connect_timeout_s, max_message_bytes=config.max_message_bytes))
+                connect_timeout_s=config.connect_timeout_s, max_message_bytes=config.max_message_bytes,
+                credentials=credentials, server_name=config.cloud_tls_server_name, token=token))
         return EdgeEngine(half, card, policy, codec, config.deadline_ms, offload, config.max_batch, config.slowdown)
     except PolicyError as e:
         raise OfframpError(f"edge policy: {e}") from None

@@ -64,10 +64,21 @@ class CloudConfig:
     grace_s: float = 10.0
     # gRPC server reflection, so grpcurl and friends can list the services.
     reflection: bool = True
+    # TLS: PEM certificate chain and private key; both or neither (plaintext, for loopback and tests).
+    tls_cert: str | None = path_field(default=None)
+    tls_key: str | None = path_field(default=None)
+    # Mutual TLS: edges must present a certificate signed by this PEM CA bundle (needs tls_cert).
+    tls_client_ca: str | None = path_field(default=None)
+    # File holding a bearer token edges must send ("authorization: Bearer ...") on the Offload
+    # service; a file, so the secret is never on a command line. Health and reflection stay open.
+    token_file: str | None = path_field(default=None)
     log_level: LogLevel = "INFO"
 
     def __post_init__(self) -> None:
         _check_address(self.listen, "listen")
+        _require((self.tls_cert is None) == (self.tls_key is None), "tls_cert and tls_key go together")
+        _require(self.tls_client_ca is None or self.tls_cert is not None,
+                 "tls_client_ca (mutual TLS) needs tls_cert and tls_key: client certificates ride on TLS")
         _require(self.max_batch >= 1, "max_batch must be at least 1")
         _require(self.max_wait_ms >= 0, "max_wait_ms must not be negative")
         _require(self.max_queue >= 1, "max_queue must be at least 1")
@@ -253,6 +264,15 @@ class EdgeConfig:
     reconnect_max_s: float = 5.0
     # How long the edge waits for a cloud's Describe answer before trying the next one.
     connect_timeout_s: float = 5.0
+    # TLS towards the clouds: the PEM CA bundle that signed their certificates (setting it turns
+    # TLS on), and for mutual TLS this edge's own certificate chain and key.
+    cloud_tls_ca: str | None = path_field(default=None)
+    cloud_tls_cert: str | None = path_field(default=None)
+    cloud_tls_key: str | None = path_field(default=None)
+    # Name to check the cloud's certificate against when it differs from the address's host.
+    cloud_tls_server_name: str | None = None
+    # File holding the bearer token the clouds expect (see the cloud's token_file).
+    cloud_token_file: str | None = path_field(default=None)
     # gRPC message limit, both on the local API (encoded files) and towards the cloud.
     max_message_mb: int = 64
     # "cpu", "cuda" or "cuda:N"; edge devices are usually CPUs.
@@ -284,6 +304,10 @@ class EdgeConfig:
         _require(0 < self.reconnect_initial_s <= self.reconnect_max_s,
                  "reconnect_initial_s must be positive and at most reconnect_max_s")
         _require(self.connect_timeout_s > 0, "connect_timeout_s must be positive")
+        _require((self.cloud_tls_cert is None) == (self.cloud_tls_key is None),
+                 "cloud_tls_cert and cloud_tls_key go together")
+        _require(self.cloud_tls_ca is not None or (self.cloud_tls_cert is None and self.cloud_tls_server_name is None),
+                 "cloud_tls_cert and cloud_tls_server_name need cloud_tls_ca (they only mean something over TLS)")
         _require(self.max_message_mb >= 1, "max_message_mb must be at least 1")
         _require(self.max_batch >= 1, "max_batch must be at least 1")
         _require(self.slowdown >= 1.0, f"slowdown must be at least 1, not {self.slowdown}")

@@ -6,7 +6,7 @@ import logging
 import os
 import signal
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from types import TracebackType
@@ -37,19 +37,21 @@ def start_metrics(port: int, listen: str, registry: CollectorRegistry) -> WSGISe
     return httpd
 
 
-def grpc_server(max_message_bytes: int) -> grpc.aio.Server:
+def grpc_server(max_message_bytes: int, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
     """An asyncio gRPC server with deliberate message limits on both directions."""
-    return grpc.aio.server(options=[
+    return grpc.aio.server(interceptors=list(interceptors), options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),  # a second daemon on a busy port must fail, not share it
     ])
 
 
-def bind(server: grpc.aio.Server, listen: str) -> int:
-    """Bind ``listen`` (port 0 picks one) and return the bound port."""
+def bind(server: grpc.aio.Server, listen: str, credentials: grpc.ServerCredentials | None = None) -> int:
+    """Bind ``listen`` (port 0 picks one), with TLS when ``credentials`` are given; returns the bound port."""
     try:
-        return server.add_insecure_port(listen)
+        if credentials is None:
+            return server.add_insecure_port(listen)
+        return server.add_secure_port(listen, credentials)
     except RuntimeError:
         raise OfframpError(f"cannot listen on {listen}: address in use or not local") from None
 
