@@ -89,7 +89,7 @@ async def serve(config: CloudConfig) -> CloudServer:
                    if config.tls_cert is not None else None)
     interceptors = [BearerTokenInterceptor(read_token(config.token_file))] if config.token_file is not None else []
     server = grpc_server(config.max_message_bytes, interceptors)
-    pb_grpc.add_OffloadServicer_to_server(OffloadServicer(tail, draining), server)
+    pb_grpc.add_OffloadServicer_to_server(OffloadServicer(tail, draining, config.max_in_flight_per_stream), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in ("", OFFLOAD_SERVICE):

@@ -13,19 +13,43 @@ from .tail import Tail
 
 
 class OffloadServicer(pb_grpc.OffloadServicer):
-    """Many requests in flight per stream, answered as they finish; the stream ends on drain."""
+    """Many requests in flight per stream, answered as they finish; the stream ends on drain.
 
-    def __init__(self, tail: Tail, draining: asyncio.Event) -> None:
+    Replies are matched to requests by id, so a stream may not reuse an id
+    still in flight (INVALID_ARGUMENT), and one stream may not hold more than
+    ``max_in_flight`` requests (RESOURCE_EXHAUSTED): one busy edge must not
+    take the whole queue from the others.
+    """
+
+    def __init__(self, tail: Tail, draining: asyncio.Event, max_in_flight: int = 256) -> None:
         self._tail = tail
         self._draining = draining
+        self._max_in_flight = max_in_flight
 
     async def Infer(
         self,
         request_iterator: AsyncIterator[pb.OffloadRequest],
         context: grpc.aio.ServicerContext[pb.OffloadRequest, pb.OffloadReply],
     ) -> AsyncIterator[pb.OffloadReply]:
+        in_flight: set[int] = set()
+
+        async def answer(request: pb.OffloadRequest) -> pb.OffloadReply:
+            request_id = request.request_id
+            if request_id in in_flight:
+                return self._tail.refuse(request, grpc.StatusCode.INVALID_ARGUMENT,
+                                         f"request id {request_id} is already in flight on this stream")
+            if len(in_flight) >= self._max_in_flight:
+                return self._tail.refuse(request, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                         f"{len(in_flight)} requests in flight on this stream, the limit per "
+                                         "stream; wait for answers")
+            in_flight.add(request_id)
+            try:
+                return await self._tail.answer(request)
+            finally:
+                in_flight.discard(request_id)
+
         try:
-            async for reply in unordered_map(request_iterator, self._tail.answer, self._draining):
+            async for reply in unordered_map(request_iterator, answer, self._draining):
                 yield reply
         except StreamStopped:
             # Every request read so far has its answer; what the edge sends next must go elsewhere.

@@ -98,6 +98,12 @@ class Tail:
         self._metrics.requests.labels(status_code(reply.status).name).inc()
         return reply
 
+    def refuse(self, request: pb.OffloadRequest, code: grpc.StatusCode, message: str) -> pb.OffloadReply:
+        """The reply to a request the stream refuses before any work, counted like any other."""
+        self._metrics.received_bytes.inc(request.ByteSize())
+        self._metrics.requests.labels(code.name).inc()
+        return pb.OffloadReply(request_id=request.request_id, status=make_status(code, message))
+
     def _check(self, request: pb.OffloadRequest) -> None:
         if request.model_fingerprint != self._fingerprint:
             raise RequestError(

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from offramp.daemon import KEEPALIVE_S, KEEPALIVE_TIMEOUT_S
 from offramp.security import bearer_metadata
 from offramp.wire import pb, pb_grpc, status_code
 
@@ -106,6 +107,9 @@ class OffloadClient:
         self._options = [
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.keepalive_time_ms", KEEPALIVE_S * 1000),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
+            ("grpc.http2.max_pings_without_data", 0),  # the stream may idle while every sample exits early
         ]
         if settings.server_name is not None:
             self._options.append(("grpc.ssl_target_name_override", settings.server_name))

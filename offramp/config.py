@@ -55,6 +55,9 @@ class CloudConfig:
     # Samples waiting for a batch; beyond this requests are refused with
     # RESOURCE_EXHAUSTED at once, so edges fall back instead of queueing forever.
     max_queue: int = 1024
+    # Requests one stream (one edge) may have in flight; more get RESOURCE_EXHAUSTED,
+    # so a single busy edge cannot fill the queue the others share.
+    max_in_flight_per_stream: int = 256
     # gRPC message limit, both directions: gRPC's 4 MiB default is too small for
     # uncompressed ViT-B tokens in a batch; anything larger is refused unread.
     max_message_mb: int = 64
@@ -82,6 +85,7 @@ class CloudConfig:
         _require(self.max_batch >= 1, "max_batch must be at least 1")
         _require(self.max_wait_ms >= 0, "max_wait_ms must not be negative")
         _require(self.max_queue >= 1, "max_queue must be at least 1")
+        _require(self.max_in_flight_per_stream >= 1, "max_in_flight_per_stream must be at least 1")
         _require(self.max_message_mb >= 1, "max_message_mb must be at least 1")
         _require(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "metrics_port must be in 0..65535")
         _require(self.grace_s >= 0, "grace_s must not be negative")

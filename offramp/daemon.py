@@ -37,12 +37,22 @@ def start_metrics(port: int, listen: str, registry: CollectorRegistry) -> WSGISe
     return httpd
 
 
+# Seconds between the edge's keepalive pings on its stream to the cloud: a cloud that vanished
+# without closing the connection (power loss, a NAT that forgot the flow) is noticed within
+# KEEPALIVE_S + KEEPALIVE_TIMEOUT_S rather than at the next deadline of every request.
+KEEPALIVE_S, KEEPALIVE_TIMEOUT_S = 20, 10
+
+
 def grpc_server(max_message_bytes: int, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
     """An asyncio gRPC server with deliberate message limits on both directions."""
     return grpc.aio.server(interceptors=list(interceptors), options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),  # a second daemon on a busy port must fail, not share it
+        # Accept the edges' keepalive pings (every KEEPALIVE_S) on idle streams instead of
+        # answering them with GOAWAY ("too many pings") after gRPC's default 5-minute floor.
+        ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_S * 1000 // 2),
+        ("grpc.keepalive_permit_without_calls", 1),
     ])
 
 

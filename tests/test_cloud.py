@@ -292,6 +292,26 @@ def test_a_full_queue_refuses_with_resource_exhausted(
     assert sorted(served) == [0, 1, 2] and all(status_code(r.status) == OK for r in served.values())
 
 
+def test_a_stream_may_not_reuse_an_id_in_flight_nor_exceed_its_share(
+    start_cloud: CloudFactory, gate: Gate, offloads: Offloads, open_stream: Callable[[str], Stream],
+) -> None:
+    address, server = start_cloud(max_batch=1, max_in_flight_per_stream=2)
+    greedy, other = open_stream(address), open_stream(address)
+    greedy.send(offloads.request(0))
+    wait_for(lambda: gate.calls == 1, 10, what="the first batch to reach the model")
+    greedy.send(offloads.request(0), offloads.request(1), offloads.request(2))  # a reused id, then one too many
+    refused = greedy.receive(2)
+    assert [status_code(r.status) for r in refused] == [grpc.StatusCode.INVALID_ARGUMENT, EXHAUSTED]
+    assert "request id 0 is already in flight" in refused[0].status.message
+    assert refused[1].request_id == 2 and "2 requests in flight on this stream" in refused[1].status.message
+    other.send(offloads.request(0))  # ids and shares are per stream
+    gate.opened.set()
+    assert sorted(by_id(greedy.close())) == [0, 1] and status_code(other.close()[0].status) == OK
+    refused_count = server.metrics.registry.get_sample_value(
+        "offramp_cloud_requests_total", {"code": "RESOURCE_EXHAUSTED"})
+    assert refused_count == 1
+
+
 def test_requests_past_their_deadline_are_not_computed(
     start_cloud: CloudFactory, offloads: Offloads, open_stream: Callable[[str], Stream]
 ) -> None:
