@@ -106,7 +106,8 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
                        description="One line per file: the answer, where it was decided, its confidence, whether "
                                    "it is degraded (and why), and the end-to-end latency at the edge.")
     p.add_argument("--edge", required=True, metavar="HOST:PORT", help="the edge's local API address")
-    p.add_argument("files", nargs="+", metavar="FILE", help="JPEG/PNG images or WAV files")
+    p.add_argument("files", nargs="+", metavar="FILE",
+                   help="JPEG/PNG images or WAV files; a folder stands for the files in it, in name order")
     p.add_argument("--audio", nargs="+", action="extend", metavar="WAV",
                    help="audiovisual models: one WAV clip per FILE, in the same order (the scene's sound)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for all answers (default 30)")
@@ -121,6 +122,9 @@ def _run_infer(args: argparse.Namespace) -> int:
     from offramp.errors import OfframpError
     from offramp.wire import pb, pb_grpc, status_code
 
+    args.files = expand_folders(args.files)
+    if args.audio is not None:
+        args.audio = expand_folders(args.audio)
     if args.audio is not None and len(args.audio) != len(args.files):
         raise OfframpError(f"--audio names {len(args.audio)} clips for {len(args.files)} files: give one per file")
 
@@ -155,6 +159,26 @@ def _run_infer(args: argparse.Namespace) -> int:
         else:
             print(f"{name}: {describe_reply(reply)}")
     return 1 if failed else 0
+
+
+INPUT_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".wav"}
+
+
+def expand_folders(paths: list[str]) -> list[str]:
+    """Each folder replaced by the image and WAV files directly in it, sorted by name."""
+    from offramp.errors import OfframpError
+
+    out = []
+    for name in paths:
+        path = Path(name)
+        if not path.is_dir():
+            out.append(name)
+            continue
+        found = sorted(str(p) for p in path.iterdir() if p.is_file() and p.suffix.lower() in INPUT_SUFFIXES)
+        if not found:
+            raise OfframpError(f"folder '{name}' holds no image or WAV files")
+        out += found
+    return out
 
 
 def describe_reply(reply: pb.InferReply) -> str:

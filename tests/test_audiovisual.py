@@ -335,3 +335,11 @@ def test_infer_command_sends_each_picture_with_its_clip(
     assert len(lines) == 2 and all(" by cloud, confidence " in line for line in lines)
     assert main(["infer", "--edge", edge.address, *images, "--audio", clips[0]]) != 0
     assert "give one per file" in capsys.readouterr().err
+    pictures, sounds = tmp_path / "pictures", tmp_path / "sounds"  # folders: their files in name order
+    pictures.mkdir(), sounds.mkdir()
+    for (image, clip), i in zip(files, "ab"):
+        image.rename(pictures / f"{i}.png"), clip.rename(sounds / f"{i}.wav")
+    assert main(["infer", "--edge", edge.address, str(pictures), "--audio", str(sounds), "--json"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+    assert main(["infer", "--edge", edge.address, str(tmp_path / "pictures"), "--audio", str(tmp_path)]) != 0
+    assert "holds no image or WAV files" in capsys.readouterr().err
