@@ -6,7 +6,8 @@ import concurrent.futures
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -15,6 +16,7 @@ import pytest
 
 if TYPE_CHECKING:
     from cloud_node.server import CloudServer
+    from edge_node.server import EdgeServer
 
 T = TypeVar("T")
 
@@ -103,3 +105,24 @@ class CloudFactory:
     def stop_soon(self, server: CloudServer) -> concurrent.futures.Future[None]:
         """Begin draining ``server`` without waiting for it, as a SIGTERM would."""
         return asyncio.run_coroutine_threadsafe(server.stop(), self.loop.loop)
+
+
+@contextmanager
+def edge_servers(loop: LoopThread, checkpoint: Path, defaults: dict[str, Any]) -> Iterator[Callable[..., EdgeServer]]:
+    """``start(**settings)`` starts an in-process edge on ``loop`` serving ``checkpoint`` (settings are
+    EdgeConfig fields over ``defaults``); leaving stops every edge started."""
+    from edge_node.server import serve
+    from offramp.config import EdgeConfig
+
+    servers: list[EdgeServer] = []
+
+    def start(**settings: Any) -> EdgeServer:
+        config = EdgeConfig(**{"checkpoint": str(checkpoint), **defaults, **settings})
+        servers.append(loop.run(serve(config)))
+        return servers[-1]
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            loop.run(server.stop())

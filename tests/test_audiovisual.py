@@ -13,14 +13,13 @@ import numpy as np
 import pytest
 import scipy.io.wavfile
 import torch
-from helpers import CloudFactory, LoopThread, wait_for
+from helpers import CloudFactory, LoopThread, edge_servers, wait_for
 from PIL import Image
 
-from edge_node.server import EdgeServer, serve
+from edge_node.server import EdgeServer
 from offramp.checkpoint import load_checkpoint, read_card
 from offramp.cli import main
 from offramp.codec import CodecConfig, encode
-from offramp.config import EdgeConfig
 from offramp.data.crowd import LIGHTING_NAMES, load_crowd, save_crowd_samples
 from offramp.models import AudioConfig, ModelConfig, MultiExitModel, parse_exits
 from offramp.split import CloudHalf, EdgeHalf
@@ -192,18 +191,8 @@ def av_cloud(av_checkpoint: Path) -> Iterator[tuple[str, Any]]:
 
 @pytest.fixture
 def start_av_edge(av_checkpoint: Path, loop: LoopThread) -> Iterator[Callable[..., EdgeServer]]:
-    servers: list[EdgeServer] = []
-
-    def start(**settings: Any) -> EdgeServer:
-        config = EdgeConfig(**{"checkpoint": str(av_checkpoint), "score": "std", "grace_s": 1.0, **settings})
-        servers.append(loop.run(serve(config)))
-        return servers[-1]
-
-    try:
+    with edge_servers(loop, av_checkpoint, {"score": "std", "grace_s": 1.0}) as start:
         yield start
-    finally:
-        for server in servers:
-            loop.run(server.stop())
 
 
 def png(image: torch.Tensor) -> bytes:

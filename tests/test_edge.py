@@ -14,14 +14,14 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from helpers import LoopThread, wait_for
+from helpers import LoopThread, edge_servers, wait_for
 from PIL import Image
 
 from cloud_node.server import serve as serve_cloud
 from edge_node.calibrate import Target, calibrate
 from edge_node.offload import pairing_problem
 from edge_node.policy import ExitPolicy, PolicyError, PolicySettings
-from edge_node.server import EdgeServer, serve
+from edge_node.server import EdgeServer
 from offramp.checkpoint import load_checkpoint, read_card, save_checkpoint
 from offramp.cli import main
 from offramp.config import CloudConfig, EdgeConfig, load_config
@@ -44,18 +44,8 @@ def loop() -> Iterator[LoopThread]:
 @pytest.fixture
 def start_edge(tiny_checkpoint: Path, loop: LoopThread) -> Iterator[Callable[..., EdgeServer]]:
     """``start_edge(**EdgeConfig settings)``: in-process edges on port 0 serving ``tiny_checkpoint``, stopped after."""
-    servers: list[EdgeServer] = []
-
-    def start(**settings: Any) -> EdgeServer:
-        config = EdgeConfig(**{"checkpoint": str(tiny_checkpoint), **EDGE_TEST_SETTINGS, **settings})
-        servers.append(loop.run(serve(config)))
-        return servers[-1]
-
-    try:
+    with edge_servers(loop, tiny_checkpoint, EDGE_TEST_SETTINGS) as start:
         yield start
-    finally:
-        for server in servers:
-            loop.run(server.stop())
 
 
 @pytest.fixture(scope="module")

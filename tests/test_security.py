@@ -5,7 +5,6 @@ import datetime
 import ipaddress
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -14,9 +13,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import CloudFactory, LoopThread, wait_for
+from helpers import CloudFactory, LoopThread, edge_servers, wait_for
 
-from edge_node.server import EdgeServer, serve
+from edge_node.server import EdgeServer
 from offramp.checkpoint import read_card
 from offramp.config import CloudConfig, EdgeConfig
 from offramp.errors import OfframpError
@@ -86,20 +85,10 @@ def start_cloud(tiny_checkpoint: Path) -> Iterator[CloudFactory]:
 
 @pytest.fixture
 def start_edge(tiny_checkpoint: Path, loop: LoopThread) -> Iterator[Callable[..., EdgeServer]]:
-    servers: list[EdgeServer] = []
-
-    def start(**settings: Any) -> EdgeServer:
-        config = EdgeConfig(**{"checkpoint": str(tiny_checkpoint), "thresholds": tuple(NEVER), "grace_s": 1.0,
-                               "deadline_ms": 3000, "reconnect_initial_s": 0.05, "reconnect_max_s": 0.2,
-                               **settings})
-        servers.append(loop.run(serve(config)))
-        return servers[-1]
-
-    try:
+    defaults = {"thresholds": tuple(NEVER), "grace_s": 1.0, "deadline_ms": 3000, "reconnect_initial_s": 0.05,
+                "reconnect_max_s": 0.2}
+    with edge_servers(loop, tiny_checkpoint, defaults) as start:
         yield start
-    finally:
-        for server in servers:
-            loop.run(server.stop())
 
 
 @pytest.fixture(scope="module")
