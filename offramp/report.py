@@ -19,15 +19,16 @@ def head_costs(model: MultiExitModel, input_shape: tuple[int, ...],
     plus MACs spent to reach each answer.
 
     The edge walks the exits in order, so an answer costs every exit before
-    it, the blocks up to its position, and (audiovisual) the audio encoder,
-    which runs first; an audio-only exit at position 0 needs no visual block.
+    it, the blocks up to its position, and (audiovisual) the audio encoder
+    once an exit on the way used audio; an audio-only exit at position 0
+    needs no visual block.
     """
     bb = model.backbone
     x = torch.zeros(1, *input_shape)
     audio = torch.zeros(1, *model.config.audio.input_shape) if model.audiovisual else None
     audio_tokens = model.encode_audio(audio)
     audio_macs = count_macs(model.audio_encoder, audio) if audio is not None else 0
-    costs, spent_exits, visual_at = [], 0, None
+    costs, spent_exits, visual_at, heard = [], 0, None, False
     walked = range(len(model.exit_configs)) if exit_ids is None else exit_ids
     for i in walked:
         e = model.exit_configs[i]
@@ -36,9 +37,10 @@ def head_costs(model: MultiExitModel, input_shape: tuple[int, ...],
         spent_exits += macs
         if e.uses_visual:
             visual_at = e.position  # the walk has run the visual blocks this far
+        heard = heard or e.uses_audio  # ... and the audio encoder, once an exit needed it
         visual = 0 if visual_at is None else count_macs(lambda t, p=visual_at: bb.head(t, p), x)
         costs.append({"params": count_params(model.exits[i]), "macs": macs,
-                      "macs_to_answer": audio_macs + visual + spent_exits})
+                      "macs_to_answer": (audio_macs if heard else 0) + visual + spent_exits})
     full = count_macs(model.final, x, audio) if audio is not None else count_macs(bb, x)
     costs.append({"params": count_params(model) - count_params(model.exits), "macs": full,
                   "macs_to_answer": full + spent_exits})

@@ -122,9 +122,9 @@ class EdgeHalf:
             audio: torch.Tensor | None = None) -> EdgeResult:
         """Walk the exits cheapest first; a sample leaves at the first exit confident enough.
 
-        Audiovisual models encode ``audio`` first; visual blocks run only once
-        an exit needs them, so samples an audio-only exit answers cost no
-        visual compute at all.
+        Audiovisual models encode ``audio`` and run visual blocks only once an
+        exit (or the cloud) needs them: samples an audio-only exit answers cost
+        no visual compute, samples a visual exit answers no audio encoding.
         """
         if len(thresholds) != self.num_exits:
             raise ValueError(f"{len(thresholds)} thresholds for {self.num_exits} edge exits")
@@ -150,16 +150,22 @@ class EdgeHalf:
                 pos = self.split_block - 1
             feats, pos = bb.forward_blocks(feats, pos, stop), stop
 
+        if self.model.audiovisual and audio is None:
+            raise ValueError("this model is audiovisual: the edge needs the audio input")
+        audio_tokens: torch.Tensor | None = None  # of the alive samples, once an exit or the cloud needs them
+
+        def encode_audio() -> None:
+            nonlocal audio_tokens
+            if self.model.audiovisual and audio_tokens is None:
+                audio_tokens = self.model.encode_audio(audio[alive].to(self.device))
+
         with compute_context(self.device, self.dtype):
-            audio_tokens = None
-            if self.model.audiovisual:
-                if audio is None:
-                    raise ValueError("this model is audiovisual: the edge needs the audio input")
-                audio_tokens = self.model.encode_audio(audio.to(self.device))
             for k, (i, t) in enumerate(zip(self.exit_ids, thresholds)):
                 e = self.model.exit_configs[i]
                 if e.uses_visual:
                     advance(e.position)
+                if e.uses_audio:
+                    encode_audio()
                 out = self.model.run_exit(i, feats if e.uses_visual else None, audio_tokens).float().cpu()
                 c = confidence(out, score)
                 better = c > conf[alive] if higher else c < conf[alive]
@@ -177,6 +183,7 @@ class EdgeHalf:
                     break
             if len(alive):
                 advance(self.split_block)
+                encode_audio()  # the cloud fuses them
             scores = None
             if need_scores and last_in is not None and len(alive):
                 scores = cls_attention(bb.blocks[self.split_block - 1], last_in, self.spec.num_prefix).float().cpu()
