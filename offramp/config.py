@@ -115,7 +115,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Mapping
     if path is not None:
         where = str(path)
         sources.append(where)
-        for key, value in _read_toml(Path(path)).items():
+        for key, value in read_toml(Path(path)).items():
             checked = _checked(key, value, fields, hints, where)
             if fields[key].metadata.get(_PATH) and not Path(checked).is_absolute():
                 checked = str(Path(path).parent / checked)
@@ -149,14 +149,15 @@ def _default(f: dataclasses.Field) -> Any:
     return f.default
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def read_toml(path: Path, what: str = "config file") -> dict[str, Any]:
+    """The table in a TOML file; a missing, unreadable or malformed file is one ``OfframpError`` naming it."""
     try:
         with path.open("rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError:
-        raise OfframpError(f"config file '{path}' does not exist") from None
+        raise OfframpError(f"{what} '{path}' does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise OfframpError(f"cannot read config file '{path}': {e}") from None
+        raise OfframpError(f"cannot read {what} '{path}': {e}") from None
     except tomllib.TOMLDecodeError as e:
         raise OfframpError(f"{path} is not valid TOML: {e}") from None
 

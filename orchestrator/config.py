@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from offramp.config import read_toml
 from offramp.errors import OfframpError
 from offramp.netem import Schedule
 
@@ -217,15 +217,7 @@ _PATHS = ("checkpoint", "out")  # top-level keys holding paths, resolved against
 def load_experiment(path: str | Path, *, checkpoint: str | None = None, out: str | None = None) -> ExperimentConfig:
     """The experiment in ``path``; ``checkpoint`` and ``out`` (from the command line) override the file's."""
     path = Path(path)
-    try:
-        with path.open("rb") as fh:
-            table = tomllib.load(fh)
-    except FileNotFoundError:
-        raise OfframpError(f"experiment file '{path}' does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise OfframpError(f"cannot read experiment file '{path}': {e}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise OfframpError(f"{path} is not valid TOML: {e}") from None
+    table = read_toml(path, "experiment file")
     for key in _PATHS:
         if isinstance(table.get(key), str):
             table[key] = str((path.parent / table[key]).resolve())

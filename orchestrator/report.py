@@ -188,10 +188,7 @@ def _accuracy_latency(summary: Sequence[Row], path: Path) -> Path | None:
             ax.set(title=f"{profile}: accuracy vs {name} latency", xlabel=f"{name} latency (ms)", ylabel="accuracy")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _offload_rate(summary: Sequence[Row], path: Path) -> Path | None:
@@ -213,10 +210,7 @@ def _offload_rate(summary: Sequence[Row], path: Path) -> Path | None:
            title="share of requests sent to the cloud")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _bytes_per_request(summary: Sequence[Row], path: Path) -> Path:
@@ -237,10 +231,7 @@ def _bytes_per_request(summary: Sequence[Row], path: Path) -> Path:
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set(xlabel="bytes sent upstream per request (mean over profiles and edges)", title="bytes per request")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _timeline(summary: Sequence[Row], records: Sequence[Record], path: Path) -> Path:
@@ -257,6 +248,13 @@ def _timeline(summary: Sequence[Row], records: Sequence[Record], path: Path) -> 
                ylabel="latency (ms)", yscale="log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, markerscale=2)
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Write a finished figure as PNG and free it (figures are not collected while pyplot holds them)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
