@@ -44,14 +44,31 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--split-block", type=int, default=None,
                    help="block after which the edge hands over to the cloud (default: the last exit's position)")
-    p.add_argument("--epochs", type=int, default=10, help="backbone epochs (0 to skip phase 1)")
-    p.add_argument("--exit-epochs", type=int, default=5, help="exit epochs on labels")
+    p.add_argument("--recipe", default=None,
+                   help="training recipe (default: the variant's own, e.g. airbench_c10, cct_c10; else 'default'); "
+                        "flags below override single settings. See 'offramp models'")
+    p.add_argument("--epochs", type=int, default=None, help="backbone epochs (0 to skip phase 1)")
+    p.add_argument("--exit-epochs", type=int, default=None, help="exit epochs on labels (on cached features)")
     p.add_argument("--copycat", nargs="?", const="hard", choices=["hard", "soft"], default=None,
                    help="fine-tune the exits on the backbone's predictions (hard labels, or soft with --temperature)")
-    p.add_argument("--copycat-epochs", type=int, default=3)
-    p.add_argument("--temperature", type=float, default=2.0)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--copycat-epochs", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate of the backbone")
+    p.add_argument("--exit-lr", type=float, default=None, help="peak learning rate of the exits")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=None,
+                   help="auto (default): bf16 autocast where the CPU (AMX, AVX512-BF16) or GPU runs it fast")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="default: cuda if present")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="also report the backbone's accuracy with flip/shift test-time augmentation")
+    p.add_argument("--teacher", default=None, metavar="CHECKPOINT|none",
+                   help="distill the backbone from this checkpoint's hard labels; 'none' turns off the recipe's "
+                        "teacher (by default a recipe with a teacher trains it first, into OUT/teacher)")
+    p.add_argument("--init", default=None, metavar="PATH",
+                   help="load a safetensors state dict (or a checkpoint directory's backbone) before training; "
+                        "strict: every key and shape must match")
+    p.add_argument("--pretrained", action="store_true",
+                   help="timm_* variants: start from timm's pretrained weights (needs timm's model hub)")
     p.add_argument("--limit", type=int, default=None, help="use at most this many samples (quick runs)")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
@@ -60,23 +77,39 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .pipeline import TrainJob, run_training
+    import json
+    import shlex
+    import time
+    from pathlib import Path
+
+    from .pipeline import TrainJob, default_variant_for, run_training
+    from .recipes import recipe_for
+    from .report import format_report
 
     job = TrainJob(
         data=args.data, model=args.model, exits=args.exits, out=args.out, split_block=args.split_block,
-        limit=args.limit, val_fraction=args.val_fraction, seed=args.seed,
+        limit=args.limit, val_fraction=args.val_fraction, seed=args.seed, teacher=args.teacher, init=args.init,
+        pretrained=args.pretrained,
     )
-    from .train import TrainConfig
-
-    cfg = TrainConfig(
+    variant = args.model or default_variant_for(args.data)
+    name, recipe = recipe_for(variant, args.recipe)
+    cfg = recipe.config(
         epochs=args.epochs, exit_epochs=args.exit_epochs, copycat=args.copycat, copycat_epochs=args.copycat_epochs,
-        temperature=args.temperature, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        progress=not args.no_progress,
+        temperature=args.temperature, batch_size=args.batch_size, lr=args.lr, exit_lr=args.exit_lr,
+        precision=args.precision, device=args.device, tta=args.tta, seed=args.seed,
+        progress=False if args.no_progress else None,
     )
-    report = run_training(job, cfg)
-    from .report import format_report
-
-    print(f"checkpoint written to {args.out}\n")
+    logging.getLogger(__name__).info("recipe %s: %s", name, recipe.description)
+    start = time.perf_counter()
+    report = run_training(job, cfg, teacher_variant=recipe.teacher)
+    wall = time.perf_counter() - start
+    card_path = Path(args.out) / "card.json"  # how it was made, beside what it is (not fingerprinted)
+    card = json.loads(card_path.read_text())
+    card["metrics"].setdefault("training", {}).update(
+        recipe=name, command="offramp " + shlex.join(sys.argv[1:] if args.argv is None else args.argv),
+        total_wall_s=round(wall, 1))
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    print(f"checkpoint written to {args.out} ({wall:.0f} s)\n")
     print(format_report(report))
     return 0
 
@@ -121,6 +154,11 @@ def _run_models(args: argparse.Namespace) -> int:
     print("backbone variants:")
     for name in variant_names():
         print(f"  {name:18s} {(_VARIANTS[name].__doc__ or '').strip()}")
+    from .recipes import RECIPES
+
+    print("training recipes (offramp train --recipe NAME; a variant uses its own by default):")
+    for name, recipe in RECIPES.items():
+        print(f"  {name:18s} {recipe.description}")
     print("exit types:")
     for name, cls in EXIT_TYPES.items():
         print(f"  {name:18s} {(cls.__doc__ or '').strip().splitlines()[0]}")
@@ -207,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .errors import OfframpError

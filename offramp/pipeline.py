@@ -17,7 +17,7 @@ from .models import AudioConfig, ModelConfig, MultiExitModel, create_backbone, p
 from .report import evaluation_report
 from .scores import check_score, default_score
 from .split import edge_exit_ids
-from .train import HeadResult, TrainConfig, evaluate, train_backbone, train_exits, unpack
+from .train import HeadResult, TrainConfig, cache_features, evaluate, train_backbone, train_exits, unpack
 
 log = logging.getLogger(__name__)
 DEFAULT_THRESHOLDS = [0.5, 0.7, 0.8, 0.9, 0.95]
@@ -35,10 +35,18 @@ class TrainJob:
     limit: int | None = None
     val_fraction: float = 0.1
     seed: int = 0
+    teacher: str | None = None  # a checkpoint to distill from; None: the recipe's teacher, trained first
+    init: str | None = None  # a safetensors state dict loaded into the backbone before training
+    pretrained: bool = False  # timm variants: timm's own pretrained weights (needs its hub)
 
 
 def default_variant(modality: str) -> str:
     return "vit_tiny_spec" if modality == "audio" else "vit_micro_32"
+
+
+def default_variant_for(spec: str) -> str:
+    """The default variant for a data spec, without loading the data."""
+    return default_variant("audio" if spec.partition(":")[0].strip().lower() == "fsdd" else "image")
 
 
 # The modality ladder: audio alone (no visual block), then visual, then fused, then the cloud.
@@ -117,24 +125,81 @@ def head_metrics(model: MultiExitModel, data: TensorDataset) -> dict[str, dict[s
     return {r.name: r.summary() for r in evaluate(model, data)}
 
 
-def run_training(job: TrainJob, cfg: TrainConfig, data: DataSplits | None = None) -> dict[str, Any]:
-    """All training phases, checkpoint saved after them; returns the evaluation report."""
-    data = data or load_data(job.data, val_fraction=job.val_fraction, seed=job.seed, limit=job.limit)
+def data_settings(job: TrainJob, data: DataSplits, cfg: TrainConfig) -> TrainConfig:
+    """Augmentations that fit the data: no flips but for natural images, no shifts but for images."""
     if cfg.flip and not job.data.startswith("imagefolder"):
         cfg = replace(cfg, flip=False)  # digits and spectrograms are not mirror-symmetric
     if data.modality != "image":
-        cfg = replace(cfg, augment=False)  # shifting spectrograms changes them; shifting crowds crops people
+        cfg = replace(cfg, augment=False, tta=False)  # shifting spectrograms changes them; crowds lose people
+    return cfg
+
+
+def obtain_teacher(job: TrainJob, teacher_variant: str | None, data: DataSplits, cfg: TrainConfig
+                   ) -> tuple[torch.nn.Module | None, dict[str, Any]]:
+    """The teacher to distill from: ``job.teacher`` (a checkpoint, or ``none``), else the recipe's
+    teacher variant, trained here first with its own recipe and saved beside the student."""
+    from .recipes import recipe_for
+
+    if job.teacher == "none" or (job.teacher is None and teacher_variant is None):
+        return None, {}
+    if data.task != "classification":
+        log.info("no teacher for regression: distillation uses hard labels")
+        return None, {}
+    if job.teacher is not None:
+        teacher, card = load_checkpoint(job.teacher)
+        if tuple(card.input_shape) != tuple(data.input_shape) or len(card.label_names) != len(data.label_names):
+            raise OfframpError(f"teacher '{job.teacher}' was trained on other inputs or classes "
+                               f"({card.input_shape}, {len(card.label_names)} classes)")
+        return teacher.backbone, {"checkpoint": str(job.teacher), "fingerprint": card.fingerprint}
+    out = str(Path(job.out) / "teacher")
+    tjob = replace(job, model=teacher_variant, exits="none", out=out, teacher="none", init=None, pretrained=False)
+    _, recipe = recipe_for(teacher_variant)
+    tcfg = recipe.config(exit_epochs=0, copycat=None, precision=cfg.precision, device=cfg.device,
+                         progress=cfg.progress, seed=cfg.seed)
+    log.info("training the teacher %s first (into %s)", teacher_variant, out)
+    report = run_training(tjob, tcfg, data)
+    teacher, card = load_checkpoint(out)
+    return teacher.backbone, {"checkpoint": out, "variant": teacher_variant, "fingerprint": card.fingerprint,
+                              **card.metrics.get("training", {}), "val_accuracy": report["heads"][-1].get("accuracy")}
+
+
+def run_training(job: TrainJob, cfg: TrainConfig, data: DataSplits | None = None,
+                 teacher_variant: str | None = None) -> dict[str, Any]:
+    """All training phases, checkpoint saved after them; returns the evaluation report."""
+    from .initial import load_initial_weights
+
+    data = data or load_data(job.data, val_fraction=job.val_fraction, seed=job.seed, limit=job.limit)
+    cfg = data_settings(job, data, cfg)
     torch.manual_seed(job.seed)
     model, split = build_model(job, data)
+    if job.init or job.pretrained:
+        load_initial_weights(model.backbone, job.init, pretrained=job.pretrained, variant=model.config.backbone)
+    teacher, teacher_info = obtain_teacher(job, teacher_variant, data, cfg)
+    torch.manual_seed(job.seed)
     log.info("training %s with exits %s on %s (%d train / %d val)", model.config.backbone,
              ",".join(model.exit_names) or "none", job.data, len(data.train), len(data.val))
     metrics: dict[str, Any] = {}
-    train_backbone(model, data.train, cfg)
-    train_exits(model, data.train, cfg, targets="labels")
-    metrics["exits"] = head_metrics(model, data.val)
-    if cfg.copycat:
-        train_exits(model, data.train, cfg, targets=cfg.copycat, epochs=cfg.copycat_epochs)
-        metrics["copycat"] = head_metrics(model, data.val)
+    timing = train_backbone(model, data.train, cfg, teacher=teacher)
+    if timing:
+        metrics["training"] = {**timing, "epochs": cfg.epochs, **({"teacher": teacher_info} if teacher_info else {})}
+        final = evaluate(model, data.val)[-1]
+        metrics["backbone"] = final.summary()
+        if timing["dtype"] == "bf16":  # trained in bf16, served in fp32: how much does that cost?
+            metrics["backbone_bf16"] = evaluate(model, data.val, precision="bf16")[-1].summary()
+        if cfg.tta:
+            metrics["backbone_tta"] = evaluate(model, data.val, tta=True)[-1].summary()
+        log.info("backbone on validation: %s%s", metrics["backbone"],
+                 f", with test-time augmentation {metrics['backbone_tta']}" if cfg.tta else "")
+    if model.exits and (cfg.exit_epochs > 0 or (cfg.copycat and cfg.copycat_epochs > 0)):
+        cache = cache_features(model, data.train, cfg)
+        train_exits(model, data.train, cfg, targets="labels", cache=cache)
+        metrics["exits"] = head_metrics(model, data.val)
+        if cfg.copycat:
+            train_exits(model, data.train, cfg, targets=cfg.copycat, epochs=cfg.copycat_epochs, cache=cache)
+            metrics["copycat"] = head_metrics(model, data.val)
+        del cache
+    else:
+        metrics["exits"] = head_metrics(model, data.val)
     card = Card(
         config=model.config, label_names=data.label_names, modality=data.modality, input_shape=data.input_shape,
         split_block=split, metrics=metrics,

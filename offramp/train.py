@@ -1,15 +1,23 @@
 """The three training phases of the paper.
 
-1. Train the backbone with its final head.
+1. Train the backbone with its final head (optionally distilled from a
+   teacher's hard labels, DeiT-style).
 2. Freeze the backbone and train the exits on the labels.
 3. Copycat fine-tuning (CC-SL-ViT): keep training the exits on the backbone's
    own answers — hard pseudo-labels, or soft targets with a temperature — so
    they learn to imitate the full model; no labels are needed for this phase.
+
+Speed comes from the CIFAR speed-run literature (airbench): bfloat16
+autocast, channels_last, per-sample flip/translate done on whole batches,
+weight averaging; and from never computing the same thing twice: the frozen
+backbone's features (phases 2-3) and a teacher's answers are computed once
+per augmented view and reused every epoch.
 """
 from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Iterator, Literal
 
@@ -21,6 +29,7 @@ from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from .models import MultiExitModel
+from .precision import Precision, resolve_precision
 from .scores import confidence, default_score, prediction
 
 log = logging.getLogger(__name__)
@@ -29,7 +38,8 @@ Targets = Literal["labels", "hard", "soft"]
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings; defaults fit a small ViT on 2 CPU cores in minutes."""
+    """Optimisation settings. These defaults fit a small ViT on 2 CPU cores in minutes; each
+    backbone variant's recipe (``offramp.recipes``) overrides them with what makes it strong."""
 
     epochs: int = 10  # backbone epochs
     exit_epochs: int = 5  # exits on labels, backbone frozen
@@ -37,36 +47,85 @@ class TrainConfig:
     copycat: Literal["hard", "soft"] | None = None
     temperature: float = 2.0  # soft copycat: softmax temperature of the distillation targets
     batch_size: int = 128
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # sgd: Nesterov momentum, as airbench trains its CNN
     lr: float = 2e-3
+    momentum: float = 0.9  # sgd only
+    norm_lr_scale: float = 1.0  # learning-rate factor for normalisation layers (airbench: their shifts learn fast)
+    schedule: Literal["cosine", "triangle"] = "cosine"  # triangle: linear up to the peak, then down (airbench)
+    warmup: float = 0.05  # share of the steps before the peak learning rate
+    grad_clip: float | None = 1.0
     exit_lr: float = 2e-3
     weight_decay: float = 0.05
     label_smoothing: float = 0.1  # backbone only; exits learn the plain targets
+    averaging: Literal["none", "lookahead"] = "none"  # lookahead: pull the weights to their running average
     # Audiovisual backbones: share of phase-1 batches trained on the picture alone, so that
     # the visual pathway (what visual exits see) must solve the task by itself too rather
     # than lean on the easier modality. Off by default: on crowd-av it has not paid off yet.
     modality_dropout: float = 0.0
-    augment: bool = True  # random shifts (and flips for natural images)
+    augment: bool = True  # random translation (and flips for natural images)
     flip: bool = True
+    translate: int = 4  # pixels, reflect-padded, drawn per sample
+    distill_weight: float = 0.5  # with a teacher: share of the loss on its hard labels (DeiT), rest on the labels
+    teacher_views: int = 8  # augmented views whose teacher answers are computed once and cycled through
+    exit_views: int = 2  # augmented views of the frozen backbone's features cached for phases 2-3
+    tta: bool = False  # evaluate on flipped and shifted copies too and average (reported beside the plain score)
+    precision: str = "auto"  # auto | bf16 | fp32: bf16 autocast where the hardware runs it fast
+    device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     progress: bool = True
 
 
-def batches(n: int, batch_size: int, generator: torch.Generator | None) -> Iterator[torch.Tensor]:
+def batches(n: int, batch_size: int, generator: torch.Generator | None, drop_last: bool = False) -> Iterator[torch.Tensor]:
     """Index batches over ``n`` samples, shuffled when a generator is given."""
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    yield from order.split(batch_size)
+    chunks = order.split(batch_size)
+    if drop_last and len(chunks) > 1 and len(chunks[-1]) < batch_size:
+        chunks = chunks[:-1]
+    yield from chunks
+
+
+@dataclass(frozen=True)
+class Views:
+    """One augmented view of every sample: a horizontal flip and a translation (dy, dx) each."""
+
+    flip: torch.Tensor  # (N,) bool
+    shift: torch.Tensor  # (N, 2) int64
+
+
+def epoch_views(n: int, epoch: int, cfg: TrainConfig) -> Views:
+    """The views of an epoch. Flips alternate (each sample is mirrored in every other epoch,
+    from a random start: airbench's alternating flip); shifts are drawn anew per epoch."""
+    flip = torch.zeros(n, dtype=torch.bool)
+    shift = torch.zeros(n, 2, dtype=torch.int64)
+    if cfg.augment and cfg.flip:
+        flip = (torch.rand(n, generator=torch.Generator().manual_seed(cfg.seed)) < 0.5) ^ bool(epoch % 2)
+    if cfg.augment and cfg.translate > 0:
+        g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch + 1)
+        shift = torch.randint(-cfg.translate, cfg.translate + 1, (n, 2), generator=g)
+    return Views(flip, shift)
+
+
+def apply_views(x: torch.Tensor, flip: torch.Tensor, shift: torch.Tensor, pad: int) -> torch.Tensor:
+    """Flip and translate a batch, each sample its own way; borders are reflected."""
+    flip, shift = flip.to(x.device), shift.to(x.device)
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    if pad <= 0 or not bool(shift.any()):
+        return x
+    H, W = x.shape[-2:]
+    pad = min(pad, H - 1, W - 1)
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    out = torch.empty_like(x)
+    for dy, dx in torch.unique(shift.clamp(-pad, pad), dim=0).tolist():
+        m = (shift[:, 0] == dy) & (shift[:, 1] == dx)
+        out[m] = padded[m, :, pad + dy:pad + dy + H, pad + dx:pad + dx + W]
+    return out
 
 
 def augment_batch(x: torch.Tensor, g: torch.Generator, flip: bool, pad: int = 4) -> torch.Tensor:
-    """Random translation by up to ``pad`` pixels (zero fill) and optional horizontal flip."""
-    B, C, H, W = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad))
-    dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=g).tolist()
-    out = padded[:, :, dy:dy + H, dx:dx + W]
-    if flip:
-        mask = torch.rand(B, generator=g) < 0.5
-        out = torch.where(mask[:, None, None, None], out.flip(-1), out)
-    return out
+    """Random per-sample translation by up to ``pad`` pixels and optional horizontal flip."""
+    B = x.shape[0]
+    flips = torch.rand(B, generator=g) < 0.5 if flip else torch.zeros(B, dtype=torch.bool)
+    return apply_views(x, flips, torch.randint(-pad, pad + 1, (B, 2), generator=g), pad)
 
 
 def unpack(data: TensorDataset) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -84,6 +143,7 @@ def _take(audio: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
 
 
 def task_loss(output: torch.Tensor, target: torch.Tensor, task: str, label_smoothing: float = 0.0) -> torch.Tensor:
+    output = output.float()
     if task == "classification":
         return F.cross_entropy(output, target, label_smoothing=label_smoothing)
     return F.gaussian_nll_loss(output[:, 0], target.float(), output[:, 1].exp())
@@ -91,6 +151,7 @@ def task_loss(output: torch.Tensor, target: torch.Tensor, task: str, label_smoot
 
 def copycat_loss(output: torch.Tensor, teacher: torch.Tensor, task: str, mode: Targets, temperature: float) -> torch.Tensor:
     """Loss against the backbone's own answer (CC-SL-ViT)."""
+    output, teacher = output.float(), teacher.float()
     if task == "regression":  # imitate the teacher's value; keep the exit's own uncertainty
         return F.gaussian_nll_loss(output[:, 0], teacher[:, 0], output[:, 1].exp())
     if mode == "hard":
@@ -99,98 +160,305 @@ def copycat_loss(output: torch.Tensor, teacher: torch.Tensor, task: str, mode: T
     return F.kl_div(F.log_softmax(output / t, -1), F.softmax(teacher / t, -1), reduction="batchmean") * t * t
 
 
-def _optimizer(params: list[nn.Parameter], lr: float, weight_decay: float, steps: int):
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-    )
+def lr_factor(step: int, steps: int, schedule: str, warmup: float) -> float:
+    """Multiplier of the peak learning rate at ``step``."""
+    peak = max(1, int(steps * warmup))
+    if schedule == "triangle":  # airbench: 0.2 -> 1 at the peak -> 0.07 at the end
+        if step < peak:
+            return 0.2 + 0.8 * step / peak
+        return 1.0 - 0.93 * min(1.0, (step - peak) / max(1, steps - peak))
+    return min(1.0, (step + 1) / peak) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm))
+
+
+def _optimizer(modules: list[nn.Module] | list[nn.Parameter], cfg: TrainConfig, lr: float, steps: int):
+    """AdamW or Nesterov SGD; normalisation layers get ``norm_lr_scale`` times the rate (and the
+    weight decay divided by it, so the decay per step stays the same)."""
+    if modules and isinstance(modules[0], nn.Parameter):
+        groups = [{"params": list(modules), "lr": lr, "weight_decay": cfg.weight_decay}]
+    else:
+        norm = {id(p) for m in modules for sub in m.modules() if _is_norm(sub) for p in sub.parameters(recurse=False)}
+        params = {id(p): p for m in modules for p in m.parameters()}.values()
+        s = cfg.norm_lr_scale
+        groups = [{"params": [p for p in params if id(p) in norm], "lr": lr * s, "weight_decay": cfg.weight_decay / s},
+                  {"params": [p for p in params if id(p) not in norm], "lr": lr, "weight_decay": cfg.weight_decay}]
+        groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True)
+    elif cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(groups, lr=lr)
+    else:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose adamw or sgd")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, cfg.schedule, cfg.warmup))
     return opt, sched
 
 
-def train_backbone(model: MultiExitModel, data: TensorDataset, cfg: TrainConfig) -> None:
-    """Phase 1: the backbone and its final head (and the audio encoder, audiovisual), exits untouched."""
+class Lookahead:
+    """airbench's weight averaging: every few steps the weights move to an exponential average of
+    themselves, whose decay grows over training (cubically), and end exactly on it."""
+
+    def __init__(self, module: nn.Module, total_steps: int, every: int = 5, decay: float = 0.95) -> None:
+        self.module, self.total, self.every, self.decay = module, max(1, total_steps), every, decay
+        self.average = {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def step(self, step: int) -> None:
+        if step % self.every == 0:
+            self._pull(self.decay ** self.every * (step / self.total) ** 3)
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        self._pull(1.0)
+
+    def _pull(self, decay: float) -> None:
+        state = self.module.state_dict()
+        for k, avg in self.average.items():
+            avg.lerp_(state[k], 1 - decay)
+            state[k].copy_(avg)
+
+
+class Throughput:
+    """A tqdm bar over samples (so it shows img/s) and the wall time of a phase."""
+
+    def __init__(self, desc: str, total: int, enabled: bool) -> None:
+        self.bar = tqdm(total=total, desc=desc, unit="img", unit_scale=True, disable=not enabled, leave=False,
+                        dynamic_ncols=True)
+        self.start = time.perf_counter()
+        self.count = 0
+
+    def update(self, n: int, **postfix: str) -> None:
+        self.count += n
+        self.bar.update(n)
+        if postfix:
+            self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> float:
+        self.bar.close()
+        return time.perf_counter() - self.start
+
+
+def _prepare(model: nn.Module, prec: Precision) -> None:
+    model.to(prec.device)
+    model.to(memory_format=torch.channels_last)  # conv weights only; faster convolutions in bf16
+
+
+def _release(model: nn.Module) -> None:
+    """Back to CPU and contiguous tensors, as checkpoints and serving expect."""
+    model.to(memory_format=torch.contiguous_format)
+    model.cpu()
+
+
+def _to_input(x: torch.Tensor, prec: Precision) -> torch.Tensor:
+    x = x.to(prec.device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+@torch.no_grad()
+def teacher_answers(teacher: nn.Module, x_all: torch.Tensor, cfg: TrainConfig, prec: Precision) -> torch.Tensor:
+    """The teacher's hard labels on each of the first ``teacher_views`` epochs' views: (V, N)."""
+    teacher.eval()
+    _prepare(teacher, prec)
+    n, views = len(x_all), max(1, cfg.teacher_views)
+    labels = torch.empty(views, n, dtype=torch.int64)
+    meter = Throughput("teacher", views * n, cfg.progress)
+    for v in range(views):
+        view = epoch_views(n, v, cfg)
+        for idx in batches(n, 1024, None):
+            x = _to_input(apply_views(x_all[idx], view.flip[idx], view.shift[idx], cfg.translate), prec)
+            with prec.autocast():
+                labels[v, idx] = teacher(x).float().argmax(-1).cpu()
+            meter.update(len(idx))
+    log.info("teacher answers for %d views x %d samples in %.1f s", views, n, meter.close())
+    _release(teacher)
+    return labels
+
+
+def train_backbone(model: MultiExitModel, data: TensorDataset, cfg: TrainConfig,
+                   teacher: nn.Module | None = None) -> dict[str, float]:
+    """Phase 1: the backbone and its final head (and the audio encoder, audiovisual), exits untouched.
+
+    With a ``teacher`` (anything mapping inputs to logits), a ``distill_weight``
+    share of the loss is on the teacher's hard labels for the same view.
+    Returns the phase's wall time and throughput.
+    """
     if cfg.epochs <= 0:
-        return
+        return {}
     task = model.config.task
+    prec = resolve_precision(cfg.precision, cfg.device)
     x_all, a_all, y_all = unpack(data)
+    n = len(x_all)
+    taught = teacher is not None and task == "classification"
+    teacher_labels = teacher_answers(teacher, x_all, cfg, prec) if taught else None
     g = torch.Generator().manual_seed(cfg.seed)
-    steps = cfg.epochs * math.ceil(len(x_all) / cfg.batch_size)
-    params = model.trunk_parameters()
-    opt, sched = _optimizer(params, cfg.lr, cfg.weight_decay, steps)
+    drop_last = n >= 4 * cfg.batch_size  # keep batch statistics steady; small sets keep every sample
+    steps = cfg.epochs * (n // cfg.batch_size if drop_last else math.ceil(n / cfg.batch_size))
+    _prepare(model, prec)
+    model.backbone.init_from_data(x_all[:5000].to(prec.device))
+    trunk = [m for name, m in model.named_children() if name != "exits"]
+    opt, sched = _optimizer(trunk, cfg, cfg.lr, steps)
+    params = [p for g_ in opt.param_groups for p in g_["params"]]
+    averaging = Lookahead(model, steps) if cfg.averaging == "lookahead" else None
     model.train()
+    model.exits.eval()
+    meter = Throughput(f"backbone ({prec.name})", cfg.epochs * n, cfg.progress)
+    step = 0
     for epoch in range(cfg.epochs):
-        bar = tqdm(list(batches(len(x_all), cfg.batch_size, g)), desc=f"backbone {epoch + 1}/{cfg.epochs}",
-                   disable=not cfg.progress, leave=False)
-        total = 0.0
-        for idx in bar:
-            x, y = x_all[idx], y_all[idx]
-            if cfg.augment:
-                x = augment_batch(x, g, cfg.flip)
+        model.backbone.start_epoch(epoch)
+        view = epoch_views(n, epoch % cfg.teacher_views if taught else epoch, cfg)
+        total, seen = 0.0, 0
+        for idx in batches(n, cfg.batch_size, g, drop_last):
+            x = _to_input(apply_views(x_all[idx], view.flip[idx], view.shift[idx], cfg.translate), prec)
+            y = y_all[idx].to(prec.device)
             drop = a_all is not None and torch.rand((), generator=g).item() < cfg.modality_dropout
-            loss = task_loss(model.final(x, _take(a_all, idx), drop_audio=drop), y, task, cfg.label_smoothing)
+            audio = None if a_all is None else a_all[idx].to(prec.device)
+            with prec.autocast():
+                out = model.final(x, audio, drop_audio=drop)
+            loss = task_loss(out, y, task, cfg.label_smoothing)
+            if taught:
+                hard = teacher_labels[epoch % cfg.teacher_views, idx].to(prec.device)
+                loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * F.cross_entropy(out.float(), hard)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(params, 1.0)
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             sched.step()
+            step += 1
+            if averaging is not None:
+                averaging.step(step)
             total += loss.item() * len(idx)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        log.info("backbone epoch %d/%d: loss %.4f", epoch + 1, cfg.epochs, total / len(x_all))
+            seen += len(idx)
+            meter.update(len(idx), epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss.item():.3f}")
+        log.info("backbone epoch %d/%d: loss %.4f", epoch + 1, cfg.epochs, total / max(1, seen))
+    if averaging is not None:
+        averaging.finish()
+    wall = meter.close()
     model.eval()
+    _release(model)
+    log.info("backbone trained in %.1f s (%.0f img/s, %s on %s)", wall, meter.count / wall, prec.name, prec.device)
+    return {"wall_s": wall, "img_per_s": meter.count / wall, "dtype": prec.name, "device": str(prec.device)}
+
+
+@dataclass
+class FeatureCache:
+    """The frozen backbone's outputs for every sample under a few augmented views, computed once.
+
+    ``feats[i]`` is (V, N, ...) in bfloat16 for exit ``i``; ``final`` (V, N, outputs) the final head's
+    answers (copycat targets); ``audio`` (V, N, T, D) the audio tokens of audiovisual models.
+    """
+
+    feats: dict[int, torch.Tensor]
+    audio: torch.Tensor | None
+    final: torch.Tensor
+    targets: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [*self.feats.values(), self.final, *([] if self.audio is None else [self.audio])]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@torch.no_grad()
+def cache_features(model: MultiExitModel, data: TensorDataset, cfg: TrainConfig,
+                   only: list[int] | None = None) -> FeatureCache:
+    """Run the frozen backbone once per view (plain, mirrored, then shifted) and keep what the exits need."""
+    chosen = list(range(len(model.exits))) if only is None else only
+    prec = resolve_precision(cfg.precision, cfg.device)
+    x_all, a_all, y_all = unpack(data)
+    n = len(x_all)
+    views = max(1, cfg.exit_views) if cfg.augment else 1
+    model.eval()
+    _prepare(model, prec)
+    feats: dict[int, torch.Tensor] = {}
+    audio = final = None
+    meter = Throughput("caching features", views * n, cfg.progress)
+    for v in range(views):
+        flip = torch.full((n,), v % 2 == 1 and cfg.flip, dtype=torch.bool)
+        shift = epoch_views(n, v, cfg).shift if v >= 2 else torch.zeros(n, 2, dtype=torch.int64)
+        for idx in batches(n, 512, None):
+            x = _to_input(apply_views(x_all[idx], flip[idx], shift[idx], cfg.translate), prec)
+            a = None if a_all is None else a_all[idx].to(prec.device)
+            with prec.autocast():
+                at, tokens, out = _backbone_pass(model, x, a, chosen)
+            for i in chosen:
+                if i not in feats:
+                    feats[i] = torch.empty((views, n, *at[i].shape[1:]), dtype=torch.bfloat16)
+                feats[i][v, idx] = at[i].to(torch.bfloat16).cpu()
+            if tokens is not None:
+                if audio is None:
+                    audio = torch.empty((views, n, *tokens.shape[1:]), dtype=torch.bfloat16)
+                audio[v, idx] = tokens.to(torch.bfloat16).cpu()
+            if final is None:
+                final = torch.empty((views, n, out.shape[1]), dtype=torch.float32)
+            final[v, idx] = out.float().cpu()
+            meter.update(len(idx))
+    wall = meter.close()
+    _release(model)
+    cache = FeatureCache(feats, audio, final, y_all)
+    log.info("cached the frozen backbone's features: %d views x %d samples at %d exits, %.2f GB, %.1f s",
+             views, n, len(chosen), cache.nbytes / 1e9, wall)
+    return cache
 
 
 def train_exits(model: MultiExitModel, data: TensorDataset, cfg: TrainConfig, targets: Targets = "labels",
-                epochs: int | None = None, only: list[int] | None = None) -> None:
+                epochs: int | None = None, only: list[int] | None = None, cache: FeatureCache | None = None,
+                lr: float | None = None) -> None:
     """Phases 2 and 3: exits on a frozen backbone, against labels or the backbone's answers.
 
-    The exits share no parameters, so one optimiser over all of them on the sum
-    of their losses trains each exactly as if it were trained alone.
+    The backbone runs once per view (``cache_features``), not once per epoch,
+    so exits can train for many epochs. The exits share no parameters, so one
+    optimiser over all of them on the sum of their losses trains each exactly
+    as if it were trained alone.
     """
     epochs = cfg.exit_epochs if epochs is None else epochs
     chosen = list(range(len(model.exits))) if only is None else only
     if epochs <= 0 or not chosen:
         return
+    cache = cache or cache_features(model, data, cfg, chosen)
+    missing = [model.exit_names[i] for i in chosen if model.exit_configs[i].uses_visual and i not in cache.feats]
+    if missing:
+        raise ValueError(f"the feature cache holds nothing for exits {', '.join(missing)}")
     task = model.config.task
-    x_all, a_all, y_all = unpack(data)
+    prec = resolve_precision(cfg.precision, cfg.device)
+    views, n = cache.final.shape[:2]
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    params = [p for i in chosen for p in model.exits[i].parameters()]
-    steps = epochs * math.ceil(len(x_all) / cfg.batch_size)
-    opt, sched = _optimizer(params, cfg.exit_lr, cfg.weight_decay, steps)
-    trunk = model.trunk_parameters()
-    model.eval()
-    for p in trunk:
-        p.requires_grad_(False)
-    for i in chosen:
-        model.exits[i].train()
+    exits = [model.exits[i] for i in chosen]
+    steps = epochs * math.ceil(n / cfg.batch_size)
+    opt, sched = _optimizer([p for e in exits for p in e.parameters()], cfg, cfg.exit_lr if lr is None else lr, steps)
+    for e in exits:
+        e.to(prec.device).to(memory_format=torch.channels_last).train()
     phase = "exits" if targets == "labels" else f"copycat-{targets}"
+    meter = Throughput(f"{phase} ({prec.name})", epochs * n, cfg.progress)
     try:
         for epoch in range(epochs):
-            bar = tqdm(list(batches(len(x_all), cfg.batch_size, g)), desc=f"{phase} {epoch + 1}/{epochs}",
-                       disable=not cfg.progress, leave=False)
-            for idx in bar:
-                x, y = x_all[idx], y_all[idx]
-                if cfg.augment:
-                    x = augment_batch(x, g, cfg.flip)
-                with torch.no_grad():
-                    feats_at, audio_tokens, final = _backbone_pass(model, x, _take(a_all, idx), chosen)
+            for idx in batches(n, cfg.batch_size, g):
+                v = torch.randint(0, views, (len(idx),), generator=g)
+                y = cache.targets[idx].to(prec.device)
+                final = cache.final[v, idx].to(prec.device)
+                tokens = None if cache.audio is None else cache.audio[v, idx].to(prec.device)
                 losses = []
-                for i in chosen:
-                    out = model.run_exit(i, feats_at[i], audio_tokens)
-                    if targets == "labels":
-                        losses.append(task_loss(out, y, task))
-                    else:
-                        losses.append(copycat_loss(out, final, task, targets, cfg.temperature))
+                with prec.autocast():
+                    for i in chosen:
+                        feats = cache.feats[i][v, idx].to(prec.device) if i in cache.feats else None
+                        if feats is not None and feats.dim() == 4:
+                            feats = feats.contiguous(memory_format=torch.channels_last)
+                        out = model.run_exit(i, feats, tokens)
+                        losses.append(task_loss(out, y, task) if targets == "labels"
+                                      else copycat_loss(out, final, task, targets, cfg.temperature))
                 loss = torch.stack(losses).sum()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
-                bar.set_postfix(loss=f"{loss.item() / len(chosen):.3f}")
+                meter.update(len(idx), epoch=f"{epoch + 1}/{epochs}", loss=f"{loss.item() / len(chosen):.3f}")
             log.info("%s epoch %d/%d done", phase, epoch + 1, epochs)
     finally:
-        for p in trunk:
-            p.requires_grad_(True)
+        meter.close()
+        for e in exits:
+            e.eval().to(memory_format=torch.contiguous_format).cpu()
         model.eval()
 
 
@@ -222,17 +490,42 @@ class HeadResult:
         return {"mae": float(self.error.mean()), "rmse": float(np.sqrt((self.error ** 2).mean()))}
 
 
+def _tta_views(x: torch.Tensor) -> list[tuple[float, torch.Tensor]]:
+    """Weighted views for test-time augmentation (airbench's level 2): the input and its mirror,
+    and both shifted one pixel up-left and down-right."""
+    B, H, W = x.shape[0], *x.shape[-2:]
+    views = []
+    for weight, shift in ((0.25, (0, 0)), (0.125, (-1, -1)), (0.125, (1, 1))):
+        shifted = apply_views(x, torch.zeros(B, dtype=torch.bool), torch.tensor([shift] * B), 1)
+        views += [(weight, shifted), (weight, shifted.flip(-1))]
+    return views
+
+
 @torch.no_grad()
-def evaluate(model: MultiExitModel, data: TensorDataset, batch_size: int = 256, score: str | None = None) -> list[HeadResult]:
-    """Every exit and the final head on ``data``: predictions, confidences, correctness."""
+def evaluate(model: MultiExitModel, data: TensorDataset, batch_size: int = 256, score: str | None = None,
+             tta: bool = False, precision: str = "fp32") -> list[HeadResult]:
+    """Every exit and the final head on ``data``: predictions, confidences, correctness.
+
+    Runs in float32 by default, as the daemons serve; ``precision="bf16"``
+    evaluates as training computed. ``tta`` averages the outputs over
+    mirrored and shifted copies (images only).
+    """
     model.eval()
     task = model.config.task
     score = score or default_score(task)
+    prec = resolve_precision(precision, "cpu")
     x_all, a_all, y_all = unpack(data)
     outs: list[list[torch.Tensor]] = [[] for _ in range(len(model.exits) + 1)]
     for idx in batches(len(x_all), batch_size, None):
-        exit_outs, final = model(x_all[idx], _take(a_all, idx))
-        for i, o in enumerate([*exit_outs, final]):
+        x, a = x_all[idx], _take(a_all, idx)
+        views = _tta_views(x) if tta else [(1.0, x)]
+        summed: list[torch.Tensor] | None = None
+        for weight, view in views:
+            with prec.autocast():
+                exit_outs, final = model(view, a)
+            heads = [o.float() * weight for o in [*exit_outs, final]]
+            summed = heads if summed is None else [s_ + h for s_, h in zip(summed, heads)]
+        for i, o in enumerate(summed):
             outs[i].append(o)
     names = [*model.exit_names, "final"]
     results = []

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from .cache import cache_exists, cached_array, source_checksum
 from .files import FileSource
 from .images import IMAGE_SUFFIXES, decode_image, pixels_to_tensor
 from .listing import Listing
@@ -34,13 +35,19 @@ def list_imagefolder(path: str | Path, input_shape: tuple[int, int, int] = IMAGE
     label_names = sorted(set(classes))
     index = {c: i for i, c in enumerate(label_names)}
 
-    def decode(idx: np.ndarray) -> torch.Tensor:
-        c, h, w = input_shape
-        pixels = np.empty((len(idx), c, h, w), dtype=np.uint8)
+    def decode_pixels(idx: np.ndarray) -> np.ndarray:
+        pixels = np.empty((len(idx), *input_shape), dtype=np.uint8)
         with source:  # one pass over the files; a tight loop beats threads for small images
             for k, i in enumerate(idx):
                 pixels[k] = decode_image(source.read(names[i]), input_shape, f"'{names[i]}' in {source.path}")
-        return pixels_to_tensor(pixels)
+        return pixels
+
+    def decode(idx: np.ndarray) -> torch.Tensor:
+        # The whole set is decoded once and cached; a small subset of an uncached set is decoded alone.
+        key = f"imagefolder-{source_checksum(source.path, names)[:24]}-{len(names)}-{'x'.join(map(str, input_shape))}"
+        if len(idx) < len(names) and not cache_exists(key):
+            return pixels_to_tensor(decode_pixels(idx))
+        return pixels_to_tensor(cached_array(key, lambda: decode_pixels(np.arange(len(names))))[idx])
 
     return Listing(
         labels=np.array([index[c] for c in classes], dtype=np.int64),

@@ -53,6 +53,12 @@ class SplittableBackbone(nn.Module, ABC):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Input stem: raw input to the representation before block 0."""
 
+    def init_from_data(self, x: torch.Tensor) -> None:
+        """Data-dependent initialisation before training (a whitening stem); most backbones need none."""
+
+    def start_epoch(self, epoch: int) -> None:
+        """Per-epoch training switches (parts that learn only early on); most backbones have none."""
+
     def run_block(self, i: int, feats: torch.Tensor) -> torch.Tensor:
         return self.blocks[i](feats)
 

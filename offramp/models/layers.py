@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class Attention(nn.Module):
@@ -26,7 +27,13 @@ class Attention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, Dh)
-        x = F.scaled_dot_product_attention(q, k, v)
+        if x.device.type == "cpu" and torch.is_grad_enabled():
+            # Training on CPU: for sequences this short the plain kernel's backward is ~1.5x faster
+            # than the flash kernel's (measured on 65 tokens, bf16).
+            with sdpa_kernel(SDPBackend.MATH):
+                x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
@@ -75,6 +82,35 @@ class PatchEmbed(nn.Module):
         if tuple(x.shape[-2:]) != self.img_size:
             raise ValueError(f"expected input of size {self.img_size}, got {tuple(x.shape[-2:])}")
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+class ConvTokenizer(nn.Module):
+    """Compact Convolutional Transformer tokenizer (Hassani et al., 2021): conv stages, each
+    conv -> BN -> GELU -> 2x2 max-pool, the last one ``dim`` wide; its grid cells are the tokens.
+
+    Convolutions give the transformer locality for free, which is what lets it
+    learn from 50,000 images rather than millions.
+    """
+
+    def __init__(self, img_size: tuple[int, int], in_chans: int, dim: int, widths: tuple[int, ...] = (64,)) -> None:
+        super().__init__()
+        stages, c = [], in_chans
+        for width in (*widths, dim):
+            stages += [nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.GELU(), nn.MaxPool2d(2)]
+            c = width
+        self.convs = nn.Sequential(*stages)
+        scale = 2 ** (len(widths) + 1)
+        h, w = img_size
+        if h % scale or w % scale:
+            raise ValueError(f"input size {img_size} is not a multiple of the tokenizer's stride {scale}")
+        self.img_size = (h, w)
+        self.grid_size = (h // scale, w // scale)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(f"expected input of size {self.img_size}, got {tuple(x.shape[-2:])}")
+        return self.convs(x).flatten(2).transpose(1, 2)  # (B, N, D)
 
 
 def init_weights(module: nn.Module) -> None:

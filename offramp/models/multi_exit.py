@@ -96,12 +96,14 @@ class ModelConfig:
 
 
 def parse_exits(spec: str) -> tuple[ExitConfig, ...]:
-    """Parse ``"slvit@2,cnn@4"`` (type defaults to slvit: ``"2,4"``) into exit configs.
+    """Parse ``"slvit@2,cnn@4"`` (type defaults to slvit: ``"2,4"``; ``"none"``: no exits) into exit configs.
 
     A ``:visual``, ``:audio`` or ``:fused`` suffix says what an exit attends
     over (``slvit@2:fused``); audio-only exits need no visual block and may sit
     at position 0 (``slvit@0:audio``).
     """
+    if spec.strip().lower() == "none":  # a bare backbone (a teacher, or exits trained later)
+        return ()
     exits = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         where, _, modality = item.partition(":")

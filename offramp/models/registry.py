@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from .airbench import AirbenchCNN
 from .backbone import SplittableBackbone
 from .resnet import ResNet
 from .timm_vit import TimmViT
@@ -59,6 +60,20 @@ def resnet_tiny_32(**kw) -> SplittableBackbone:
     """6-block ResNet for 32x32 images, widths 32/64/128."""
     args = dict(img_size=(32, 32), widths=(32, 64, 128), blocks_per_stage=2)
     return ResNet(**{**args, **kw})
+
+
+@register
+def airbench_c10(**kw) -> SplittableBackbone:
+    """airbench-style CNN for 32x32 images: whitening stem, 6 conv layers (64/256/256 wide). ~93% on CIFAR-10."""
+    args = dict(img_size=(32, 32), widths=(64, 256, 256))
+    return AirbenchCNN(**{**args, **kw})
+
+
+@register
+def cct_c10(**kw) -> SplittableBackbone:
+    """Compact Convolutional Transformer (CCT-4/3x2-like): 2-conv tokenizer to 8x8 tokens, 4 blocks of width 128."""
+    args = dict(img_size=(32, 32), conv_tokenizer=(64,), embed_dim=128, depth=4, num_heads=2, mlp_ratio=2.0)
+    return VisionTransformer(**{**args, **kw})
 
 
 @register

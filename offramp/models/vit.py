@@ -9,11 +9,15 @@ import torch
 from torch import nn
 
 from .backbone import FeatureSpec, SplittableBackbone, Task, head_outputs
-from .layers import Block, PatchEmbed, init_weights
+from .layers import Block, ConvTokenizer, PatchEmbed, init_weights
 
 
 class VisionTransformer(SplittableBackbone):
-    """ViT: patch embedding, class token, learned position embedding, pre-norm blocks."""
+    """ViT: patch embedding, class token, learned position embedding, pre-norm blocks.
+
+    ``conv_tokenizer`` (a tuple of widths) replaces the linear patch embedding
+    with CCT's convolutional tokenizer; ``patch_size`` is then unused.
+    """
 
     def __init__(
         self,
@@ -26,12 +30,14 @@ class VisionTransformer(SplittableBackbone):
         num_heads: int = 4,
         mlp_ratio: float = 2.0,
         task: Task = "classification",
+        conv_tokenizer: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
         self.task = task
         self.num_blocks = depth
         self.embed_dim = embed_dim
-        self.patch_embed = PatchEmbed(tuple(img_size), patch_size, in_chans, embed_dim)
+        self.patch_embed = (PatchEmbed(tuple(img_size), patch_size, in_chans, embed_dim) if conv_tokenizer is None
+                            else ConvTokenizer(tuple(img_size), in_chans, embed_dim, tuple(conv_tokenizer)))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
