@@ -30,7 +30,7 @@ test: setup
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q
 
 bench-exits: setup
-	$(BIN)/python -m bench.exits
+	$(BIN)/python -m bench.exits --quick
 
 proto: setup
 	$(BIN)/python proto/generate.py

@@ -1,15 +1,21 @@
-"""Exit accuracy vs overhead: MLP, CNN, SL-ViT and CC-SL-ViT exits at the same positions.
+"""Exit accuracy vs overhead on strong, frozen backbones: MLP, CNN, SL-ViT and CC-SL-ViT exits,
+at equal training budgets, and at matched cost.
 
-For each backbone and dataset (CIFAR-10 on the ViT, CIFAR-10 on the
-ResNet-style CNN, FSDD spectrograms on the spectrogram ViT) one backbone is
-trained, then every exit type is attached at the same block positions and
-trained on the frozen backbone. CC-SL-ViT is the SL-ViT exit after copycat
-fine-tuning on the backbone's own answers (hard pseudo-labels; soft
-distillation is reported beside it). Prints one table per backbone, writes
-JSON (and a plot) to bench/results/.
+For each trained backbone checkpoint (``offramp train``), every exit design
+is attached at the same block positions and trained on the frozen backbone's
+cached features: the same epochs, the same optimiser and the same search
+over learning rates (each exit keeps its best rate), so the comparison is
+fair. CC-SL-ViT is the SL-ViT exit after copycat fine-tuning on the
+backbone's own answers (hard pseudo-labels; soft distillation beside it).
+Two cost-matched designs turn single design points into accuracy per MAC:
+an SL-ViT exit scaled up (width, tokens) to the CNN exit's MACs, and a CNN
+exit scaled down (width) to the SL-ViT exit's. Prints one table per
+backbone, writes JSON and a plot to bench/results/, and saves a deployable
+checkpoint per backbone (MLP, CNN and CC-SL-ViT exits) for the other studies.
 
-    python -m bench.exits --data-dir DIR          # full run (~1 h on 2 cores)
-    python -m bench.exits --quick                  # smoke run, about a minute
+    python -m bench.exits --backbone cifar10-cnn=runs/airbench_c10@2,4 \\
+                          --backbone cifar10-vit=runs/cct_c10@1,2 --backbone fsdd-vit=runs/vit_tiny_spec@2,4
+    python -m bench.exits --quick        # smoke run on digits, about a minute
 """
 from __future__ import annotations
 
@@ -27,121 +33,198 @@ from typing import Any
 
 import torch
 
-from offramp.checkpoint import Card, save_checkpoint
-from offramp.data import DataSplits, load_data
-from offramp.models import ModelConfig, MultiExitModel, parse_exits
-from offramp.report import format_table, head_costs
-from offramp.train import TrainConfig, evaluate, train_backbone, train_exits
+from offramp.checkpoint import Card, load_checkpoint, save_checkpoint
+from offramp.data import load_data
+from offramp.models import ExitConfig, ModelConfig, MultiExitModel
+from offramp.models.cost import count_macs, count_params
+from offramp.pipeline import TrainJob, build_model, data_settings
+from offramp.report import format_table
+from offramp.train import TrainConfig, cache_features, evaluate, train_backbone, train_exits
 
 RESULTS = Path(__file__).parent / "results"
-EXIT_TYPES = ("mlp", "cnn", "slvit")
 log = logging.getLogger("bench.exits")
+
+# Candidate sizes for the cost-matched designs (the largest that stays within the target's MACs wins).
+SLVIT_SCALES = [dict(dim=d, patch_size=p) for d in (64, 96, 128, 160, 192, 256) for p in (None, 1, 2)]
+CNN_WIDTHS = (4, 8, 12, 16, 24, 32, 48, 64)
 
 
 @dataclass(frozen=True)
-class Setting:
+class Backbone:
+    """One frozen backbone under test: a name, a checkpoint, exit positions."""
+
     name: str
-    data: str
-    variant: str
+    checkpoint: str
     positions: tuple[int, ...]
-    train: TrainConfig
-    limit: int | None = None
 
 
-def settings(data_dir: str | None, quick: bool) -> list[Setting]:
-    if quick:
-        t = TrainConfig(epochs=1, exit_epochs=1, copycat_epochs=1, batch_size=64, progress=False)
-        image = f"imagefolder:{data_dir}/cifar10-train.zip" if data_dir else "digits"
-        out = [Setting("quick-vit", image, "vit_tiny_32", (2, 4), t, limit=600),
-               Setting("quick-resnet", image, "resnet_tiny_32", (2, 4), t, limit=600)]
-        if data_dir:
-            out.append(Setting("quick-fsdd", f"fsdd:{data_dir}/fsdd-train.zip", "vit_tiny_spec", (2, 4), t, limit=300))
-        return out
-    if not data_dir:
-        raise SystemExit("bench/exits.py: the full run needs --data-dir (or OFFRAMP_DATA) holding "
-                         "cifar10-train.zip and fsdd-train.zip; use --quick for a smoke run")
-    cifar, fsdd = f"imagefolder:{data_dir}/cifar10-train.zip", f"fsdd:{data_dir}/fsdd-train.zip"
-    base = TrainConfig(exit_epochs=4, copycat_epochs=2, batch_size=128, lr=2e-3, exit_lr=2e-3, progress=False)
-    return [
-        Setting("cifar10-vit", cifar, "vit_tiny_32", (2, 4), replace(base, epochs=4)),
-        Setting("cifar10-resnet", cifar, "resnet_tiny_32", (2, 4), replace(base, epochs=3)),
-        Setting("fsdd-vit", fsdd, "vit_tiny_spec", (2, 4), replace(base, epochs=30, exit_epochs=10, copycat_epochs=5,
-                                                                  batch_size=64, augment=False)),
-    ]
+def parse_backbone(text: str) -> Backbone:
+    """``NAME=CHECKPOINT@P1,P2``."""
+    name, _, rest = text.partition("=")
+    path, _, positions = rest.rpartition("@")
+    try:
+        pos = tuple(int(p) for p in positions.split(",") if p)
+    except ValueError:
+        pos = ()
+    if not name or not path or not pos:
+        raise argparse.ArgumentTypeError(f"expected NAME=CHECKPOINT@P1,P2, got {text!r}")
+    return Backbone(name, path, pos)
 
 
-def run_setting(s: Setting, checkpoints: Path | None) -> dict[str, Any]:
+def exit_cost(model: MultiExitModel, config: ExitConfig, input_shape: tuple[int, ...]) -> tuple[int, int]:
+    """(params, MACs) of one exit design at its position, measured, not computed by hand."""
+    from offramp.models import create_exit, head_outputs
+
+    spec = model.backbone.feature_spec(config.position)
+    module = create_exit(config.type, spec, head_outputs(model.config.task, model.config.num_classes), **config.options)
+    grid = torch.zeros(1, *spec.shape) if spec.kind == "map" else torch.zeros(1, spec.channels, *spec.grid)
+    return count_params(module), count_macs(module, grid)
+
+
+def largest_within(model: MultiExitModel, candidates: list[ExitConfig], budget: int,
+                   input_shape: tuple[int, ...]) -> ExitConfig:
+    """The candidate with the most MACs within ``budget`` (the cheapest, if none fits)."""
+    costs = sorted(((exit_cost(model, c, input_shape)[1], i) for i, c in enumerate(candidates)))
+    fits = [i for m, i in costs if m <= budget]
+    return candidates[fits[-1] if fits else costs[0][1]]
+
+
+def designs(model: MultiExitModel, position: int, input_shape: tuple[int, ...]) -> list[tuple[str, ExitConfig]]:
+    """The exits compared at one position: three defaults and two cost-matched designs."""
+    base = {"MLP": ExitConfig("mlp", position), "CNN": ExitConfig("cnn", position),
+            "SL-ViT": ExitConfig("slvit", position)}
+    cnn_macs = exit_cost(model, base["CNN"], input_shape)[1]
+    slvit_macs = exit_cost(model, base["SL-ViT"], input_shape)[1]
+    grid = model.backbone.feature_spec(position).grid
+    scaled = [ExitConfig("slvit", position, {k: v for k, v in o.items() if v is not None}) for o in SLVIT_SCALES
+              if o["patch_size"] is None or (grid[0] % o["patch_size"] == 0 and grid[1] % o["patch_size"] == 0
+                                             and (grid[0] // o["patch_size"]) * (grid[1] // o["patch_size"]) <= 256)]
+    big = largest_within(model, scaled, cnn_macs, input_shape)
+    small = largest_within(model, [ExitConfig("cnn", position, {"hidden": w}) for w in CNN_WIDTHS], slvit_macs,
+                           input_shape)
+    return [*base.items(), ("SL-ViT (CNN's MACs)", big), ("CNN (SL-ViT's MACs)", small)]
+
+
+def run_backbone(b: Backbone, cfg: TrainConfig, lrs: list[float], checkpoints: Path | None,
+                 search_epochs: int = 4, limit: int | None = None) -> dict[str, Any]:
     t0 = time.time()
-    data: DataSplits = load_data(s.data, limit=s.limit, seed=0)
-    cfg = replace(s.train, flip=s.data.startswith("imagefolder"))
-    exits = ",".join(f"{t}@{p}" for p in s.positions for t in EXIT_TYPES)
-    torch.manual_seed(0)
-    model = MultiExitModel(ModelConfig(backbone=s.variant, img_size=tuple(data.input_shape[1:]),
-                                       in_chans=data.input_shape[0], num_classes=len(data.label_names),
-                                       exits=parse_exits(exits)))
-    log.info("[%s] %d train / %d val; training backbone %s", s.name, len(data.train), len(data.val), s.variant)
-    train_backbone(model, data.train, cfg)
-    t_backbone = time.time() - t0
-    log.info("[%s] backbone done in %.0f s; training exits %s", s.name, t_backbone, exits)
-    train_exits(model, data.train, replace(cfg, augment=False))
-    results = {r.name: r.summary()["accuracy"] for r in evaluate(model, data.val)}
-    costs = dict(zip([*model.exit_names, "final"], head_costs(model, data.input_shape)))
-
-    slvit = [i for i, e in enumerate(model.exit_configs) if e.type == "slvit"]
-    label_trained = {i: copy.deepcopy(model.exits[i].state_dict()) for i in slvit}
-    copycat: dict[str, dict[str, float]] = {}
-    fine_tuned: dict[str, dict[int, dict]] = {}
+    trunk, card = load_checkpoint(b.checkpoint)
+    d = card.data
+    data = load_data(d["spec"], val_fraction=d.get("val_fraction", 0.1), seed=d.get("seed", 0),
+                     limit=limit if limit is not None else d.get("limit"))
+    cfg = data_settings(TrainJob(data=d["spec"]), data, cfg)
+    labelled = [(label, e) for p in b.positions for label, e in designs(trunk, p, card.input_shape)]
+    model = MultiExitModel(replace(card.config, exits=tuple(e for _, e in labelled)))
+    model.load_state_dict(trunk.state_dict(), strict=False)  # the backbone; exits start fresh
+    order = sorted(range(len(labelled)), key=lambda i: labelled[i][1].position)  # the model sorts exits by position
+    labels = [labelled[i][0] for i in order]
+    n = len(labels)
+    log.info("[%s] %s, %d train / %d val, exits: %s", b.name, card.config.backbone, len(data.train), len(data.val),
+             ", ".join(f"{lbl}@{e.position}" for lbl, e in (labelled[i] for i in order)))
+    cache = cache_features(model, data.train, cfg)
+    fresh = copy.deepcopy(model.exits.state_dict())
+    search: dict[float, list[float]] = {}
+    for lr in lrs if len(lrs) > 1 else []:  # the same short search for every exit: each keeps its best rate
+        torch.manual_seed(cfg.seed)
+        model.exits.load_state_dict(fresh)
+        train_exits(model, data.train, cfg, epochs=search_epochs, cache=cache, lr=lr)
+        search[lr] = [r.summary()["accuracy"] for r in evaluate(model, data.val)[:n]]
+        log.info("[%s] lr %g, %d epochs: %s", b.name, lr, search_epochs, ", ".join(f"{a:.3f}" for a in search[lr]))
+    rates = {i: max(search, key=lambda lr: search[lr][i]) if search else lrs[0] for i in range(n)}
+    torch.manual_seed(cfg.seed)
+    model.exits.load_state_dict(fresh)
+    train_exits(model, data.train, cfg, cache=cache, lr=rates)
+    heads = evaluate(model, data.val)
+    best = [(heads[i].summary()["accuracy"], rates[i], copy.deepcopy(model.exits[i].state_dict())) for i in range(n)]
+    final_acc = heads[-1].summary()["accuracy"]
+    slvit = [i for i in range(n) if labels[i] == "SL-ViT"]
+    copycat: dict[str, dict[int, float]] = {}
+    tuned: dict[str, dict[int, dict]] = {}
     for mode in ("hard", "soft"):
         for i in slvit:
-            model.exits[i].load_state_dict(label_trained[i])
-        log.info("[%s] copycat (%s) fine-tuning of the SL-ViT exits", s.name, mode)
-        train_exits(model, data.train, replace(cfg, augment=False), targets=mode, epochs=cfg.copycat_epochs, only=slvit)
-        copycat[mode] = {r.name: r.summary()["accuracy"] for r in evaluate(model, data.val)}
-        fine_tuned[mode] = {i: copy.deepcopy(model.exits[i].state_dict()) for i in slvit}
-    # The saved checkpoint keeps the hard-copycat SL-ViT exits (CC-SL-ViT), the paper's choice.
-    for i in slvit:
-        model.exits[i].load_state_dict(fine_tuned["hard"][i])
-    if checkpoints is not None:
-        save_checkpoint(checkpoints / s.name, model, Card(
-            config=model.config, label_names=data.label_names, modality=data.modality, input_shape=data.input_shape,
-            split_block=max(s.positions), metrics={"exits": results, "copycat_hard": copycat["hard"]},
-            data={"spec": s.data, "seed": 0, "val_fraction": 0.1, "limit": s.limit}))
+            model.exits[i].load_state_dict(best[i][2])
+        for i in slvit:  # each at its own best rate
+            train_exits(model, data.train, cfg, targets=mode, epochs=cfg.copycat_epochs, only=[i], cache=cache,
+                        lr=best[i][1])
+        res = evaluate(model, data.val)
+        copycat[mode] = {i: res[i].summary()["accuracy"] for i in slvit}
+        tuned[mode] = {i: copy.deepcopy(model.exits[i].state_dict()) for i in slvit}
+    del cache
 
     rows = []
-    for p in s.positions:
-        for label, kind, acc in [("MLP", "mlp", results[f"mlp@{p}"]), ("CNN", "cnn", results[f"cnn@{p}"]),
-                                 ("SL-ViT", "slvit", results[f"slvit@{p}"]),
-                                 ("CC-SL-ViT", "slvit", copycat["hard"][f"slvit@{p}"]),
-                                 ("CC-SL-ViT (soft)", "slvit", copycat["soft"][f"slvit@{p}"])]:
-            c = costs[f"{kind}@{p}"]
-            rows.append({"position": p, "exit": label, "accuracy": acc, "params": c["params"], "macs": c["macs"]})
+    for i in range(n):
+        e = model.exit_configs[i]
+        params, macs = exit_cost(model, e, card.input_shape)
+        entries = [(labels[i], best[i][0])]
+        if i in slvit:
+            entries += [("CC-SL-ViT", copycat["hard"][i]), ("CC-SL-ViT (soft)", copycat["soft"][i])]
+        for label, acc in entries:
+            rows.append({"position": e.position, "exit": label, "accuracy": acc, "params": params, "macs": macs,
+                         "lr": best[i][1], "options": e.options})
+    rows.sort(key=lambda r: (r["position"], r["macs"], r["exit"]))
+    if checkpoints is not None:
+        deploy(model, labels, tuned["hard"], card, checkpoints / b.name, b.positions)
     return {
-        "setting": s.name, "data": s.data, "backbone": s.variant, "train_samples": len(data.train),
-        "val_samples": len(data.val), "train_config": {k: v for k, v in cfg.__dict__.items()},
-        "final_accuracy": results["final"], "backbone_params": costs["final"]["params"],
-        "backbone_macs": costs["final"]["macs"], "rows": rows, "seconds": round(time.time() - t0, 1),
-        "backbone_seconds": round(t_backbone, 1),
+        "setting": b.name, "checkpoint": b.checkpoint, "backbone": card.config.backbone, "data": data.spec,
+        "train_samples": len(data.train), "val_samples": len(data.val), "final_accuracy": final_acc,
+        "backbone_params": count_params(trunk.backbone), "backbone_macs": count_macs(trunk.backbone,
+                                                                                     torch.zeros(1, *card.input_shape)),
+        "exit_training": {"epochs": cfg.exit_epochs, "copycat_epochs": cfg.copycat_epochs, "lrs": lrs,
+                          "lr_search": {"epochs": search_epochs, "accuracy": {str(k): v for k, v in search.items()}},
+                          "batch_size": cfg.batch_size, "views": cfg.exit_views if cfg.augment else 1,
+                          "optimizer": "adamw, cosine"},
+        "rows": rows, "seconds": round(time.time() - t0, 1),
     }
 
 
-def verdict(result: dict[str, Any]) -> dict[str, bool]:
-    """The paper's claims, checked on this run's numbers."""
+def deploy(model: MultiExitModel, labels: list[str], cc_hard: dict[int, dict], card: Card, out: Path,
+           positions: tuple[int, ...]) -> None:
+    """A checkpoint with the default designs only (MLP, CNN, CC-SL-ViT per position), exit names unique."""
+    keep = [i for i, lbl in enumerate(labels) if lbl in ("MLP", "CNN", "SL-ViT")]
+    config = replace(model.config, exits=tuple(model.exit_configs[i] for i in keep))
+    target = MultiExitModel(config)
+    target.backbone.load_state_dict(model.backbone.state_dict())
+    for j, i in enumerate(keep):
+        target.exits[j].load_state_dict(cc_hard.get(i, model.exits[i].state_dict()))
+    metrics = {r.name: r.summary() for r in evaluate(target, load_validation_of(card))}
+    save_checkpoint(out, target, Card(config=config, label_names=card.label_names, modality=card.modality,
+                                      input_shape=card.input_shape, split_block=max(positions),
+                                      metrics={"exits": metrics, "backbone_card": card.metrics}, data=card.data))
+    log.info("saved %s", out)
+
+
+def load_validation_of(card: Card):
+    from offramp.pipeline import load_validation
+
+    return load_validation(card)[0]
+
+
+def verdict(result: dict[str, Any]) -> dict[str, Any]:
+    """The paper's claims, checked on this run's numbers, position by position."""
     by = {(r["position"], r["exit"]): r for r in result["rows"]}
-    pos = sorted({r["position"] for r in result["rows"]})
-    sl_beats = all(by[p, "SL-ViT"]["accuracy"] > max(by[p, "MLP"]["accuracy"], by[p, "CNN"]["accuracy"]) for p in pos)
-    sl_cheaper = all(by[p, "SL-ViT"]["macs"] <= by[p, "CNN"]["macs"] for p in pos)
-    cc = sum(by[p, "CC-SL-ViT"]["accuracy"] for p in pos) >= sum(by[p, "SL-ViT"]["accuracy"] for p in pos)
-    return {"slvit_more_accurate_than_mlp_and_cnn": sl_beats, "slvit_macs_at_most_cnn": sl_cheaper,
-            "ccslvit_at_least_slvit_on_average": cc}
+    out: dict[str, Any] = {}
+    for p in sorted({r["position"] for r in result["rows"]}):
+        sl, cnn, mlp = by[p, "SL-ViT"], by[p, "CNN"], by[p, "MLP"]
+        out[str(p)] = {
+            "slvit_beats_cnn": sl["accuracy"] > cnn["accuracy"],
+            "slvit_beats_mlp": sl["accuracy"] > mlp["accuracy"],
+            "slvit_fewer_macs_than_cnn": sl["macs"] < cnn["macs"],
+            "slvit_beats_cnn_at_cnn_macs": by[p, "SL-ViT (CNN's MACs)"]["accuracy"] > cnn["accuracy"],
+            "slvit_beats_cnn_at_slvit_macs": sl["accuracy"] > by[p, "CNN (SL-ViT's MACs)"]["accuracy"],
+            "copycat_helps": max(by[p, "CC-SL-ViT"]["accuracy"], by[p, "CC-SL-ViT (soft)"]["accuracy"]) > sl["accuracy"],
+        }
+    return out
 
 
 def print_result(result: dict[str, Any]) -> None:
     print(f"\n{result['setting']}: {result['backbone']} on {result['data'].split('/')[-1]} "
           f"({result['train_samples']} train / {result['val_samples']} val), final head accuracy "
           f"{result['final_accuracy']:.4f}, {result['seconds']:.0f} s")
-    print(format_table(["position", "exit", "accuracy", "params", "MACs"],
-                       [[r["position"], r["exit"], r["accuracy"], r["params"], r["macs"]] for r in result["rows"]]))
-    print("claims: " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in result["verdict"].items()))
+    print(format_table(["position", "exit", "accuracy", "params", "MACs", "lr"],
+                       [[r["position"], r["exit"], r["accuracy"], r["params"], r["macs"], r["lr"]]
+                        for r in result["rows"]]))
+    for p, claims in result["verdict"].items():
+        print(f"  @{p}: " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in claims.items()))
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
@@ -152,51 +235,96 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     except ImportError:
         log.warning("matplotlib not installed; no plot")
         return
-    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
-    markers = {"MLP": "s", "CNN": "^", "SL-ViT": "o", "CC-SL-ViT": "*", "CC-SL-ViT (soft)": "P"}
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False)
+    style = {"MLP": ("s", "tab:gray"), "CNN": ("^", "tab:orange"), "CNN (SL-ViT's MACs)": ("v", "tab:orange"),
+             "SL-ViT": ("o", "tab:blue"), "SL-ViT (CNN's MACs)": ("D", "tab:blue"), "CC-SL-ViT": ("*", "tab:green"),
+             "CC-SL-ViT (soft)": ("P", "tab:green")}
     for ax, res in zip(axes[0], results):
-        for label, m in markers.items():
+        for p in sorted({r["position"] for r in res["rows"]}):
+            for family, names in (("CNN", ("CNN (SL-ViT's MACs)", "CNN")), ("SL-ViT", ("SL-ViT", "SL-ViT (CNN's MACs)"))):
+                pts = sorted((r["macs"], r["accuracy"]) for r in res["rows"] if r["position"] == p and r["exit"] in names)
+                ax.plot([m / 1e6 for m, _ in pts], [a for _, a in pts], color=style[family][1], lw=0.8, alpha=0.6)
+        for label, (marker, color) in style.items():
             rows = [r for r in res["rows"] if r["exit"] == label]
-            ax.scatter([r["macs"] / 1e6 for r in rows], [r["accuracy"] for r in rows], marker=m, s=60, label=label)
+            ax.scatter([r["macs"] / 1e6 for r in rows], [r["accuracy"] for r in rows], marker=marker, color=color,
+                       s=55, label=label, edgecolor="black" if "MACs" in label else None)
             for r in rows:
-                ax.annotate(f"@{r['position']}", (r["macs"] / 1e6, r["accuracy"]), fontsize=7,
-                            xytext=(3, 3), textcoords="offset points")
-        ax.axhline(res["final_accuracy"], color="gray", ls="--", lw=1, label="final head")
+                ax.annotate(f"@{r['position']}", (r["macs"] / 1e6, r["accuracy"]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+        ax.axhline(res["final_accuracy"], color="black", ls="--", lw=1, label="final head")
         ax.set_xscale("log")
         ax.set_xlabel("exit MACs (millions, log)")
         ax.set_ylabel("validation accuracy")
-        ax.set_title(res["setting"])
-    axes[0][0].legend(fontsize=8)
+        ax.set_title(f"{res['setting']} ({res['backbone']})")
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
+def quick_backbone(workdir: Path) -> Backbone:
+    """A tiny backbone trained on digits in seconds, for the smoke run."""
+    data = load_data("digits", seed=0, limit=600)
+    model, _ = build_model(TrainJob(model="vit_micro_32", exits="none"), data)
+    train_backbone(model, data.train, TrainConfig(epochs=2, progress=False, precision="fp32"))
+    out = workdir / "quick-backbone"
+    save_checkpoint(out, model, Card(config=model.config, label_names=data.label_names, modality=data.modality,
+                                     input_shape=data.input_shape, split_block=4,
+                                     data={"spec": "digits", "seed": 0, "val_fraction": 0.1, "limit": 600}))
+    return Backbone("quick-vit", str(out), (2, 4))
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="bench.exits", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data-dir", default=os.environ.get("OFFRAMP_DATA"),
-                    help="folder holding cifar10-train.zip and fsdd-train.zip (default: $OFFRAMP_DATA)")
-    ap.add_argument("--quick", action="store_true", help="smoke run on small subsets, about a minute")
+    ap = argparse.ArgumentParser(prog="bench.exits", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[-1])
+    ap.add_argument("--backbone", action="append", type=parse_backbone, default=[], metavar="NAME=CKPT@P1,P2",
+                    help="a trained backbone checkpoint and the exit positions to compare (repeatable)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: a tiny backbone on digits, 1 exit epoch")
+    ap.add_argument("--exit-epochs", type=int, default=30, help="epochs on labels, every exit the same (default 30)")
+    ap.add_argument("--copycat-epochs", type=int, default=10, help="copycat epochs of the SL-ViT exits (default 10)")
+    ap.add_argument("--lrs", default="1e-3,3e-3",
+                    help="learning rates searched (short runs, the same for every exit; each keeps its best)")
+    ap.add_argument("--search-epochs", type=int, default=4, help="epochs of each learning-rate probe (default 4)")
     ap.add_argument("--out", default=None, help="JSON output (default bench/results/exits[-quick].json)")
-    ap.add_argument("--only", default=None, help="comma-separated setting names to run")
-    ap.add_argument("--checkpoints", default="runs/bench-exits", help="where to keep the trained models ('' for none)")
+    ap.add_argument("--only", default=None, help="comma-separated backbone names to run")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the results of other backbones already in --out (a backbone run again replaces its own)")
+    ap.add_argument("--checkpoints", default="runs/bench-exits", help="where to save deployable checkpoints ('' for none)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    chosen = settings(args.data_dir, args.quick)
+    lrs = [float(x) for x in args.lrs.split(",") if x]
+    cfg = TrainConfig(exit_epochs=args.exit_epochs, copycat_epochs=args.copycat_epochs, batch_size=512,
+                      exit_views=2, translate=2, progress=False)
+    chosen = list(args.backbone)
+    if args.quick:
+        import tempfile
+
+        chosen = [quick_backbone(Path(tempfile.mkdtemp(prefix="offramp-bench-")))]
+        cfg, lrs = replace(cfg, exit_epochs=1, copycat_epochs=1, precision="fp32"), lrs[:1]
+    if not chosen:
+        ap.error("name at least one --backbone NAME=CHECKPOINT@P1,P2 (train it with 'offramp train'), or --quick")
     if args.only:
-        chosen = [s for s in chosen if s.name in args.only.split(",")]
+        chosen = [b for b in chosen if b.name in args.only.split(",")]
     out = Path(args.out) if args.out else RESULTS / ("exits-quick.json" if args.quick else "exits.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     ckpt = Path(args.checkpoints) if args.checkpoints else None
-    results = []
-    for s in chosen:
-        res = run_setting(s, ckpt)
+    started = time.time()
+    command = " ".join(["python -m bench.exits", *(argv if argv is not None else sys.argv[1:])])
+    results: list[dict[str, Any]] = []
+    if args.merge and out.is_file():  # each result keeps the command that made it
+        earlier = json.loads(out.read_text())
+        results = [{**r, "command": r.get("command", earlier.get("command"))} for r in earlier["results"]
+                   if r["setting"] not in {b.name for b in chosen}]
+    for b in chosen:
+        res = run_backbone(b, cfg, lrs, ckpt, search_epochs=args.search_epochs)
         res["verdict"] = verdict(res)
+        res["command"] = command
         print_result(res)
         results.append(res)
-        out.write_text(json.dumps({"command": " ".join(["python -m bench.exits", *(argv if argv is not None else sys.argv[1:])]),
-                                   "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                                               "platform": platform.platform(), "torch": torch.__version__},
-                                   "results": results}, indent=2) + "\n")
+        out.write_text(json.dumps({
+            "command": command,
+            "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                        "platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__},
+            "wall_s": round(time.time() - started, 1), "results": results}, indent=2) + "\n")
     plot(results, out.with_suffix(".png"))
     print(f"\nwrote {out} and {out.with_suffix('.png')}")
     return 0

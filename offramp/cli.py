@@ -126,6 +126,10 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exits", type=exit_names, default=None, metavar="NAME,NAME",
                    help="walk only these exits in the exit-share table, as 'offramp edge --exits' does "
                         "(e.g. slvit@2,slvit@4; default: all)")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average every head over mirrored and shifted copies (images)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="evaluate in float32 as the daemons serve (default), or in bf16 as training computed")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(run=_run_eval)
 
@@ -137,7 +141,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     from .report import format_report
 
     report = evaluate_checkpoint(args.checkpoint, data=args.data, score=args.score, thresholds=args.thresholds,
-                                 exits=args.exits)
+                                 exits=args.exits, tta=args.tta, precision=args.precision)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 

@@ -126,11 +126,13 @@ def head_metrics(model: MultiExitModel, data: TensorDataset) -> dict[str, dict[s
 
 
 def data_settings(job: TrainJob, data: DataSplits, cfg: TrainConfig) -> TrainConfig:
-    """Augmentations that fit the data: no flips but for natural images, no shifts but for images."""
+    """Augmentations that fit the data: flips for natural images only, shifts in time only for sound."""
     if cfg.flip and not job.data.startswith("imagefolder"):
         cfg = replace(cfg, flip=False)  # digits and spectrograms are not mirror-symmetric
-    if data.modality != "image":
-        cfg = replace(cfg, augment=False, tta=False)  # shifting spectrograms changes them; crowds lose people
+    if data.modality == "audio":
+        cfg = replace(cfg, translate_vertical=False, tta=False)  # a shift in frequency changes the sound
+    elif data.modality != "image":
+        cfg = replace(cfg, augment=False, tta=False)  # shifting a crowd scene crops people out of the count
     return cfg
 
 
@@ -224,7 +226,8 @@ def load_validation(card: Card, data: str | None = None) -> tuple[TensorDataset,
 
 
 def evaluate_checkpoint(directory: str | Path, data: str | None = None, score: str | None = None,
-                        thresholds: list[float] | None = None, exits: list[str] | None = None) -> dict[str, Any]:
+                        thresholds: list[float] | None = None, exits: list[str] | None = None, tta: bool = False,
+                        precision: str = "fp32") -> dict[str, Any]:
     """Every exit and the final head on validation data; ``exits`` names a subset to walk, as an edge would."""
     model, card = load_checkpoint(directory)
     score = score or default_score(model.config.task)
@@ -239,7 +242,9 @@ def evaluate_checkpoint(directory: str | Path, data: str | None = None, score: s
         ids = None if exits is None else edge_exit_ids(model, model.num_blocks, exits)
     except ValueError as e:
         raise OfframpError(str(e)) from None
-    results = evaluate(model, val, score=score)
+    if tta and card.modality != "image":
+        raise OfframpError("--tta applies to images only (it mirrors and shifts the input)")
+    results = evaluate(model, val, score=score, tta=tta, precision=precision)
     if ids is not None:
         results = [*(results[i] for i in ids), results[-1]]
     report = evaluation_report(model, results, card.input_shape, score, thresholds or default_thresholds(results, score),

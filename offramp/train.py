@@ -65,6 +65,7 @@ class TrainConfig:
     augment: bool = True  # random translation (and flips for natural images)
     flip: bool = True
     translate: int = 4  # pixels, reflect-padded, drawn per sample
+    translate_vertical: bool = True  # False: shift along the last axis only (time, for spectrograms)
     distill_weight: float = 0.5  # with a teacher: share of the loss on its hard labels (DeiT), rest on the labels
     teacher_views: int = 8  # augmented views whose teacher answers are computed once and cycled through
     exit_views: int = 2  # augmented views of the frozen backbone's features cached for phases 2-3
@@ -102,6 +103,8 @@ def epoch_views(n: int, epoch: int, cfg: TrainConfig) -> Views:
     if cfg.augment and cfg.translate > 0:
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch + 1)
         shift = torch.randint(-cfg.translate, cfg.translate + 1, (n, 2), generator=g)
+        if not cfg.translate_vertical:
+            shift[:, 0] = 0
     return Views(flip, shift)
 
 
@@ -174,22 +177,23 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm))
 
 
-def _optimizer(modules: list[nn.Module] | list[nn.Parameter], cfg: TrainConfig, lr: float, steps: int):
-    """AdamW or Nesterov SGD; normalisation layers get ``norm_lr_scale`` times the rate (and the
-    weight decay divided by it, so the decay per step stays the same)."""
-    if modules and isinstance(modules[0], nn.Parameter):
-        groups = [{"params": list(modules), "lr": lr, "weight_decay": cfg.weight_decay}]
-    else:
-        norm = {id(p) for m in modules for sub in m.modules() if _is_norm(sub) for p in sub.parameters(recurse=False)}
-        params = {id(p): p for m in modules for p in m.parameters()}.values()
-        s = cfg.norm_lr_scale
-        groups = [{"params": [p for p in params if id(p) in norm], "lr": lr * s, "weight_decay": cfg.weight_decay / s},
-                  {"params": [p for p in params if id(p) not in norm], "lr": lr, "weight_decay": cfg.weight_decay}]
-        groups = [g for g in groups if g["params"]]
+def norm_aware_groups(modules: list[nn.Module], cfg: TrainConfig, lr: float) -> list[dict]:
+    """Parameter groups: normalisation layers get ``norm_lr_scale`` times the rate (and the weight
+    decay divided by it, so the decay per step stays the same), everything else ``lr``."""
+    norm = {id(p) for m in modules for sub in m.modules() if _is_norm(sub) for p in sub.parameters(recurse=False)}
+    params = {id(p): p for m in modules for p in m.parameters()}.values()
+    s = cfg.norm_lr_scale
+    groups = [{"params": [p for p in params if id(p) in norm], "lr": lr * s, "weight_decay": cfg.weight_decay / s},
+              {"params": [p for p in params if id(p) not in norm], "lr": lr, "weight_decay": cfg.weight_decay}]
+    return [g for g in groups if g["params"]]
+
+
+def _optimizer(groups: list[dict], cfg: TrainConfig, steps: int):
+    """AdamW or Nesterov SGD over ``groups``, with the configured schedule."""
     if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True)
+        opt = torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=True)
     elif cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW(groups, lr=lr)
+        opt = torch.optim.AdamW(groups)
     else:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose adamw or sgd")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, cfg.schedule, cfg.warmup))
@@ -298,7 +302,7 @@ def train_backbone(model: MultiExitModel, data: TensorDataset, cfg: TrainConfig,
     _prepare(model, prec)
     model.backbone.init_from_data(x_all[:5000].to(prec.device))
     trunk = [m for name, m in model.named_children() if name != "exits"]
-    opt, sched = _optimizer(trunk, cfg, cfg.lr, steps)
+    opt, sched = _optimizer(norm_aware_groups(trunk, cfg, cfg.lr), cfg, steps)
     params = [p for g_ in opt.param_groups for p in g_["params"]]
     averaging = Lookahead(model, steps) if cfg.averaging == "lookahead" else None
     model.train()
@@ -377,7 +381,8 @@ def cache_features(model: MultiExitModel, data: TensorDataset, cfg: TrainConfig,
     meter = Throughput("caching features", views * n, cfg.progress)
     for v in range(views):
         flip = torch.full((n,), v % 2 == 1 and cfg.flip, dtype=torch.bool)
-        shift = epoch_views(n, v, cfg).shift if v >= 2 else torch.zeros(n, 2, dtype=torch.int64)
+        shifted = v >= 2 or (v == 1 and not cfg.flip)  # view 0 is the plain input; 1 its mirror where flips apply
+        shift = epoch_views(n, v, cfg).shift if shifted else torch.zeros(n, 2, dtype=torch.int64)
         for idx in batches(n, 512, None):
             x = _to_input(apply_views(x_all[idx], flip[idx], shift[idx], cfg.translate), prec)
             a = None if a_all is None else a_all[idx].to(prec.device)
@@ -405,13 +410,13 @@ def cache_features(model: MultiExitModel, data: TensorDataset, cfg: TrainConfig,
 
 def train_exits(model: MultiExitModel, data: TensorDataset, cfg: TrainConfig, targets: Targets = "labels",
                 epochs: int | None = None, only: list[int] | None = None, cache: FeatureCache | None = None,
-                lr: float | None = None) -> None:
+                lr: float | dict[int, float] | None = None) -> None:
     """Phases 2 and 3: exits on a frozen backbone, against labels or the backbone's answers.
 
     The backbone runs once per view (``cache_features``), not once per epoch,
     so exits can train for many epochs. The exits share no parameters, so one
     optimiser over all of them on the sum of their losses trains each exactly
-    as if it were trained alone.
+    as if it were trained alone; ``lr`` may give each exit its own rate.
     """
     epochs = cfg.exit_epochs if epochs is None else epochs
     chosen = list(range(len(model.exits))) if only is None else only
@@ -427,7 +432,10 @@ def train_exits(model: MultiExitModel, data: TensorDataset, cfg: TrainConfig, ta
     g = torch.Generator().manual_seed(cfg.seed + 1)
     exits = [model.exits[i] for i in chosen]
     steps = epochs * math.ceil(n / cfg.batch_size)
-    opt, sched = _optimizer([p for e in exits for p in e.parameters()], cfg, cfg.exit_lr if lr is None else lr, steps)
+    rates = lr if isinstance(lr, dict) else {i: cfg.exit_lr if lr is None else lr for i in chosen}
+    groups = [{"params": list(model.exits[i].parameters()), "lr": rates[i], "weight_decay": cfg.weight_decay}
+              for i in chosen]  # one group per exit, each at its own rate
+    opt, sched = _optimizer(groups, cfg, steps)
     for e in exits:
         e.to(prec.device).to(memory_format=torch.channels_last).train()
     phase = "exits" if targets == "labels" else f"copycat-{targets}"
@@ -438,11 +446,11 @@ def train_exits(model: MultiExitModel, data: TensorDataset, cfg: TrainConfig, ta
                 v = torch.randint(0, views, (len(idx),), generator=g)
                 y = cache.targets[idx].to(prec.device)
                 final = cache.final[v, idx].to(prec.device)
-                tokens = None if cache.audio is None else cache.audio[v, idx].to(prec.device)
+                tokens = None if cache.audio is None else cache.audio[v, idx].to(prec.device).float()
                 losses = []
                 with prec.autocast():
                     for i in chosen:
-                        feats = cache.feats[i][v, idx].to(prec.device) if i in cache.feats else None
+                        feats = cache.feats[i][v, idx].to(prec.device).float() if i in cache.feats else None
                         if feats is not None and feats.dim() == 4:
                             feats = feats.contiguous(memory_format=torch.channels_last)
                         out = model.run_exit(i, feats, tokens)

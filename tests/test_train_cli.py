@@ -122,7 +122,7 @@ def test_corrupt_image_and_wrong_checkpoint_are_named(tmp_path: Path) -> None:
 
 def test_exits_benchmark_quick_runs(tmp_path: Path) -> None:
     out = tmp_path / "exits.json"
-    result = subprocess.run([sys.executable, "-m", "bench.exits", "--quick", "--only", "quick-vit", "--out", str(out),
+    result = subprocess.run([sys.executable, "-m", "bench.exits", "--quick", "--out", str(out),
                              "--checkpoints", ""], capture_output=True, text=True, cwd=ROOT, timeout=300,
                             env={**__import__("os").environ, "OFFRAMP_DATA": ""})
     assert result.returncode == 0, result.stderr[-2000:]
