@@ -181,7 +181,7 @@ def run_training(job: TrainJob, cfg: TrainConfig, data: DataSplits | None = None
     log.info("training %s with exits %s on %s (%d train / %d val)", model.config.backbone,
              ",".join(model.exit_names) or "none", job.data, len(data.train), len(data.val))
     metrics: dict[str, Any] = {}
-    timing = train_backbone(model, data.train, cfg, teacher=teacher)
+    timing = train_backbone(model, data.train, cfg, teacher=teacher, init_from_data=not (job.init or job.pretrained))
     if timing:
         metrics["training"] = {**timing, "epochs": cfg.epochs, **({"teacher": teacher_info} if teacher_info else {})}
         final = evaluate(model, data.val)[-1]

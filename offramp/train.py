@@ -281,12 +281,13 @@ def teacher_answers(teacher: nn.Module, x_all: torch.Tensor, cfg: TrainConfig, p
 
 
 def train_backbone(model: MultiExitModel, data: TensorDataset, cfg: TrainConfig,
-                   teacher: nn.Module | None = None) -> dict[str, float]:
+                   teacher: nn.Module | None = None, init_from_data: bool = True) -> dict[str, float]:
     """Phase 1: the backbone and its final head (and the audio encoder, audiovisual), exits untouched.
 
     With a ``teacher`` (anything mapping inputs to logits), a ``distill_weight``
     share of the loss is on the teacher's hard labels for the same view.
-    Returns the phase's wall time and throughput.
+    ``init_from_data=False`` keeps loaded weights' data-dependent parts (a
+    whitening stem) as they are. Returns the phase's wall time and throughput.
     """
     if cfg.epochs <= 0:
         return {}
@@ -300,7 +301,8 @@ def train_backbone(model: MultiExitModel, data: TensorDataset, cfg: TrainConfig,
     drop_last = n >= 4 * cfg.batch_size  # keep batch statistics steady; small sets keep every sample
     steps = cfg.epochs * (n // cfg.batch_size if drop_last else math.ceil(n / cfg.batch_size))
     _prepare(model, prec)
-    model.backbone.init_from_data(x_all[:5000].to(prec.device))
+    if init_from_data:
+        model.backbone.init_from_data(x_all[:5000].to(prec.device))
     trunk = [m for name, m in model.named_children() if name != "exits"]
     opt, sched = _optimizer(norm_aware_groups(trunk, cfg, cfg.lr), cfg, steps)
     params = [p for g_ in opt.param_groups for p in g_["params"]]
@@ -350,7 +352,8 @@ def train_backbone(model: MultiExitModel, data: TensorDataset, cfg: TrainConfig,
 class FeatureCache:
     """The frozen backbone's outputs for every sample under a few augmented views, computed once.
 
-    ``feats[i]`` is (V, N, ...) in bfloat16 for exit ``i``; ``final`` (V, N, outputs) the final head's
+    ``feats[p]`` is (V, N, ...) in bfloat16 after block ``p`` (one copy however many exits sit there);
+    ``final`` (V, N, outputs) the final head's
     answers (copycat targets); ``audio`` (V, N, T, D) the audio tokens of audiovisual models.
     """
 
@@ -376,6 +379,10 @@ def cache_features(model: MultiExitModel, data: TensorDataset, cfg: TrainConfig,
     views = max(1, cfg.exit_views) if cfg.augment else 1
     model.eval()
     _prepare(model, prec)
+    positions = {}  # block position -> one exit there that sees the visual representation
+    for i in chosen:
+        if model.exit_configs[i].uses_visual:
+            positions.setdefault(model.exit_configs[i].position, i)
     feats: dict[int, torch.Tensor] = {}
     audio = final = None
     meter = Throughput("caching features", views * n, cfg.progress)
@@ -388,10 +395,10 @@ def cache_features(model: MultiExitModel, data: TensorDataset, cfg: TrainConfig,
             a = None if a_all is None else a_all[idx].to(prec.device)
             with prec.autocast():
                 at, tokens, out = _backbone_pass(model, x, a, chosen)
-            for i in chosen:
-                if i not in feats:
-                    feats[i] = torch.empty((views, n, *at[i].shape[1:]), dtype=torch.bfloat16)
-                feats[i][v, idx] = at[i].to(torch.bfloat16).cpu()
+            for p, i in positions.items():
+                if p not in feats:
+                    feats[p] = torch.empty((views, n, *at[i].shape[1:]), dtype=torch.bfloat16)
+                feats[p][v, idx] = at[i].to(torch.bfloat16).cpu()
             if tokens is not None:
                 if audio is None:
                     audio = torch.empty((views, n, *tokens.shape[1:]), dtype=torch.bfloat16)
@@ -403,8 +410,8 @@ def cache_features(model: MultiExitModel, data: TensorDataset, cfg: TrainConfig,
     wall = meter.close()
     _release(model)
     cache = FeatureCache(feats, audio, final, y_all)
-    log.info("cached the frozen backbone's features: %d views x %d samples at %d exits, %.2f GB, %.1f s",
-             views, n, len(chosen), cache.nbytes / 1e9, wall)
+    log.info("cached the frozen backbone's features: %d views x %d samples at %d positions, %.2f GB, %.1f s",
+             views, n, len(feats), cache.nbytes / 1e9, wall)
     return cache
 
 
@@ -423,7 +430,8 @@ def train_exits(model: MultiExitModel, data: TensorDataset, cfg: TrainConfig, ta
     if epochs <= 0 or not chosen:
         return
     cache = cache or cache_features(model, data, cfg, chosen)
-    missing = [model.exit_names[i] for i in chosen if model.exit_configs[i].uses_visual and i not in cache.feats]
+    missing = [model.exit_names[i] for i in chosen
+               if model.exit_configs[i].uses_visual and model.exit_configs[i].position not in cache.feats]
     if missing:
         raise ValueError(f"the feature cache holds nothing for exits {', '.join(missing)}")
     task = model.config.task
@@ -449,8 +457,10 @@ def train_exits(model: MultiExitModel, data: TensorDataset, cfg: TrainConfig, ta
                 tokens = None if cache.audio is None else cache.audio[v, idx].to(prec.device).float()
                 losses = []
                 with prec.autocast():
+                    gathered = {p: t[v, idx].to(prec.device).float() for p, t in cache.feats.items()
+                                if any(model.exit_configs[i].position == p for i in chosen)}
                     for i in chosen:
-                        feats = cache.feats[i][v, idx].to(prec.device).float() if i in cache.feats else None
+                        feats = gathered.get(model.exit_configs[i].position) if model.exit_configs[i].uses_visual else None
                         if feats is not None and feats.dim() == 4:
                             feats = feats.contiguous(memory_format=torch.channels_last)
                         out = model.run_exit(i, feats, tokens)

@@ -113,23 +113,25 @@ def test_student_distills_from_a_teacher_checkpoint(teacher: Path, tmp_path: Pat
 
 def test_cached_features_are_the_backbones_own() -> None:
     torch.manual_seed(0)
-    data = load_data("digits", limit=400)
+    data = load_data("digits")
     model, _ = build_model(TrainJob(model="resnet_tiny_32", exits="slvit@2,mlp@4"), data)
     cfg = TrainConfig(epochs=2, batch_size=64, precision="fp32", exit_views=2, progress=False)
     train_backbone(model, data.train, cfg)
     cache = cache_features(model, data.train, cfg)
     x = data.train.tensors[0]
-    assert cache.feats[0].shape == (2, len(x), 32, 32, 32) and cache.feats[0].dtype == torch.bfloat16
+    assert set(cache.feats) == {2, 4}  # keyed by block position: one copy per position
+    assert cache.feats[2].shape == (2, len(x), 32, 32, 32) and cache.feats[2].dtype == torch.bfloat16
     with torch.no_grad():
         direct = model.backbone.head(x, 2)
         final = model.final(x)
-    assert torch.allclose(cache.feats[0][0].float(), direct, atol=0.05, rtol=0.02)
+    assert torch.allclose(cache.feats[2][0].float(), direct, atol=0.05, rtol=0.02)
     assert torch.allclose(cache.final[0], final, atol=1e-4)
-    assert not torch.equal(cache.feats[0][1], cache.feats[0][0])  # view 1: an augmented copy
+    assert not torch.equal(cache.feats[2][1], cache.feats[2][0])  # view 1: an augmented copy
     before = evaluate(model, data.val)[0].summary()["accuracy"]
     train_exits(model, data.train, TrainConfig(exit_epochs=3, batch_size=64, precision="fp32", progress=False),
                 cache=cache)
-    assert evaluate(model, data.val)[0].summary()["accuracy"] > before + 0.2
+    after = evaluate(model, data.val)
+    assert after[0].summary()["accuracy"] > before + 0.2 and after[1].summary()["accuracy"] > 0.5
 
 
 def test_init_loads_a_checkpoints_backbone(teacher: Path, tmp_path: Path) -> None:
@@ -208,3 +210,16 @@ def test_decoded_images_are_cached_once(tmp_path: Path, monkeypatch: pytest.Monk
     assert torch.equal(first.train.tensors[0], again.train.tensors[0])
     cached[0].write_bytes(b"garbage")  # a broken cache is rebuilt, not trusted
     assert torch.equal(load_data(f"imagefolder:{tmp_path / 'imgs'}", val_fraction=0.25).val.tensors[0], first.val.tensors[0])
+
+
+def test_backbones_table_reads_the_cards(teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from bench import backbones
+
+    out = tmp_path / "backbones.json"
+    assert backbones.main([str(teacher), "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    (entry,) = data["backbones"]
+    assert entry["variant"] == "airbench_c10" and entry["family"] == "cnn" and entry["data"] == "digits"
+    assert 0.5 < entry["val_accuracy"] <= 1 and entry["epochs"] == 8 and entry["dtype"] in ("bf16", "fp32")
+    assert entry["train_wall_s"] > 0 and data["command"].startswith("python -m bench.backbones")
+    assert "airbench_c10" in capsys.readouterr().out

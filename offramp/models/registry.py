@@ -64,7 +64,7 @@ def resnet_tiny_32(**kw) -> SplittableBackbone:
 
 @register
 def airbench_c10(**kw) -> SplittableBackbone:
-    """airbench-style CNN for 32x32 images: whitening stem, 6 conv layers (64/256/256 wide). ~93% on CIFAR-10."""
+    """airbench-style CNN for 32x32 images: whitening stem, 6 conv layers (64/256/256 wide); 90.7% on CIFAR-10 here."""
     args = dict(img_size=(32, 32), widths=(64, 256, 256))
     return AirbenchCNN(**{**args, **kw})
 
