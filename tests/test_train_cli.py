@@ -42,7 +42,8 @@ def test_train_writes_safetensors_and_card(trained: Path) -> None:
     assert card["label_names"] == [str(i) for i in range(10)]
     assert card["split_block"] == 4 and card["modality"] == "image" and card["input_shape"] == [1, 32, 32]
     assert [e["type"] for e in card["config"]["exits"]] == ["mlp", "slvit", "slvit"]
-    assert set(card["metrics"]) == {"exits", "copycat"}
+    assert {"exits", "copycat", "training", "backbone"} <= set(card["metrics"])
+    assert card["metrics"]["training"]["epochs"] == 2 and "--copycat" in card["metrics"]["training"]["command"]
     assert set(card["metrics"]["copycat"]) == {"mlp@2", "slvit@2", "slvit@4", "final"}
     model, loaded = load_checkpoint(trained)
     assert loaded.fingerprint == card["fingerprint"] and model.exit_names == ["mlp@2", "slvit@2", "slvit@4"]
