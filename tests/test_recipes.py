@@ -113,9 +113,9 @@ def test_student_distills_from_a_teacher_checkpoint(teacher: Path, tmp_path: Pat
 
 def test_cached_features_are_the_backbones_own() -> None:
     torch.manual_seed(0)
-    data = load_data("digits", limit=800)
+    data = load_data("digits")
     model, _ = build_model(TrainJob(model="resnet_tiny_32", exits="slvit@2,mlp@4"), data)
-    cfg = TrainConfig(epochs=2, batch_size=32, precision="fp32", exit_views=2, progress=False)
+    cfg = TrainConfig(epochs=2, batch_size=64, precision="fp32", exit_views=2, progress=False)
     train_backbone(model, data.train, cfg)
     cache = cache_features(model, data.train, cfg)
     x = data.train.tensors[0]
@@ -128,7 +128,7 @@ def test_cached_features_are_the_backbones_own() -> None:
     assert torch.allclose(cache.final[0], final, atol=1e-4)
     assert not torch.equal(cache.feats[2][1], cache.feats[2][0])  # view 1: an augmented copy
     before = evaluate(model, data.val)[0].summary()["accuracy"]
-    train_exits(model, data.train, TrainConfig(exit_epochs=3, batch_size=32, precision="fp32", progress=False),
+    train_exits(model, data.train, TrainConfig(exit_epochs=3, batch_size=64, precision="fp32", progress=False),
                 cache=cache)
     after = evaluate(model, data.val)
     assert after[0].summary()["accuracy"] > before + 0.2 and after[1].summary()["accuracy"] > 0.5
