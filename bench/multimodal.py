@@ -321,7 +321,7 @@ def measure_latency(policies: dict[str, tuple[MultiExitModel, list[str], list[fl
             r = edge.run(x, [t] * edge.num_exits, SCORE, audio=a if edge.model.audiovisual else None)
             pred = r.output[:, 0].clone()
             if len(r.offload):
-                out = cloud.run(r.tokens if r.audio_tokens is None else torch.cat([r.tokens, r.audio_tokens], dim=1))
+                out = cloud.run(r.tokens, r.audio_tokens)
                 pred[r.offload] = out[:, 0]
             preds.append(pred)
             exited.append(r.exit_index)

@@ -1,13 +1,21 @@
-"""Offload path on loopback: codec bytes, per-stage latency, and cloud throughput with batching.
+"""Offload path on loopback: codec bytes, framework overhead, and the cloud's batching at both ends of load.
 
 (a) codec table (see bench/codec.py): bytes per offloaded sample vs accuracy,
     with the input's own JPEG/PNG size as yardstick;
-(b) latency per stage through the real daemons (client -> edge -> cloud), and
-    the framework overhead = end to end minus model compute (edge + cloud);
-    then the offload leg alone at 1 and 16 concurrent edges (one gRPC stream each);
-(c) cloud throughput from 16 edge streams with cross-stream batching vs batch
-    size 1, against the tail model's own best batched throughput, measured in
-    the same run.
+(b) latency per stage through the real daemons (client -> edge -> cloud),
+    every sample offloaded; framework overhead = end to end minus the edge
+    half's and the cloud half's compute measured alone, in a plain loop at
+    batch 1 on the daemons' core (compute the daemons inflate counts as
+    overhead); the daemons' torch threads (1 vs 2) compared;
+(c) the offload leg alone at 1 stream (light load: does batching add
+    latency?) and 16 streams x 4 in flight (heavy load: does it fill
+    batches?), adaptive batching (no timer) vs a fixed 2 ms window vs no
+    batching, against the tail's best batched throughput on the same core;
+(d) Ray Serve serving the same tail (``@serve.batch``, its gRPC proxy) under
+    the same load, in the same run, when ``offramp[serve]`` is installed.
+
+Servers are pinned to core 0, the load generator (this process) to the
+others, so client CPU does not pollute server figures.
 
     python -m bench.offload --checkpoint runs/bench-exits/cifar10-vit
 """
@@ -16,6 +24,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -37,6 +47,12 @@ from offramp.wire import pb, pb_grpc
 
 RESULTS = Path(__file__).parent / "results"
 CODEC = CodecConfig(dtype="int8", zstd_level=3)
+SERVER_CORES = {0}
+
+
+def client_cores() -> set[int]:
+    """Every core but the servers' (all of them on a one-core machine)."""
+    return (set(os.sched_getaffinity(0)) - SERVER_CORES) or set(os.sched_getaffinity(0))
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -44,32 +60,60 @@ def percentiles(values: list[float]) -> dict[str, float]:
     return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)), "mean": float(a.mean())}
 
 
-def end_to_end(checkpoint: str, x: torch.Tensor, n: int) -> dict[str, Any]:
+def timed_p50(fn, seconds: float = 1.0) -> float:
+    """Median milliseconds of ``fn()`` over ``seconds`` (after a warm-up)."""
+    for _ in range(5):
+        fn()
+    times, stop = [], time.perf_counter() + seconds
+    while time.perf_counter() < stop:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def compute_alone(edge: EdgeHalf, cloud: CloudHalf, x: torch.Tensor, tokens: torch.Tensor) -> dict[str, Any]:
+    """Batch-1 compute of each half and the tail's best batched throughput, on the servers' core, 1 thread."""
+    mask, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    os.sched_setaffinity(0, SERVER_CORES)
+    torch.set_num_threads(1)
+    try:
+        never = [2.0] * edge.num_exits  # every sample runs every exit and leaves as tokens
+        out = {"edge_half_ms": timed_p50(lambda: edge.run(x[:1], never, "max_prob")),
+               "cloud_half_ms": timed_p50(lambda: cloud.run(tokens[:1])), "tail_samples_per_s": {}}
+        for b in (1, 8, 16, 32, 64):
+            batch = tokens[:1].expand(b, *tokens.shape[1:]).contiguous()
+            out["tail_samples_per_s"][b] = b / timed_p50(lambda: cloud.run(batch), 1.5) * 1e3
+    finally:
+        torch.set_num_threads(threads)
+        os.sched_setaffinity(0, mask)
+    return out
+
+
+def end_to_end(checkpoint: str, x: torch.Tensor, n: int, threads: int, cores: set[int] | None) -> dict[str, Any]:
     """Client -> edge daemon -> cloud daemon, one request at a time, every sample offloaded."""
     stages: dict[str, list[float]] = {}
     client_ms: list[float] = []
-    with DaemonProcess("cloud", ["--checkpoint", checkpoint, "--max-wait-ms", "0"]) as cloud, \
-            DaemonProcess("edge", ["--checkpoint", checkpoint, "--cloud", cloud.address, "--codec", CODEC.dtype]) as edge:
+    common = ["--checkpoint", checkpoint, "--threads", str(threads)]
+    with DaemonProcess("cloud", common, cores=cores) as cloud, \
+            DaemonProcess("edge", [*common, "--cloud", cloud.address, "--codec", CODEC.dtype], cores=cores) as edge:
         with grpc.insecure_channel(edge.address) as channel:
             stub = pb_grpc.EdgeStub(channel)
             exits = len(stub.GetPolicy(pb.GetPolicyRequest(), timeout=10).thresholds)
             stub.SetPolicy(pb.Policy(thresholds=[float("inf")] * exits, score="max_prob", offload_enabled=True))
-            for i in range(n + 10):
+            for i in range(n + 20):
                 sample = x[i % len(x)].numpy()
                 t0 = time.perf_counter()
                 reply = stub.Infer(pb.InferRequest(request_id=i, tensor=pb.RawTensor(
                     shape=list(sample.shape), data=sample.tobytes())), timeout=30)
                 elapsed = (time.perf_counter() - t0) * 1e3
-                if i < 10 or reply.decided_by != "cloud":
+                if i < 20 or reply.decided_by != "cloud":
                     continue  # warm-up, or not offloaded
                 client_ms.append(elapsed)
                 for k, v in reply.stage_ms.items():
                     stages.setdefault(k, []).append(v)
-    compute = np.asarray(stages["edge_compute"]) + np.asarray(stages["cloud_compute"])
-    overhead = np.asarray(client_ms) - compute
-    return {"requests": len(client_ms), "client_ms": percentiles(client_ms),
-            "stages_ms": {k: percentiles(v) for k, v in stages.items()},
-            "model_compute_ms": percentiles(list(compute)), "framework_overhead_ms": percentiles(list(overhead))}
+    return {"threads": threads, "pinned": sorted(cores) if cores else None, "requests": len(client_ms),
+            "client_ms": percentiles(client_ms), "stages_ms": {k: percentiles(v) for k, v in stages.items()}}
 
 
 async def drive_streams(address: str, fingerprint: str, split: int, tokens: list[pb.EncodedTensor], edges: int,
@@ -103,7 +147,8 @@ async def drive_streams(address: str, fingerprint: str, split: int, tokens: list
             i += edges * window
     try:
         warm = pb.OffloadRequest(model_fingerprint=fingerprint, split_block=split, tokens=tokens[0])
-        await asyncio.gather(*(c.infer(warm, timeout_s=30) for c in clients))
+        for _ in range(20):
+            await asyncio.gather(*(c.infer(warm, timeout_s=30) for c in clients))
         start = time.perf_counter()
         stop_at = start + seconds
         await asyncio.gather(*(worker(c, e * window + w) for e, c in enumerate(clients) for w in range(window)))
@@ -115,34 +160,33 @@ async def drive_streams(address: str, fingerprint: str, split: int, tokens: list
             "mean_batch": float(np.mean(batch_sizes))}
 
 
+# (name, cloud flags): adaptive batching (the default), a fixed window, and no batching at all.
+BATCHING = [("adaptive", ["--max-wait-ms", "0"]), ("window 2 ms", ["--max-wait-ms", "2"]),
+            ("batch 1", ["--max-batch", "1"])]
+
+
 async def offload_runs(checkpoint: str, fingerprint: str, split: int, tokens: list[pb.EncodedTensor],
-                       seconds: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """All gRPC-client runs in one event loop (grpc.aio binds to the first loop it meets)."""
-    legs, throughput = [], []
-    with DaemonProcess("cloud", ["--checkpoint", checkpoint]) as cloud:
-        for edges in (1, 16):
-            legs.append(await drive_streams(cloud.address, fingerprint, split, tokens, edges, 1, seconds))
-    for max_batch in (1, 32):
-        with DaemonProcess("cloud", ["--checkpoint", checkpoint, "--max-batch", str(max_batch),
-                                     "--max-wait-ms", "2"]) as cloud:
-            run = await drive_streams(cloud.address, fingerprint, split, tokens, 16, 4, seconds)
-        throughput.append({"max_batch": max_batch, **run})
-    return legs, throughput
+                       seconds: float) -> list[dict[str, Any]]:
+    """Every batching mode at light (1 x 1) and heavy (16 x 4) load, the cloud pinned, one thread.
+
+    All runs share this event loop (grpc.aio binds to the first loop it meets).
+    """
+    runs = []
+    for name, flags in BATCHING:
+        with DaemonProcess("cloud", ["--checkpoint", checkpoint, "--threads", "1", *flags],
+                           cores=SERVER_CORES) as cloud:
+            for edges, window in ((1, 1), (16, 4)):
+                if name == "batch 1" and edges == 1:
+                    continue  # same as adaptive at one request in flight
+                run = await drive_streams(cloud.address, fingerprint, split, tokens, edges, window, seconds)
+                runs.append({"batching": name, **run})
+    return runs
 
 
-def tail_best_throughput(half: CloudHalf, token: torch.Tensor, batches: tuple[int, ...] = (1, 8, 16, 32, 64)) -> dict[int, float]:
-    """Samples/s of the tail model alone, in this process, per batch size."""
-    out = {}
-    for b in batches:
-        x = token.expand(b, *token.shape[1:]).contiguous()
-        for _ in range(3):
-            half.run(x)
-        reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < 1.5:
-            half.run(x)
-            reps += 1
-        out[b] = reps * b / (time.perf_counter() - t0)
-    return out
+def machine() -> dict[str, Any]:
+    from bench.backbones import cpu_name
+    return {"cpu": cpu_name(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "server_cores": sorted(SERVER_CORES), "client_cores": sorted(client_cores())}
 
 
 @torch.no_grad()  # scoped: main() also runs inside test processes
@@ -150,14 +194,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench.offload", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default="runs/bench-exits/cifar10-vit")
     ap.add_argument("--samples", type=int, default=1000, help="samples for the codec table")
-    ap.add_argument("--requests", type=int, default=200, help="sequential requests for the latency breakdown")
+    ap.add_argument("--requests", type=int, default=300, help="sequential requests for the latency breakdown")
     ap.add_argument("--seconds", type=float, default=8.0, help="duration of each throughput run")
+    ap.add_argument("--no-ray-serve", action="store_true", help="skip the Ray Serve comparison")
     ap.add_argument("--quick", action="store_true", help="small numbers, for a smoke test")
     ap.add_argument("--out", default=str(RESULTS / "offload.json"))
     args = ap.parse_args(argv)
     if args.quick:
         args.samples, args.requests, args.seconds = 100, 20, 1.0
-    result: dict[str, Any] = {"command": "python -m bench.offload " + " ".join(argv if argv is not None else sys.argv[1:])}
+    started = time.perf_counter()
+    result: dict[str, Any] = {
+        "command": "python -m bench.offload " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine()}
 
     result["codec"] = codec = codec_bench.run(args.checkpoint, args.samples)
     print(f"(a) codec: {codec['samples']} samples, tokens {codec['token_shape']}, "
@@ -169,52 +217,83 @@ def main(argv: list[str] | None = None) -> int:
     model, card = load_checkpoint(args.checkpoint)
     val, _ = load_validation(card)
     x = val.tensors[0][:256]
-    e2e = end_to_end(args.checkpoint, x, args.requests)
+    edge, cloud_half = EdgeHalf(model, card.split_block), CloudHalf(model, card.split_block)
+    res = edge.run(x, [2.0] * edge.num_exits, "max_prob")
+    alone = compute_alone(edge, cloud_half, x, res.tokens)  # before any daemon starts: nothing else running
+    result["compute_alone"] = alone
+    result["token_shape"] = list(res.tokens.shape[1:])
+    os.sched_setaffinity(0, client_cores())  # the load generator keeps off the servers' core
+
+    runs = [end_to_end(args.checkpoint, x, args.requests, threads, cores)
+            for threads, cores in ((1, SERVER_CORES), (1, None), (2, None))]
+    for r in runs:
+        r["framework_overhead_p50_ms"] = r["client_ms"]["p50"] - alone["edge_half_ms"] - alone["cloud_half_ms"]
+    e2e = runs[0]
     result["end_to_end"] = e2e
-    print(f"\n(b) latency through the daemons, {e2e['requests']} sequential offloaded requests (ms):")
+    result["end_to_end_by_threads"] = runs
+    print(f"\n(b) latency through the daemons (pinned to core 0, 1 thread), {e2e['requests']} sequential "
+          f"offloaded requests, tokens {result['token_shape']} (ms):")
     order = ["preprocess", "queue", "edge_compute", "encode", "cloud_decode", "cloud_queue", "cloud_compute", "cloud",
              "offload_rtt", "total"]
     rows = [[k, v["p50"], v["p95"]] for k in order if (v := e2e["stages_ms"].get(k))]
     rows += [["client end to end", e2e["client_ms"]["p50"], e2e["client_ms"]["p95"]],
-             ["model compute (edge + cloud)", e2e["model_compute_ms"]["p50"], e2e["model_compute_ms"]["p95"]],
-             ["framework overhead", e2e["framework_overhead_ms"]["p50"], e2e["framework_overhead_ms"]["p95"]]]
+             ["edge half alone (batch 1)", alone["edge_half_ms"], None],
+             ["cloud half alone (batch 1)", alone["cloud_half_ms"], None],
+             ["framework overhead", e2e["framework_overhead_p50_ms"], None]]
     print(format_table(["stage", "p50", "p95"], rows))
+    print(format_table(["daemon threads", "pinned", "client p50", "overhead p50"],
+                       [[r["threads"], "core 0" if r["pinned"] else "no", r["client_ms"]["p50"],
+                         r["framework_overhead_p50_ms"]] for r in runs]))
 
-    edge, cloud_half = EdgeHalf(model, card.split_block), CloudHalf(model, card.split_block)
-    res = edge.run(x, [2.0] * edge.num_exits, "max_prob")
     tokens = [encode(res.tokens[i:i + 1], CODEC) for i in range(len(res.tokens))]
-    best = tail_best_throughput(cloud_half, res.tokens[:1])  # before the daemons start: nothing else running
-    legs, throughput = asyncio.run(offload_runs(args.checkpoint, card.fingerprint, card.split_block, tokens,
-                                                args.seconds))
-    print("\n(b') offload leg alone (encoded tokens -> cloud -> answer), one request in flight per edge:")
-    print(format_table(["edges", "requests", "p50 ms", "p95 ms", "cloud compute p50", "overhead p50", "mean batch"],
-                       [[r["edges"], r["requests"], r["latency_ms"]["p50"], r["latency_ms"]["p95"],
-                         r["cloud_compute_ms"]["p50"], r["latency_ms"]["p50"] - r["cloud_compute_ms"]["p50"],
-                         r["mean_batch"]] for r in legs]))
-    result["offload_leg"] = legs
-    result["throughput"] = throughput
-    result["tail_model_samples_per_s"] = best
-    top = max(best.values())
-    b1, b32 = throughput[0]["throughput_rps"], throughput[1]["throughput_rps"]
-    print("\n(c) cloud throughput, 16 edge streams x 4 in flight:")
-    print(format_table(["max batch", "req/s", "mean batch", "p50 ms", "p95 ms"],
-                       [[t["max_batch"], t["throughput_rps"], t["mean_batch"], t["latency_ms"]["p50"],
-                         t["latency_ms"]["p95"]] for t in throughput]))
-    print("tail model alone (samples/s by batch size): " + ", ".join(f"{b}: {v:.0f}" for b, v in best.items()))
+    streams = asyncio.run(offload_runs(args.checkpoint, card.fingerprint, card.split_block, tokens, args.seconds))
+    result["offload_runs"] = streams
+    best = max(alone["tail_samples_per_s"].values())
+    print(f"\n(c) offload leg alone, cloud pinned to core 0 with 1 thread; tail alone there: batch-1 "
+          f"{alone['cloud_half_ms']:.2f} ms, best {best:.0f} samples/s")
+    print(format_table(["batching", "streams x in flight", "req/s", "share of tail best", "mean batch", "p50 ms",
+                        "p95 ms", "p50 - tail b1"],
+                       [[r["batching"], f"{r['edges']} x {r['window']}", r["throughput_rps"],
+                         r["throughput_rps"] / best, r["mean_batch"], r["latency_ms"]["p50"], r["latency_ms"]["p95"],
+                         r["latency_ms"]["p50"] - alone["cloud_half_ms"]] for r in streams]))
+
+    ours = next(r for r in streams if r["batching"] == "adaptive" and r["edges"] == 16)
+    light = next(r for r in streams if r["batching"] == "adaptive" and r["edges"] == 1)
+    single = next(r for r in streams if r["batching"] == "batch 1")
     result["targets"] = {
         "int8_zstd_x_smaller": next(r["x_smaller_than_float32"] for r in codec["rows"] if r["codec"] == "int8+zstd"),
         "int8_zstd_accuracy_change_points": next(r["accuracy_change_points"] for r in codec["rows"]
                                                  if r["codec"] == "int8+zstd"),
-        "framework_overhead_p50_ms": e2e["framework_overhead_ms"]["p50"],
-        "batching_speedup_vs_batch1": b32 / b1,
-        "batching_share_of_tail_best": b32 / top,
+        "framework_overhead_p50_ms": e2e["framework_overhead_p50_ms"],
+        "leg_p50_minus_compute_ms": light["latency_ms"]["p50"] - alone["cloud_half_ms"],
+        "share_of_tail_best_pinned": ours["throughput_rps"] / best,
+        "batching_speedup_vs_batch1": ours["throughput_rps"] / single["throughput_rps"],
     }
+    if not args.no_ray_serve:
+        result["ray_serve"] = ray_serve_comparison(args, ours)
+        if "throughput_rps" in result["ray_serve"]:
+            result["targets"]["vs_ray_serve"] = ours["throughput_rps"] / result["ray_serve"]["throughput_rps"]
     print("\ntargets: " + ", ".join(f"{k}={v:.3g}" for k, v in result["targets"].items()))
+    result["wall_s"] = time.perf_counter() - started
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {out} ({result['wall_s']:.0f} s)")
     return 0
+
+
+def ray_serve_comparison(args: argparse.Namespace, ours: dict[str, Any]) -> dict[str, Any]:
+    """Ray Serve on the same tail, cores and load as ``ours``; the reason instead when it cannot run."""
+    try:
+        from bench.ray_serve import run_ray_serve_baseline
+    except ImportError as e:
+        print(f"\n(d) Ray Serve skipped: {e}")
+        return {"skipped": str(e)}
+    run = run_ray_serve_baseline(args.checkpoint, concurrency=ours["edges"] * ours["window"], seconds=args.seconds,
+                                 server_cores=SERVER_CORES, client_cores=client_cores())
+    print(f"\n(d) Ray Serve, same tail and load: {run['throughput_rps']:.0f} req/s "
+          f"(p50 {run['latency_ms']['p50']:.2f} ms) vs ours {ours['throughput_rps']:.0f} req/s")
+    return run
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     pass
 
 # Flags that override a CloudConfig field of the same name.
-_OVERRIDES = ("checkpoint", "listen", "device", "dtype", "max_batch", "max_wait_ms", "max_queue", "metrics_port",
+_OVERRIDES = ("checkpoint", "listen", "device", "dtype", "max_batch", "max_wait_ms", "max_queue", "threads", "metrics_port",
               "tls_cert", "tls_key", "tls_client_ca", "token_file")
 
 
@@ -35,9 +35,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, metavar="N",
                    help=f"most samples per forward pass, across all edges (default {d.max_batch})")
     p.add_argument("--max-wait-ms", type=float, metavar="MS",
-                   help=f"how long a batch waits for more requests after its first (default {d.max_wait_ms})")
+                   help=f"0: no timer, a batch is what queued during the last one; above 0, a batch also waits this long for company (default {d.max_wait_ms})")
     p.add_argument("--max-queue", type=int, metavar="N",
                    help=f"samples allowed to wait; beyond, requests get RESOURCE_EXHAUSTED (default {d.max_queue})")
+    p.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads (default: one per core)")
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve Prometheus metrics on this port of the listen host; 0 picks one (default: off)")
     p.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain (needs --tls-key)")

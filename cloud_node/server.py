@@ -18,6 +18,7 @@ from collections.abc import Callable
 from wsgiref.simple_server import WSGIServer
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -26,13 +27,13 @@ from offramp.config import CloudConfig, non_defaults
 from offramp.daemon import DaemonServer, bind, grpc_server, listen_host, run_until_signalled, start_metrics
 from offramp.errors import OfframpError
 from offramp.security import BearerTokenInterceptor, read_token, server_credentials
+from offramp.serving.batcher import Batcher, runs_inline
 from offramp.split import CloudHalf
 from offramp.wire import OFFLOAD_SERVICE, pb_grpc
 
-from .batcher import Batcher
+from .handler import OffloadHandler
 from .metrics import CloudMetrics
 from .servicer import OffloadServicer
-from .tail import Tail
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class CloudServer(DaemonServer):
     @property
     def queue_depth(self) -> int:
         """Samples waiting for a batch right now."""
-        return self._batcher.depth
+        return self._batcher.depth()
 
     async def _before_grpc_stop(self) -> None:
         self._draining.set()  # streams stop reading new requests
@@ -75,21 +76,25 @@ class CloudServer(DaemonServer):
 
 async def serve(config: CloudConfig) -> CloudServer:
     """Load the checkpoint, bind, start; the returned server is answering (and SERVING)."""
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     model, card = await asyncio.to_thread(load_checkpoint, config.checkpoint)
     try:
         half = CloudHalf(model, card.split_block, device=config.device, dtype=config.dtype)
     except ValueError as e:
         raise OfframpError(f"cannot run the model's tail: {e}") from None
     metrics = CloudMetrics()
-    batcher = Batcher(half.run, config.max_batch, config.max_wait_ms / 1e3, config.max_queue, metrics)
-    tail = Tail(half, card, batcher, metrics, config.max_batch, config.max_message_bytes)
+    batcher = Batcher(half.run, config.max_batch, max_queue=config.max_queue, max_wait_s=config.max_wait_ms / 1e3,
+                      inline=runs_inline(half.device), on_batch=metrics.batch_size.observe, name="cloud-tail")
+    metrics.queue_depth.set_function(batcher.depth)
+    handler = OffloadHandler(half, card, batcher, metrics, config.max_batch, config.max_message_bytes)
     draining = asyncio.Event()
 
     credentials = (server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
                    if config.tls_cert is not None else None)
     interceptors = [BearerTokenInterceptor(read_token(config.token_file))] if config.token_file is not None else []
     server = grpc_server(config.max_message_bytes, interceptors)
-    pb_grpc.add_OffloadServicer_to_server(OffloadServicer(tail, draining, config.max_in_flight_per_stream), server)
+    pb_grpc.add_OffloadServicer_to_server(OffloadServicer(handler, draining, config.max_in_flight_per_stream), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in ("", OFFLOAD_SERVICE):

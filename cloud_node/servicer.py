@@ -1,4 +1,4 @@
-"""The Offload gRPC service: a thin adapter from the wire to ``Tail``."""
+"""The Offload gRPC service: a thin adapter from the wire to ``OffloadHandler``."""
 from __future__ import annotations
 
 import asyncio
@@ -6,10 +6,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from offramp.serving.streams import StreamStopped, unordered_map
 from offramp.wire import pb, pb_grpc
 
-from .streams import StreamStopped, unordered_map
-from .tail import Tail
+from .handler import OffloadHandler
 
 
 class OffloadServicer(pb_grpc.OffloadServicer):
@@ -21,8 +21,8 @@ class OffloadServicer(pb_grpc.OffloadServicer):
     take the whole queue from the others.
     """
 
-    def __init__(self, tail: Tail, draining: asyncio.Event, max_in_flight: int = 256) -> None:
-        self._tail = tail
+    def __init__(self, handler: OffloadHandler, draining: asyncio.Event, max_in_flight: int = 256) -> None:
+        self._handler = handler
         self._draining = draining
         self._max_in_flight = max_in_flight
 
@@ -36,15 +36,15 @@ class OffloadServicer(pb_grpc.OffloadServicer):
         async def answer(request: pb.OffloadRequest) -> pb.OffloadReply:
             request_id = request.request_id
             if request_id in in_flight:
-                return self._tail.refuse(request, grpc.StatusCode.INVALID_ARGUMENT,
+                return self._handler.refuse(request, grpc.StatusCode.INVALID_ARGUMENT,
                                          f"request id {request_id} is already in flight on this stream")
             if len(in_flight) >= self._max_in_flight:
-                return self._tail.refuse(request, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                return self._handler.refuse(request, grpc.StatusCode.RESOURCE_EXHAUSTED,
                                          f"{len(in_flight)} requests in flight on this stream, the limit per "
                                          "stream; wait for answers")
             in_flight.add(request_id)
             try:
-                return await self._tail.answer(request)
+                return await self._handler.answer(request)
             finally:
                 in_flight.discard(request_id)
 
@@ -60,4 +60,4 @@ class OffloadServicer(pb_grpc.OffloadServicer):
         request: pb.DescribeRequest,
         context: grpc.aio.ServicerContext[pb.DescribeRequest, pb.DescribeReply],
     ) -> pb.DescribeReply:
-        return self._tail.describe()
+        return self._handler.describe()

@@ -26,21 +26,14 @@ import torch
 from offramp.checkpoint import Card
 from offramp.codec import CodecConfig, encode
 from offramp.netem.profiles import slowed
-from offramp.scores import confidence, prediction
+from offramp.serving.batcher import Batcher, runs_inline
+from offramp.serving.replies import answer_reply
 from offramp.split import EdgeHalf
 from offramp.wire import make_status, pb
 
-from .batcher import Batcher
 from .metrics import EdgeMetrics
 from .offload import CloudError, CloudUnavailable, OffloadClient, OffloadError
 from .policy import ExitPolicy
-
-
-@dataclass(frozen=True)
-class _Job:
-    x: torch.Tensor  # (C, H, W)
-    submitted: float  # perf_counter
-    audio: torch.Tensor | None = None  # (1, mels, frames), audiovisual models only
 
 
 @dataclass(frozen=True)
@@ -55,7 +48,7 @@ class _Outcome:
     audio_tokens: pb.EncodedTensor | None  # survivors of audiovisual models, B = 1
     encode_error: str  # why the tokens could not be encoded, if they could not
     raw_bytes: int  # the survivor's tokens as plain float32
-    stage_ms: dict[str, float]
+    encode_ms: float | None  # survivors only
 
 
 def _ms(seconds: float) -> float:
@@ -84,9 +77,11 @@ class EdgeEngine:
         self._encode = slowed(encode, slowdown)
         names = half.model.exit_names
         self.exit_names = [names[i] for i in half.exit_ids]
-        self._batcher: Batcher[_Job, _Outcome] = Batcher(self._run_batch, max_batch)
-        self.metrics = EdgeMetrics(connected=lambda: float(offload is not None and offload.connected_to is not None),
-                                   queue_depth=self._batcher.depth)
+        self.metrics = EdgeMetrics(connected=lambda: float(offload is not None and offload.connected_to is not None))
+        self._batcher: Batcher[list[_Outcome]] = Batcher(
+            self._run_batch, max_batch, inline=runs_inline(half.device, sleeps=slowdown > 1.0),
+            on_batch=self.metrics.batch_size.observe, name="edge-compute")
+        self.metrics.watch_queue(self._batcher.depth)
 
     def start(self) -> None:
         """Start computing and connecting (needs the running event loop)."""
@@ -106,8 +101,11 @@ class EdgeEngine:
         since = time.perf_counter() if since is None else since
         if (audio is None) == self.half.model.audiovisual:
             raise ValueError("audiovisual models need the audio input, others must not get one")
-        outcome = await self._batcher.submit(_Job(x, time.perf_counter(), audio))
-        stages = {**(stage_ms or {}), **outcome.stage_ms}
+        batched = await self._batcher.submit(x[None], None if audio is None else audio[None])
+        outcome = batched.rows[0]
+        stages = {**(stage_ms or {}), "queue": _ms(batched.queue_s), "edge_compute": _ms(batched.compute_s)}
+        if outcome.encode_ms is not None:
+            stages["encode"] = outcome.encode_ms
         reply, degraded_kind = await self._decide(outcome, stages)
         reply.request_id = request_id
         stages["total"] = _ms(time.perf_counter() - since)
@@ -152,7 +150,7 @@ class EdgeEngine:
         if list(cloud.output_shape) != [1, self.half.num_outputs] or output.numel() != self.half.num_outputs:
             raise CloudError(f"cloud error: output of shape {list(cloud.output_shape)} for one sample with "
                              f"{self.half.num_outputs} outputs")
-        reply = self._answer(output, outcome.score, decided_by="cloud", exit_index=-1)
+        reply = answer_reply(output, outcome.score, self.task, self.card.label_names, "cloud", -1)
         size = request.ByteSize()
         reply.bytes_sent = size
         self.metrics.offloads.inc()
@@ -161,41 +159,21 @@ class EdgeEngine:
         return reply
 
     def _exit_reply(self, outcome: _Outcome, exit_index: int, degraded_reason: str = "") -> pb.InferReply:
-        reply = self._answer(outcome.output, outcome.score, f"exit:{self.exit_names[exit_index]}", exit_index)
+        reply = answer_reply(outcome.output, outcome.score, self.task, self.card.label_names,
+                             f"exit:{self.exit_names[exit_index]}", exit_index)
         reply.degraded = bool(degraded_reason)
         reply.degraded_reason = degraded_reason
         return reply
 
-    def _answer(self, output: torch.Tensor, score: str, decided_by: str, exit_index: int) -> pb.InferReply:
-        """An OK reply from one head output (num_outputs,)."""
-        out = output[None]  # (1, num_outputs)
-        reply = pb.InferReply(
-            confidence=float(confidence(out, score)[0]), decided_by=decided_by, exit_index=exit_index,
-            output=output.tolist(), status=make_status(),
-        )
-        if self.task == "classification":
-            reply.prediction = int(prediction(out, self.task)[0])
-            reply.label = self.card.label_names[reply.prediction]
-        else:
-            reply.prediction = -1
-            reply.value = float(prediction(out, self.task)[0])
-        return reply
-
-    def _run_batch(self, jobs: list[_Job]) -> list[_Outcome]:
-        """Worker thread: exits for the whole batch under one policy snapshot, then encode the survivors."""
-        started = time.perf_counter()
+    def _run_batch(self, x: torch.Tensor, audio: torch.Tensor | None) -> list[_Outcome]:
+        """Exits for the whole batch (B, C, H, W) under one policy snapshot, then encode the survivors."""
         policy = self.policy.get()
-        x = torch.stack([j.x for j in jobs])  # (B, C, H, W)
-        audio = torch.stack([j.audio for j in jobs]) if jobs[0].audio is not None else None
         result = self._run_half(x, policy.run_thresholds(), policy.score, with_scores=self.codec.top_k is not None,
                                 audio=audio)
-        compute_ms = _ms(time.perf_counter() - started)
-        self.metrics.batch_size.observe(len(jobs))
         survivor_row = {sample: row for row, sample in enumerate(result.offload.tolist())}
         outcomes = []
-        for i, job in enumerate(jobs):
-            stages = {"queue": _ms(started - job.submitted), "edge_compute": compute_ms}
-            tokens, audio_tokens, error, raw = None, None, "", 0
+        for i in range(len(x)):
+            tokens, audio_tokens, error, raw, encode_ms = None, None, "", 0, None
             row = survivor_row.get(i)
             if row is not None:
                 t0 = time.perf_counter()
@@ -210,11 +188,10 @@ class EdgeEngine:
                         audio_tokens = self._encode(sample_audio, dataclasses.replace(self.codec, top_k=None))
                 except ValueError as e:  # e.g. values beyond float16's range
                     tokens, error = None, str(e)
-                stages["encode"] = _ms(time.perf_counter() - t0)
+                encode_ms = _ms(time.perf_counter() - t0)
             outcomes.append(_Outcome(
                 exit_index=int(result.exit_index[i]), best_exit=int(result.best_exit[i]), output=result.output[i],
                 score=policy.score, tokens=tokens, audio_tokens=audio_tokens, encode_error=error, raw_bytes=raw,
-                stage_ms=stages,
+                encode_ms=encode_ms,
             ))
         return outcomes
-

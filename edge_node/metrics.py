@@ -18,7 +18,7 @@ STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 class EdgeMetrics:
     """What an operator watches: who answers, how often the cloud fails us, bytes and time per stage."""
 
-    def __init__(self, connected: Callable[[], float], queue_depth: Callable[[], float]) -> None:
+    def __init__(self, connected: Callable[[], float]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.answers = Counter("offramp_edge_answers", "Answers, by where they were decided (exit:NAME or cloud)",
@@ -37,8 +37,11 @@ class EdgeMetrics:
         self.batch_size = Histogram("offramp_edge_batch_size", "Samples per local batch",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         Gauge("offramp_edge_cloud_connected", "1 while a cloud stream is open", registry=r).set_function(connected)
-        Gauge("offramp_edge_queue_depth", "Samples waiting for the compute thread",
-              registry=r).set_function(queue_depth)
+        self._queue_depth = Gauge("offramp_edge_queue_depth", "Samples waiting for a local batch", registry=r)
+
+    def watch_queue(self, depth: Callable[[], float]) -> None:
+        """Report ``depth()`` as the queue depth whenever metrics are scraped."""
+        self._queue_depth.set_function(depth)
 
     def record(self, reply: pb.InferReply, degraded_kind: str | None) -> None:
         """Count one answer sent back to a caller."""

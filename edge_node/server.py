@@ -29,11 +29,13 @@ from offramp.daemon import DaemonServer, bind, grpc_server, listen_host, run_unt
 from offramp.errors import OfframpError
 from offramp.scores import default_score
 from offramp.security import channel_credentials, read_token
+from offramp.serving.inputs import InputError, request_inputs
+from offramp.serving.offloop import call_by_size
+from offramp.serving.streams import unordered_map
 from offramp.split import EdgeHalf
 from offramp.wire import EDGE_SERVICE, make_status, pb, pb_grpc, status_code
 
 from .engine import EdgeEngine
-from .inputs import InputError, request_inputs
 from .offload import OffloadClient, OffloadSettings
 from .policy import ExitPolicy, PolicyError, PolicySettings, default_settings
 
@@ -60,31 +62,8 @@ class EdgeServicer(pb_grpc.EdgeServicer):
     async def InferStream(self, request_iterator: AsyncIterator[pb.InferRequest],
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.InferReply]:
         """Every request is answered as soon as it is done; a bad one gets an error reply, the stream goes on."""
-        replies: asyncio.Queue[pb.InferReply | None] = asyncio.Queue()
-        tasks: set[asyncio.Task[None]] = set()
-
-        async def answer(request: pb.InferRequest) -> None:
-            await replies.put(await self._answer(request))
-
-        async def read() -> None:
-            try:
-                async for request in request_iterator:
-                    task = asyncio.create_task(answer(request))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                await asyncio.gather(*tasks)
-            finally:
-                await replies.put(None)
-
-        reader = asyncio.create_task(read())
-        try:
-            while (reply := await replies.get()) is not None:
-                yield reply
-            await reader  # a broken request stream ends the call with its error
-        finally:
-            reader.cancel()
-            for task in list(tasks):
-                task.cancel()
+        async for reply in unordered_map(request_iterator, self._answer):
+            yield reply
 
     async def GetPolicy(self, request: pb.GetPolicyRequest, context: grpc.aio.ServicerContext) -> pb.Policy:
         return self.engine.policy.get().to_proto()
@@ -102,8 +81,8 @@ class EdgeServicer(pb_grpc.EdgeServicer):
         """The one reply to ``request``; errors become its status rather than exceptions."""
         arrived = time.perf_counter()
         try:
-            x, audio = await asyncio.to_thread(request_inputs, request, self.card.modality, self.card.input_shape,
-                                               self._audio_shape)
+            x, audio = await call_by_size(request.ByteSize(), request_inputs, request, self.card.modality,
+                                          self.card.input_shape, self._audio_shape)
             preprocess_ms = (time.perf_counter() - arrived) * 1000
             reply = await self.engine.infer(x, request.request_id, since=arrived,
                                             stage_ms={"preprocess": preprocess_ms}, audio=audio)

@@ -49,9 +49,14 @@ class CloudConfig:
     # Samples per forward pass across all streams: larger batches raise
     # throughput until the device saturates, and bound memory.
     max_batch: int = 32
-    # How long a batch waits for company after its first request: short, since
-    # it adds directly to every request's latency when traffic is light.
-    max_wait_ms: float = 2.0
+    # 0: no timer. A batch is whatever queued while the previous one ran, so an
+    # idle cloud starts a lone request at once and a busy one fills batches by
+    # itself. Above 0, a batch also waits this long after its first request
+    # for company (worth it on GPUs, where a fuller batch costs little more).
+    max_wait_ms: float = 0.0
+    # Torch intra-op threads; None: one per core. On a CPU shared with other
+    # daemons, 1 avoids threads waiting on each other's time slices.
+    threads: int | None = None
     # Samples waiting for a batch; beyond this requests are refused with
     # RESOURCE_EXHAUSTED at once, so edges fall back instead of queueing forever.
     max_queue: int = 1024
@@ -84,6 +89,7 @@ class CloudConfig:
                  "tls_client_ca (mutual TLS) needs tls_cert and tls_key: client certificates ride on TLS")
         _require(self.max_batch >= 1, "max_batch must be at least 1")
         _require(self.max_wait_ms >= 0, "max_wait_ms must not be negative")
+        _require(self.threads is None or self.threads >= 1, "threads must be at least 1 (or unset for one per core)")
         _require(self.max_queue >= 1, "max_queue must be at least 1")
         _require(self.max_in_flight_per_stream >= 1, "max_in_flight_per_stream must be at least 1")
         _require(self.max_message_mb >= 1, "max_message_mb must be at least 1")

@@ -29,13 +29,15 @@ class DaemonProcess:
     """
 
     def __init__(self, command: str, args: list[str], host: str = "127.0.0.1", startup_timeout: float = 60.0,
-                 log_path: str | Path | None = None, env: dict[str, str] | None = None) -> None:
+                 log_path: str | Path | None = None, env: dict[str, str] | None = None,
+                 cores: set[int] | None = None) -> None:
         self.command, self.args, self.host = command, args, host
         self.startup_timeout = startup_timeout
         self._tmp = tempfile.TemporaryDirectory(prefix=f"offramp-{command}-")
         self.port_file = Path(self._tmp.name) / "port"
         self.log_path = Path(log_path) if log_path else Path(self._tmp.name) / f"{command}.log"
         self.env = env
+        self.cores = cores  # CPU cores the daemon may run on (benchmarks pin servers apart from clients)
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
 
@@ -49,6 +51,8 @@ class DaemonProcess:
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(self.env or {})})
+        if self.cores is not None:  # before torch starts its threads: they inherit it
+            os.sched_setaffinity(self.proc.pid, self.cores)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

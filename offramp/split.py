@@ -195,10 +195,8 @@ class EdgeHalf:
 class CloudHalf:
     """Blocks ``[split, L)`` and the final head, on tokens from the wire.
 
-    For audiovisual models a sample's tokens are its visual tokens followed
-    by its ``num_audio_tokens`` audio tokens (as the edge's audio encoder
-    produced them); the tail fuses them into the backbone at the model's
-    fusion block.
+    Audiovisual models also take the edge's audio tokens, which the tail
+    fuses into the backbone at the model's fusion block.
     """
 
     def __init__(self, model: MultiExitModel, split_block: int, device: str = "cpu", dtype: str = "float32") -> None:
@@ -225,13 +223,11 @@ class CloudHalf:
         return (self.num_audio_tokens, self.model.audio_encoder.dim)
 
     @torch.no_grad()
-    def run(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, *token_shape) [+ audio tokens] -> (B, num_outputs) float32 on the CPU."""
-        if self.num_audio_tokens and tokens.shape[1] <= self.num_audio_tokens:
-            raise ValueError(f"expected visual tokens followed by {self.num_audio_tokens} audio tokens")
-        tokens = tokens.to(self.device)
-        audio = None
-        if self.num_audio_tokens:
-            tokens, audio = tokens[:, :-self.num_audio_tokens], tokens[:, -self.num_audio_tokens:]
+    def run(self, tokens: torch.Tensor, audio: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, *token_shape) tokens [and (B, audio tokens, width) for audiovisual models] -> (B, num_outputs)
+        float32 on the CPU."""
+        if (audio is None) != (not self.num_audio_tokens):
+            raise ValueError("audiovisual tails need the audio tokens beside the visual ones, others none")
         with compute_context(self.device, self.dtype):
-            return self.model.tail(tokens, self.split_block, audio).float().cpu()
+            return self.model.tail(tokens.to(self.device), self.split_block,
+                                   None if audio is None else audio.to(self.device)).float().cpu()

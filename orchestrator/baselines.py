@@ -18,19 +18,18 @@ and seeds:
 * **fixed split** needs no server of its own: it is the real edge and cloud
   daemons with every threshold out of reach, so every sample is offloaded.
 
-Both servers speak the Edge service's ``InferStream``, so one driver measures
-the system and its baselines the same way.
+Both servers speak the Edge service's ``InferStream`` with the daemons' own
+serving parts (input decoding, batcher, stream handling, replies), so one
+driver measures the system and its baselines the same way.
 """
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
-import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent import futures
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import Literal
 
 import grpc
@@ -39,10 +38,15 @@ import torch
 from PIL import Image
 
 from offramp.checkpoint import load_checkpoint
-from offramp.data.preprocess import preprocess_bytes
-from offramp.errors import DataError
+from offramp.daemon import grpc_server
 from offramp.netem import slowed
-from offramp.scores import confidence
+from offramp.scores import default_score
+from offramp.serving.batcher import Batcher, runs_inline
+from offramp.serving.errors import RequestError
+from offramp.serving.inputs import InputError, request_inputs
+from offramp.serving.offloop import call_by_size
+from offramp.serving.replies import answer_reply
+from offramp.serving.streams import unordered_map
 from offramp.wire import make_status, pb, pb_grpc
 
 from .workload import MAX_MESSAGE_BYTES
@@ -66,21 +70,13 @@ def encode_images(inputs: np.ndarray, image_format: Literal["jpeg", "png"], qual
     return tuple(files)
 
 
-@dataclass
-class _Job:
-    request_id: int
-    x: torch.Tensor  # (C, H, W)
-    arrived: float  # perf_counter when the request was read
-    queued: float  # perf_counter when it was decoded and queued
-    bytes_in: int
-    respond: Callable[[pb.InferReply], None]
-
-
 class FullModelServer:
-    """A gRPC server answering every input with the whole model, batching what queues up.
+    """A gRPC server answering every input with the whole model, batched like the daemons batch.
 
     ``where`` says whose resources it stands for: ``"edge"`` (slowed, no
     bytes on the wire) or ``"cloud"`` (``bytes_sent`` is what crossed the link).
+    Runs its own event loop in a thread, so a Ray actor can start and stop it
+    from plain methods.
     """
 
     def __init__(self, checkpoint: str, where: Where, host: str = "127.0.0.1", slowdown: float = 1.0,
@@ -88,16 +84,14 @@ class FullModelServer:
         self.model, self.card = load_checkpoint(checkpoint)
         self.model.eval().to(device)
         self.where, self.host, self.device = where, host, torch.device(device)
-        self.max_batch, self.max_wait_s = max_batch, max_wait_ms / 1e3
+        self.max_batch, self.max_wait_s, self.slowdown = max_batch, max_wait_ms / 1e3, slowdown
         self._forward = slowed(self._run_model, slowdown)
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
-        self._worker = threading.Thread(target=self._work, name=f"full-model-{where}", daemon=True)
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0),
-        ])
-        pb_grpc.add_EdgeServicer_to_server(_Servicer(self), self._server)
+        audio = self.card.config.audio
+        self._audio_shape = None if audio is None else tuple(audio.input_shape)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"full-model-{where}", daemon=True)
+        self._server: grpc.aio.Server | None = None
+        self._batcher: Batcher[torch.Tensor] | None = None
         self.port = 0
 
     @property
@@ -106,101 +100,66 @@ class FullModelServer:
 
     def start(self) -> str:
         """Bind a free port, start computing and serving; returns the address."""
-        self.port = self._server.add_insecure_port(f"{self.host}:0")
-        self._worker.start()
-        self._server.start()
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=60)
         log.info("full model (%s baseline) serving on %s", self.where, self.address)
         return self.address
 
     def stop(self, grace: float = 2.0) -> None:
-        self._server.stop(grace).wait()
-        self._jobs.put(None)
-        self._worker.join(timeout=10)
+        asyncio.run_coroutine_threadsafe(self._stop(grace), self._loop).result(timeout=grace + 30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
 
-    def submit(self, request: pb.InferRequest, respond: Callable[[pb.InferReply], None]) -> None:
-        """Decode ``request`` (on the caller's thread, as the edge does) and queue it for the model."""
+    async def _start(self) -> None:
+        self._batcher = Batcher(self._forward, self.max_batch, max_wait_s=self.max_wait_s,
+                                inline=runs_inline(self.device, sleeps=self.slowdown > 1.0), name="full-model")
+        self._batcher.start()
+        self._server = grpc_server(MAX_MESSAGE_BYTES)
+        pb_grpc.add_EdgeServicer_to_server(_Servicer(self), self._server)
+        self.port = self._server.add_insecure_port(f"{self.host}:0")
+        await self._server.start()
+
+    async def _stop(self, grace: float) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self._batcher is not None:
+            await self._batcher.close()
+
+    async def answer(self, request: pb.InferRequest) -> pb.InferReply:
+        """The one reply to ``request``, as the edge daemon would shape it."""
         arrived = time.perf_counter()
         try:
-            x = self._decode(request)
-        except DataError as e:
-            respond(pb.InferReply(request_id=request.request_id,
-                                  status=make_status(grpc.StatusCode.INVALID_ARGUMENT, str(e))))
-            return
-        self._jobs.put(_Job(request.request_id, x, arrived, time.perf_counter(), request.ByteSize(), respond))
-
-    def _decode(self, request: pb.InferRequest) -> torch.Tensor:
-        shape = tuple(self.card.input_shape)
-        if request.WhichOneof("input") == "encoded_file":
-            return preprocess_bytes(request.encoded_file, self.card.modality, shape)
-        if tuple(request.tensor.shape) != shape or len(request.tensor.data) != 4 * int(np.prod(shape)):
-            raise DataError(f"tensor of shape {list(request.tensor.shape)}, the model takes {list(shape)}")
-        return torch.from_numpy(np.frombuffer(request.tensor.data, dtype=np.float32).reshape(shape).copy())
+            x, audio = await call_by_size(request.ByteSize(), request_inputs, request, self.card.modality,
+                                          tuple(self.card.input_shape), self._audio_shape)
+            decoded = time.perf_counter()
+            batched = await self._batcher.submit(x[None], None if audio is None else audio[None])
+        except (InputError, RequestError) as e:
+            code = e.code if isinstance(e, RequestError) else grpc.StatusCode.INVALID_ARGUMENT
+            return pb.InferReply(request_id=request.request_id, status=make_status(code, str(e)))
+        task = self.card.config.task
+        reply = answer_reply(batched.rows[0], default_score(task), task, self.card.label_names,
+                             DECIDED_BY[self.where], -1)
+        reply.request_id = request.request_id
+        reply.bytes_sent = request.ByteSize() if self.where == "cloud" else 0
+        reply.stage_ms.update({
+            "preprocess": (decoded - arrived) * 1e3, "queue": batched.queue_s * 1e3,
+            "edge_compute" if self.where == "edge" else "cloud": batched.compute_s * 1e3,
+            "total": (time.perf_counter() - arrived) * 1e3,
+        })
+        return reply
 
     @torch.no_grad()
-    def _run_model(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.backbone(x.to(self.device)).float().cpu()  # (B, classes)
-
-    def _batches(self) -> Iterator[list[_Job]]:
-        """What has queued up, at most ``max_batch``, waiting ``max_wait_s`` after the first for company."""
-        while (first := self._jobs.get()) is not None:
-            batch, deadline = [first], time.perf_counter() + self.max_wait_s
-            while len(batch) < self.max_batch:
-                try:
-                    job = self._jobs.get(timeout=max(0.0, deadline - time.perf_counter()))
-                except queue.Empty:
-                    break
-                if job is None:
-                    self._jobs.put(None)  # stop after this batch
-                    break
-                batch.append(job)
-            yield batch
-
-    def _work(self) -> None:
-        for batch in self._batches():
-            started = time.perf_counter()
-            output = self._forward(torch.stack([job.x for job in batch]))
-            compute_ms = (time.perf_counter() - started) * 1e3
-            probs = confidence(output, "max_prob").tolist()
-            for job, out, conf in zip(batch, output, probs):
-                prediction = int(out.argmax())
-                reply = pb.InferReply(
-                    request_id=job.request_id, prediction=prediction, label=self.card.label_names[prediction],
-                    confidence=conf, decided_by=DECIDED_BY[self.where], exit_index=-1, output=out.tolist(),
-                    bytes_sent=job.bytes_in if self.where == "cloud" else 0, status=make_status(),
-                )
-                reply.stage_ms.update({
-                    "preprocess": (job.queued - job.arrived) * 1e3, "queue": (started - job.queued) * 1e3,
-                    "edge_compute" if self.where == "edge" else "cloud": compute_ms,
-                    "total": (time.perf_counter() - job.arrived) * 1e3,
-                })
-                job.respond(reply)
+    def _run_model(self, x: torch.Tensor, audio: torch.Tensor | None) -> torch.Tensor:
+        return self.model.final(x.to(self.device), None if audio is None else audio.to(self.device)).float().cpu()
 
 
 class _Servicer(pb_grpc.EdgeServicer):
-    """``InferStream`` only: read requests on one thread, yield answers as the model finishes them."""
+    """``InferStream`` only: answers in the order they finish, as the edge daemon does."""
 
     def __init__(self, server: FullModelServer) -> None:
         self.server = server
 
-    def InferStream(self, request_iterator: Iterator[pb.InferRequest],
-                    context: grpc.ServicerContext) -> Iterator[pb.InferReply]:
-        replies: queue.Queue[pb.InferReply | int] = queue.Queue()  # an int: the reader is done, after that many
-
-        def read() -> None:
-            count = 0
-            try:
-                for request in request_iterator:
-                    count += 1
-                    self.server.submit(request, replies.put)
-            finally:
-                replies.put(count)
-
-        threading.Thread(target=read, name="full-model-reader", daemon=True).start()
-        expected, answered = None, 0
-        while expected is None or answered < expected:
-            item = replies.get()
-            if isinstance(item, int):
-                expected = item
-            else:
-                answered += 1
-                yield item
+    async def InferStream(self, request_iterator: AsyncIterator[pb.InferRequest],
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.InferReply]:
+        async for reply in unordered_map(request_iterator, self.server.answer):
+            yield reply

@@ -252,7 +252,7 @@ def test_demo_retrains_a_checkpoint_trained_on_other_data(audio_checkpoint: Path
 
 
 def test_a_wav_for_an_image_model_is_named_as_such() -> None:
-    from edge_node.inputs import InputError, request_tensor
+    from offramp.serving.inputs import InputError, request_tensor
 
     with pytest.raises(InputError, match="the model takes images, expected an image file but got a WAV file"):
         request_tensor(pb.InferRequest(encoded_file=wav(8000, np.zeros(800, np.int16))), "image", (1, 32, 32))

@@ -102,7 +102,7 @@ def test_edge_and_cloud_halves_equal_one_fused_pass(split: int) -> None:
     result = edge.run(x, [NEVER] * edge.num_exits, "std", audio=audio)
     assert result.offload.tolist() == list(range(5)) and result.audio_tokens.shape == (5, 16, 96)
     cloud = CloudHalf(model, split)
-    out = cloud.run(torch.cat([result.tokens, result.audio_tokens], dim=1))
+    out = cloud.run(result.tokens, result.audio_tokens)
     torch.testing.assert_close(out, final, atol=1e-5, rtol=1e-5)
     # The best-exit fallback of every sample is one of the ladder's exits, with that exit's own output.
     for i, k in enumerate(result.best_exit.tolist()):
@@ -213,7 +213,7 @@ def test_fused_exit_answers_when_sure_and_offloads_otherwise(
         tmp_path: Path) -> None:
     requests = scene_requests(tmp_path, 12)
     # What the fused exit at block 2 thinks of these very files, offline.
-    from edge_node.inputs import request_inputs
+    from offramp.serving.inputs import request_inputs
     model, card = load_checkpoint(av_checkpoint)
     pairs = [request_inputs(r, card.modality, card.input_shape, card.config.audio.input_shape) for r in requests]
     x, audio = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])

@@ -137,10 +137,10 @@ def gate(start_cloud: object, monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]
     gate = Gate()
     run = CloudHalf.run
 
-    def gated_run(half: CloudHalf, tokens: torch.Tensor) -> torch.Tensor:
+    def gated_run(half: CloudHalf, tokens: torch.Tensor, audio: torch.Tensor | None = None) -> torch.Tensor:
         gate.calls += 1
         gate.opened.wait(STREAM_TIMEOUT)
-        return run(half, tokens)
+        return run(half, tokens, audio)
 
     monkeypatch.setattr(CloudHalf, "run", gated_run)
     yield gate

@@ -13,9 +13,9 @@ import math
 import numpy as np
 import torch
 
-from offramp.data import preprocess_bytes
-from offramp.errors import DataError, OfframpError
-from offramp.wire import pb
+from ..data import preprocess_bytes
+from ..errors import DataError, OfframpError
+from ..wire import pb
 
 
 class InputError(OfframpError):

@@ -1,4 +1,4 @@
-"""The model's tail behind the wire: check, decode, batch, answer — one request at a time.
+"""Offload requests in, replies out: check, decode, batch on the model's tail, answer.
 
 Everything the Offload service does, as plain async functions on protobuf
 messages, so the servicer stays a thin adapter. A request that cannot be
@@ -7,7 +7,6 @@ not end a stream that carries many good ones.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -21,8 +20,10 @@ from offramp.codec import CodecError, DecodeLimits, decode
 from offramp.split import CloudHalf
 from offramp.wire import make_status, pb, status_code
 
-from .batcher import Batcher, BatchResult
-from .errors import RequestError
+from offramp.serving.batcher import Batched, Batcher
+from offramp.serving.errors import RequestError
+from offramp.serving.offloop import call_by_size
+
 from .metrics import CloudMetrics
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,8 @@ VISUAL, AUDIOVISUAL = ("visual",), ("visual", "audio")  # what a tail consumes: 
 _FLOAT32_BYTES = 4  # the widest wire dtype
 
 
-class Tail:
-    """Answers OffloadRequests with ``half`` run in batches; describes what it serves."""
+class OffloadHandler:
+    """Answers OffloadRequests with the model's tail (``half``) run in batches; describes what it serves."""
 
     def __init__(
         self,
@@ -77,14 +78,15 @@ class Tail:
     async def answer(self, request: pb.OffloadRequest) -> pb.OffloadReply:
         """The reply to one request: head output and timings, or the reason in ``status``."""
         received = time.perf_counter()
-        self._metrics.received_bytes.inc(request.ByteSize())
+        size = request.ByteSize()
+        self._metrics.received_bytes.inc(size)
         reply = pb.OffloadReply(request_id=request.request_id, status=make_status())
         try:
             self._check(request)
-            tokens = await asyncio.to_thread(self._decode_request, request)  # off the loop: zstd and numpy
+            tokens, audio = await call_by_size(size, self._decode_request, request)
             decoded = time.perf_counter()
             deadline = received + request.deadline_ms / 1e3 if request.deadline_ms else None
-            result = await self._batcher.submit(tokens, deadline)
+            result = await self._batcher.submit(tokens, audio, deadline=deadline)
         except (CodecError, RequestError) as e:
             reply.status.CopyFrom(make_status(e.code, str(e)))
         except Exception as e:  # a bug: fail this request, keep the stream
@@ -132,11 +134,11 @@ class Tail:
         if not request.HasField("tokens"):
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the request carries no tokens")
 
-    def _decode_request(self, request: pb.OffloadRequest) -> torch.Tensor:
-        """(B, *token_shape) (fewer tokens after top-k), followed along the token axis by the audio tokens."""
+    def _decode_request(self, request: pb.OffloadRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, *token_shape) tokens (fewer after top-k), and (B, audio tokens, width) for audiovisual models."""
         tokens = torch.from_numpy(decode(request.tokens, self._limits))
         if self._audio_limits is None:
-            return tokens
+            return tokens, None
         try:
             audio = torch.from_numpy(decode(request.audio_tokens, self._audio_limits))
         except CodecError as e:
@@ -144,11 +146,11 @@ class Tail:
         if audio.shape[0] != tokens.shape[0]:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"{tokens.shape[0]} samples of visual tokens but {audio.shape[0]} of audio tokens")
-        return torch.cat([tokens, audio], dim=1)
+        return tokens, audio
 
-    def _fill(self, reply: pb.OffloadReply, result: BatchResult, decode_s: float) -> None:
-        reply.output.extend(result.output.reshape(-1).tolist())
-        reply.output_shape.extend(result.output.shape)
+    def _fill(self, reply: pb.OffloadReply, result: Batched[torch.Tensor], decode_s: float) -> None:
+        reply.output.extend(result.rows.reshape(-1).tolist())
+        reply.output_shape.extend(result.rows.shape)
         reply.batch_size = result.batch_size
         reply.timings.decode_ms = decode_s * 1e3
         reply.timings.queue_ms = result.queue_s * 1e3

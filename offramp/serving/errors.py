@@ -1,4 +1,4 @@
-"""The one error type the cloud turns into a per-request status."""
+"""The one error type a server turns into a per-request status."""
 from __future__ import annotations
 
 import grpc

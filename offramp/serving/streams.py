@@ -14,11 +14,11 @@ class StreamStopped(Exception):
 
 
 async def unordered_map(
-    items: AsyncIterator[T], handle: Callable[[T], Awaitable[R]], stop: asyncio.Event
+    items: AsyncIterator[T], handle: Callable[[T], Awaitable[R]], stop: asyncio.Event | None = None
 ) -> AsyncIterator[R]:
     """``handle`` every item as soon as it arrives and yield the results in the order they finish.
 
-    Ends when the input ends and every handler has finished. Once ``stop`` is
+    Ends when the input ends and every handler has finished. Once ``stop`` (if given) is
     set, no more items are read: the handlers already running finish and
     their results are yielded, then StreamStopped is raised if the input was
     still open, so the caller can tell the peer why its stream ended.
@@ -34,7 +34,7 @@ async def unordered_map(
 
     reader = asyncio.create_task(read())
     reader.add_done_callback(lambda _: finished.put_nowait(None))
-    stopper = asyncio.create_task(stop.wait())
+    stopper = asyncio.create_task((stop or asyncio.Event()).wait())
     stopper.add_done_callback(lambda _: reader.cancel())
     try:
         while not reader.done() or running:
@@ -44,7 +44,7 @@ async def unordered_map(
                 yield task.result()
         if not reader.cancelled():
             reader.result()  # a broken stream raises here
-        elif stop.is_set():
+        elif stop is not None and stop.is_set():
             raise StreamStopped
     finally:
         stopper.cancel()

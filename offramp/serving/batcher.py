@@ -1,0 +1,227 @@
+"""Dynamic batching without a fixed timer: a batch is whatever waited while the last one ran.
+
+Edge, cloud and the experiment baselines share this one batcher. A job is a
+tuple of tensors of B samples each (visual tokens and audio tokens travel
+side by side, never glued together); jobs whose shapes agree stack into one
+batch, oldest first, up to ``max_batch`` samples.
+
+An idle server starts a lone request at once: waiting for company that is
+not coming only adds latency. Under load, requests queue up while the device
+computes, and the next batch takes all of them the moment it is free, so
+batches grow with the load without any timer. ``max_wait_s`` adds an optional
+window after the first request, for devices (GPUs) where a fuller batch is
+worth a fixed delay.
+
+The model runs on the event loop's own thread (``inline=True``), or in one
+worker thread. Inline avoids a thread hop and the GIL's back-and-forth
+between the loop and torch's many small eager ops, which on a busy core
+slows both; a worker thread keeps the loop answering while long batches run
+(the emulated slow edge sleeps in it).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import grpc
+import torch
+
+from .errors import RequestError
+
+log = logging.getLogger(__name__)
+R = TypeVar("R", bound=Sequence)  # the model's result: one row per sample (a tensor or a list)
+Inputs = tuple[torch.Tensor | None, ...]
+
+
+# Whether CPU models run on the event loop's thread (see the module's docstring).
+INLINE_ON_CPU = False
+
+
+def runs_inline(device: torch.device, sleeps: bool = False) -> bool:
+    """Whether a batcher for a model on ``device`` should compute on the event loop's thread.
+
+    Not for accelerators (the loop serves the network while they work) nor for
+    models that sleep (the emulated slow device), which would stall the loop.
+    """
+    return INLINE_ON_CPU and device.type == "cpu" and not sleeps
+
+
+@dataclass(frozen=True)
+class Batched(Generic[R]):
+    """One job's share of a batch."""
+
+    rows: R  # the model's result for this job's samples only
+    queue_s: float  # submission to the start of its batch
+    compute_s: float  # the whole batch
+    batch_size: int  # samples in that batch
+
+
+@dataclass(eq=False)
+class _Job:
+    inputs: Inputs  # each (B, ...) or None
+    size: int
+    deadline: float | None  # perf_counter after which nobody wants the answer
+    submitted: float
+    future: asyncio.Future
+
+    @property
+    def shapes(self) -> tuple[tuple[int, ...] | None, ...]:
+        return tuple(None if t is None else tuple(t.shape[1:]) for t in self.inputs)
+
+
+class Batcher(Generic[R]):
+    """Runs ``model(*inputs) -> result`` on batches gathered across concurrent ``submit`` calls.
+
+    Refuses work beyond ``max_queue`` samples (RESOURCE_EXHAUSTED at once),
+    answers jobs whose deadline passed before a batch slot with
+    DEADLINE_EXCEEDED, and never computes for a caller who gave up.
+    """
+
+    def __init__(self, model: Callable[..., R], max_batch: int, *, max_queue: int | None = None,
+                 max_wait_s: float = 0.0, inline: bool = True, on_batch: Callable[[int], None] | None = None,
+                 name: str = "compute") -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, not {max_batch}")
+        self._model = model
+        self.max_batch = max_batch
+        self._max_queue = max_queue
+        self._max_wait_s = max_wait_s
+        self._on_batch = on_batch
+        self._name = name
+        self._pending: deque[_Job] = deque()
+        self._waiting = 0  # samples submitted and not yet computing
+        self._arrived = asyncio.Event()
+        self._flushing = False
+        self._executor = None if inline else ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._worker: asyncio.Task[None] | None = None
+
+    def depth(self) -> int:
+        """Samples waiting for a batch."""
+        return self._waiting
+
+    def start(self) -> None:
+        """Start the batching task (needs the running event loop)."""
+        self._worker = asyncio.get_running_loop().create_task(self._work(), name=self._name)
+
+    def flush(self) -> None:
+        """Stop waiting for company: a draining server wants its queue empty soon."""
+        self._flushing = True
+        self._arrived.set()
+
+    async def close(self) -> None:
+        """Stop batching; callers still waiting are cancelled, none is left hanging."""
+        if self._worker is not None:
+            self._worker.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._worker
+        while self._pending:
+            self._pending.popleft().future.cancel()
+        self._waiting = 0
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def submit(self, *inputs: torch.Tensor | None, deadline: float | None = None) -> Batched[R]:
+        """Run ``inputs`` (each (B, ...), or None) in some batch; ``RequestError`` when refused or failed."""
+        size = next(t for t in inputs if t is not None).shape[0]
+        if size > self.max_batch:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"{size} samples exceed the max batch of {self.max_batch}")
+        if self._max_queue is not None and self._waiting + size > self._max_queue:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"the queue is full ({self._waiting} samples waiting)")
+        job = _Job(inputs, size, deadline, time.perf_counter(), asyncio.get_running_loop().create_future())
+        self._pending.append(job)
+        self._waiting += size
+        self._arrived.set()
+        return await job.future
+
+    async def _work(self) -> None:
+        while True:
+            while not self._pending:
+                await self._wait_for_arrival(None)
+            batch = self._live(await self._gather())
+            if batch:
+                await self._compute(batch)
+
+    async def _gather(self) -> list[_Job]:
+        """The oldest job and every waiting one of the same shapes that fits; with ``max_wait_s``, more."""
+        first = self._pending.popleft()
+        batch, size, shapes = [first], first.size, first.shapes
+        close_at = first.submitted + self._max_wait_s
+        while size < self.max_batch:
+            job = self._take(shapes, self.max_batch - size)
+            if job is not None:
+                batch.append(job)
+                size += job.size
+            elif self._flushing or not await self._wait_for_arrival(close_at - time.perf_counter()):
+                break
+        return batch
+
+    def _take(self, shapes: tuple, room: int) -> _Job | None:
+        """Remove and return the oldest waiting job of ``shapes`` with at most ``room`` samples."""
+        for i, job in enumerate(self._pending):
+            if job.size <= room and job.shapes == shapes:
+                del self._pending[i]
+                return job
+        return None
+
+    async def _wait_for_arrival(self, timeout: float | None) -> bool:
+        """Wait for the next submission (or flush); False when ``timeout`` seconds pass first."""
+        if timeout is not None and timeout <= 0:
+            return False
+        self._arrived.clear()
+        try:
+            await asyncio.wait_for(self._arrived.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _live(self, batch: list[_Job]) -> list[_Job]:
+        """The jobs still worth computing: callers that gave up are dropped, expired ones answered."""
+        now = time.perf_counter()
+        live = []
+        for job in batch:
+            self._waiting -= job.size
+            if job.future.done():
+                continue
+            if job.deadline is not None and now >= job.deadline:
+                job.future.set_exception(RequestError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"deadline passed {(now - job.deadline) * 1e3:.1f} ms before a batch slot"))
+                continue
+            live.append(job)
+        return live
+
+    async def _compute(self, batch: list[_Job]) -> None:
+        inputs = tuple(None if batch[0].inputs[k] is None else torch.cat([job.inputs[k] for job in batch])
+                       for k in range(len(batch[0].inputs)))
+        size = sum(job.size for job in batch)
+        started = time.perf_counter()
+        try:
+            if self._executor is None:
+                result = self._model(*inputs)
+            else:
+                result = await asyncio.get_running_loop().run_in_executor(self._executor, self._model, *inputs)
+        except Exception:  # a bug in the model: every caller in the batch hears of it, none hangs
+            log.exception("%s failed on a batch of %d samples", self._name, size)
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(RequestError(grpc.StatusCode.INTERNAL,
+                                                          "the model failed on this request's batch"))
+            return
+        compute_s = time.perf_counter() - started
+        if self._on_batch is not None:
+            self._on_batch(size)
+        offset = 0
+        for job in batch:
+            if not job.future.done():
+                job.future.set_result(Batched(result[offset:offset + job.size], started - job.submitted,
+                                              compute_s, size))
+            offset += job.size
