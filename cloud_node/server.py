@@ -27,7 +27,7 @@ from offramp.config import CloudConfig, non_defaults
 from offramp.daemon import DaemonServer, bind, grpc_server, listen_host, run_until_signalled, start_metrics
 from offramp.errors import OfframpError
 from offramp.security import BearerTokenInterceptor, read_token, server_credentials
-from offramp.serving.batcher import Batcher, runs_inline
+from offramp.serving.batcher import Batcher, lone_on_loop
 from offramp.split import CloudHalf
 from offramp.wire import OFFLOAD_SERVICE, pb_grpc
 
@@ -85,7 +85,7 @@ async def serve(config: CloudConfig) -> CloudServer:
         raise OfframpError(f"cannot run the model's tail: {e}") from None
     metrics = CloudMetrics()
     batcher = Batcher(half.run, config.max_batch, max_queue=config.max_queue, max_wait_s=config.max_wait_ms / 1e3,
-                      inline=runs_inline(half.device), on_batch=metrics.batch_size.observe, name="cloud-tail")
+                      lone_on_loop=lone_on_loop(half.device), on_batch=metrics.batch_size.observe, name="cloud-tail")
     metrics.queue_depth.set_function(batcher.depth)
     handler = OffloadHandler(half, card, batcher, metrics, config.max_batch, config.max_message_bytes)
     draining = asyncio.Event()

@@ -26,7 +26,7 @@ import torch
 from offramp.checkpoint import Card
 from offramp.codec import CodecConfig, encode
 from offramp.netem.profiles import slowed
-from offramp.serving.batcher import Batcher, runs_inline
+from offramp.serving.batcher import Batcher, lone_on_loop
 from offramp.serving.replies import answer_reply
 from offramp.split import EdgeHalf
 from offramp.wire import make_status, pb
@@ -79,7 +79,7 @@ class EdgeEngine:
         self.exit_names = [names[i] for i in half.exit_ids]
         self.metrics = EdgeMetrics(connected=lambda: float(offload is not None and offload.connected_to is not None))
         self._batcher: Batcher[list[_Outcome]] = Batcher(
-            self._run_batch, max_batch, inline=runs_inline(half.device, sleeps=slowdown > 1.0),
+            self._run_batch, max_batch, lone_on_loop=lone_on_loop(half.device, sleeps=slowdown > 1.0),
             on_batch=self.metrics.batch_size.observe, name="edge-compute")
         self.metrics.watch_queue(self._batcher.depth)
 

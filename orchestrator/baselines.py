@@ -41,7 +41,7 @@ from offramp.checkpoint import load_checkpoint
 from offramp.daemon import grpc_server
 from offramp.netem import slowed
 from offramp.scores import default_score
-from offramp.serving.batcher import Batcher, runs_inline
+from offramp.serving.batcher import Batcher, lone_on_loop
 from offramp.serving.errors import RequestError
 from offramp.serving.inputs import InputError, request_inputs
 from offramp.serving.offloop import call_by_size
@@ -112,7 +112,7 @@ class FullModelServer:
 
     async def _start(self) -> None:
         self._batcher = Batcher(self._forward, self.max_batch, max_wait_s=self.max_wait_s,
-                                inline=runs_inline(self.device, sleeps=self.slowdown > 1.0), name="full-model")
+                                lone_on_loop=lone_on_loop(self.device, sleeps=self.slowdown > 1.0), name="full-model")
         self._batcher.start()
         self._server = grpc_server(MAX_MESSAGE_BYTES)
         pb_grpc.add_EdgeServicer_to_server(_Servicer(self), self._server)

@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from helpers import CloudFactory, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
+from cloud_node import server as cloud_server
 from cloud_node.server import CloudServer
 from offramp.checkpoint import Card, load_checkpoint
 from offramp.cli import main
@@ -143,6 +144,9 @@ def gate(start_cloud: object, monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]
         return run(half, tokens, audio)
 
     monkeypatch.setattr(CloudHalf, "run", gated_run)
+    # Lone requests would run on the event loop's thread, and a held one would stop the loop
+    # from queueing the rest: gated servers compute every batch in their worker thread.
+    monkeypatch.setattr(cloud_server, "lone_on_loop", lambda device: False)
     yield gate
     gate.opened.set()
 
