@@ -54,6 +54,7 @@ CODEC = CodecConfig(dtype="int8", zstd_level=3)  # what bench/offload.py sends
 MODULE = "bench.ray_serve"  # Ray's processes import this module's objects by this name
 SERVICE, METHOD = "offramp.bench.v1.TailBench", "Infer"
 APP = "offramp-tail"  # Ray Serve routes a gRPC call to the application named in its metadata
+QUIET = {"log_level": "WARNING", "enable_access_log": False}  # Ray Serve's LoggingConfig, as a dict
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -182,6 +183,12 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # from field 3, the state
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def process_cores(pid: int) -> dict[str, Any]:
     """A process's name and the cores any of its threads may run on."""
     cores: set[int] = set()
@@ -206,12 +213,12 @@ def _free_port() -> int:
 
 @contextmanager
 def ray_serve_tail(checkpoint: str, split_block: int, max_batch: int, max_wait_ms: float,
-                   cores: Sequence[int]) -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    """A private Ray cluster on ``cores`` serving the tail; yields (gRPC address, cores of each Ray process).
+                   cores: Sequence[int]) -> Iterator[tuple[str, list[int]]]:
+    """A private Ray cluster on ``cores`` serving the tail; yields (gRPC address, ids of the Ray processes).
 
     The Ray processes inherit this process's affinity when ``ray.init`` starts
     them, so it is pinned to ``cores`` meanwhile; a sweep afterwards pins any
-    thread that escaped, and the report shows what each process got.
+    thread that escaped. Per-request access logs are off, as in our daemon.
     """
     serve = import_serve()
     import ray
@@ -230,6 +237,7 @@ def ray_serve_tail(checkpoint: str, split_block: int, max_batch: int, max_wait_m
         grpc_port = _free_port()
         serve.start(
             http_options=HTTPOptions(host="127.0.0.1", port=_free_port()),
+            logging_config=QUIET,
             grpc_options=gRPCOptions(port=grpc_port,
                                      grpc_servicer_functions=[f"{MODULE}.add_tail_servicer_to_server"]),
         )
@@ -238,6 +246,7 @@ def ray_serve_tail(checkpoint: str, split_block: int, max_batch: int, max_wait_m
             # Ray's default of 5 ongoing requests would cap batches at 5: admit what our daemon's queue admits.
             max_ongoing_requests=CloudConfig.max_queue,
             ray_actor_options={"num_cpus": 1},
+            logging_config=QUIET,
         )
         serve.run(replica.bind(checkpoint, split_block, max_batch, max_wait_ms / 1e3, list(cores)),
                   name=APP, route_prefix=f"/{APP}")  # without a route the proxy knows no application
@@ -246,11 +255,7 @@ def ray_serve_tail(checkpoint: str, split_block: int, max_batch: int, max_wait_m
             with suppress(OSError):
                 pin_process(pid, cores)
         pin_process(os.getpid(), sorted(own_cores))
-        report = []
-        for pid in ray_processes:
-            with suppress(OSError):  # a process that ended meanwhile
-                report.append(process_cores(pid))
-        yield f"127.0.0.1:{grpc_port}", report
+        yield f"127.0.0.1:{grpc_port}", ray_processes
     finally:
         pin_process(os.getpid(), sorted(own_cores))
         if python_path is None:
@@ -401,7 +406,11 @@ def run_ray_serve_baseline(
     Ray Serve. Returns the keys of bench/offload.py's throughput rows
     (requests, throughput_rps, latency_ms, cloud_compute_ms, mean_batch)
     plus errors, wrong and max_abs_error (replies against CloudHalf's own
-    output), the settings, and ``pinning``: the cores of each Ray process.
+    output), the settings, and ``pinning``: each Ray process's cores and the
+    CPU seconds it used while the client ran (warm-up included).
+
+    The load generator is a spawned process: a calling script needs the
+    ``if __name__ == "__main__":`` guard.
     """
     import_serve()
     import ray
@@ -411,8 +420,13 @@ def run_ray_serve_baseline(
     requests = list(requests) if requests is not None else offload_requests(model, card, split)
     expected = reference_outputs(model, split, requests)
     payloads = [r.SerializeToString() for r in requests]
-    with ray_serve_tail(str(checkpoint), split, max_batch, max_wait_ms, server_cores) as (address, pinning):
+    with ray_serve_tail(str(checkpoint), split, max_batch, max_wait_ms, server_cores) as (address, ray_pids):
+        cpu_before = {pid: cpu_seconds(pid) for pid in ray_pids}
         run = drive_in_process(client_cores, address, payloads, expected, edges, window, seconds)
+        pinning = []
+        for pid in ray_pids:
+            with suppress(OSError, KeyError):  # a process that ended meanwhile
+                pinning.append({**process_cores(pid), "cpu_s": cpu_seconds(pid) - cpu_before[pid]})
     return {"server": "ray-serve", "ray": ray.__version__, "max_batch": max_batch, "max_wait_ms": max_wait_ms,
             "seconds": seconds, "server_cores": list(server_cores), "client_cores": list(client_cores),
             **run, "pinning": pinning}
@@ -461,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(run['pinning'])} Ray processes, " + (
         "all on the server cores" if not strays else
         "not pinned: " + ", ".join(f"{p['name']} {p['cores']}" for p in strays)))
+    busiest = sorted(run["pinning"], key=lambda p: -p["cpu_s"])[:4]
+    print("server CPU seconds while the client ran: " + ", ".join(f"{p['name']} {p['cpu_s']:.1f}" for p in busiest))
     if run["first_error"]:
         print(f"first error: {run['first_error']}")
 
