@@ -270,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         "batching_speedup_vs_batch1": ours["throughput_rps"] / single["throughput_rps"],
     }
     if not args.no_ray_serve:
-        result["ray_serve"] = ray_serve_comparison(args, ours)
+        requests = [pb.OffloadRequest(model_fingerprint=card.fingerprint, split_block=card.split_block, tokens=t)
+                    for t in tokens]
+        result["ray_serve"] = ray_serve_comparison(args, ours, requests)
         if "throughput_rps" in result["ray_serve"]:
             result["targets"]["vs_ray_serve"] = ours["throughput_rps"] / result["ray_serve"]["throughput_rps"]
     print("\ntargets: " + ", ".join(f"{k}={v:.3g}" for k, v in result["targets"].items()))
@@ -282,17 +284,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def ray_serve_comparison(args: argparse.Namespace, ours: dict[str, Any]) -> dict[str, Any]:
-    """Ray Serve on the same tail, cores and load as ``ours``; the reason instead when it cannot run."""
+def ray_serve_comparison(args: argparse.Namespace, ours: dict[str, Any],
+                         requests: list[pb.OffloadRequest]) -> dict[str, Any]:
+    """Ray Serve on the same tail, requests, cores and load as ``ours``; the reason instead when it cannot run."""
+    from bench.ray_serve import RayServeMissing, run_ray_serve_baseline
     try:
-        from bench.ray_serve import run_ray_serve_baseline
-    except ImportError as e:
+        run = run_ray_serve_baseline(args.checkpoint, requests=requests, edges=ours["edges"], window=ours["window"],
+                                     seconds=args.seconds, server_cores=sorted(SERVER_CORES),
+                                     client_cores=sorted(client_cores()))
+    except RayServeMissing as e:
         print(f"\n(d) Ray Serve skipped: {e}")
         return {"skipped": str(e)}
-    run = run_ray_serve_baseline(args.checkpoint, concurrency=ours["edges"] * ours["window"], seconds=args.seconds,
-                                 server_cores=SERVER_CORES, client_cores=client_cores())
-    print(f"\n(d) Ray Serve, same tail and load: {run['throughput_rps']:.0f} req/s "
-          f"(p50 {run['latency_ms']['p50']:.2f} ms) vs ours {ours['throughput_rps']:.0f} req/s")
+    print(f"\n(d) Ray Serve {run['ray']} on the same tail, cores and load ({ours['edges']} x {ours['window']}): "
+          f"{run['throughput_rps']:.0f} req/s, p50 {run['latency_ms']['p50']:.1f} ms, mean batch "
+          f"{run['mean_batch']:.1f}, {run['errors']} errors; ours {ours['throughput_rps']:.0f} req/s")
     return run
 
 

@@ -1,7 +1,7 @@
 """Ray Serve baseline: the same cloud tail behind Ray Serve's gRPC proxy, batched with ``@serve.batch``.
 
 Answers "why not Ray Serve?" with numbers from the same run. The replica runs
-our cloud's own request handling (``cloud_node.tail.Tail``: checks, bounded
+our cloud's own request handling (``cloud_node.handler.OffloadHandler``: checks, bounded
 decoding, reply) on the same ``CloudHalf``; what differs is only what Ray
 Serve replaces: its gRPC proxy, its routing to the replica, and
 ``@serve.batch`` in place of our batcher. Ray Serve's proxy has no use for
@@ -36,9 +36,9 @@ import grpc
 import numpy as np
 import torch
 
-from cloud_node.batcher import BatchResult
+from bench.backbones import cpu_name
+from cloud_node.handler import OffloadHandler
 from cloud_node.metrics import CloudMetrics
-from cloud_node.tail import Tail
 from offramp.checkpoint import load_checkpoint
 from offramp.codec import CodecConfig, decode, encode
 from offramp.config import CloudConfig
@@ -46,6 +46,7 @@ from offramp.errors import OfframpError
 from offramp.models import MultiExitModel
 from offramp.pipeline import load_validation
 from offramp.report import format_table
+from offramp.serving.batcher import Batched
 from offramp.split import CloudHalf, EdgeHalf
 from offramp.wire import pb
 
@@ -97,7 +98,7 @@ class _Waiting:
 
 
 class _ServeBatcher:
-    """Stands in for our Batcher inside ``Tail``: every request goes through a ``@serve.batch`` method.
+    """Stands in for our Batcher inside ``OffloadHandler``: every request goes through a ``@serve.batch`` method.
 
     Deadlines are not enforced (the benchmark sends none), and ``@serve.batch``
     counts requests, not samples: the same thing when each request is one sample.
@@ -106,12 +107,13 @@ class _ServeBatcher:
     def __init__(self, batched: Any) -> None:
         self._batched = batched
 
-    async def submit(self, tokens: torch.Tensor, deadline: float | None = None) -> BatchResult:
+    async def submit(self, tokens: torch.Tensor, audio: torch.Tensor | None = None,
+                     deadline: float | None = None) -> Batched:
         return await self._batched(_Waiting(tokens, time.perf_counter()))
 
 
 class TailReplica:
-    """The Ray Serve deployment: our cloud's ``Tail`` on ``CloudHalf``, batched by ``@serve.batch``."""
+    """The Ray Serve deployment: our cloud's ``OffloadHandler`` on ``CloudHalf``, batched by ``@serve.batch``."""
 
     def __init__(self, checkpoint: str, split_block: int, max_batch: int, max_wait_s: float,
                  cores: list[int]) -> None:
@@ -122,15 +124,15 @@ class TailReplica:
         self._half = CloudHalf(model, split_block)
         # Applied here rather than as a decorator, so this module imports without Ray installed.
         batched = serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=max_wait_s)(self._run_batch)
-        self._tail = Tail(self._half, card, _ServeBatcher(batched), CloudMetrics(), max_batch,
+        self._handler = OffloadHandler(self._half, card, _ServeBatcher(batched), CloudMetrics(), max_batch,
                           CloudConfig.max_message_mb << 20)
 
     async def Infer(self, request: pb.OffloadRequest) -> pb.OffloadReply:  # noqa: N802 - the gRPC method's name
-        return await self._tail.answer(request)
+        return await self._handler.answer(request)
 
-    async def _run_batch(self, waiting: list[_Waiting]) -> list[BatchResult]:
+    async def _run_batch(self, waiting: list[_Waiting]) -> list[Batched]:
         """One forward pass per token shape, off the event loop, as our batcher's worker thread does."""
-        results: dict[int, BatchResult] = {}
+        results: dict[int, Batched] = {}
         for shape in {tuple(w.tokens.shape[1:]) for w in waiting}:  # top-k selection can make shapes differ
             group = [i for i, w in enumerate(waiting) if tuple(w.tokens.shape[1:]) == shape]
             tokens = torch.cat([waiting[i].tokens for i in group])
@@ -138,7 +140,7 @@ class TailReplica:
             output = await asyncio.to_thread(self._half.run, tokens)
             compute_s = time.perf_counter() - started
             for i, rows in zip(group, output.split([waiting[i].tokens.shape[0] for i in group])):
-                results[i] = BatchResult(rows, started - waiting[i].submitted, compute_s, tokens.shape[0])
+                results[i] = Batched(rows, started - waiting[i].submitted, compute_s, tokens.shape[0])
         return [results[i] for i in range(len(waiting))]
 
 
@@ -430,14 +432,6 @@ def run_ray_serve_baseline(
     return {"server": "ray-serve", "ray": ray.__version__, "max_batch": max_batch, "max_wait_ms": max_wait_ms,
             "seconds": seconds, "server_cores": list(server_cores), "client_cores": list(client_cores),
             **run, "pinning": pinning}
-
-
-def cpu_name() -> str:
-    with suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
