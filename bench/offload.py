@@ -75,10 +75,10 @@ def timed_p50(fn, seconds: float = 1.0) -> float:
 def compute_alone(edge: EdgeHalf, cloud: CloudHalf, x: torch.Tensor, tokens: torch.Tensor) -> dict[str, Any]:
     """Batch-1 compute of each half and the tail's best batched throughput, on the servers' core, 1 thread."""
     mask, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    never = [2.0] * edge.num_exits  # every sample runs every exit and leaves as tokens
     os.sched_setaffinity(0, SERVER_CORES)
     torch.set_num_threads(1)
     try:
-        never = [2.0] * edge.num_exits  # every sample runs every exit and leaves as tokens
         out = {"edge_half_ms": timed_p50(lambda: edge.run(x[:1], never, "max_prob")),
                "cloud_half_ms": timed_p50(lambda: cloud.run(tokens[:1])), "tail_samples_per_s": {}}
         for b in (1, 8, 16, 32, 64):
@@ -87,6 +87,11 @@ def compute_alone(edge: EdgeHalf, cloud: CloudHalf, x: torch.Tensor, tokens: tor
     finally:
         torch.set_num_threads(threads)
         os.sched_setaffinity(0, mask)
+    # Does a second intra-op thread help at batch 1? (It decides the daemons' default --threads.)
+    torch.set_num_threads(min(2, len(mask)))
+    out["two_threads"] = {"edge_half_ms": timed_p50(lambda: edge.run(x[:1], never, "max_prob")),
+                          "cloud_half_ms": timed_p50(lambda: cloud.run(tokens[:1]))}
+    torch.set_num_threads(threads)
     return out
 
 
@@ -241,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
              ["cloud half alone (batch 1)", alone["cloud_half_ms"], None],
              ["framework overhead", e2e["framework_overhead_p50_ms"], None]]
     print(format_table(["stage", "p50", "p95"], rows))
+    print(f"batch-1 compute alone with 2 threads: edge half {alone['two_threads']['edge_half_ms']:.2f} ms, "
+          f"cloud half {alone['two_threads']['cloud_half_ms']:.2f} ms")
     print(format_table(["daemon threads", "pinned", "client p50", "overhead p50"],
                        [[r["threads"], "core 0" if r["pinned"] else "no", r["client_ms"]["p50"],
                          r["framework_overhead_p50_ms"]] for r in runs]))

@@ -1,0 +1,152 @@
+"""The shared batcher: no timer at either end of the load, shapes kept apart, every caller answered once."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+
+from offramp.serving.batcher import Batcher
+from offramp.serving.errors import RequestError
+from offramp.serving.streams import unordered_map
+
+
+class Recorder:
+    """A model that doubles its input, remembers each batch, and can be held in the worker thread."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[tuple[int, ...], ...]] = []
+        self.threads: list[str] = []
+        self.release = threading.Event()
+        self.release.set()
+        self.fail = False
+
+    def __call__(self, x: torch.Tensor, audio: torch.Tensor | None = None) -> torch.Tensor:
+        self.batches.append((tuple(x.shape),) + (() if audio is None else (tuple(audio.shape),)))
+        self.threads.append(threading.current_thread().name)
+        self.release.wait(10)
+        if self.fail:
+            raise RuntimeError("boom")
+        out = x.flatten(1).sum(1, keepdim=True) * 2
+        return out if audio is None else out + audio.flatten(1).sum(1, keepdim=True)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def test_a_lone_request_on_an_idle_server_runs_at_once_without_a_hand_off() -> None:
+    model = Recorder()
+
+    async def go():
+        batcher = Batcher(model, 8, lone_on_loop=True, name="t")
+        batcher.start()
+        t0 = time.perf_counter()
+        result = await batcher.submit(torch.ones(1, 3))
+        waited = time.perf_counter() - t0
+        await batcher.close()
+        return result, waited
+
+    result, waited = run(go())
+    assert result.rows.tolist() == [[6.0]] and result.batch_size == 1 and result.queue_s == 0.0
+    assert model.threads == [threading.main_thread().name]  # computed right there, on the loop's thread
+    assert waited < 0.5
+
+
+def test_requests_that_queue_during_a_batch_form_the_next_one_without_a_timer() -> None:
+    model = Recorder()
+
+    async def go():
+        batcher = Batcher(model, 8, lone_on_loop=True, name="t")
+        batcher.start()
+        model.release.clear()
+        first = asyncio.create_task(batcher.submit(torch.ones(2, 3)))  # two samples: the worker thread
+        while not model.batches:
+            await asyncio.sleep(0.001)
+        rest = [asyncio.create_task(batcher.submit(torch.full((1, 3), float(i)))) for i in range(5)]
+        await asyncio.sleep(0.05)
+        assert batcher.depth() == 5
+        model.release.set()
+        results = [await first] + [await r for r in rest]
+        await batcher.close()
+        return results
+
+    results = run(go())
+    assert [b[0][0] for b in model.batches] == [2, 5]
+    assert [r.rows.flatten().tolist() for r in results[1:]] == [[6.0 * i] for i in range(5)]
+    assert {r.batch_size for r in results[1:]} == {5}
+
+
+def test_only_equal_shapes_share_a_batch_and_second_inputs_travel_beside_the_first() -> None:
+    model = Recorder()
+
+    async def go():
+        batcher = Batcher(model, 8, name="t")
+        batcher.start()
+        model.release.clear()
+        hold = asyncio.create_task(batcher.submit(torch.ones(2, 4, 2), torch.ones(2, 3)))
+        while not model.batches:
+            await asyncio.sleep(0.001)
+        small = [asyncio.create_task(batcher.submit(torch.ones(1, 2, 2), torch.ones(1, 3))) for _ in range(2)]
+        large = [asyncio.create_task(batcher.submit(torch.ones(1, 4, 2), torch.ones(1, 3))) for _ in range(3)]
+        await asyncio.sleep(0.02)
+        model.release.set()
+        out = [await t for t in [hold, *small, *large]]
+        await batcher.close()
+        return out
+
+    out = run(go())
+    assert model.batches == [((2, 4, 2), (2, 3)), ((2, 2, 2), (2, 3)), ((3, 4, 2), (3, 3))]
+    assert [r.rows.flatten().tolist() for r in out[1:3]] == [[11.0], [11.0]]  # 2 * 4 + 3
+    assert [r.rows.flatten().tolist() for r in out[3:]] == [[19.0]] * 3  # 2 * 8 + 3
+
+
+def test_refusals_deadlines_and_failures_each_answer_every_caller_once() -> None:
+    model = Recorder()
+
+    async def go():
+        batcher = Batcher(model, 4, max_queue=3, name="t")
+        batcher.start()
+        with pytest.raises(RequestError) as too_big:
+            await batcher.submit(torch.ones(5, 1))
+        model.release.clear()
+        hold = asyncio.create_task(batcher.submit(torch.ones(2, 1)))
+        while not model.batches:
+            await asyncio.sleep(0.001)
+        late = asyncio.create_task(batcher.submit(torch.ones(1, 1), deadline=time.perf_counter() + 0.01))
+        queued = [asyncio.create_task(batcher.submit(torch.ones(1, 1))) for _ in range(2)]
+        await asyncio.sleep(0.001)
+        with pytest.raises(RequestError) as full:
+            await batcher.submit(torch.ones(1, 1))
+        await asyncio.sleep(0.05)
+        model.fail = True
+        model.release.set()
+        outcomes = await asyncio.gather(hold, late, *queued, return_exceptions=True)
+        await batcher.close()
+        return too_big.value, full.value, outcomes
+
+    too_big, full, (hold, late, *queued) = run(go())
+    assert too_big.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max batch of 4" in str(too_big)
+    assert full.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in str(full)
+    assert isinstance(hold, RequestError) and hold.code == grpc.StatusCode.INTERNAL
+    assert isinstance(late, RequestError) and late.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert all(isinstance(q, RequestError) and q.code == grpc.StatusCode.INTERNAL for q in queued)
+    assert [b[0][0] for b in model.batches] == [2, 2]  # the expired request took no slot
+
+
+def test_unordered_map_yields_answers_as_they_finish() -> None:
+    async def go():
+        async def items():
+            for delay in (0.05, 0.0, 0.02):
+                yield delay
+
+        async def handle(delay: float) -> float:
+            await asyncio.sleep(delay)
+            return delay
+
+        return [r async for r in unordered_map(items(), handle)]
+
+    assert run(go()) == [0.0, 0.02, 0.05]
