@@ -112,7 +112,7 @@ class SweepConfig:
         for i, t in enumerate(self.thresholds):
             values = t if isinstance(t, tuple) else (t,)
             require(len(values) > 0 and not any(math.isnan(v) for v in values),
-                     f"thresholds[{i}] must be a number or a non-empty list of numbers")
+                    f"thresholds[{i}] must be a number or a non-empty list of numbers")
         for i, spec in enumerate(self.profiles):
             specs = spec if isinstance(spec, tuple) else (spec,)
             require(len(specs) > 0, f"profiles[{i}] must not be an empty list")
