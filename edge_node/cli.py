@@ -1,40 +1,23 @@
 """``offramp edge``, ``infer``, ``policy`` and ``calibrate``: the edge's subcommands.
 
-Only argparse is imported up front; each command imports what it needs when
-it runs, so ``offramp --help`` stays fast.
+Only argparse and the edge's config (whose fields generate the ``edge``
+flags) are imported up front; each command imports what it needs when it
+runs, so ``offramp --help`` stays fast.
 """
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from offramp.cli import exit_names
+from offramp.config import EdgeConfig
+from offramp.flags import add_config_flags, choices, config_from_args
 
 if TYPE_CHECKING:
     import grpc
 
     from offramp.wire import pb
-
-
-# Flags that override an EdgeConfig field of the same name.
-_OVERRIDES = ("checkpoint", "listen", "cloud", "thresholds", "score", "split_block", "exits", "codec", "top_k",
-              "deadline_ms", "device", "dtype", "threads", "slowdown", "max_batch", "metrics_port",
-              "cloud_tls_ca", "cloud_tls_cert", "cloud_tls_key", "cloud_tls_server_name", "cloud_token_file")
-_SCORES = ["max_prob", "entropy", "margin", "std"]
-
-
-def floats(text: str) -> list[float]:
-    """Comma-separated numbers; ``inf`` and ``-inf`` mean "never" and "always" leave."""
-    try:
-        values = [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if any(math.isnan(v) for v in values):
-        raise argparse.ArgumentTypeError("thresholds must be numbers, not NaN")
-    return values
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -53,51 +36,20 @@ def _add_edge(sub: argparse._SubParsersAction) -> None:
                     "and answered from their best exit (marked degraded) when the cloud is down or late. "
                     "Settings come from --config, then the flags. SIGTERM or SIGINT drains it.",
     )
-    p.add_argument("--config", metavar="TOML", help="settings file (see 'offramp calibrate --out' for a full one)")
-    p.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory written by 'offramp train' (required)")
-    p.add_argument("--listen", metavar="HOST:PORT", help="address of the local API; port 0 picks one")
-    p.add_argument("--cloud", metavar="HOST:PORT", nargs="+", action="extend",
-                   help="cloud addresses in order of preference (the rest are failover)")
-    p.add_argument("--thresholds", type=floats, metavar="T1,T2",
-                   help="one confidence threshold per edge exit, cheapest first")
-    p.add_argument("--score", choices=_SCORES, help="confidence score the thresholds apply to")
-    p.add_argument("--split-block", type=int, metavar="K", help="block after which to offload (default: the card's)")
-    p.add_argument("--exits", type=exit_names, metavar="NAME,NAME",
-                   help="run only these exits, e.g. slvit@2,slvit@4 (default: every exit up to the split)")
-    p.add_argument("--codec", choices=["int8", "float16", "float32"], help="token precision on the wire")
-    p.add_argument("--top-k", type=int, metavar="K", help="send only the K most attended patch tokens")
-    p.add_argument("--deadline-ms", type=int, metavar="MS", help="how long to wait for the cloud per request")
-    p.add_argument("--device", help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute precision (autocast)")
-    p.add_argument("--threads", type=int, metavar="N", help="torch threads (default: one per core; 1 on a busy CPU)")
-    p.add_argument("--max-batch", type=int, metavar="N", help="most samples computed together")
-    p.add_argument("--slowdown", type=float, metavar="FACTOR",
-                   help="emulate a device FACTOR times slower (sleeps after each compute; default 1)")
-    p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics here; 0 picks one")
-    p.add_argument("--offload", choices=["on", "off"], help="off: the last exit answers everything")
-    p.add_argument("--cloud-tls-ca", metavar="PEM", help="use TLS towards the clouds, trusting this CA")
-    p.add_argument("--cloud-tls-cert", metavar="PEM", help="mutual TLS: this edge's certificate (needs --cloud-tls-key)")
-    p.add_argument("--cloud-tls-key", metavar="PEM", help="private key of --cloud-tls-cert")
-    p.add_argument("--cloud-tls-server-name", metavar="NAME",
-                   help="check the cloud's certificate against NAME instead of the address's host")
-    p.add_argument("--cloud-token-file", metavar="PATH", help="send the bearer token in this file to the clouds")
+    p.add_argument("--config", metavar="TOML",
+                   help="settings file: the flags below as keys (max_batch = 16); see 'offramp calibrate --out' "
+                        "for a complete, commented one")
+    add_config_flags(p, EdgeConfig)
     p.add_argument("--port-file", metavar="PATH", help="write the bound gRPC port here once serving")
     p.set_defaults(run=_run_edge)
 
 
 def _run_edge(args: argparse.Namespace) -> int:
-    from offramp.config import EdgeConfig, load_config
     from offramp.daemon import announce
 
     from .server import run
 
-    overrides = {key: getattr(args, key) for key in _OVERRIDES}
-    if args.offload is not None:
-        overrides["offload_enabled"] = args.offload == "on"
-    if args.verbose:
-        overrides["log_level"] = "DEBUG"
-    config = load_config(EdgeConfig, args.config, overrides)
-
+    config = config_from_args(EdgeConfig, args)
     return run(config, ready=lambda server: announce("edge", server.address, server.port, args.port_file))
 
 
@@ -200,9 +152,7 @@ def _add_policy(sub: argparse._SubParsersAction) -> None:
     get.set_defaults(run=_run_policy)
     put = actions.add_parser("set", help="change thresholds, score or offload switch")
     put.add_argument("--edge", required=True, metavar="HOST:PORT")
-    put.add_argument("--thresholds", type=floats, metavar="T1,T2", help="one per edge exit, cheapest first")
-    put.add_argument("--score", choices=_SCORES)
-    put.add_argument("--offload", choices=["on", "off"])
+    add_config_flags(put, EdgeConfig, ("thresholds", "score", "offload_enabled"), with_defaults=False)
     put.set_defaults(run=_run_policy)
 
 
@@ -217,15 +167,15 @@ def _run_policy(args: argparse.Namespace) -> int:
         try:
             policy = stub.GetPolicy(pb.GetPolicyRequest(), timeout=10)
             if args.action == "set":
-                if args.thresholds is None and args.score is None and args.offload is None:
+                if args.thresholds is None and args.score is None and args.offload_enabled is None:
                     raise OfframpError("nothing to set: give --thresholds, --score or --offload")
                 if args.thresholds is not None:
                     policy.ClearField("thresholds")
                     policy.thresholds.extend(args.thresholds)
                 if args.score is not None:
                     policy.score = args.score
-                if args.offload is not None:
-                    policy.offload_enabled = args.offload == "on"
+                if args.offload_enabled is not None:
+                    policy.offload_enabled = args.offload_enabled
                 policy = stub.SetPolicy(policy, timeout=10)
         except grpc.RpcError as e:
             raise _rpc_error(args.edge, e) from None
@@ -260,7 +210,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
                         help="fewest offloads with accuracy at most POINTS percentage points below the full model")
     target.add_argument("--target-offload", type=float, metavar="FRACTION",
                         help="best accuracy with at most FRACTION (0..1) of the samples sent to the cloud")
-    p.add_argument("--score", choices=_SCORES,
+    p.add_argument("--score", choices=choices(EdgeConfig, "score"),
                    help="confidence score (default: the one --out names, else max_prob; std for regression)")
     p.add_argument("--data", help="calibrate on all of this data spec instead of the card's validation split")
     p.add_argument("--out", required=True, metavar="TOML", help="edge config to create or update")
@@ -270,16 +220,14 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
 def _run_calibrate(args: argparse.Namespace) -> int:
     from offramp.errors import OfframpError
 
-    from .calibrate import Target, calibrate_checkpoint
-    from .edge_toml import check_checkpoint, write_thresholds
+    from .calibrate import Target
+    from .edge_toml import calibrate_into
 
     try:
         target = Target(accuracy_drop=args.target_accuracy_drop, max_offload=args.target_offload)
     except ValueError as e:
         raise OfframpError(str(e)) from None
-    check_checkpoint(args.out, args.checkpoint)  # before the evaluation, not after it
-    result = calibrate_checkpoint(args.checkpoint, target, score=args.score, data=args.data, edge_toml=args.out)
-    created = write_thresholds(args.out, args.checkpoint, result.chosen.thresholds, result.score)
+    result, created = calibrate_into(args.out, args.checkpoint, target, score=args.score, data=args.data)
     print(result.summary())
     print(f"{'created' if created else 'updated'} {args.out}")
     return 0

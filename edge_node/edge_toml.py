@@ -3,87 +3,53 @@
 An existing file is edited in place, line by line: only ``thresholds`` and
 ``score`` change (thresholds mean nothing without the score they apply to),
 and the user's comments, order and other keys stay as they were. A missing
-file is created as a complete, commented config that ``offramp edge`` loads.
+file is created as a complete config, each setting under its help as in
+``EdgeConfig``, that ``offramp edge`` loads.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import stat
 import tempfile
 import tomllib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from offramp.config import EdgeConfig
+from offramp.config_text import commented_toml, toml_value
 from offramp.errors import OfframpError
 
-TEMPLATE = """\
-# Edge daemon settings for `offramp edge --config {name}`.
-# Command-line flags override what is set here. Written by `offramp calibrate`;
-# re-running it updates `thresholds` and `score` and leaves everything else alone.
+if TYPE_CHECKING:
+    from .calibrate import Calibration, Target
 
-# Checkpoint directory (relative paths are relative to this file).
-checkpoint = {checkpoint}
-# Local API address; port 0 picks a free port.
-listen = "127.0.0.1:0"
-# Clouds as HOST:PORT, tried in order: the first is the primary, the rest failover.
-# Without a cloud, set offload_enabled = false (or uncertain samples are answered degraded).
-cloud = []
-
-# One threshold per edge exit, cheapest first, on the score below.
-{thresholds_line}
-{score_line}
-# false: the last exit answers what the earlier ones did not; nothing goes upstream.
-offload_enabled = true
-# Block after which the edge hands over to the cloud (default: the checkpoint's).
-# split_block = 4
-# Run only these exits (names as `offramp eval` prints them; default: all up to the split).
-# Re-run `offramp calibrate` after changing it: thresholds follow this list.
-# exits = ["slvit@2", "slvit@4"]
-
-# Codec for offloaded tokens: "int8" (4x smaller than float32), "float16" or "float32".
-codec = "int8"
-# Send only the k most attended patch tokens (default: all of them).
-# top_k = 32
-# zstd level; 0 disables compression.
-zstd_level = 3
-
-# Milliseconds a request waits for the cloud before its best exit answers (marked degraded).
-deadline_ms = 1000
-# Reconnection back-off after losing the cloud, doubling from initial to max.
-reconnect_initial_s = 0.1
-reconnect_max_s = 5.0
-connect_timeout_s = 5.0
-# gRPC message limit in MiB, on the local API and towards the cloud.
-max_message_mb = 64
-
-device = "cpu"
-dtype = "float32"
-# Torch threads (default: one per core); 1 keeps latency steady on a CPU shared with busy work.
-# threads = 1
-# Samples run together when requests queue up (an idle edge never waits).
-max_batch = 16
-# Prometheus /metrics port (0 picks one); unset disables metrics.
-# metrics_port = 9100
-# Seconds a draining edge gives in-flight requests on SIGTERM.
-grace_s = 5.0
-log_level = "INFO"
-"""
-
-
-def toml_float(value: float) -> str:
-    """A TOML float: ``repr`` round-trips exactly, and TOML spells infinities as Python does."""
-    return repr(float(value))
+HEADER = """\
+Edge daemon settings for `offramp edge --config {name}`.
+Command-line flags override what is set here; relative paths are relative to this file.
+Written by `offramp calibrate`: re-running it updates `thresholds` and `score` and leaves everything else alone."""
 
 
 def thresholds_line(thresholds: tuple[float, ...]) -> str:
-    return f"thresholds = [{', '.join(toml_float(t) for t in thresholds)}]"
+    return f"thresholds = {toml_value(thresholds)}"
+
+
+def calibrate_into(path: str | Path, checkpoint: str | Path, target: Target, score: str | None = None,
+                   data: str | None = None) -> tuple[Calibration, bool]:
+    """Calibrate ``checkpoint``'s edge exits and write the thresholds into the edge config at ``path``.
+
+    Returns the calibration and whether the file was created.
+    """
+    from .calibrate import calibrate_checkpoint
+
+    check_checkpoint(path, checkpoint)  # before the evaluation, not after it
+    result = calibrate_checkpoint(checkpoint, target, score=score, data=data, edge_toml=path)
+    return result, write_thresholds(path, checkpoint, result.chosen.thresholds, result.score)
 
 
 def write_thresholds(path: str | Path, checkpoint: str | Path, thresholds: tuple[float, ...], score: str) -> bool:
     """Set ``thresholds`` and ``score`` in the edge config at ``path``; True if the file was created."""
-    path = Path(path)
-    lines = {"thresholds": thresholds_line(thresholds), "score": f'score = "{score}"'}
+    path, thresholds = Path(path), tuple(float(t) for t in thresholds)  # numpy scalars are not TOML
+    lines = {"thresholds": thresholds_line(thresholds), "score": f"score = {toml_value(score)}"}
     check_checkpoint(path, checkpoint)
     if path.exists():
         text = path.read_text()
@@ -92,8 +58,8 @@ def write_thresholds(path: str | Path, checkpoint: str | Path, thresholds: tuple
         created = False
     else:
         checkpoint_rel = os.path.relpath(Path(checkpoint).resolve(), path.resolve().parent)
-        text = TEMPLATE.format(name=path.name, checkpoint=json.dumps(checkpoint_rel),
-                               thresholds_line=lines["thresholds"], score_line=lines["score"])
+        text = commented_toml(EdgeConfig, {"checkpoint": checkpoint_rel, "thresholds": thresholds, "score": score},
+                              HEADER.format(name=path.name))
         created = True
     parsed = tomllib.loads(text)  # never write a file the edge cannot read
     if parsed.get("thresholds") != list(thresholds) or parsed.get("score") != score:

@@ -1,7 +1,9 @@
-"""The ``offramp`` command: subcommands with lazy imports, so ``--help`` stays fast.
+"""The ``offramp`` command: the layer on top, whose subcommands import their work lazily so ``--help`` stays fast.
 
-User errors (bad paths, unknown names, corrupt files) print one line and exit
-with status 2; anything else is a bug and keeps its traceback.
+The daemons' and the orchestrator's subcommands are defined beside them and
+imported here; they import nothing back. User errors (bad paths, unknown
+names, corrupt files) print one line and exit with status 2; anything else
+is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -10,22 +12,13 @@ import logging
 import sys
 from typing import Callable
 
-DEFAULT_THRESHOLDS = "0.5,0.7,0.8,0.9,0.95"
+import cloud_node.cli
+import edge_node.cli
+import orchestrator.cli
 
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def exit_names(text: str) -> list[str]:
-    """Comma-separated exit names, as 'offramp eval' prints them (slvit@2,slvit@4:fused)."""
-    values = [t.strip() for t in text.split(",") if t.strip()]
-    if not values:
-        raise argparse.ArgumentTypeError("expected exit names such as slvit@2,slvit@4")
-    return values
+from .config import DEFAULT_THRESHOLDS
+from .flags import exit_names, floats, shown
+from .netem import cli as netem_cli
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
@@ -121,8 +114,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="checkpoint directory written by 'offramp train'")
     p.add_argument("--data", default=None, help="evaluate on this data spec instead of the card's validation split")
     p.add_argument("--score", default=None, help="max_prob (default), entropy or margin; std for regression")
-    p.add_argument("--thresholds", type=_floats, default=None,
-                   help=f"confidence thresholds for the exit-share table (default {DEFAULT_THRESHOLDS})")
+    p.add_argument("--thresholds", type=floats, default=None,
+                   help=f"confidence thresholds for the exit-share table (default {shown(DEFAULT_THRESHOLDS)})")
     p.add_argument("--exits", type=exit_names, default=None, metavar="NAME,NAME",
                    help="walk only these exits in the exit-share table, as 'offramp edge --exits' does "
                         "(e.g. slvit@2,slvit@4; default: all)")
@@ -207,32 +200,9 @@ def _run_bench(args: argparse.Namespace) -> int:
     return module.main(args.bench_args)
 
 
-def add_cloud(sub: argparse._SubParsersAction) -> None:
-    import importlib
-
-    importlib.import_module("cloud_node.cli").add_commands(sub)
-
-
-def add_edge(sub: argparse._SubParsersAction) -> None:
-    import importlib
-
-    importlib.import_module("edge_node.cli").add_commands(sub)
-
-
-def add_link(sub: argparse._SubParsersAction) -> None:
-    from .netem.cli import add_commands
-
-    add_commands(sub)
-
-
-def add_experiment(sub: argparse._SubParsersAction) -> None:
-    import importlib
-
-    importlib.import_module("orchestrator.cli").add_commands(sub)
-
-
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_train, add_eval, add_models, add_demo, add_bench, add_cloud, add_edge, add_link, add_experiment]
+    add_train, add_eval, add_models, add_demo, add_bench, cloud_node.cli.add_commands, edge_node.cli.add_commands,
+    netem_cli.add_commands, orchestrator.cli.add_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:

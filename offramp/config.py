@@ -1,14 +1,18 @@
-"""Daemon configuration: frozen dataclasses, read from TOML, with command-line flags on top.
+"""Daemon configuration: frozen dataclasses whose fields declare each setting once.
 
-Each daemon's settings are one frozen dataclass whose defaults say why they
-are what they are. ``load_config`` reads a flat TOML table into it, checks
-every key and type against the dataclass's annotations (so a typo or a
-quoted number fails at start-up, naming the key and the file, instead of
-deep inside the server), then applies the flags the user gave.
+Each daemon's settings are one frozen dataclass. A field's metadata (see
+``setting``) carries its help text; from it ``offramp.flags`` generates the
+command-line flags, ``offramp.config_text`` the commented TOML file that
+``offramp calibrate`` writes and the README's settings tables.
 
-Relative paths in a file (fields marked with ``path_field``) are taken
-relative to that file, as a config that names its checkpoint beside it
-expects; paths from flags stay relative to the working directory.
+``load_config`` reads a flat TOML table into such a dataclass, checks every
+key and type against the annotations (so a typo or a quoted number fails at
+start-up, naming the key and the file, instead of deep inside the server),
+then applies the flags the user gave. ``build`` does the same for documents
+with nested tables (experiment files). Relative paths in a file (fields
+declared with ``path=True``) are taken relative to that file, as a config
+that names its checkpoint beside it expects; paths from flags stay relative
+to the working directory.
 """
 from __future__ import annotations
 
@@ -22,88 +26,209 @@ from typing import Any, Literal, TypeVar
 
 from .errors import OfframpError
 
-__all__ = ["CloudConfig", "EdgeConfig", "load_config", "non_defaults", "path_field"]
+__all__ = ["DEFAULT_THRESHOLDS", "CloudConfig", "EdgeConfig", "build", "load_config", "non_defaults", "read_toml",
+           "require", "setting"]
 
 C = TypeVar("C")
-_PATH = "offramp.path"  # field metadata key: the value is a filesystem path
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+Dtype = Literal["float32", "float16", "bfloat16"]
+
+# Thresholds of `offramp eval`'s exit-share table when none are given (bounded scores).
+DEFAULT_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)
 
 
-def path_field(**kwargs: Any) -> Any:
-    """A dataclass field holding a path, resolved against the config file's folder."""
-    return dataclasses.field(metadata={_PATH: True}, **kwargs)
+def setting(help: str, default: Any = dataclasses.MISSING, *, flag: str | None = None, metavar: str | None = None,
+            example: Any = None, path: bool = False, words: bool = False) -> Any:
+    """A config field that says what it is for, so flags, files and docs can be generated from it.
+
+    ``help`` explains the setting wherever it appears; ``flag`` renames its
+    command-line flag (default: the field's name, ``--max-batch``);
+    ``metavar`` names its value in ``--help``; ``example`` is written,
+    commented out, into generated files for a setting unset by default;
+    ``path``: a filesystem path, relative to the file that names it;
+    ``words``: a list given as separate words on the command line
+    (``--cloud A B``) rather than comma-separated.
+    """
+    metadata = {"help": help, "flag": flag, "metavar": metavar, "example": example, "path": path, "words": words}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def require(condition: bool, message: str) -> None:
+    """A config's own check in ``__post_init__``: the loaders turn the ValueError into a user error."""
+    if not condition:
+        raise ValueError(message)
+
+
+def _check_address(address: str, key: str) -> None:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{key} must be HOST:PORT, not {address!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class CloudConfig:
     """Settings of ``offramp cloud``: what to serve, where, and how hard to batch."""
 
-    # Checkpoint directory (written by `offramp train`) whose tail the cloud runs.
-    checkpoint: str = path_field()
-    # Loopback by default so a first run exposes nothing; port 0 picks a free port.
-    listen: str = "127.0.0.1:0"
-    # "cpu", "cuda" or "cuda:N".
-    device: str = "cpu"
-    # Compute precision of the tail; reduced precision only pays off on GPUs.
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    # Samples per forward pass across all streams: larger batches raise
-    # throughput until the device saturates, and bound memory.
-    max_batch: int = 32
-    # 0: no timer. A batch is whatever queued while the previous one ran, so an
-    # idle cloud starts a lone request at once and a busy one fills batches by
-    # itself. Above 0, a batch also waits this long after its first request
-    # for company (worth it on GPUs, where a fuller batch costs little more).
-    max_wait_ms: float = 0.0
-    # Torch intra-op threads; None: one per core. On a CPU shared with other
-    # daemons, 1 avoids threads waiting on each other's time slices.
-    threads: int | None = None
-    # Samples waiting for a batch; beyond this requests are refused with
-    # RESOURCE_EXHAUSTED at once, so edges fall back instead of queueing forever.
-    max_queue: int = 1024
-    # Requests one stream (one edge) may have in flight; more get RESOURCE_EXHAUSTED,
-    # so a single busy edge cannot fill the queue the others share.
-    max_in_flight_per_stream: int = 256
-    # gRPC message limit, both directions: gRPC's 4 MiB default is too small for
-    # uncompressed ViT-B tokens in a batch; anything larger is refused unread.
-    max_message_mb: int = 64
-    # Prometheus /metrics port on the listen host; None disables it, 0 picks a free port.
-    metrics_port: int | None = None
-    # Seconds a draining server gives in-flight requests before cancelling them.
-    grace_s: float = 10.0
-    # gRPC server reflection, so grpcurl and friends can list the services.
-    reflection: bool = True
-    # TLS: PEM certificate chain and private key; both or neither (plaintext, for loopback and tests).
-    tls_cert: str | None = path_field(default=None)
-    tls_key: str | None = path_field(default=None)
-    # Mutual TLS: edges must present a certificate signed by this PEM CA bundle (needs tls_cert).
-    tls_client_ca: str | None = path_field(default=None)
-    # File holding a bearer token edges must send ("authorization: Bearer ...") on the Offload
-    # service; a file, so the secret is never on a command line. Health and reflection stay open.
-    token_file: str | None = path_field(default=None)
-    log_level: LogLevel = "INFO"
+    checkpoint: str = setting("Checkpoint directory (written by `offramp train`) whose tail the cloud runs.",
+                              metavar="DIR", path=True)
+    listen: str = setting("Address to bind, HOST:PORT. Loopback by default so a first run exposes nothing; "
+                          "port 0 picks a free port.", "127.0.0.1:0", metavar="HOST:PORT")
+    device: str = setting('"cpu", "cuda" or "cuda:N".', "cpu")
+    dtype: Dtype = setting("Compute precision of the tail; reduced precision only pays off on GPUs.", "float32")
+    max_batch: int = setting("Samples per forward pass across all edges: larger batches raise throughput until "
+                             "the device saturates, and bound memory.", 32, metavar="N")
+    max_wait_ms: float = setting(
+        "0: no timer. A batch is whatever queued while the previous one ran, so an idle cloud starts a lone "
+        "request at once and a busy one fills batches by itself. Above 0, a batch also waits this long after its "
+        "first request for company (worth it on GPUs, where a fuller batch costs little more).", 0.0, metavar="MS")
+    threads: int | None = setting("Torch intra-op threads; unset: one per core. On a CPU shared with other "
+                                  "daemons, 1 avoids threads waiting on each other's time slices.", None,
+                                  metavar="N", example=1)
+    max_queue: int = setting("Samples waiting for a batch; beyond this requests are refused with "
+                             "RESOURCE_EXHAUSTED at once, so edges fall back instead of queueing forever.",
+                             1024, metavar="N")
+    max_in_flight_per_stream: int = setting(
+        "Requests one stream (one edge) may have in flight; more get RESOURCE_EXHAUSTED, so a single busy edge "
+        "cannot fill the queue the others share.", 256, metavar="N")
+    max_message_mb: int = setting("gRPC message limit in MiB, both directions: gRPC's 4 MiB default is too small "
+                                  "for uncompressed ViT-B tokens in a batch; anything larger is refused unread.",
+                                  64, metavar="MIB")
+    metrics_port: int | None = setting("Serve Prometheus /metrics on this port of the listen host; 0 picks a free "
+                                       "port; unset: no metrics.", None, metavar="PORT", example=9100)
+    grace_s: float = setting("Seconds a draining server (SIGTERM) gives in-flight requests before cancelling "
+                             "them.", 10.0, metavar="S")
+    reflection: bool = setting("gRPC server reflection, so grpcurl and friends can list the services.", True)
+    tls_cert: str | None = setting("Serve TLS with this PEM certificate chain (needs tls_key); unset: plaintext, "
+                                   "for loopback and tests.", None, metavar="PEM", example="cloud.pem", path=True)
+    tls_key: str | None = setting("PEM private key of tls_cert.", None, metavar="PEM", example="cloud.key",
+                                  path=True)
+    tls_client_ca: str | None = setting("Mutual TLS: accept only edges presenting a certificate signed by this PEM "
+                                        "CA bundle (needs tls_cert).", None, metavar="PEM", example="ca.pem",
+                                        path=True)
+    token_file: str | None = setting(
+        'File holding a bearer token edges must send ("authorization: Bearer ...") on the Offload service; a '
+        "file, so the secret is never on a command line. Health and reflection stay open.", None, metavar="PATH",
+        example="token", path=True)
+    log_level: LogLevel = setting("Log verbosity (-v sets DEBUG).", "INFO")
 
     def __post_init__(self) -> None:
         _check_address(self.listen, "listen")
-        _require((self.tls_cert is None) == (self.tls_key is None), "tls_cert and tls_key go together")
-        _require(self.tls_client_ca is None or self.tls_cert is not None,
-                 "tls_client_ca (mutual TLS) needs tls_cert and tls_key: client certificates ride on TLS")
-        _require(self.max_batch >= 1, "max_batch must be at least 1")
-        _require(self.max_wait_ms >= 0, "max_wait_ms must not be negative")
-        _require(self.threads is None or self.threads >= 1, "threads must be at least 1 (or unset for one per core)")
-        _require(self.max_queue >= 1, "max_queue must be at least 1")
-        _require(self.max_in_flight_per_stream >= 1, "max_in_flight_per_stream must be at least 1")
-        _require(self.max_message_mb >= 1, "max_message_mb must be at least 1")
-        _require(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "metrics_port must be in 0..65535")
-        _require(self.grace_s >= 0, "grace_s must not be negative")
+        require((self.tls_cert is None) == (self.tls_key is None), "tls_cert and tls_key go together")
+        require(self.tls_client_ca is None or self.tls_cert is not None,
+                "tls_client_ca (mutual TLS) needs tls_cert and tls_key: client certificates ride on TLS")
+        require(self.threads is None or self.threads >= 1, "threads must be at least 1 (or unset for one per core)")
+        require(self.max_batch >= 1, "max_batch must be at least 1")
+        require(self.max_wait_ms >= 0, "max_wait_ms must not be negative")
+        require(self.max_queue >= 1, "max_queue must be at least 1")
+        require(self.max_in_flight_per_stream >= 1, "max_in_flight_per_stream must be at least 1")
+        require(self.max_message_mb >= 1, "max_message_mb must be at least 1")
+        require(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "metrics_port must be in 0..65535")
+        require(self.grace_s >= 0, "grace_s must not be negative")
 
     @property
     def max_message_bytes(self) -> int:
         return self.max_message_mb << 20
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
+@dataclasses.dataclass(frozen=True)
+class EdgeConfig:
+    """Settings of ``offramp edge``: the model half it runs, when it asks the cloud, and which cloud."""
+
+    checkpoint: str = setting("Checkpoint directory (written by `offramp train`); the edge runs its first blocks "
+                              "and exits.", metavar="DIR", path=True)
+    listen: str = setting("Address of the local API, HOST:PORT. Loopback by default: it is for applications on "
+                          "the same device; port 0 picks a free port.", "127.0.0.1:0", metavar="HOST:PORT")
+    cloud: tuple[str, ...] = setting(
+        "Clouds as HOST:PORT, tried in order: the first is the primary, the rest are failover. For an edge "
+        "without a cloud, turn offload off: otherwise samples no exit is sure of are answered degraded.",
+        (), metavar="HOST:PORT", words=True)
+    thresholds: tuple[float, ...] | None = setting(
+        "One confidence threshold per edge exit, cheapest first (inf: never leave, -inf: always). Unset: a "
+        "cautious default per score (0.9 for max_prob) until `offramp calibrate` picks some.", None,
+        metavar="T1,T2", example=[0.9, 0.9])
+    score: Literal["max_prob", "entropy", "margin", "std"] | None = setting(
+        "Confidence score the thresholds apply to: max_prob, entropy or margin (classification), std "
+        "(regression); unset: the task's default.", None, example="max_prob")
+    offload_enabled: bool = setting("Off: the last exit answers whatever the earlier ones did not, and nothing "
+                                    "goes upstream.", True, flag="offload")
+    split_block: int | None = setting("Block after which the edge hands over; unset: the checkpoint's. The cloud "
+                                      "must resume there too.", None, metavar="K", example=4)
+    exits: tuple[str, ...] | None = setting(
+        "Exits the edge runs, by name (slvit@2,slvit@4), when the checkpoint holds more than are worth running "
+        "(e.g. several exit types per position); unset: every exit up to the split. thresholds has one value "
+        "per exit run: re-run `offramp calibrate` after changing it.", None, metavar="NAME,NAME",
+        example=["slvit@2", "slvit@4"])
+    codec: Literal["int8", "float16", "float32"] = setting(
+        "Precision of offloaded tokens: int8 (per-token scale) is 4x smaller than float32 for almost no accuracy; "
+        "float16 halves them; float32 is lossless.", "int8")
+    top_k: int | None = setting("Send only the k patch tokens the class token attends to most; unset: all.", None,
+                                metavar="K", example=32)
+    zstd_level: int = setting("zstd level of offloaded tokens; 0 disables compression (for links faster than the "
+                              "compressor).", 3, metavar="N")
+    deadline_ms: int = setting("How long a request waits for the cloud before its best exit answers (marked "
+                               "degraded).", 1000, metavar="MS")
+    reconnect_initial_s: float = setting("First back-off after losing the cloud: short, so a blip costs little.",
+                                         0.1, metavar="S")
+    reconnect_max_s: float = setting("Longest back-off: it doubles up to this, so a dead cloud is not hammered.",
+                                     5.0, metavar="S")
+    connect_timeout_s: float = setting("How long the edge waits for a cloud's Describe answer before trying the "
+                                       "next one.", 5.0, metavar="S")
+    cloud_tls_ca: str | None = setting("Use TLS towards the clouds, trusting this PEM CA bundle.", None,
+                                       metavar="PEM", example="ca.pem", path=True)
+    cloud_tls_cert: str | None = setting("Mutual TLS: this edge's PEM certificate chain (needs cloud_tls_key).",
+                                         None, metavar="PEM", example="edge.pem", path=True)
+    cloud_tls_key: str | None = setting("PEM private key of cloud_tls_cert.", None, metavar="PEM",
+                                        example="edge.key", path=True)
+    cloud_tls_server_name: str | None = setting("Name to check the cloud's certificate against when it differs "
+                                                "from the address's host.", None, metavar="NAME",
+                                                example="cloud.example.org")
+    cloud_token_file: str | None = setting("File holding the bearer token the clouds expect (see the cloud's "
+                                           "token_file).", None, metavar="PATH", example="token", path=True)
+    max_message_mb: int = setting("gRPC message limit in MiB, on the local API (encoded files) and towards the "
+                                  "cloud.", 64, metavar="MIB")
+    device: str = setting('"cpu", "cuda" or "cuda:N"; edge devices are usually CPUs.', "cpu")
+    dtype: Dtype = setting("Compute precision (autocast).", "float32")
+    threads: int | None = setting(
+        "Torch intra-op threads; unset: one per core. Set 1 when the CPU is shared with other busy work: every "
+        "parallel op then waits for all its threads to get a time slice, which can cost more than the "
+        "parallelism gains.", None, metavar="N", example=1)
+    max_batch: int = setting("Samples run together when requests queue up; an idle edge never waits to fill a "
+                             "batch.", 16, metavar="N")
+    slowdown: float = setting("Emulate a device this many times slower than this CPU: each local batch's compute "
+                              "and encoding is followed by a sleep of (slowdown - 1) x its duration.", 1.0,
+                              metavar="FACTOR")
+    metrics_port: int | None = setting("Serve Prometheus /metrics on this port of the listen host; 0 picks a free "
+                                       "port; unset: no metrics.", None, metavar="PORT", example=9100)
+    grace_s: float = setting("Seconds a draining edge (SIGTERM) gives in-flight requests, offloads included, "
+                             "before cancelling them.", 5.0, metavar="S")
+    log_level: LogLevel = setting("Log verbosity (-v sets DEBUG).", "INFO")
+
+    def __post_init__(self) -> None:
+        _check_address(self.listen, "listen")
+        for address in self.cloud:
+            _check_address(address, "cloud")
+        require(self.split_block is None or self.split_block >= 0, "split_block must not be negative")
+        require(self.exits is None or len(self.exits) > 0, "exits must name at least one exit (or be unset)")
+        require(self.top_k is None or self.top_k >= 1, "top_k must be at least 1 (or unset to send every token)")
+        require(self.zstd_level >= 0, "zstd_level must not be negative")
+        require(self.deadline_ms >= 1, "deadline_ms must be at least 1")
+        require(0 < self.reconnect_initial_s <= self.reconnect_max_s,
+                "reconnect_initial_s must be positive and at most reconnect_max_s")
+        require(self.connect_timeout_s > 0, "connect_timeout_s must be positive")
+        require((self.cloud_tls_cert is None) == (self.cloud_tls_key is None),
+                "cloud_tls_cert and cloud_tls_key go together")
+        require(self.cloud_tls_ca is not None or (self.cloud_tls_cert is None and self.cloud_tls_server_name is None),
+                "cloud_tls_cert and cloud_tls_server_name need cloud_tls_ca (they only mean something over TLS)")
+        require(self.max_message_mb >= 1, "max_message_mb must be at least 1")
+        require(self.max_batch >= 1, "max_batch must be at least 1")
+        require(self.slowdown >= 1.0, f"slowdown must be at least 1, not {self.slowdown}")
+        require(self.threads is None or self.threads >= 1, "threads must be at least 1 (or unset for one per core)")
+        require(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "metrics_port must be in 0..65535")
+        require(self.grace_s >= 0, "grace_s must not be negative")
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mb << 20
 
 
 def load_config(cls: type[C], path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> C:
@@ -112,44 +237,37 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Mapping
     Raises OfframpError naming the key and where it came from for unknown
     keys, wrong types, missing required keys and values out of range.
     """
-    if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
-        raise TypeError(f"{cls!r} is not a dataclass")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     sources: list[str] = []
     if path is not None:
-        where = str(path)
-        sources.append(where)
-        for key, value in read_toml(Path(path)).items():
-            checked = _checked(key, value, fields, hints, where)
-            if fields[key].metadata.get(_PATH) and not Path(checked).is_absolute():
-                checked = str(Path(path).parent / checked)
-            values[key] = checked
+        path = Path(path)
+        sources.append(str(path))
+        values.update(_checked(cls, read_toml(path), str(path), path.parent))
     given = {key: value for key, value in (overrides or {}).items() if value is not None}
     if given:
         sources.append("the command line")
-        values.update({key: _checked(key, value, fields, hints, "the command line") for key, value in given.items()})
-    origin = " and ".join(sources) + ": " if sources else ""
-    missing = [name for name, f in fields.items() if name not in values and _default(f) is dataclasses.MISSING]
-    if missing:
-        raise OfframpError(f"{origin}missing required setting(s) {', '.join(missing)}")
-    try:
-        return cls(**values)
-    except ValueError as e:
-        raise OfframpError(f"{origin}{e}") from None
+        values.update(_checked(cls, given, "the command line", None))
+    return _made(cls, values, " and ".join(sources))
+
+
+def build(cls: type[C], table: Mapping[str, Any], where: str, base_dir: Path | None = None) -> C:
+    """``cls`` from a TOML table whose nested tables fill nested dataclasses; errors name ``where`` and the key
+    (``sweep.codecs[1]``). Relative paths are taken relative to ``base_dir``."""
+    return _made(cls, _checked(cls, table, where, base_dir), where)
 
 
 def non_defaults(config: Any) -> dict[str, Any]:
-    """Settings that differ from their defaults (required ones included), for the start-up log."""
+    """Settings that differ from their defaults (required ones included): for the start-up log, and all a
+    config file needs to say."""
     return {
         f.name: getattr(config, f.name)
         for f in dataclasses.fields(config)
-        if _default(f) is dataclasses.MISSING or getattr(config, f.name) != _default(f)
+        if default_of(f) is dataclasses.MISSING or getattr(config, f.name) != default_of(f)
     }
 
 
-def _default(f: dataclasses.Field) -> Any:
+def default_of(f: dataclasses.Field) -> Any:
+    """The field's default, or ``dataclasses.MISSING`` for a required setting."""
     if f.default_factory is not dataclasses.MISSING:
         return f.default_factory()
     return f.default
@@ -168,52 +286,89 @@ def read_toml(path: Path, what: str = "config file") -> dict[str, Any]:
         raise OfframpError(f"{path} is not valid TOML: {e}") from None
 
 
-class _Mismatch(Exception):
-    """A value that does not fit its annotation (turned into an OfframpError by the caller)."""
+class _Invalid(Exception):
+    """A key that is unknown, missing, mistyped or out of range; the message starts with its full name."""
 
 
-def _checked(
-    key: str, value: Any, fields: Mapping[str, dataclasses.Field], hints: Mapping[str, Any], where: str
-) -> Any:
-    """``value`` for setting ``key``, converted to its annotated type, or an OfframpError naming both and ``where``."""
-    if key not in fields:
-        raise OfframpError(f"{where}: unknown setting '{key}' (known: {', '.join(fields)})")
+def _checked(cls: type, table: Mapping[str, Any], where: str, base_dir: Path | None) -> dict[str, Any]:
     try:
-        return _convert(value, hints[key])
-    except _Mismatch:
-        raise OfframpError(
-            f"{where}: '{key}' must be {_describe(hints[key])}, not {type(value).__name__} {value!r}"
-        ) from None
+        return _values(cls, table, "", base_dir)
+    except _Invalid as e:
+        raise OfframpError(f"{where}: {e}") from None
 
 
-def _convert(value: Any, tp: Any) -> Any:
+def _made(cls: type[C], values: dict[str, Any], origin: str) -> C:
+    try:
+        return _instance(cls, values, "")
+    except _Invalid as e:
+        raise OfframpError(f"{origin}: {e}" if origin else str(e)) from None
+
+
+def _values(cls: type, table: Mapping[str, Any], prefix: str, base_dir: Path | None) -> dict[str, Any]:
+    """Each key of ``table`` checked against ``cls``'s fields and converted to its annotated type."""
+    if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        name = prefix + key
+        if key not in fields:
+            raise _Invalid(f"unknown setting '{name}' (known: {', '.join(prefix + k for k in fields)})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise _Invalid(f"'{name}' must be a table ([{name}])")
+            value = _instance(tp, _values(tp, value, f"{name}.", base_dir), f"{name}.")
+        else:
+            value = _convert(value, tp, name)
+            if fields[key].metadata.get("path") and base_dir is not None and not Path(value).is_absolute():
+                value = str(base_dir / value)
+        values[key] = value
+    return values
+
+
+def _instance(cls: type[C], values: dict[str, Any], prefix: str) -> C:
+    missing = [prefix + f.name for f in dataclasses.fields(cls)
+               if f.name not in values and default_of(f) is dataclasses.MISSING]
+    if missing:
+        raise _Invalid(f"missing required setting(s) {', '.join(missing)}")
+    try:
+        return cls(**values)
+    except ValueError as e:
+        raise _Invalid(f"{prefix}{e}") from None
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
     """``value`` checked against the annotation ``tp``: ints widen to floats, lists become tuples where asked.
 
     Handles what TOML and flags produce: bool, int, float, str, ``X | None``,
-    ``Literal[...]``, ``list[X]`` and ``tuple[X, ...]``.
+    ``Literal[...]``, ``list[X]`` and ``tuple[X, ...]``; errors name ``key``
+    (and the item: ``codecs[1]``).
     """
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
+        listed = []
         for arg in args:
             try:
-                return _convert(value, arg)
-            except _Mismatch:
-                continue
-        raise _Mismatch
-    if origin is Literal:
+                return _convert(value, arg, key)
+            except _Invalid as e:
+                if typing.get_origin(arg) in (list, tuple):
+                    listed.append(e)
+        if isinstance(value, (list, tuple)) and listed:  # the list's own error names the item that is wrong
+            raise listed[0]
+    elif origin is Literal:
         if value in args and type(value) in {type(a) for a in args}:
             return value
-        raise _Mismatch
-    if origin in (list, tuple):  # list[X] or tuple[X, ...]
-        if not isinstance(value, (list, tuple)):
-            raise _Mismatch
-        items = [_convert(v, args[0]) for v in value]
-        return tuple(items) if origin is tuple else items
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+    elif origin in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            items = [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+            return tuple(items) if origin is tuple else items
+    elif tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+    elif isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
-    raise _Mismatch
+    raise _Invalid(f"'{key}' must be {_describe(tp)}, not {type(value).__name__} {value!r}")
 
 
 _NOUNS: dict[Any, tuple[str, str]] = {
@@ -233,105 +388,3 @@ def _describe(tp: Any, plural: bool = False) -> str:
         return "a list of " + _describe(args[0], plural=True)
     single, many = _NOUNS.get(tp, (str(tp), str(tp)))
     return many if plural else single
-
-
-@dataclasses.dataclass(frozen=True)
-class EdgeConfig:
-    """Settings of ``offramp edge``: the model half it runs, when it asks the cloud, and which cloud."""
-
-    # Checkpoint directory (written by `offramp train`); the edge runs its first blocks and exits.
-    checkpoint: str = path_field()
-    # Loopback by default: the local API is for applications on the same device.
-    listen: str = "127.0.0.1:0"
-    # Clouds as HOST:PORT, tried in order: the first is the primary, the rest
-    # are failover. For an edge without a cloud, set offload_enabled = false:
-    # otherwise samples no exit is sure of are answered degraded.
-    cloud: tuple[str, ...] = ()
-    # One confidence threshold per edge exit, cheapest first. None: a cautious
-    # default per score (0.9 for max_prob) until `offramp calibrate` picks some.
-    thresholds: tuple[float, ...] | None = None
-    # max_prob, entropy or margin (classification), std (regression); None: the task's default.
-    score: Literal["max_prob", "entropy", "margin", "std"] | None = None
-    # False: the last exit answers whatever the earlier ones did not, and nothing goes upstream.
-    offload_enabled: bool = True
-    # Block after which the edge hands over; None: the card's. The cloud must resume there too.
-    split_block: int | None = None
-    # Exits the edge runs, by name ("slvit@2"), when the checkpoint holds more
-    # than are worth running (e.g. several exit types per position); None: all
-    # exits up to the split. `thresholds` has one value per exit run.
-    exits: tuple[str, ...] | None = None
-    # Offloaded tokens: int8 (per-token scale) is 4x smaller than float32 for
-    # almost no accuracy; float16 halves them; float32 is lossless.
-    codec: Literal["int8", "float16", "float32"] = "int8"
-    # Send only the k patch tokens the class token attends to most; None sends all.
-    top_k: int | None = None
-    # zstd level; 0 disables compression (for links faster than the compressor).
-    zstd_level: int = 3
-    # How long a request waits for the cloud before its best exit answers (degraded).
-    deadline_ms: int = 1000
-    # Back-off between reconnection rounds: starts short so a blip costs little,
-    # doubles up to the maximum so a dead cloud is not hammered.
-    reconnect_initial_s: float = 0.1
-    reconnect_max_s: float = 5.0
-    # How long the edge waits for a cloud's Describe answer before trying the next one.
-    connect_timeout_s: float = 5.0
-    # TLS towards the clouds: the PEM CA bundle that signed their certificates (setting it turns
-    # TLS on), and for mutual TLS this edge's own certificate chain and key.
-    cloud_tls_ca: str | None = path_field(default=None)
-    cloud_tls_cert: str | None = path_field(default=None)
-    cloud_tls_key: str | None = path_field(default=None)
-    # Name to check the cloud's certificate against when it differs from the address's host.
-    cloud_tls_server_name: str | None = None
-    # File holding the bearer token the clouds expect (see the cloud's token_file).
-    cloud_token_file: str | None = path_field(default=None)
-    # gRPC message limit, both on the local API (encoded files) and towards the cloud.
-    max_message_mb: int = 64
-    # "cpu", "cuda" or "cuda:N"; edge devices are usually CPUs.
-    device: str = "cpu"
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    # Torch intra-op threads; None: one per core. Set 1 when the CPU is shared
-    # with other busy work: every parallel op then waits for all its threads to
-    # get a time slice, which can cost more than the parallelism gains.
-    threads: int | None = None
-    # Samples run together when requests queue up; an idle edge never waits to fill a batch.
-    max_batch: int = 16
-    # Emulate a device this many times slower than this CPU: each local batch's
-    # compute and encoding is followed by a sleep of (slowdown - 1) x its duration.
-    slowdown: float = 1.0
-    # Prometheus /metrics port on the listen host; None disables it, 0 picks a free port.
-    metrics_port: int | None = None
-    # Seconds a draining edge gives in-flight requests (offloads included) before cancelling them.
-    grace_s: float = 5.0
-    log_level: LogLevel = "INFO"
-
-    def __post_init__(self) -> None:
-        _check_address(self.listen, "listen")
-        for address in self.cloud:
-            _check_address(address, "cloud")
-        _require(self.split_block is None or self.split_block >= 0, "split_block must not be negative")
-        _require(self.top_k is None or self.top_k >= 1, "top_k must be at least 1 (or unset to send every token)")
-        _require(self.zstd_level >= 0, "zstd_level must not be negative")
-        _require(self.deadline_ms >= 1, "deadline_ms must be at least 1")
-        _require(0 < self.reconnect_initial_s <= self.reconnect_max_s,
-                 "reconnect_initial_s must be positive and at most reconnect_max_s")
-        _require(self.connect_timeout_s > 0, "connect_timeout_s must be positive")
-        _require((self.cloud_tls_cert is None) == (self.cloud_tls_key is None),
-                 "cloud_tls_cert and cloud_tls_key go together")
-        _require(self.cloud_tls_ca is not None or (self.cloud_tls_cert is None and self.cloud_tls_server_name is None),
-                 "cloud_tls_cert and cloud_tls_server_name need cloud_tls_ca (they only mean something over TLS)")
-        _require(self.max_message_mb >= 1, "max_message_mb must be at least 1")
-        _require(self.max_batch >= 1, "max_batch must be at least 1")
-        _require(self.slowdown >= 1.0, f"slowdown must be at least 1, not {self.slowdown}")
-        _require(self.threads is None or self.threads >= 1, "threads must be at least 1 (or unset for one per core)")
-        _require(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "metrics_port must be in 0..65535")
-        _require(self.grace_s >= 0, "grace_s must not be negative")
-
-    @property
-    def max_message_bytes(self) -> int:
-        return self.max_message_mb << 20
-
-
-def _check_address(address: str, key: str) -> None:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"{key} must be HOST:PORT, not {address!r}")

@@ -11,29 +11,38 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from .config import CloudConfig, EdgeConfig
+from .config_text import settings_toml
 from .errors import OfframpError
 
 
 class DaemonProcess:
     """``with DaemonProcess("cloud", ["--checkpoint", d]) as cloud: cloud.address``.
 
+    Settings come as flags (``args``), or as a typed ``config`` that is
+    written to a TOML file and passed with ``--config`` (flags override it).
     The daemon binds port 0 and writes the port it got to a file; start-up
     waits for that file and for the health service to report SERVING, and
     fails fast, with the tail of the daemon's log, if the process dies.
     """
 
-    def __init__(self, command: str, args: list[str], host: str = "127.0.0.1", startup_timeout: float = 60.0,
+    def __init__(self, command: str, args: Sequence[str] = (), host: str = "127.0.0.1", startup_timeout: float = 60.0,
                  log_path: str | Path | None = None, env: dict[str, str] | None = None,
-                 cores: set[int] | None = None) -> None:
-        self.command, self.args, self.host = command, args, host
+                 cores: set[int] | None = None, config: CloudConfig | EdgeConfig | None = None) -> None:
         self.startup_timeout = startup_timeout
         self._tmp = tempfile.TemporaryDirectory(prefix=f"offramp-{command}-")
+        if config is not None:
+            config_file = Path(self._tmp.name) / "config.toml"
+            config_file.write_text(settings_toml(config))
+            args = ["--config", str(config_file), *args]
+        self.command, self.args, self.host = command, list(args), host
         self.port_file = Path(self._tmp.name) / "port"
         self.log_path = Path(log_path) if log_path else Path(self._tmp.name) / f"{command}.log"
         self.env = env

@@ -5,12 +5,11 @@ spec (``--data fsdd:PATH`` trains the spectrogram ViT on spoken digits), once:
 later runs reuse the checkpoint while its card names the same data. Then it
 calibrates the exit thresholds, starts ``offramp cloud`` and ``offramp edge``,
 pushes the validation set through the edge's streaming API and prints where
-each answer came from, accuracy, bytes and latency.
+each answer came from, accuracy, bytes and latency. Like the CLI, it sits on
+top of the serving code (it calibrates through the edge's own function).
 """
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -75,12 +74,13 @@ def ensure_demo_model(workdir: Path, retrain: bool = False, data: str = "digits"
 
 
 def calibrate(checkpoint: Path, edge_toml: Path) -> None:
-    cmd = [sys.executable, "-m", "offramp.cli", "calibrate", str(checkpoint),
-           "--target-accuracy-drop", str(ACCURACY_DROP), "--out", str(edge_toml)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode:
-        raise OfframpError(f"calibration failed: {result.stderr.strip()}")
-    print(result.stdout.strip())
+    """Thresholds that cost at most ``ACCURACY_DROP`` points, written into the edge's config, as
+    ``offramp calibrate`` does."""
+    from edge_node.calibrate import Target
+    from edge_node.edge_toml import calibrate_into
+
+    result, _ = calibrate_into(edge_toml, checkpoint, Target(accuracy_drop=ACCURACY_DROP))
+    print(result.summary())
 
 
 def requests(x: np.ndarray) -> Iterator[pb.InferRequest]:

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from .checkpoint import Card, load_checkpoint, save_checkpoint
+from .config import DEFAULT_THRESHOLDS
 from .data import DataSplits, load_data
 from .errors import OfframpError
 from .models import AudioConfig, ModelConfig, MultiExitModel, create_backbone, parse_exits, variant_names
@@ -20,7 +21,6 @@ from .split import edge_exit_ids
 from .train import HeadResult, TrainConfig, cache_features, evaluate, train_backbone, train_exits, unpack
 
 log = logging.getLogger(__name__)
-DEFAULT_THRESHOLDS = [0.5, 0.7, 0.8, 0.9, 0.95]
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def default_thresholds(results: list[HeadResult], score: str) -> list[float]:
     """Thresholds for the exit-share table: fixed for bounded scores; for ``std``, which is in the
     target's units, the 10-90th percentiles of the exits' predicted deviations."""
     if score != "std" or len(results) < 2:
-        return DEFAULT_THRESHOLDS
+        return list(DEFAULT_THRESHOLDS)
     stds = np.concatenate([r.confidence for r in results[:-1]])
     return sorted({float(f"{q:.3g}") for q in np.percentile(stds, [10, 25, 50, 75, 90])})
 

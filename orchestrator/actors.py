@@ -29,6 +29,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from offramp.config import CloudConfig, EdgeConfig
 from offramp.daemon_proc import DaemonProcess
 from offramp.errors import OfframpError
 from offramp.netem import LinkProxy, ProxyThread, Schedule
@@ -71,10 +72,11 @@ class DaemonActor:
         self._daemon: DaemonProcess | None = None
         self._files = contextlib.ExitStack()  # leaving it removes the daemon's port file and log
 
-    def start(self, command: str, args: list[str], host: str | None, threads: int) -> Started:
-        """Start the daemon and wait until it serves; ``threads`` 0 means one per core of this node."""
-        env = {"OMP_NUM_THREADS": str(threads or os.cpu_count() or 1)}
-        self._daemon = DaemonProcess(command, args, host=_bind_host(host), env=env)
+    def start(self, config: CloudConfig | EdgeConfig, host: str | None) -> Started:
+        """Start the daemon ``config`` describes and wait until it serves; unset threads: one per core of this node."""
+        command = "edge" if isinstance(config, EdgeConfig) else "cloud"
+        env = {"OMP_NUM_THREADS": str(config.threads or os.cpu_count() or 1)}
+        self._daemon = DaemonProcess(command, config=config, host=_bind_host(host), env=env)
         self._files.enter_context(self._daemon)
         return Started(self._daemon.address, _node_id())
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from offramp.config import EdgeConfig
+
 from .config import ExperimentConfig, LinkSpec, Threshold
 from .workload import EdgeLoad, Record
 
@@ -121,25 +123,11 @@ class Context:
         assert point.thresholds is not None
         return list(point.thresholds) if isinstance(point.thresholds, tuple) else [point.thresholds] * self.num_exits
 
-    def cloud_args(self) -> list[str]:
-        c = self.config.cloud
-        return ["--checkpoint", self.config.checkpoint, "--max-batch", str(c.max_batch),
-                "--max-wait-ms", repr(c.max_wait_ms), "--device", c.device]
-
-    def edge_args(self, point: Point, cloud: str) -> list[str]:
-        e = self.config.edge
-        args = ["--checkpoint", self.config.checkpoint, "--cloud", cloud, "--codec", str(point.codec),
-                "--score", self.score, "--max-batch", str(e.max_batch), "--deadline-ms", str(e.deadline_ms),
-                "--device", e.device]
-        if self.num_exits:
-            args.append("--thresholds=" + ",".join(repr(t) for t in self.edge_thresholds(point)))  # '=': '-inf'
-        if e.top_k is not None:
-            args += ["--top-k", str(e.top_k)]
-        if e.exits is not None:
-            args += ["--exits", ",".join(e.exits)]
-        if e.slowdown != 1.0:
-            args += ["--slowdown", repr(e.slowdown)]
-        return args
+    def edge_config(self, point: Point, cloud: str) -> EdgeConfig:
+        """The experiment's edge settings with the point's thresholds and codec, offloading to ``cloud``."""
+        thresholds = tuple(self.edge_thresholds(point)) if self.num_exits else None
+        return dataclasses.replace(self.config.edge, cloud=(cloud,), codec=point.codec, score=self.score,
+                                   thresholds=thresholds)
 
     def load(self, edge: int) -> EdgeLoad:
         return EdgeLoad(self.config.workload, self.config.seed, edge, self.num_inputs)
@@ -167,7 +155,7 @@ def run_point(point: Point, placement: Any, ctx: Context, result: PointResult) -
         cloud = None
         if point.variant in DAEMON_VARIANTS:
             stack.callback(_stop_daemons, [placement.cloud], ["cloud"], result.logs)
-            cloud = _get(placement.cloud.start.remote("cloud", ctx.cloud_args(), ctx.host, cfg.cloud.threads))
+            cloud = _get(placement.cloud.start.remote(cfg.cloud, ctx.host))
         elif point.variant == "cloud_only":
             stack.callback(_stop_all, [placement.cloud_full_model])
             cloud = _get(placement.cloud_full_model.start.remote(
@@ -181,7 +169,7 @@ def run_point(point: Point, placement: Any, ctx: Context, result: PointResult) -
         if point.variant in DAEMON_VARIANTS:
             names = [f"edge-{i}" for i in range(len(slots))]
             stack.callback(_stop_daemons, [s.daemon for s in slots], names, result.logs)
-            targets = _get([s.daemon.start.remote("edge", ctx.edge_args(point, link.address), "127.0.0.1", e.threads)
+            targets = _get([s.daemon.start.remote(ctx.edge_config(point, link.address), "127.0.0.1")
                             for s, link in zip(slots, links)])
         elif point.variant == "cloud_only":
             targets = links  # the driver sends the input's file straight into the link

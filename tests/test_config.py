@@ -1,19 +1,23 @@
 """Daemon configuration: TOML, then flags on top, and errors that name the setting and where it came from."""
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import pytest
 
-from offramp.config import CloudConfig, load_config, non_defaults, path_field
+from offramp.config import CloudConfig, EdgeConfig, load_config, non_defaults, setting
+from offramp.config_text import commented_toml, readme_tables, settings_toml
+from offramp.flags import config_from_args, flag_name
 from offramp.errors import OfframpError
 
 
 @dataclass(frozen=True)
 class Settings:
-    model: str = path_field()
+    model: str = setting("the model's folder", path=True)
     name: str = "x"
     ratio: float = 0.5
     count: int | None = None
@@ -48,7 +52,8 @@ def test_paths_are_relative_to_the_file_that_names_them(tmp_path: Path) -> None:
     ('model = "m"\ncount = "3"\n', {}, r"'count' must be an integer, not str '3'"),
     ('model = "m"\ncount = true\n', {}, r"'count' must be an integer, not bool True"),
     ('model = "m"\non = 1\n', {}, r"'on' must be true or false, not int 1"),
-    ('model = "m"\ntags = ["a", 1]\n', {}, r"'tags' must be a list of strings"),
+    ('model = "m"\ntags = "a"\n', {}, r"'tags' must be a list of strings, not str 'a'"),
+    ('model = "m"\ntags = ["a", 1]\n', {}, r"'tags\[1\]' must be a string, not int 1"),
     ('model = "m"\nmode = "c"\n', {}, r"'mode' must be one of 'a', 'b', not str 'c'"),
     ('model = "m"\n[section]\nname = "y"\n', {}, r"unknown setting 'section'"),
     ("name = 'y'\n", {}, r"missing required setting\(s\) model"),
@@ -85,3 +90,59 @@ def test_non_defaults_lists_what_was_set() -> None:
     config = CloudConfig(checkpoint="ckpt", max_batch=4, metrics_port=None)
     assert non_defaults(config) == {"checkpoint": "ckpt", "max_batch": 4}
     assert config.max_message_bytes == 64 << 20
+
+
+# -- settings declared once: flags, files and the README come from the fields ---------------------------------------
+
+def test_every_setting_is_a_flag_that_help_explains(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from offramp.cli import build_parser
+
+    monkeypatch.setenv("COLUMNS", "10000")  # no wrapping: each help text is found whole
+    for command, cls in (("edge", EdgeConfig), ("cloud", CloudConfig)):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
+            assert f"{flag_name(f)} " in text and f.metadata["help"] in text, f.name
+        args = build_parser().parse_args([command])  # flags not given stay None: the file or the default decides
+        assert all(getattr(args, f.name) is None for f in dataclasses.fields(cls))
+
+
+def test_flags_parse_into_the_config() -> None:
+    from offramp.cli import build_parser
+
+    args = build_parser().parse_args([
+        "-v", "edge", "--checkpoint", "ckpt", "--cloud", "a:1", "b:2", "--cloud", "c:3", "--thresholds=0.5,-inf",
+        "--exits", "slvit@2,slvit@4", "--offload", "off", "--score", "margin", "--threads", "1", "--slowdown", "2"])
+    config = config_from_args(EdgeConfig, args)
+    assert config == EdgeConfig(checkpoint="ckpt", cloud=("a:1", "b:2", "c:3"), thresholds=(0.5, -math.inf),
+                                exits=("slvit@2", "slvit@4"), offload_enabled=False, score="margin", threads=1,
+                                slowdown=2.0, log_level="DEBUG")
+    cloud = config_from_args(CloudConfig, build_parser().parse_args(
+        ["cloud", "--checkpoint", "ckpt", "--reflection", "off", "--threads", "2", "--max-wait-ms", "0.5"]))
+    assert (cloud.reflection, cloud.threads, cloud.max_wait_ms) == (False, 2, 0.5)
+
+
+def test_a_written_config_reads_back_as_it_was(tmp_path: Path) -> None:
+    config = EdgeConfig(checkpoint="ckpt", cloud=("a:1",), thresholds=(0.5, math.inf), offload_enabled=False,
+                        exits=("slvit@2",), cloud_tls_ca="ca.pem", threads=1)
+    path = tmp_path / "elsewhere" / "edge.toml"
+    path.parent.mkdir()
+    path.write_text(settings_toml(config))
+    absolute = dataclasses.replace(config, checkpoint=str(Path("ckpt").resolve()),
+                                   cloud_tls_ca=str(Path("ca.pem").resolve()))
+    assert load_config(EdgeConfig, path) == absolute
+
+
+def test_the_commented_template_holds_every_setting_and_loads(tmp_path: Path) -> None:
+    path = toml(tmp_path, commented_toml(CloudConfig, {"checkpoint": "ckpt"}, "Cloud settings."))
+    text = path.read_text()
+    assert all(f"{f.name} = " in text for f in dataclasses.fields(CloudConfig))
+    assert load_config(CloudConfig, path) == CloudConfig(checkpoint=str(tmp_path / "ckpt"))
+
+
+def test_readme_settings_tables_match_the_code() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert readme_tables() in readme, "README's settings tables are stale: paste `python -m offramp.config_text`"

@@ -52,8 +52,8 @@ def test_paths_are_relative_to_the_file_and_flags_override_them(tmp_path: Path) 
 
 
 @pytest.mark.parametrize("text, message", [
-    ('checkpoint = "m"\ncheckpiont = "m"', "unknown key 'checkpiont'"),
-    ('name = "x"', "missing required key(s) checkpoint"),
+    ('checkpoint = "m"\ncheckpiont = "m"', "unknown setting 'checkpiont'"),
+    ('name = "x"', "missing required setting(s) checkpoint"),
     ('checkpoint = "m"\n[sweep]\ncodecs = ["int8", "int4"]', "'sweep.codecs[1]' must be one of 'int8'"),
     ('checkpoint = "m"\n[sweep]\nthresholds = [0.8, "high"]', "'sweep.thresholds[1]' must be a number"),
     ('checkpoint = "m"\n[sweep]\nthresholds = [0.8, [0.7, "high"]]', "'sweep.thresholds[1][1]' must be a number"),
@@ -229,3 +229,27 @@ def test_edge_exits_must_be_the_checkpoints(tiny_checkpoint: Path, tmp_path: Pat
     with pytest.raises(OfframpError, match="edge.exits names cnn@2, which the checkpoint's edge does not have "
                                            r"\(it has slvit@2, slvit@4\)"):
         run_experiment(load_experiment(path, out=str(tmp_path / "out")), progress=False)
+
+
+def test_daemon_tables_hold_daemon_settings_and_each_point_completes_them(tmp_path: Path) -> None:
+    from offramp.config import EdgeConfig, load_config
+    from offramp.config_text import settings_toml
+    from orchestrator.sweep import Context
+
+    path = write(tmp_path, 'checkpoint = "model"\n[edge]\nslowdown = 4.0\nscore = "margin"\nexits = ["slvit@4"]\n'
+                           '[cloud]\nthreads = 2\n')
+    config = load_experiment(path)
+    assert config.edge.threads == 1 and config.cloud.threads == 2  # edges default to one thread each
+    assert config.edge.checkpoint == config.cloud.checkpoint == str(tmp_path / "model")
+    point = next(p for p in expand(config) if p.variant == "fixed_split")
+    edge = Context(config, 1, "margin", None, 10).edge_config(point, "127.0.0.1:7001")
+    written = tmp_path / "edge.toml"
+    written.write_text(settings_toml(edge))
+    assert load_config(EdgeConfig, written) == edge == EdgeConfig(
+        checkpoint=str(tmp_path / "model"), cloud=("127.0.0.1:7001",), thresholds=(math.inf,), score="margin",
+        codec="int8", exits=("slvit@4",), slowdown=4.0, threads=1)
+    for text, key in (('[edge]\ncodec = "int8"', "edge.codec"), ('[cloud]\ncheckpoint = "x"', "cloud.checkpoint")):
+        with pytest.raises(OfframpError, match=f"{key} is set per point"):
+            load_experiment(write(tmp_path, f'checkpoint = "m"\n{text}\n'))
+    with pytest.raises(OfframpError, match=r"'edge.threads' must be an integer"):
+        load_experiment(write(tmp_path, 'checkpoint = "m"\n[edge]\nthreads = "1"\n'))
