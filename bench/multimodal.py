@@ -73,6 +73,7 @@ from torch.utils.data import TensorDataset
 from offramp.checkpoint import Card, load_checkpoint, save_checkpoint
 from offramp.data import DataSplits
 from offramp.data.crowd import CROWD_SPEC, CrowdSet, load_crowd
+from offramp.exit_policy import always_leave, answer_costs, walk
 from offramp.models import MultiExitModel
 from offramp.models.cost import count_macs, count_params
 from offramp.pipeline import TrainJob, build_model
@@ -199,26 +200,21 @@ def unit_costs(model: MultiExitModel, input_shape: tuple[int, ...]) -> dict[str,
 def standalone_macs(costs: dict[str, Any], model: MultiExitModel, name: str) -> int:
     """What one exit costs when it is the only one the edge runs: its inputs' compute plus the exit."""
     e = next(e for e in model.exit_configs if e.name == name)
-    return ((costs["audio_encoder"] if e.uses_audio else 0) + (costs["visual_to"][e.position] if e.uses_visual else 0)
-            + costs["exits"][name]["macs"])
+    visual_to = costs["visual_to"]
+    return answer_costs([e], [costs["exits"][name]["macs"]], lambda p: visual_to[p], costs["audio_encoder"])[0]
 
 
 def walk_costs(costs: dict[str, Any], model: MultiExitModel, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """MACs per sample by where it leaves: (len(names) + 1,) with the last for offloaded, with the audio
     encoded first for every sample, and the same with the audio encoder charged only once a step needs
     audio tokens (as ``EdgeHalf`` runs it)."""
-    spent, eager, lazy = 0, [], []
-    visual_at, audio_needed = None, False
-    for name in names:
-        e = next(e for e in model.exit_configs if e.name == name)
-        spent += costs["exits"][name]["macs"]
-        if e.uses_visual:
-            visual_at = e.position
-        audio_needed |= e.uses_audio
-        v = 0 if visual_at is None else costs["visual_to"][visual_at]
-        eager.append(costs["audio_encoder"] + v + spent)
-        lazy.append((costs["audio_encoder"] if audio_needed else 0) + v + spent)
-    offload = costs["audio_encoder"] + costs["visual_to"][SPLIT] + spent + costs["tail"]
+    by_name = {e.name: e for e in model.exit_configs}
+    exits = [by_name[name] for name in names]
+    exit_macs = [costs["exits"][name]["macs"] for name in names]
+    audio, visual_to = costs["audio_encoder"], costs["visual_to"]
+    eager = [audio + macs for macs in answer_costs(exits, exit_macs, lambda p: visual_to[p])]
+    lazy = answer_costs(exits, exit_macs, lambda p: visual_to[p], audio)
+    offload = audio + visual_to[SPLIT] + sum(exit_macs) + costs["tail"]
     return np.array([*eager, offload], dtype=np.float64), np.array([*lazy, offload], dtype=np.float64)
 
 
@@ -261,39 +257,29 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, seed: int, n: int = 2000) -> 
 
 # ---------------------------------------------------------------- policies
 
-def walk(results: dict[str, HeadResult], names: list[str], threshold: float) -> np.ndarray:
-    """Where each sample leaves: index into ``names``, or len(names) for the cloud (first confident exit wins)."""
-    n = len(results["final"].pred)
-    taken = np.full(n, len(names))
-    remaining = np.ones(n, dtype=bool)
-    for k, name in enumerate(names):
-        take = remaining & (results[name].confidence <= threshold)
-        taken[take] = k
-        remaining &= ~take
-    return taken
-
-
 def thresholds_for(val: dict[str, HeadResult], names: list[str], quantiles: int) -> list[float]:
     """0 (everything offloaded), quantiles of the exits' predicted std on validation, inf (nothing offloaded)."""
     stds = np.concatenate([val[n].confidence for n in names])
     qs = np.quantile(stds, np.linspace(0.0, 1.0, quantiles + 2)[1:-1])
-    return [0.0, *sorted({float(f"{q:.4g}") for q in qs}), math.inf]
+    return [0.0, *sorted({float(f"{q:.4g}") for q in qs}), always_leave(SCORE)]
 
 
 def policy_curve(test: dict[str, HeadResult], names: list[str], thresholds: list[float], lighting: np.ndarray,
                  light_names: list[str], macs: tuple[np.ndarray, np.ndarray]) -> list[dict[str, Any]]:
     heads = [*names, "final"]
+    confidences = np.stack([test[n].confidence for n in names])
+    errors = np.stack([test[h].error for h in heads])
     points = []
     for t in thresholds:
-        taken = walk(test, names, t)
-        err = np.array([test[heads[k]].error[j] for j, k in enumerate(taken)])
+        walked = walk(confidences, [t] * len(names), SCORE)
+        err = walked.answers(errors)
         points.append({
             "threshold": t if math.isfinite(t) else "inf",
             "mae": float(err.mean()),
             "mae_by_lighting": {n: _mae(err[lighting == k]) for k, n in enumerate(light_names)},
-            "shares": {h: float((taken == k).mean()) for k, h in enumerate(heads)},
-            "macs": float(macs[0][taken].mean()),
-            "macs_lazy_audio": float(macs[1][taken].mean()),
+            "shares": dict(zip(heads, walked.shares())),
+            "macs": walked.mean_cost(macs[0]),
+            "macs_lazy_audio": walked.mean_cost(macs[1]),
         })
     return points
 

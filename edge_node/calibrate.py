@@ -21,7 +21,6 @@ The cloud is assumed to answer as the full model does: codec loss is ignored.
 """
 from __future__ import annotations
 
-import math
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,8 +32,8 @@ import numpy as np
 from offramp.checkpoint import load_checkpoint
 from offramp.errors import OfframpError
 from offramp.pipeline import load_validation
-from offramp.scores import HIGHER_IS_CONFIDENT, check_score, default_score
-from offramp.split import edge_exit_ids
+from offramp.exit_policy import always_leave, edge_exit_ids, higher_is_confident, never_leave, walk
+from offramp.scores import check_score, default_score
 from offramp.train import HeadResult, evaluate
 
 CANDIDATES_PER_EXIT = 200  # quantiles of each exit's confidence; beyond this the search gains nothing visible
@@ -80,7 +79,7 @@ class Calibration:
     metric: str  # "accuracy", or "mae" for regression
 
     def summary(self) -> str:
-        p, sign = self.chosen, ">=" if HIGHER_IS_CONFIDENT[self.score] else "<="
+        p, sign = self.chosen, ">=" if higher_is_confident(self.score) else "<="
         if self.metric == "accuracy":
             quality = f"accuracy {p.quality:.4f} (full model {self.full_quality:.4f})"
         else:
@@ -103,7 +102,7 @@ class _Cascade:
     """Confidences (E, n) of the edge exits and per-sample quality (E + 1, n) of every head."""
 
     def __init__(self, exits: list[HeadResult], final: HeadResult, score: str) -> None:
-        self.higher = HIGHER_IS_CONFIDENT[score]
+        self.score = score
         self.conf = np.stack([r.confidence for r in exits]).astype(np.float64)
         heads = [*exits, final]
         if final.correct is not None:
@@ -113,17 +112,13 @@ class _Cascade:
         self.num_exits, self.n = self.conf.shape
 
     def point(self, thresholds: tuple[float, ...]) -> OperatingPoint:
-        t = np.asarray(thresholds)[:, None]
-        passes = self.conf >= t if self.higher else self.conf <= t  # (E, n)
-        taken_by = np.where(passes.any(axis=0), passes.argmax(axis=0), self.num_exits)  # first confident exit
-        quality = float(self.quality[taken_by, np.arange(self.n)].mean())
-        shares = np.bincount(taken_by, minlength=self.num_exits + 1) / self.n
-        return OperatingPoint(tuple(thresholds), quality, float(shares[-1]), tuple(float(s) for s in shares))
+        walked = walk(self.conf, thresholds, self.score)
+        shares = walked.shares()
+        return OperatingPoint(tuple(thresholds), float(walked.answers(self.quality).mean()), shares[-1], tuple(shares))
 
     def candidates(self, confidences: np.ndarray) -> list[float]:
-        never, always = (math.inf, -math.inf) if self.higher else (-math.inf, math.inf)
         qs = np.quantile(confidences, np.linspace(0, 1, CANDIDATES_PER_EXIT), method="lower")
-        return [never, *sorted({float(q) for q in qs}), always]
+        return [never_leave(self.score), *sorted({float(q) for q in qs}), always_leave(self.score)]
 
 
 def calibrate(exits: list[HeadResult], final: HeadResult, score: str, target: Target) -> Calibration:
@@ -170,7 +165,7 @@ def calibrate_checkpoint(checkpoint: str | Path, target: Target, score: str | No
         check_score(score, task)
         val, _ = load_validation(card, data)
         results = evaluate(model, val, score=score)
-        ids = edge_exit_ids(model, split, configured.get("exits"))
+        ids = edge_exit_ids(model.exit_configs, split, configured.get("exits"))
         return calibrate([results[i] for i in ids], results[-1], score, target)
     except ValueError as e:
         raise OfframpError(str(e)) from None

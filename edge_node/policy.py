@@ -11,7 +11,8 @@ import threading
 from dataclasses import dataclass
 
 from offramp.errors import OfframpError
-from offramp.scores import HIGHER_IS_CONFIDENT, check_score
+from offramp.exit_policy import thresholds_to_run
+from offramp.scores import check_score
 from offramp.wire import pb
 
 # A threshold per score that an uncalibrated edge starts from. max_prob, margin
@@ -35,10 +36,7 @@ class PolicySettings:
 
     def run_thresholds(self) -> list[float]:
         """The thresholds to run the exits with: without offload the last exit must take every sample."""
-        if self.offload_enabled or not self.thresholds:
-            return list(self.thresholds)
-        always = -math.inf if HIGHER_IS_CONFIDENT[self.score] else math.inf
-        return [*self.thresholds[:-1], always]
+        return thresholds_to_run(self.thresholds, self.score, self.offload_enabled)
 
     def to_proto(self) -> pb.Policy:
         return pb.Policy(thresholds=self.thresholds, score=self.score, offload_enabled=self.offload_enabled)

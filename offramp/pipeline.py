@@ -14,10 +14,10 @@ from .checkpoint import Card, load_checkpoint, save_checkpoint
 from .config import DEFAULT_THRESHOLDS
 from .data import DataSplits, load_data
 from .errors import OfframpError
+from .exit_policy import edge_exit_ids
 from .models import AudioConfig, ModelConfig, MultiExitModel, create_backbone, parse_exits, variant_names
 from .report import evaluation_report
 from .scores import check_score, default_score
-from .split import edge_exit_ids
 from .train import HeadResult, TrainConfig, cache_features, evaluate, train_backbone, train_exits, unpack
 
 log = logging.getLogger(__name__)
@@ -239,7 +239,7 @@ def evaluate_checkpoint(directory: str | Path, data: str | None = None, score: s
     if tuple(input_shape) != tuple(card.input_shape):
         raise OfframpError(f"data '{data}' has inputs of shape {input_shape}, the model expects {card.input_shape}")
     try:
-        ids = None if exits is None else edge_exit_ids(model, model.num_blocks, exits)
+        ids = None if exits is None else edge_exit_ids(model.exit_configs, model.num_blocks, exits)
     except ValueError as e:
         raise OfframpError(str(e)) from None
     if tta and card.modality != "image":

@@ -6,9 +6,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .exit_policy import answer_costs, walk
 from .models import MultiExitModel
 from .models.cost import count_macs, count_params
-from .scores import HIGHER_IS_CONFIDENT
 from .train import HeadResult
 
 
@@ -16,61 +16,39 @@ from .train import HeadResult
 def head_costs(model: MultiExitModel, input_shape: tuple[int, ...],
                exit_ids: list[int] | None = None) -> list[dict[str, int]]:
     """Params and MACs of each exit (``exit_ids``: of those walked) and of the final head,
-    plus MACs spent to reach each answer.
-
-    The edge walks the exits in order, so an answer costs every exit before
-    it, the blocks up to its position, and (audiovisual) the audio encoder
-    once an exit on the way used audio; an audio-only exit at position 0
-    needs no visual block.
-    """
+    plus MACs spent to reach each answer as the edge walks them (see ``answer_costs``)."""
     bb = model.backbone
     x = torch.zeros(1, *input_shape)
     audio = torch.zeros(1, *model.config.audio.input_shape) if model.audiovisual else None
     audio_tokens = model.encode_audio(audio)
     audio_macs = count_macs(model.audio_encoder, audio) if audio is not None else 0
-    costs, spent_exits, visual_at, heard = [], 0, None, False
     walked = range(len(model.exit_configs)) if exit_ids is None else exit_ids
-    for i in walked:
-        e = model.exit_configs[i]
-        feats = bb.head(x, e.position)
-        macs = count_macs(lambda f, i=i: model.run_exit(i, f, audio_tokens), feats)
-        spent_exits += macs
-        if e.uses_visual:
-            visual_at = e.position  # the walk has run the visual blocks this far
-        heard = heard or e.uses_audio  # ... and the audio encoder, once an exit needed it
-        visual = 0 if visual_at is None else count_macs(lambda t, p=visual_at: bb.head(t, p), x)
-        costs.append({"params": count_params(model.exits[i]), "macs": macs,
-                      "macs_to_answer": (audio_macs if heard else 0) + visual + spent_exits})
+    exits = [model.exit_configs[i] for i in walked]
+    exit_macs = [count_macs(lambda f, i=i: model.run_exit(i, f, audio_tokens), bb.head(x, e.position))
+                 for i, e in zip(walked, exits)]
+    to_answer = answer_costs(exits, exit_macs, lambda p: count_macs(lambda t: bb.head(t, p), x), audio_macs)
+    costs = [{"params": count_params(model.exits[i]), "macs": macs, "macs_to_answer": spent}
+             for i, macs, spent in zip(walked, exit_macs, to_answer)]
     full = count_macs(model.final, x, audio) if audio is not None else count_macs(bb, x)
     costs.append({"params": count_params(model) - count_params(model.exits), "macs": full,
-                  "macs_to_answer": full + spent_exits})
+                  "macs_to_answer": full + sum(exit_macs)})
     return costs
 
 
 def cascade(results: list[HeadResult], score: str, thresholds: list[float]) -> list[dict[str, Any]]:
-    """For each threshold, the share of samples each exit takes in order, and the overall quality.
+    """For each threshold (shared by the exits), the share of samples each head answers, and the overall quality.
 
-    A sample leaves at the first exit whose score passes the threshold; the
-    rest reach the final head (on a split deployment: the cloud).
+    Samples no exit is confident enough about reach the final head (on a
+    split deployment: the cloud).
     """
+    exits, final = results[:-1], results[-1]
+    confidences = np.reshape([r.confidence for r in exits], (len(exits), len(final.pred)))
+    quality = "accuracy" if final.correct is not None else "mae"
+    per_head = np.stack([r.correct if quality == "accuracy" else r.error for r in results])
     rows = []
-    n = len(results[-1].pred)
-    higher = HIGHER_IS_CONFIDENT[score]
     for t in thresholds:
-        remaining = np.ones(n, dtype=bool)
-        taken_by = np.full(n, len(results) - 1)
-        for i, r in enumerate(results[:-1]):
-            passes = r.confidence >= t if higher else r.confidence <= t
-            take = remaining & passes
-            taken_by[take] = i
-            remaining &= ~take
-        shares = [float((taken_by == i).mean()) for i in range(len(results))]
-        row: dict[str, Any] = {"threshold": t, "shares": shares}
-        if results[-1].correct is not None:
-            row["accuracy"] = float(np.mean([results[k].correct[j] for j, k in enumerate(taken_by)]))
-        else:
-            row["mae"] = float(np.mean([results[k].error[j] for j, k in enumerate(taken_by)]))
-        rows.append(row)
+        walked = walk(confidences, [t] * len(exits), score)
+        rows.append({"threshold": t, "shares": walked.shares(), quality: float(walked.answers(per_head).mean())})
     return rows
 
 

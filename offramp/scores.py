@@ -1,16 +1,15 @@
 """Confidence scores for exit decisions, shared by evaluation, calibration and the edge.
 
-Each score has a direction: for ``max_prob`` and ``margin`` an exit is confident
-when the score is at least the threshold; for ``entropy`` (classification) and
-``std`` (regression: the predicted standard deviation) when it is at most.
+A score is computed here from a head's output; which way it points (whether
+higher means surer) and how thresholds apply to it is ``offramp.exit_policy``'s.
 """
 from __future__ import annotations
 
 import torch
 
-HIGHER_IS_CONFIDENT = {"max_prob": True, "margin": True, "entropy": False, "std": False}
 CLASSIFICATION_SCORES = ("max_prob", "entropy", "margin")
 REGRESSION_SCORES = ("std",)
+SCORES = (*CLASSIFICATION_SCORES, *REGRESSION_SCORES)
 
 
 def check_score(score: str, task: str) -> None:
@@ -35,13 +34,7 @@ def confidence(output: torch.Tensor, score: str) -> torch.Tensor:
         return top2[:, 0] - top2[:, 1]
     if score == "entropy":
         return -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1)
-    raise ValueError(f"unknown score {score!r}; choose from {', '.join(HIGHER_IS_CONFIDENT)}")
-
-
-def is_confident(output: torch.Tensor, score: str, threshold: float) -> torch.Tensor:
-    """Boolean mask (B,): which samples may leave at this exit."""
-    c = confidence(output, score)
-    return c >= threshold if HIGHER_IS_CONFIDENT[score] else c <= threshold
+    raise ValueError(f"unknown score {score!r}; choose from {', '.join(SCORES)}")
 
 
 def prediction(output: torch.Tensor, task: str) -> torch.Tensor:

@@ -8,14 +8,17 @@ received from any number of edges.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
+from .exit_policy import edge_exit_ids, least_confident, passes, walk
 from .models import MultiExitModel, head_outputs
-from .scores import HIGHER_IS_CONFIDENT, confidence
+from .scores import confidence
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -73,25 +76,6 @@ class EdgeResult:
     audio_tokens: torch.Tensor | None = None
 
 
-def edge_exit_ids(model: MultiExitModel, split_block: int, names: Sequence[str] | None = None) -> list[int]:
-    """Indices of the exits an edge runs: all those up to the split, or the named subset.
-
-    A checkpoint may hold several exit types at one position (to compare
-    them); a deployment runs only the ones worth their cost.
-    """
-    before = [i for i, e in enumerate(model.exit_configs) if e.position <= split_block]
-    if names is None:
-        return before
-    by_name = {model.exit_configs[i].name: i for i in before}
-    unknown = [n for n in names if n not in by_name]
-    if unknown:
-        raise ValueError(f"no exit {', '.join(unknown)} up to block {split_block}; "
-                         f"the checkpoint has {', '.join(by_name) or 'none there'}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"exits listed twice in {', '.join(names)}")
-    return sorted(by_name[n] for n in names)
-
-
 class EdgeHalf:
     """Stem, blocks ``[0, split)`` and the exits placed there."""
 
@@ -105,7 +89,7 @@ class EdgeHalf:
         self.dtype = dtype
         compute_context(self.device, dtype)  # validate once
         self.model.to(self.device)
-        self.exit_ids = edge_exit_ids(model, split_block, exits)
+        self.exit_ids = edge_exit_ids(model.exit_configs, split_block, exits)
         audio = model.config.audio
         if audio is not None and split_block > audio.fuse_at:
             raise ValueError(f"this audiovisual model fuses audio into the backbone before block {audio.fuse_at}; "
@@ -128,68 +112,88 @@ class EdgeHalf:
         """
         if len(thresholds) != self.num_exits:
             raise ValueError(f"{len(thresholds)} thresholds for {self.num_exits} edge exits")
-        bb, B = self.backbone, x.shape[0]
-        higher = HIGHER_IS_CONFIDENT[score]
-        exit_index = torch.full((B,), -1, dtype=torch.long)
-        best_exit = torch.full((B,), -1, dtype=torch.long)
-        output = torch.zeros(B, self.num_outputs)
-        conf = torch.full((B,), float("-inf") if higher else float("inf"))
-        alive = torch.arange(B)  # sample ids still on the edge
-        feats: torch.Tensor | None = None  # visual representation of the alive samples after `pos` blocks
-        pos = 0
-        last_in = None  # input of block split-1, kept for class-token attention scores
-        need_scores = with_scores and self.split_block > 0
-
-        def advance(stop: int) -> None:
-            nonlocal feats, pos, last_in
-            if feats is None:
-                feats = bb.embed(x[alive].to(self.device))
-            if need_scores and pos < self.split_block <= stop:
-                feats = bb.forward_blocks(feats, pos, self.split_block - 1)
-                last_in = feats
-                pos = self.split_block - 1
-            feats, pos = bb.forward_blocks(feats, pos, stop), stop
-
         if self.model.audiovisual and audio is None:
             raise ValueError("this model is audiovisual: the edge needs the audio input")
-        audio_tokens: torch.Tensor | None = None  # of the alive samples, once an exit or the cloud needs them
-
-        def encode_audio() -> None:
-            nonlocal audio_tokens
-            if self.model.audiovisual and audio_tokens is None:
-                audio_tokens = self.model.encode_audio(audio[alive].to(self.device))
-
+        B = x.shape[0]
+        need_scores = with_scores and self.split_block > 0
+        on_edge = _Survivors(self, x, audio, keep_attention_input=need_scores)
+        outputs = torch.zeros(self.num_exits, B, self.num_outputs)  # what each exit said of the samples it saw
+        confidences = torch.full((self.num_exits, B), math.nan)
         with compute_context(self.device, self.dtype):
-            for k, (i, t) in enumerate(zip(self.exit_ids, thresholds)):
+            for k, (i, threshold) in enumerate(zip(self.exit_ids, thresholds)):
                 e = self.model.exit_configs[i]
-                if e.uses_visual:
-                    advance(e.position)
-                if e.uses_audio:
-                    encode_audio()
-                out = self.model.run_exit(i, feats if e.uses_visual else None, audio_tokens).float().cpu()
+                out = self.model.run_exit(i, on_edge.tokens_after(e.position) if e.uses_visual else None,
+                                          on_edge.encoded_audio() if e.uses_audio else None).float().cpu()
                 c = confidence(out, score)
-                better = c > conf[alive] if higher else c < conf[alive]
-                upd = alive[better]
-                output[upd], conf[upd], best_exit[upd] = out[better], c[better], k
-                leave = c >= t if higher else c <= t
-                left = alive[leave]  # answered here, with this exit's answer (not an earlier, surer one's)
-                exit_index[left], output[left], conf[left] = k, out[leave], c[leave]
-                stay = ~leave.to(self.device)
-                feats = None if feats is None else feats[stay]
-                audio_tokens = None if audio_tokens is None else audio_tokens[stay]
-                last_in = None if last_in is None else last_in[stay]
-                alive = alive[~leave]
-                if len(alive) == 0:
+                outputs[k, on_edge.ids], confidences[k, on_edge.ids] = out, c
+                on_edge.keep(~passes(c, threshold, score))  # the confident leave here; ``walk`` below agrees
+                if not len(on_edge):
                     break
-            if len(alive):
-                advance(self.split_block)
-                encode_audio()  # the cloud fuses them
+            if len(on_edge):  # they go on at the split, with their audio tokens (the cloud fuses them)
+                on_edge.tokens_after(self.split_block)
+                on_edge.encoded_audio()
             scores = None
-            if need_scores and last_in is not None and len(alive):
-                scores = cls_attention(bb.blocks[self.split_block - 1], last_in, self.spec.num_prefix).float().cpu()
-        tokens = torch.empty(0, *self.spec.shape) if feats is None or not len(alive) else feats.float().cpu()
-        audio_out = None if audio_tokens is None else audio_tokens.float().cpu()
-        return EdgeResult(exit_index, best_exit, output, conf, alive, tokens, scores, audio_out)
+            if need_scores and on_edge.attention_input is not None and len(on_edge):
+                scores = cls_attention(self.backbone.blocks[self.split_block - 1], on_edge.attention_input,
+                                       self.spec.num_prefix).float().cpu()
+
+        walked = walk(confidences.numpy(), thresholds, score)
+        exit_index = torch.from_numpy(np.where(walked.goes_on, -1, walked.leaves_at))
+        carried = torch.from_numpy(np.where(walked.goes_on, walked.best, walked.leaves_at))  # whose answer each keeps
+        output, conf = torch.zeros(B, self.num_outputs), torch.full((B,), least_confident(score))
+        ids = torch.arange(B)[carried >= 0]  # -1: no exit offered an answer (an edge without exits)
+        output[ids], conf[ids] = outputs[carried[ids], ids], confidences[carried[ids], ids]
+        tokens = on_edge.tokens
+        tokens = torch.empty(0, *self.spec.shape) if tokens is None or not len(on_edge) else tokens.float().cpu()
+        audio_tokens = None if on_edge.audio_tokens is None else on_edge.audio_tokens.float().cpu()
+        return EdgeResult(exit_index, torch.from_numpy(walked.best), output, conf, on_edge.ids, tokens, scores,
+                          audio_tokens)
+
+
+class _Survivors:
+    """The samples of a batch still on the edge, and what has been computed for them so far.
+
+    Nothing is computed before it is asked for, and samples that leave are
+    dropped from everything at once: the rest go on as a smaller batch.
+    """
+
+    def __init__(self, half: EdgeHalf, x: torch.Tensor, audio: torch.Tensor | None,
+                 keep_attention_input: bool) -> None:
+        self.half, self.x, self.audio = half, x, audio
+        self.ids = torch.arange(x.shape[0])  # their indices in the batch
+        self.tokens: torch.Tensor | None = None  # their visual representation after `position` blocks
+        self.position = 0
+        self.keep_attention_input = keep_attention_input
+        self.attention_input: torch.Tensor | None = None  # input of block split-1, for class-token attention
+        self.audio_tokens: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def tokens_after(self, position: int) -> torch.Tensor:
+        """Their visual representation after ``position`` blocks, running only the blocks not yet run."""
+        bb, split = self.half.backbone, self.half.split_block
+        if self.tokens is None:
+            self.tokens = bb.embed(self.x[self.ids].to(self.half.device))
+        if self.keep_attention_input and self.position < split <= position:
+            self.tokens, self.position = bb.forward_blocks(self.tokens, self.position, split - 1), split - 1
+            self.attention_input = self.tokens
+        self.tokens, self.position = bb.forward_blocks(self.tokens, self.position, position), position
+        return self.tokens
+
+    def encoded_audio(self) -> torch.Tensor | None:
+        """Their audio tokens (None without audio), encoded the first time they are asked for."""
+        if self.half.model.audiovisual and self.audio_tokens is None:
+            self.audio_tokens = self.half.model.encode_audio(self.audio[self.ids].to(self.half.device))
+        return self.audio_tokens
+
+    def keep(self, stay: torch.Tensor) -> None:
+        """Keep only the samples ``stay`` marks (a mask over the survivors)."""
+        on_device = stay.to(self.half.device)
+        self.tokens = None if self.tokens is None else self.tokens[on_device]
+        self.attention_input = None if self.attention_input is None else self.attention_input[on_device]
+        self.audio_tokens = None if self.audio_tokens is None else self.audio_tokens[on_device]
+        self.ids = self.ids[stay]
 
 
 class CloudHalf:

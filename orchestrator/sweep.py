@@ -116,10 +116,10 @@ class Context:
 
     def edge_thresholds(self, point: Point) -> list[float]:
         """The point's thresholds, one per edge exit; "never" points the right way for the score."""
-        from offramp.scores import HIGHER_IS_CONFIDENT
+        from offramp.exit_policy import never_leave
 
         if point.thresholds == NEVER:
-            return [NEVER if HIGHER_IS_CONFIDENT[self.score] else -NEVER] * self.num_exits
+            return [never_leave(self.score)] * self.num_exits
         assert point.thresholds is not None
         return list(point.thresholds) if isinstance(point.thresholds, tuple) else [point.thresholds] * self.num_exits
 
@@ -297,15 +297,12 @@ def _run_logged(point: Point, placement: Any, ctx: Context, out: Path) -> PointR
 def _num_edge_exits(card: Any, names: tuple[str, ...] | None) -> int:
     """How many exits the edge will run: the named ones (checked against the card) or all up to the split."""
     from offramp.errors import OfframpError
+    from offramp.exit_policy import edge_exit_ids
 
-    available = [e.name for e in card.config.exits if e.position <= card.split_block]
-    if names is None:
-        return len(available)
-    unknown = [n for n in names if n not in available]
-    if unknown:
-        raise OfframpError(f"edge.exits names {', '.join(unknown)}, which the checkpoint's edge does not have "
-                           f"(it has {', '.join(available) or 'none'})")
-    return len(names)
+    try:
+        return len(edge_exit_ids(card.config.exits, card.split_block, names))
+    except ValueError as e:
+        raise OfframpError(f"edge.exits: {e}") from None
 
 
 def _check_thresholds(config: ExperimentConfig, num_exits: int) -> None:

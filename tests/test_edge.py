@@ -347,18 +347,18 @@ def test_edge_runs_only_the_exits_it_is_told_to(
 
 
 def test_unknown_or_repeated_exit_names_are_refused(tiny_checkpoint: Path) -> None:
-    from offramp.split import edge_exit_ids
+    from offramp.exit_policy import edge_exit_ids
 
-    model, _ = load_checkpoint(tiny_checkpoint)
-    assert edge_exit_ids(model, 4) == [0, 1]
-    assert edge_exit_ids(model, 4, ["slvit@4"]) == [1]
-    assert edge_exit_ids(model, 2) == [0]
+    exits = load_checkpoint(tiny_checkpoint)[0].exit_configs
+    assert edge_exit_ids(exits, 4) == [0, 1]
+    assert edge_exit_ids(exits, 4, ["slvit@4"]) == [1]
+    assert edge_exit_ids(exits, 2) == [0]
     with pytest.raises(ValueError, match="no exit cnn@2 up to block 4; the checkpoint has slvit@2, slvit@4"):
-        edge_exit_ids(model, 4, ["cnn@2"])
+        edge_exit_ids(exits, 4, ["cnn@2"])
     with pytest.raises(ValueError, match="no exit slvit@4 up to block 2"):
-        edge_exit_ids(model, 2, ["slvit@4"])
+        edge_exit_ids(exits, 2, ["slvit@4"])
     with pytest.raises(ValueError, match="listed twice"):
-        edge_exit_ids(model, 4, ["slvit@2", "slvit@2"])
+        edge_exit_ids(exits, 4, ["slvit@2", "slvit@2"])
 
 
 def test_calibration_follows_the_exits_the_edge_config_names(tiny_checkpoint: Path, tmp_path: Path) -> None:
