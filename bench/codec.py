@@ -22,6 +22,7 @@ from PIL import Image
 
 from offramp.checkpoint import load_checkpoint
 from offramp.codec import CodecConfig, DecodeLimits, decode, encode
+from offramp.exit_policy import never_leave
 from offramp.pipeline import load_validation
 from offramp.report import format_table
 from offramp.split import CloudHalf, EdgeHalf
@@ -57,7 +58,7 @@ def run(checkpoint: str, samples: int) -> dict[str, Any]:
     x, y = val.tensors[0][:samples], val.tensors[1][:samples]
     split = card.split_block
     edge, cloud = EdgeHalf(model, split), CloudHalf(model, split)
-    never = [2.0] * edge.num_exits  # max_prob never reaches 2: every sample goes on to the split
+    never = [never_leave("max_prob")] * edge.num_exits  # every sample goes on to the split
     res = edge.run(x, never, "max_prob", with_scores=True)
     tokens, scores = res.tokens, res.scores
     num_prefix = edge.spec.num_prefix

@@ -40,6 +40,7 @@ from edge_node.offload import OffloadClient, OffloadSettings
 from offramp.checkpoint import load_checkpoint
 from offramp.codec import CodecConfig, encode
 from offramp.daemon_proc import DaemonProcess
+from offramp.exit_policy import never_leave
 from offramp.pipeline import load_validation
 from offramp.report import format_table
 from offramp.split import CloudHalf, EdgeHalf
@@ -75,7 +76,7 @@ def timed_p50(fn, seconds: float = 1.0) -> float:
 def compute_alone(edge: EdgeHalf, cloud: CloudHalf, x: torch.Tensor, tokens: torch.Tensor) -> dict[str, Any]:
     """Batch-1 compute of each half and the tail's best batched throughput, on the servers' core, 1 thread."""
     mask, threads = os.sched_getaffinity(0), torch.get_num_threads()
-    never = [2.0] * edge.num_exits  # every sample runs every exit and leaves as tokens
+    never = [never_leave("max_prob")] * edge.num_exits  # every sample runs every exit and leaves as tokens
     os.sched_setaffinity(0, SERVER_CORES)
     torch.set_num_threads(1)
     try:
@@ -105,7 +106,7 @@ def end_to_end(checkpoint: str, x: torch.Tensor, n: int, threads: int, cores: se
         with grpc.insecure_channel(edge.address) as channel:
             stub = pb_grpc.EdgeStub(channel)
             exits = len(stub.GetPolicy(pb.GetPolicyRequest(), timeout=10).thresholds)
-            stub.SetPolicy(pb.Policy(thresholds=[float("inf")] * exits, score="max_prob", offload_enabled=True))
+            stub.SetPolicy(pb.Policy(thresholds=[never_leave("max_prob")] * exits, score="max_prob", offload_enabled=True))
             for i in range(n + 20):
                 sample = x[i % len(x)].numpy()
                 t0 = time.perf_counter()
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     val, _ = load_validation(card)
     x = val.tensors[0][:256]
     edge, cloud_half = EdgeHalf(model, card.split_block), CloudHalf(model, card.split_block)
-    res = edge.run(x, [2.0] * edge.num_exits, "max_prob")
+    res = edge.run(x, [never_leave("max_prob")] * edge.num_exits, "max_prob")
     alone = compute_alone(edge, cloud_half, x, res.tokens)  # before any daemon starts: nothing else running
     result["compute_alone"] = alone
     result["token_shape"] = list(res.tokens.shape[1:])
