@@ -38,7 +38,7 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
 
 
-def test_a_lone_request_on_an_idle_server_runs_at_once_without_a_hand_off() -> None:
+def test_a_lone_request_on_an_idle_server_runs_at_once_without_a_thread_hop() -> None:
     model = Recorder()
 
     async def go():
@@ -51,9 +51,24 @@ def test_a_lone_request_on_an_idle_server_runs_at_once_without_a_hand_off() -> N
         return result, waited
 
     result, waited = run(go())
-    assert result.rows.tolist() == [[6.0]] and result.batch_size == 1 and result.queue_s == 0.0
+    assert result.rows.tolist() == [[6.0]] and result.batch_size == 1 and result.queue_s < 0.1
     assert model.threads == [threading.main_thread().name]  # computed right there, on the loop's thread
     assert waited < 0.5
+
+
+def test_requests_arriving_together_share_a_batch_even_with_lone_requests_on_the_loop() -> None:
+    model = Recorder()
+
+    async def go():
+        batcher = Batcher(model, 8, lone_on_loop=True, name="t")
+        batcher.start()
+        results = await asyncio.gather(*(batcher.submit(torch.ones(1, 3)) for _ in range(5)))
+        await batcher.close()
+        return results
+
+    results = run(go())
+    assert [b[0][0] for b in model.batches] == [5]  # not five lone passes on the loop
+    assert {r.batch_size for r in results} == {5}
 
 
 def test_requests_that_queue_during_a_batch_form_the_next_one_without_a_timer() -> None:

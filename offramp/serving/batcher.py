@@ -97,7 +97,6 @@ class Batcher(Generic[R]):
         self._waiting = 0  # samples submitted and not yet computing
         self._arrived = asyncio.Event()
         self._flushing = False
-        self._computing = False  # a batch is on the device
         self._lone_on_loop = lone_on_loop
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._worker: asyncio.Task[None] | None = None
@@ -135,15 +134,6 @@ class Batcher(Generic[R]):
         if self._max_queue is not None and self._waiting + size > self._max_queue:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"the queue is full ({self._waiting} samples waiting)")
-        if size == 1 and self._lone_on_loop and not (self._computing or self._pending or self._max_wait_s):
-            # The fast path: an idle server answers a lone request here and now, with no hand-off at all.
-            started = time.perf_counter()
-            self._computing = True
-            try:
-                result = self._run(inputs, size)
-            finally:
-                self._computing = False
-            return Batched(result[0:1], 0.0, time.perf_counter() - started, 1)
         job = _Job(inputs, size, deadline, time.perf_counter(), asyncio.get_running_loop().create_future())
         self._pending.append(job)
         self._waiting += size
@@ -212,7 +202,6 @@ class Batcher(Generic[R]):
                        for k in range(len(batch[0].inputs)))
         size = sum(job.size for job in batch)
         started = time.perf_counter()
-        self._computing = True
         try:
             if size == 1 and self._lone_on_loop and not self._pending:
                 result = self._run(inputs, size)
@@ -223,8 +212,6 @@ class Batcher(Generic[R]):
                 if not job.future.done():
                     job.future.set_exception(e)
             return
-        finally:
-            self._computing = False
         compute_s = time.perf_counter() - started
         offset = 0
         for job in batch:
