@@ -159,8 +159,7 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         require(bool(self.name) and "/" not in self.name, "name must be a non-empty string without '/'")
-        edge = dataclasses.replace(self.edge, checkpoint=self.checkpoint, threads=self.edge.threads or 1)
-        object.__setattr__(self, "edge", edge)
+        object.__setattr__(self, "edge", dataclasses.replace(self.edge, checkpoint=self.checkpoint))
         object.__setattr__(self, "cloud", dataclasses.replace(self.cloud, checkpoint=self.checkpoint))
 
     @property
