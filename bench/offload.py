@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import platform
 import sys
@@ -39,12 +40,14 @@ from bench import codec as codec_bench
 from edge_node.offload import OffloadClient, OffloadSettings
 from offramp.checkpoint import load_checkpoint
 from offramp.codec import CodecConfig, encode
+from offramp.daemon import grpc_server
 from offramp.daemon_proc import DaemonProcess
 from offramp.exit_policy import never_leave
 from offramp.pipeline import load_validation
 from offramp.report import format_table
 from offramp.split import CloudHalf, EdgeHalf
-from offramp.wire import pb, pb_grpc
+from offramp.serving.streams import unordered_map
+from offramp.wire import make_status, pb, pb_grpc
 
 RESULTS = Path(__file__).parent / "results"
 CODEC = CodecConfig(dtype="int8", zstd_level=3)
@@ -166,6 +169,55 @@ async def drive_streams(address: str, fingerprint: str, split: int, tokens: list
             "mean_batch": float(np.mean(batch_sizes))}
 
 
+class _EchoOffload(pb_grpc.OffloadServicer):
+    """The gRPC floor: answers every request at once, with no decoding, batching or model."""
+
+    def __init__(self, fingerprint: str, split: int) -> None:
+        self._description = pb.DescribeReply(fingerprint=fingerprint, split_block=split, max_batch_size=1,
+                                             max_message_bytes=64 << 20)
+
+    async def Infer(self, requests, context):
+        async def answer(request: pb.OffloadRequest) -> pb.OffloadReply:
+            return pb.OffloadReply(request_id=request.request_id, status=make_status(), batch_size=1)
+
+        async for reply in unordered_map(requests, answer):
+            yield reply
+
+    async def Describe(self, request, context):
+        return self._description
+
+
+def serve_echo(fingerprint: str, split: int, port: Any) -> None:
+    """Child process: the echo server pinned to the servers' core; puts its port in ``port`` (a shared value)."""
+    os.sched_setaffinity(0, SERVER_CORES)
+
+    async def run() -> None:
+        server = grpc_server(64 << 20)
+        pb_grpc.add_OffloadServicer_to_server(_EchoOffload(fingerprint, split), server)
+        port.value = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(run())
+
+
+async def grpc_floor(fingerprint: str, split: int, tokens: list[pb.EncodedTensor], seconds: float) -> list[dict]:
+    """The same clients and load against the echo server: what any Python gRPC server costs here."""
+    ctx = multiprocessing.get_context("spawn")
+    port = ctx.Value("i", 0)
+    child = ctx.Process(target=serve_echo, args=(fingerprint, split, port), daemon=True)
+    child.start()
+    try:
+        while not port.value:
+            await asyncio.sleep(0.05)
+        return [{"batching": "gRPC floor (no work)", **await drive_streams(
+            f"127.0.0.1:{port.value}", fingerprint, split, tokens, edges, window, seconds)}
+            for edges, window in ((1, 1), (16, 4))]
+    finally:
+        child.kill()
+        child.join()
+
+
 # (name, cloud flags): adaptive batching (the default), a fixed window, and no batching at all.
 BATCHING = [("adaptive", ["--max-wait-ms", "0"]), ("window 2 ms", ["--max-wait-ms", "2"]),
             ("batch 1", ["--max-batch", "1"])]
@@ -177,7 +229,7 @@ async def offload_runs(checkpoint: str, fingerprint: str, split: int, tokens: li
 
     All runs share this event loop (grpc.aio binds to the first loop it meets).
     """
-    runs = []
+    runs = await grpc_floor(fingerprint, split, tokens, seconds)
     for name, flags in BATCHING:
         with DaemonProcess("cloud", ["--checkpoint", checkpoint, "--threads", "1", *flags],
                            cores=SERVER_CORES) as cloud:
@@ -195,7 +247,6 @@ def machine() -> dict[str, Any]:
             "torch": torch.__version__, "server_cores": sorted(SERVER_CORES), "client_cores": sorted(client_cores())}
 
 
-@torch.no_grad()  # scoped: main() also runs inside test processes
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench.offload", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default="runs/bench-exits/cifar10-vit")
@@ -208,6 +259,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.samples, args.requests, args.seconds = 100, 20, 1.0
+    cores = os.sched_getaffinity(0)
+    try:
+        return measure(args, argv)
+    finally:  # this process moved off the servers' core; a caller (a test run) gets its cores back
+        os.sched_setaffinity(0, cores)
+
+
+@torch.no_grad()  # scoped: main() also runs inside test processes
+def measure(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Everything ``main`` prints and writes, for parsed ``args``."""
     started = time.perf_counter()
     result: dict[str, Any] = {
         "command": "python -m bench.offload " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -268,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     ours = next(r for r in streams if r["batching"] == "adaptive" and r["edges"] == 16)
     light = next(r for r in streams if r["batching"] == "adaptive" and r["edges"] == 1)
     single = next(r for r in streams if r["batching"] == "batch 1")
+    floor = next(r for r in streams if r["batching"].startswith("gRPC floor") and r["edges"] == 16)
     result["targets"] = {
         "int8_zstd_x_smaller": next(r["x_smaller_than_float32"] for r in codec["rows"] if r["codec"] == "int8+zstd"),
         "int8_zstd_accuracy_change_points": next(r["accuracy_change_points"] for r in codec["rows"]
@@ -275,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         "framework_overhead_p50_ms": e2e["framework_overhead_p50_ms"],
         "leg_p50_minus_compute_ms": light["latency_ms"]["p50"] - alone["cloud_half_ms"],
         "share_of_tail_best_pinned": ours["throughput_rps"] / best,
+        # The most any server can reach when each request also costs the floor's time: 1 / (1/best + 1/floor).
+        "share_bound_by_grpc_floor": 1 / (1 + best / floor["throughput_rps"]),
         "batching_speedup_vs_batch1": ours["throughput_rps"] / single["throughput_rps"],
     }
     if not args.no_ray_serve:
