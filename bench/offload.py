@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from bench import codec as codec_bench
+from bench.load import closed_loop, load_summary, percentiles
 from edge_node.offload import OffloadClient, OffloadSettings
 from offramp.checkpoint import load_checkpoint
 from offramp.codec import CodecConfig, encode
@@ -57,11 +58,6 @@ SERVER_CORES = {0}
 def client_cores() -> set[int]:
     """Every core but the servers' (all of them on a one-core machine)."""
     return (set(os.sched_getaffinity(0)) - SERVER_CORES) or set(os.sched_getaffinity(0))
-
-
-def percentiles(values: list[float]) -> dict[str, float]:
-    a = np.asarray(values)
-    return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)), "mean": float(a.mean())}
 
 
 def timed_p50(fn, seconds: float = 1.0) -> float:
@@ -139,34 +135,24 @@ async def drive_streams(address: str, fingerprint: str, split: int, tokens: list
     latencies: list[float] = []
     batch_sizes: list[int] = []
     compute: list[float] = []
-    done = 0
-    stop_at = 0.0
 
-    async def worker(client: OffloadClient, k: int) -> None:
-        nonlocal done
-        i = k
-        while time.perf_counter() < stop_at:
-            req = pb.OffloadRequest(model_fingerprint=fingerprint, split_block=split, tokens=tokens[i % len(tokens)])
-            t0 = time.perf_counter()
-            reply = await client.infer(req, timeout_s=30)
-            latencies.append((time.perf_counter() - t0) * 1e3)
-            batch_sizes.append(reply.batch_size)
-            compute.append(reply.timings.compute_ms)
-            done += 1
-            i += edges * window
+    async def request(worker: int, i: int) -> None:
+        n = (worker + i * edges * window) % len(tokens)  # every worker its own share of the samples
+        req = pb.OffloadRequest(model_fingerprint=fingerprint, split_block=split, tokens=tokens[n])
+        t0 = time.perf_counter()
+        reply = await clients[worker // window].infer(req, timeout_s=30)
+        latencies.append((time.perf_counter() - t0) * 1e3)
+        batch_sizes.append(reply.batch_size)
+        compute.append(reply.timings.compute_ms)
+
     try:
         warm = pb.OffloadRequest(model_fingerprint=fingerprint, split_block=split, tokens=tokens[0])
         for _ in range(20):
             await asyncio.gather(*(c.infer(warm, timeout_s=30) for c in clients))
-        start = time.perf_counter()
-        stop_at = start + seconds
-        await asyncio.gather(*(worker(c, e * window + w) for e, c in enumerate(clients) for w in range(window)))
-        wall = time.perf_counter() - start
+        wall = await closed_loop(request, edges * window, seconds)
     finally:
         await asyncio.gather(*(c.close() for c in clients))
-    return {"edges": edges, "window": window, "requests": done, "throughput_rps": done / wall,
-            "latency_ms": percentiles(latencies), "cloud_compute_ms": percentiles(compute),
-            "mean_batch": float(np.mean(batch_sizes))}
+    return load_summary(edges, window, wall, latencies, compute, batch_sizes)
 
 
 class _EchoOffload(pb_grpc.OffloadServicer):

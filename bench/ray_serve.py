@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from bench.backbones import cpu_name
+from bench.load import closed_loop, load_summary
 from cloud_node.handler import OffloadHandler
 from cloud_node.metrics import CloudMetrics
 from offramp.checkpoint import load_checkpoint
@@ -272,12 +273,6 @@ def ray_serve_tail(checkpoint: str, split_block: int, max_batch: int, max_wait_m
 # --------------------------------------------------------------------------- the load generator
 
 
-def percentiles(values: Sequence[float]) -> dict[str, float]:
-    a = np.asarray(values if len(values) else [float("nan")])
-    return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
-            "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
-
-
 async def drive_unary(address: str, payloads: Sequence[bytes], expected: Sequence[np.ndarray], edges: int,
                       window: int, seconds: float, ready_timeout_s: float = 60.0) -> dict[str, Any]:
     """``edges`` connections with ``window`` unary calls in flight on each, for ``seconds``.
@@ -298,7 +293,6 @@ async def drive_unary(address: str, payloads: Sequence[bytes], expected: Sequenc
     counts = {"errors": 0, "wrong": 0}
     first_error: list[str] = []
     max_error = 0.0
-    stop_at = 0.0
 
     async def warm(call: Any) -> None:
         """Until the proxy knows the application, calls fail UNAVAILABLE or NOT_FOUND."""
@@ -312,45 +306,35 @@ async def drive_unary(address: str, payloads: Sequence[bytes], expected: Sequenc
                     raise
                 await asyncio.sleep(0.2)
 
-    async def worker(call: Any, k: int) -> None:
+    async def request(worker: int, i: int) -> None:
         nonlocal max_error
-        i = k
-        while time.perf_counter() < stop_at:
-            t0 = time.perf_counter()
-            try:
-                reply = await call(payloads[i % len(payloads)], metadata=metadata, timeout=30)
-            except grpc.aio.AioRpcError as e:
-                counts["errors"] += 1
-                first_error[:] = first_error or [f"{e.code().name}: {e.details()}"]
-                i += edges * window
-                continue
-            latencies.append((time.perf_counter() - t0) * 1e3)
-            if reply.status.code != grpc.StatusCode.OK.value[0]:
-                counts["errors"] += 1
-                first_error[:] = first_error or [f"status {reply.status.code}: {reply.status.message}"]
-            else:
-                want = expected[i % len(expected)]
-                got = np.asarray(reply.output, dtype=np.float32)
-                if got.shape != want.shape or not np.allclose(got, want, rtol=1e-3, atol=1e-3):
-                    counts["wrong"] += 1
-                if got.shape == want.shape:
-                    max_error = max(max_error, float(np.abs(got - want).max()))
-                batch_sizes.append(reply.batch_size)
-                compute.append(reply.timings.compute_ms)
-            i += edges * window
+        n = (worker + i * edges * window) % len(payloads)  # every worker its own share of the samples
+        t0 = time.perf_counter()
+        try:
+            reply = await calls[worker // window](payloads[n], metadata=metadata, timeout=30)
+        except grpc.aio.AioRpcError as e:
+            counts["errors"] += 1
+            first_error[:] = first_error or [f"{e.code().name}: {e.details()}"]
+            return
+        latencies.append((time.perf_counter() - t0) * 1e3)
+        if reply.status.code != grpc.StatusCode.OK.value[0]:
+            counts["errors"] += 1
+            first_error[:] = first_error or [f"status {reply.status.code}: {reply.status.message}"]
+            return
+        want, got = expected[n], np.asarray(reply.output, dtype=np.float32)
+        if got.shape != want.shape or not np.allclose(got, want, rtol=1e-3, atol=1e-3):
+            counts["wrong"] += 1
+        if got.shape == want.shape:
+            max_error = max(max_error, float(np.abs(got - want).max()))
+        batch_sizes.append(reply.batch_size)
+        compute.append(reply.timings.compute_ms)
 
     try:
         await asyncio.gather(*(warm(c) for c in calls))
-        start = time.perf_counter()
-        stop_at = start + seconds
-        await asyncio.gather(*(worker(c, e * window + w) for e, c in enumerate(calls) for w in range(window)))
-        wall = time.perf_counter() - start
+        wall = await closed_loop(request, edges * window, seconds)
     finally:
         await asyncio.gather(*(c.close() for c in channels))
-    answered = len(latencies)
-    return {"edges": edges, "window": window, "requests": answered, "throughput_rps": answered / wall,
-            "latency_ms": percentiles(latencies), "cloud_compute_ms": percentiles(compute),
-            "mean_batch": float(np.mean(batch_sizes)) if batch_sizes else 0.0,
+    return {**load_summary(edges, window, wall, latencies, compute, batch_sizes),
             "errors": counts["errors"], "wrong": counts["wrong"], "max_abs_error": max_error,
             "first_error": first_error[0] if first_error else None}
 
