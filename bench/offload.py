@@ -105,7 +105,8 @@ def end_to_end(checkpoint: str, x: torch.Tensor, n: int, threads: int, cores: se
         with grpc.insecure_channel(edge.address) as channel:
             stub = pb_grpc.EdgeStub(channel)
             exits = len(stub.GetPolicy(pb.GetPolicyRequest(), timeout=10).thresholds)
-            stub.SetPolicy(pb.Policy(thresholds=[never_leave("max_prob")] * exits, score="max_prob", offload_enabled=True))
+            stub.SetPolicy(pb.Policy(thresholds=[never_leave("max_prob")] * exits, score="max_prob",
+                                     offload_enabled=True))
             for i in range(n + 20):
                 sample = x[i % len(x)].numpy()
                 t0 = time.perf_counter()

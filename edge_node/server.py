@@ -3,7 +3,7 @@
 Start-up order: load the checkpoint and check the policy against it (a bad
 one fails before anything listens), bind the gRPC port (port 0 picks a free
 one, read back from ``EdgeServer.port``), bind the metrics port, start the
-compute thread and the offload client, start serving. Health reports SERVING
+batcher and the offload client, start serving. Health reports SERVING
 from then on, whether or not a cloud is reachable: without one the edge still
 answers, degraded. ``stop()`` reverses it.
 
