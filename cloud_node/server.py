@@ -28,8 +28,9 @@ from offramp.daemon import DaemonServer, bind, grpc_server, listen_host, run_unt
 from offramp.errors import OfframpError
 from offramp.security import BearerTokenInterceptor, read_token, server_credentials
 from offramp.serving.batcher import Batcher, lone_on_loop
+from offramp.serving.guard import MalformedLog, add_service
 from offramp.split import CloudHalf
-from offramp.wire import OFFLOAD_SERVICE, pb_grpc
+from offramp.wire import OFFLOAD_SERVICE
 
 from .handler import OffloadHandler
 from .metrics import CloudMetrics
@@ -94,7 +95,8 @@ async def serve(config: CloudConfig) -> CloudServer:
                    if config.tls_cert is not None else None)
     interceptors = [BearerTokenInterceptor(read_token(config.token_file))] if config.token_file is not None else []
     server = grpc_server(config.max_message_bytes, interceptors)
-    pb_grpc.add_OffloadServicer_to_server(OffloadServicer(handler, draining, config.max_in_flight_per_stream), server)
+    add_service(server, OffloadServicer(handler, draining, config.max_in_flight_per_stream), "Offload",
+                MalformedLog(metrics.registry, "offramp_cloud"))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in ("", OFFLOAD_SERVICE):

@@ -29,6 +29,7 @@ from offramp.daemon import DaemonServer, bind, grpc_server, listen_host, run_unt
 from offramp.errors import OfframpError
 from offramp.scores import default_score
 from offramp.security import channel_credentials, read_token
+from offramp.serving.guard import MalformedLog, add_service
 from offramp.serving.inputs import InputError, request_inputs
 from offramp.serving.offloop import call_by_size
 from offramp.serving.streams import unordered_map
@@ -144,7 +145,7 @@ async def serve(config: EdgeConfig) -> EdgeServer:
     """Load the checkpoint, bind, start; the returned server is answering (and SERVING)."""
     engine = await asyncio.to_thread(build_engine, config)
     server = grpc_server(config.max_message_bytes)
-    pb_grpc.add_EdgeServicer_to_server(EdgeServicer(engine), server)
+    add_service(server, EdgeServicer(engine), "Edge", MalformedLog(engine.metrics.registry, "offramp_edge"))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = bind(server, config.listen)
