@@ -12,7 +12,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 if TYPE_CHECKING:
     from cloud_node.server import CloudServer
@@ -126,3 +128,14 @@ def edge_servers(loop: LoopThread, checkpoint: Path, defaults: dict[str, Any]) -
     finally:
         for server in servers:
             loop.run(server.stop())
+
+
+# Raw bytes in and out: for calls that send what a hostile peer would.
+IDENTITY = {"request_serializer": None, "response_deserializer": None}
+
+
+def serving(address: str) -> bool:
+    """Whether the daemon at ``address`` reports SERVING."""
+    with grpc.insecure_channel(address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    return reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -10,10 +10,9 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from helpers import CloudFactory, LoopThread, edge_servers
+from helpers import IDENTITY, CloudFactory, LoopThread, edge_servers, serving
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_malformed import IDENTITY, serving
 
 from offramp.checkpoint import load_checkpoint
 from offramp.codec import CodecConfig, encode

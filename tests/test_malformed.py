@@ -7,20 +7,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import CloudFactory, LoopThread, edge_servers
+from helpers import IDENTITY, CloudFactory, LoopThread, edge_servers, serving
 
 from offramp.wire import pb
 
 # A truncated varint, a length-delimited field longer than the message, a field with wire type 7.
 MALFORMED = [b"\x08", b"\x0a\x05abc", b"\x0f\x00"]
-IDENTITY = {"request_serializer": None, "response_deserializer": None}
-
-
-def serving(address: str) -> bool:
-    with grpc.insecure_channel(address) as channel:
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def counted(registry, name: str) -> float:
