@@ -148,10 +148,12 @@ def _add_policy(sub: argparse._SubParsersAction) -> None:
                                    "the rest. The change applies from the next batch on.")
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     get = actions.add_parser("get", help="print the thresholds, score and offload switch in force")
-    get.add_argument("--edge", required=True, metavar="HOST:PORT")
-    get.set_defaults(run=_run_policy)
     put = actions.add_parser("set", help="change thresholds, score or offload switch")
-    put.add_argument("--edge", required=True, metavar="HOST:PORT")
+    for action in (get, put):
+        action.add_argument("--edge", required=True, metavar="HOST:PORT")
+        action.add_argument("--admin-token-file", metavar="PATH",
+                            help="file holding the edge's admin token (its admin_token_file)")
+    get.set_defaults(run=_run_policy)
     add_config_flags(put, EdgeConfig, ("thresholds", "score", "offload_enabled"), with_defaults=False)
     put.set_defaults(run=_run_policy)
 
@@ -160,12 +162,14 @@ def _run_policy(args: argparse.Namespace) -> int:
     import grpc
 
     from offramp.errors import OfframpError
+    from offramp.security import bearer_metadata, read_token
     from offramp.wire import pb, pb_grpc
 
+    metadata = bearer_metadata(read_token(args.admin_token_file) if args.admin_token_file else None)
     with grpc.insecure_channel(args.edge) as channel:
         stub = pb_grpc.EdgeStub(channel)
         try:
-            policy = stub.GetPolicy(pb.GetPolicyRequest(), timeout=10)
+            policy = stub.GetPolicy(pb.GetPolicyRequest(), timeout=10, metadata=metadata)
             if args.action == "set":
                 if args.thresholds is None and args.score is None and args.offload_enabled is None:
                     raise OfframpError("nothing to set: give --thresholds, --score or --offload")
@@ -176,7 +180,7 @@ def _run_policy(args: argparse.Namespace) -> int:
                     policy.score = args.score
                 if args.offload_enabled is not None:
                     policy.offload_enabled = args.offload_enabled
-                policy = stub.SetPolicy(policy, timeout=10)
+                policy = stub.SetPolicy(policy, timeout=10, metadata=metadata)
         except grpc.RpcError as e:
             raise _rpc_error(args.edge, e) from None
     print(f"thresholds: {', '.join(f'{t:g}' for t in policy.thresholds) or '(no exits)'}")

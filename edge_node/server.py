@@ -25,10 +25,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from offramp.checkpoint import Card, load_checkpoint
 from offramp.codec import CodecConfig
 from offramp.config import EdgeConfig, non_defaults
-from offramp.daemon import DaemonServer, bind, grpc_server, listen_host, run_until_signalled, start_metrics
+from offramp.daemon import (DaemonServer, bind, grpc_server, listen_host, on_loopback, run_until_signalled,
+                            start_metrics)
 from offramp.errors import OfframpError
 from offramp.scores import default_score
-from offramp.security import channel_credentials, read_token
+from offramp.security import ADMIN_METHODS, BearerTokenInterceptor, channel_credentials, read_token
 from offramp.serving.guard import MalformedLog, add_service
 from offramp.serving.inputs import InputError, request_inputs
 from offramp.serving.offloop import call_by_size
@@ -129,6 +130,16 @@ def build_engine(config: EdgeConfig) -> EdgeEngine:
         raise OfframpError(f"cannot serve '{config.checkpoint}': {e}") from None
 
 
+def admin_guard(config: EdgeConfig) -> list[BearerTokenInterceptor]:
+    """The policy RPCs need the admin token when one is configured, and are closed beyond loopback without."""
+    if config.admin_token_file is not None:
+        return [BearerTokenInterceptor(read_token(config.admin_token_file), ADMIN_METHODS)]
+    if on_loopback(config.listen):
+        return []
+    return [BearerTokenInterceptor(None, ADMIN_METHODS, closed_reason=(
+        f"the edge listens on {config.listen}, beyond loopback: policy changes need the edge's admin_token_file"))]
+
+
 class EdgeServer(DaemonServer):
     """A started edge daemon; ``await stop()`` (or leaving ``async with``) drains it."""
 
@@ -144,7 +155,7 @@ class EdgeServer(DaemonServer):
 async def serve(config: EdgeConfig) -> EdgeServer:
     """Load the checkpoint, bind, start; the returned server is answering (and SERVING)."""
     engine = await asyncio.to_thread(build_engine, config)
-    server = grpc_server(config.max_message_bytes)
+    server = grpc_server(config.max_message_bytes, admin_guard(config))
     add_service(server, EdgeServicer(engine), "Edge", MalformedLog(engine.metrics.registry, "offramp_edge"))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

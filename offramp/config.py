@@ -184,6 +184,10 @@ class EdgeConfig:
                                                 example="cloud.example.org")
     cloud_token_file: str | None = setting("File holding the bearer token the clouds expect (see the cloud's "
                                            "token_file).", None, metavar="PATH", example="token", path=True)
+    admin_token_file: str | None = setting(
+        "File holding a bearer token the policy RPCs (GetPolicy, SetPolicy: `offramp policy`) require. Unset: "
+        "open on loopback, refused (UNAUTHENTICATED) when the edge listens beyond it, since whoever sets the "
+        "thresholds decides what the edge answers alone.", None, metavar="PATH", example="admin-token", path=True)
     max_message_mb: int = setting("gRPC message limit in MiB, on the local API (encoded files) and towards the "
                                   "cloud.", 64, metavar="MIB")
     device: str = setting('"cpu", "cuda" or "cuda:N"; edge devices are usually CPUs.', "cpu")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -26,6 +27,17 @@ S = TypeVar("S", bound=AbstractAsyncContextManager)
 def listen_host(listen: str) -> str:
     """The host part of HOST:PORT (IPv6 brackets removed)."""
     return listen.rpartition(":")[0].strip("[]")
+
+
+def on_loopback(listen: str) -> bool:
+    """Whether HOST:PORT is reachable from this machine only."""
+    host = listen_host(listen)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name other than localhost may resolve anywhere
+        return False
 
 
 def start_metrics(port: int, listen: str, registry: CollectorRegistry) -> WSGIServer:

@@ -18,6 +18,8 @@ from .errors import OfframpError
 
 # Services a token guards; health checks and reflection stay open for orchestrators and tools.
 PROTECTED_PREFIX = "/offramp.v1.Offload/"
+# The edge's admin methods: whoever may call them decides what the edge answers alone.
+ADMIN_METHODS = ("/offramp.v1.Edge/GetPolicy", "/offramp.v1.Edge/SetPolicy")
 
 
 def read_secret(path: str | Path, what: str) -> bytes:
@@ -60,10 +62,17 @@ def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses calls to the protected services without the right ``authorization: Bearer`` header."""
+    """Refuses calls to the ``protected`` methods (path prefixes) without the right ``authorization: Bearer``.
 
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+    With no token at all, the protected methods are closed to everyone and
+    answer UNAUTHENTICATED with ``closed_reason``.
+    """
+
+    def __init__(self, token: str | None, protected: tuple[str, ...] = (PROTECTED_PREFIX,),
+                 closed_reason: str = "") -> None:
+        self._expected = None if token is None else f"Bearer {token}".encode()
+        self._protected = protected
+        self._closed_reason = closed_reason
 
     async def intercept_service(
         self,
@@ -71,8 +80,10 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or not details.method.startswith(PROTECTED_PREFIX):
+        if handler is None or not details.method.startswith(self._protected):
             return handler
+        if self._expected is None:
+            return _refusal(handler, self._closed_reason)
         given = dict(details.invocation_metadata or ()).get("authorization", "")
         if hmac.compare_digest(given.encode() if isinstance(given, str) else given, self._expected):
             return handler

@@ -195,3 +195,31 @@ def test_unreadable_or_empty_secrets_are_named(pki: dict[str, str], tmp_path: Pa
     spaced.write_text("two words\n")
     with pytest.raises(OfframpError, match="must hold one token"):
         start_cloud(token_file=str(spaced))
+
+
+# --------------------------------------------------------------------------- the edge's admin surface
+
+
+def test_the_edge_policy_needs_the_admin_token_beyond_loopback(tiny_checkpoint: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from offramp.cli import main
+
+    token = tmp_path / "admin-token"
+    token.write_text("s3cret\n")
+    with LoopThread() as loop, edge_servers(loop, tiny_checkpoint, {"grace_s": 1.0}) as start:
+        open_edge = start(listen="0.0.0.0:0")  # beyond loopback, no admin token: the policy is closed
+        local = f"127.0.0.1:{open_edge.port}"
+        with grpc.insecure_channel(local) as channel:
+            stub = pb_grpc.EdgeStub(channel)
+            with pytest.raises(grpc.RpcError) as e:
+                stub.SetPolicy(pb.Policy(thresholds=[0.0, 0.0], score="max_prob"), timeout=5)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "admin_token_file" in e.value.details()
+            x = bytes(4 * 32 * 32)  # one 1x32x32 float32 image of zeros
+            reply = stub.Infer(pb.InferRequest(tensor=pb.RawTensor(shape=[1, 32, 32], data=x)), timeout=10)
+            assert reply.status.code == 0  # inference stays open to the applications
+        guarded = start(admin_token_file=str(token))
+        assert main(["policy", "get", "--edge", guarded.address]) == 2
+        assert "UNAUTHENTICATED: missing bearer token" in capsys.readouterr().err
+        assert main(["policy", "set", "--edge", guarded.address, "--admin-token-file", str(token),
+                     "--thresholds", "0.5,0.6"]) == 0
+        assert "thresholds: 0.5, 0.6" in capsys.readouterr().out
