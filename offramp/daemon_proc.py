@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from .config import CloudConfig, EdgeConfig
 from .config_text import settings_toml
 from .errors import OfframpError
+from .security import channel_credentials
 
 
 class DaemonProcess:
@@ -35,7 +36,8 @@ class DaemonProcess:
 
     def __init__(self, command: str, args: Sequence[str] = (), host: str = "127.0.0.1", startup_timeout: float = 60.0,
                  log_path: str | Path | None = None, env: dict[str, str] | None = None,
-                 cores: set[int] | None = None, config: CloudConfig | EdgeConfig | None = None) -> None:
+                 cores: set[int] | None = None, config: CloudConfig | EdgeConfig | None = None,
+                 tls_ca: str | None = None, tls_client: tuple[str, str] | None = None) -> None:
         self.startup_timeout = startup_timeout
         self._tmp = tempfile.TemporaryDirectory(prefix=f"offramp-{command}-")
         if config is not None:
@@ -47,6 +49,9 @@ class DaemonProcess:
         self.log_path = Path(log_path) if log_path else Path(self._tmp.name) / f"{command}.log"
         self.env = env
         self.cores = cores  # CPU cores the daemon may run on (benchmarks pin servers apart from clients)
+        # A daemon serving TLS is health-checked over TLS: the CA to trust, and for mutual TLS a
+        # client certificate and key.
+        self.tls_ca, self.tls_client = tls_ca, tls_client
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
 
@@ -74,8 +79,15 @@ class DaemonProcess:
         self.stop()
         raise OfframpError(f"{self.command} daemon did not become ready in {self.startup_timeout:.0f} s:\n{self.log_tail()}")
 
+    def channel(self) -> grpc.Channel:
+        """A channel to the daemon: plaintext, or TLS when the daemon serves it."""
+        if self.tls_ca is None:
+            return grpc.insecure_channel(self.address)
+        cert, key = self.tls_client or (None, None)
+        return grpc.secure_channel(self.address, channel_credentials(self.tls_ca, cert, key))
+
     def _serving(self, timeout: float) -> bool:
-        with grpc.insecure_channel(self.address) as channel:
+        with self.channel() as channel:
             try:
                 reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
                                                                   timeout=max(0.1, min(timeout, 2.0)))

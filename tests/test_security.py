@@ -223,3 +223,17 @@ def test_the_edge_policy_needs_the_admin_token_beyond_loopback(tiny_checkpoint: 
         assert main(["policy", "set", "--edge", guarded.address, "--admin-token-file", str(token),
                      "--thresholds", "0.5,0.6"]) == 0
         assert "thresholds: 0.5, 0.6" in capsys.readouterr().out
+
+
+def test_daemon_process_starts_and_health_checks_tls_daemons(tiny_checkpoint: Path, pki: dict[str, str]) -> None:
+    from offramp.daemon_proc import DaemonProcess
+
+    tls = ["--checkpoint", str(tiny_checkpoint), "--tls-cert", pki["cloud"], "--tls-key", pki["cloud_key"]]
+    with DaemonProcess("cloud", [*tls, "--tls-client-ca", pki["ca"]], tls_ca=pki["ca"],
+                       tls_client=(pki["edge"], pki["edge_key"])) as cloud:
+        with cloud.channel() as channel:
+            reply = pb_grpc.OffloadStub(channel).Describe(pb.DescribeRequest(), timeout=10)
+        assert reply.split_block == read_card(tiny_checkpoint).split_block
+        with grpc.insecure_channel(cloud.address) as channel:  # plaintext gets nowhere
+            with pytest.raises(grpc.RpcError):
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
