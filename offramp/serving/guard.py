@@ -69,7 +69,7 @@ def add_service(server: grpc.aio.Server, servicer: Any, service: str, malformed:
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
                 _stream(behaviour, parse), response_serializer=serialize)
         else:
-            raise NotImplementedError(f"{descriptor.full_name}.{method.name}: only unary and bidi methods")
+            raise ValueError(f"{descriptor.full_name}.{method.name}: only unary and bidi methods are handled")
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
     server.add_registered_method_handlers(descriptor.full_name, handlers)
 
