@@ -65,13 +65,10 @@ class Batched(Generic[R]):
 class _Job:
     inputs: Inputs  # each (B, ...) or None
     size: int
+    shapes: tuple[tuple[int, ...] | None, ...]  # per input, without the batch: jobs stack when these agree
     deadline: float | None  # perf_counter after which nobody wants the answer
     submitted: float
     future: asyncio.Future
-
-    @property
-    def shapes(self) -> tuple[tuple[int, ...] | None, ...]:
-        return tuple(None if t is None else tuple(t.shape[1:]) for t in self.inputs)
 
 
 class Batcher(Generic[R]):
@@ -134,7 +131,8 @@ class Batcher(Generic[R]):
         if self._max_queue is not None and self._waiting + size > self._max_queue:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"the queue is full ({self._waiting} samples waiting)")
-        job = _Job(inputs, size, deadline, time.perf_counter(), asyncio.get_running_loop().create_future())
+        shapes = tuple(None if t is None else tuple(t.shape[1:]) for t in inputs)
+        job = _Job(inputs, size, shapes, deadline, time.perf_counter(), asyncio.get_running_loop().create_future())
         self._pending.append(job)
         self._waiting += size
         self._arrived.set()
