@@ -7,6 +7,10 @@ variants, whose adapter holds the timm model as ``model``).
 """
 from __future__ import annotations
 
+import contextlib
+import socket
+import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -63,6 +67,25 @@ def load_state(backbone: SplittableBackbone, state: dict[str, torch.Tensor], str
     backbone.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
 
+@contextlib.contextmanager
+def _cache_only_unless_hub_answers(timeout_s: float = 3.0) -> Iterator[None]:
+    """huggingface_hub in offline mode (weights from its local cache only) while its hub does not accept a
+    connection within ``timeout_s``: its client would otherwise retry for about 45 s before failing."""
+    from huggingface_hub import constants
+
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or ""
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+        reachable = True
+    except OSError:
+        reachable = False
+    offline, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE or not reachable
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = offline
+
+
 def load_initial_weights(backbone: SplittableBackbone, path: str | None, pretrained: bool = False,
                          variant: str = "") -> None:
     """``--init PATH`` (strict), or ``--pretrained`` through timm's own loader for timm variants."""
@@ -78,7 +101,8 @@ def load_initial_weights(backbone: SplittableBackbone, path: str | None, pretrai
 
     name = model.default_cfg.get("architecture", "")
     try:
-        source = timm.create_model(name, pretrained=True)
+        with _cache_only_unless_hub_answers():
+            source = timm.create_model(name, pretrained=True)
     except Exception as e:  # no hub, no cache, no weights for that name: all end the same way for the user
         raise OfframpError(f"--pretrained: timm could not load weights for '{name}' ({type(e).__name__}: "
                            f"{str(e).splitlines()[0][:160]}); the model hub is not reachable from here, so "
