@@ -18,7 +18,6 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import grpc
 import numpy as np

@@ -34,5 +34,5 @@ class CloudMetrics:
             "offramp_cloud_stage_seconds", "Time per request in each cloud stage (decode, queue, compute, total).",
             ["stage"], buckets=_LATENCY_BUCKETS, registry=self.registry,
         )
-        # The batcher binds this to its own count (set_function), so it is never stale.
+        # The server binds this to its batcher's count (set_function), so it is never stale.
         self.queue_depth = Gauge("offramp_cloud_queue_depth", "Samples waiting for a batch.", registry=self.registry)
