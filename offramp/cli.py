@@ -49,6 +49,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate of the backbone")
     p.add_argument("--exit-lr", type=float, default=None, help="peak learning rate of the exits")
+    p.add_argument("--tokenizer-lr-scale", type=float, default=None, metavar="FACTOR",
+                   help="learning-rate factor for a ViT's tokenizer (hybrid_c10's recipe: its teacher's first "
+                        "layers); 0 freezes it")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=None,
                    help="auto (default): bf16 autocast where the CPU (AMX, AVX512-BF16) or GPU runs it fast")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="default: cuda if present")
@@ -89,7 +92,7 @@ def _run_train(args: argparse.Namespace) -> int:
     cfg = recipe.config(
         epochs=args.epochs, exit_epochs=args.exit_epochs, copycat=args.copycat, copycat_epochs=args.copycat_epochs,
         temperature=args.temperature, batch_size=args.batch_size, lr=args.lr, exit_lr=args.exit_lr,
-        precision=args.precision, device=args.device, tta=args.tta, seed=args.seed,
+        tokenizer_lr_scale=args.tokenizer_lr_scale, precision=args.precision, device=args.device, tta=args.tta, seed=args.seed,
         progress=False if args.no_progress else None,
     )
     logging.getLogger(__name__).info("recipe %s: %s", name, recipe.description)

@@ -67,6 +67,27 @@ def load_state(backbone: SplittableBackbone, state: dict[str, torch.Tensor], str
     backbone.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
 
+def load_tokenizer_from(backbone: SplittableBackbone, teacher: torch.nn.Module | None) -> None:
+    """A hybrid ViT's tokenizer starts as the teacher CNN's stem and first conv layers (same parameter
+    names); only its projection to the ViT's width, if any, stays freshly initialised."""
+    from .models.airbench import AirbenchTokenizer
+
+    tokenizer = getattr(backbone, "patch_embed", None)
+    if not isinstance(tokenizer, AirbenchTokenizer):
+        raise OfframpError("tokenizer_from_teacher: this variant has no airbench tokenizer to load; "
+                           "use a hybrid variant such as hybrid_c10, or another recipe")
+    if teacher is None:
+        raise OfframpError("tokenizer_from_teacher needs a teacher: pass --teacher CHECKPOINT (an airbench CNN) "
+                           "rather than --teacher none")
+    source = teacher.state_dict()
+    own = tokenizer.state_dict()
+    state = {k: source[k] for k in own if k in source}
+    if missing := [k for k in own if k not in state and not k.startswith("proj.")]:
+        raise OfframpError(f"tokenizer from the teacher: the teacher has no {', '.join(missing[:3])}; "
+                           "it must be an airbench CNN at least as deep as the tokenizer")
+    load_state(tokenizer, state, strict=False, what="tokenizer from the teacher")
+
+
 @contextlib.contextmanager
 def _cache_only_unless_hub_answers(timeout_s: float = 3.0) -> Iterator[None]:
     """huggingface_hub in offline mode (weights from its local cache only) while its hub does not accept a

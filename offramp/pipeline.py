@@ -168,7 +168,7 @@ def obtain_teacher(job: TrainJob, teacher_variant: str | None, data: DataSplits,
 def run_training(job: TrainJob, cfg: TrainConfig, data: DataSplits | None = None,
                  teacher_variant: str | None = None) -> dict[str, Any]:
     """All training phases, checkpoint saved after them; returns the evaluation report."""
-    from .initial import load_initial_weights
+    from .initial import load_initial_weights, load_tokenizer_from
 
     data = data or load_data(job.data, val_fraction=job.val_fraction, seed=job.seed, limit=job.limit)
     cfg = data_settings(job, data, cfg)
@@ -177,11 +177,14 @@ def run_training(job: TrainJob, cfg: TrainConfig, data: DataSplits | None = None
     if job.init or job.pretrained:
         load_initial_weights(model.backbone, job.init, pretrained=job.pretrained, variant=model.config.backbone)
     teacher, teacher_info = obtain_teacher(job, teacher_variant, data, cfg)
+    if cfg.tokenizer_from_teacher:
+        load_tokenizer_from(model.backbone, teacher)
     torch.manual_seed(job.seed)
     log.info("training %s with exits %s on %s (%d train / %d val)", model.config.backbone,
              ",".join(model.exit_names) or "none", job.data, len(data.train), len(data.val))
     metrics: dict[str, Any] = {}
-    timing = train_backbone(model, data.train, cfg, teacher=teacher, init_from_data=not (job.init or job.pretrained))
+    loaded = job.init or job.pretrained or cfg.tokenizer_from_teacher
+    timing = train_backbone(model, data.train, cfg, teacher=teacher, init_from_data=not loaded)
     if timing:
         metrics["training"] = {**timing, "epochs": cfg.epochs, **({"teacher": teacher_info} if teacher_info else {})}
         final = evaluate(model, data.val)[-1]

@@ -49,6 +49,12 @@ RECIPES: dict[str, Recipe] = {
                       dict(epochs=30, batch_size=128, optimizer="adamw", lr=2e-3, weight_decay=0.05, warmup=0.05,
                            label_smoothing=0.1, translate=4, tta=True, distill_weight=0.5, teacher_views=8, **_EXITS),
                       teacher="airbench_c10"),
+    "hybrid_c10": Recipe("hybrid ViT on CIFAR-10: tokenizer from airbench_c10's first layers, AdamW + cosine, "
+                         "distilled from its hard labels",
+                         dict(epochs=16, batch_size=128, optimizer="adamw", lr=1e-3, weight_decay=0.05, warmup=0.05,
+                              label_smoothing=0.1, translate=2, tta=True, distill_weight=0.5, teacher_views=4,
+                              tokenizer_from_teacher=True, tokenizer_lr_scale=0.1, **_EXITS),
+                         teacher="airbench_c10"),
     "vit_tiny_spec": Recipe("FSDD spectrogram ViT: AdamW + cosine, longer, random shifts in time",
                             dict(epochs=60, batch_size=64, lr=1e-3, weight_decay=0.05, translate=6,
                                  translate_vertical=False, flip=False, label_smoothing=0.1, exit_epochs=30,

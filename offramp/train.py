@@ -68,6 +68,8 @@ class TrainConfig:
     translate_vertical: bool = True  # False: shift along the last axis only (time, for spectrograms)
     distill_weight: float = 0.5  # with a teacher: share of the loss on its hard labels (DeiT), rest on the labels
     teacher_views: int = 8  # augmented views whose teacher answers are computed once and cycled through
+    tokenizer_from_teacher: bool = False  # hybrid ViTs: the tokenizer starts as the teacher CNN's first layers
+    tokenizer_lr_scale: float = 1.0  # learning-rate factor for the ViT's tokenizer; 0 freezes it (BN statistics too)
     exit_views: int = 2  # augmented views of the frozen backbone's features cached for phases 2-3
     tta: bool = False  # evaluate on flipped and shifted copies too and average (reported beside the plain score)
     precision: str = "auto"  # auto | bf16 | fp32: bf16 autocast where the hardware runs it fast
@@ -188,6 +190,20 @@ def norm_aware_groups(modules: list[nn.Module], cfg: TrainConfig, lr: float) -> 
     return [g for g in groups if g["params"]]
 
 
+def slower_groups(groups: list[dict], module: nn.Module, scale: float) -> list[dict]:
+    """``groups`` with ``module``'s parameters moved to groups of ``scale`` times the rate; at 0 they
+    leave the optimiser and stop requiring gradients (nothing is computed for them)."""
+    inside = {id(p) for p in module.parameters()}
+    if scale == 0:
+        module.requires_grad_(False)
+    out = []
+    for g in groups:
+        out.append({**g, "params": [p for p in g["params"] if id(p) not in inside]})
+        if scale > 0:
+            out.append({**g, "params": [p for p in g["params"] if id(p) in inside], "lr": g["lr"] * scale})
+    return [g for g in out if g["params"]]
+
+
 def _optimizer(groups: list[dict], cfg: TrainConfig, steps: int):
     """AdamW or Nesterov SGD over ``groups``, with the configured schedule."""
     if cfg.optimizer == "sgd":
@@ -304,11 +320,17 @@ def train_backbone(model: MultiExitModel, data: TensorDataset, cfg: TrainConfig,
     if init_from_data:
         model.backbone.init_from_data(x_all[:5000].to(prec.device))
     trunk = [m for name, m in model.named_children() if name != "exits"]
-    opt, sched = _optimizer(norm_aware_groups(trunk, cfg, cfg.lr), cfg, steps)
+    groups = norm_aware_groups(trunk, cfg, cfg.lr)
+    tokenizer = getattr(model.backbone, "patch_embed", None) if cfg.tokenizer_lr_scale != 1.0 else None
+    if tokenizer is not None:
+        groups = slower_groups(groups, tokenizer, cfg.tokenizer_lr_scale)
+    opt, sched = _optimizer(groups, cfg, steps)
     params = [p for g_ in opt.param_groups for p in g_["params"]]
     averaging = Lookahead(model, steps) if cfg.averaging == "lookahead" else None
     model.train()
     model.exits.eval()
+    if tokenizer is not None and cfg.tokenizer_lr_scale == 0:
+        tokenizer.eval()  # frozen: its BatchNorms keep the statistics it came with
     meter = Throughput(f"backbone ({prec.name})", cfg.epochs * n, cfg.progress)
     step = 0
     for epoch in range(cfg.epochs):

@@ -35,7 +35,7 @@ def test_flips_alternate_between_epochs_and_shifts_change() -> None:
     assert not torch.equal(a.shift, b.shift) and int(a.shift.abs().max()) == 2
 
 
-@pytest.mark.parametrize("variant", ["airbench_c10", "cct_c10"])
+@pytest.mark.parametrize("variant", ["airbench_c10", "cct_c10", "hybrid_c10"])
 def test_new_backbones_split_anywhere_bit_identically(variant: str) -> None:
     torch.manual_seed(0)
     bb = create_backbone(variant).eval()
@@ -44,7 +44,7 @@ def test_new_backbones_split_anywhere_bit_identically(variant: str) -> None:
     for k in range(bb.num_blocks + 1):
         assert torch.equal(bb.tail(bb.head(x, k), k), full)
         assert tuple(bb.head(x, k).shape[1:]) == bb.feature_spec(k).shape
-    if variant == "cct_c10":
+    if variant != "airbench_c10":
         spec = bb.feature_spec(2)
         assert spec.kind == "tokens" and spec.grid == (8, 8) and spec.num_prefix == 1
     else:
@@ -109,6 +109,28 @@ def test_student_distills_from_a_teacher_checkpoint(teacher: Path, tmp_path: Pat
                  "--epochs", "1", "--exit-epochs", "1", "--limit", "400", "--out", str(out), "--no-progress"]) == 0
     card = json.loads((out / "card.json").read_text())
     assert card["metrics"]["training"]["teacher"]["fingerprint"] == load_checkpoint(teacher)[1].fingerprint
+
+
+def test_hybrid_tokenizer_starts_as_the_teachers_first_layers(teacher: Path, tmp_path: Path) -> None:
+    out = tmp_path / "hybrid"
+    assert main(["train", "--data", "digits", "--model", "hybrid_c10", "--exits", "slvit@1", "--teacher", str(teacher),
+                 "--epochs", "1", "--exit-epochs", "1", "--limit", "400", "--tokenizer-lr-scale", "0",
+                 "--out", str(out), "--no-progress"]) == 0
+    student, _ = load_checkpoint(out)
+    source = load_checkpoint(teacher)[0].backbone.state_dict()
+    tokenizer = student.backbone.patch_embed.state_dict()
+    shared = [k for k in tokenizer if not k.startswith("proj.")]
+    assert len(shared) > 20 and {k.split(".")[1] for k in shared if k.startswith("blocks.")} == {"0", "1", "2", "3"}
+    for k in shared:  # frozen (scale 0): weights and BatchNorm statistics exactly the teacher's
+        assert torch.equal(tokenizer[k], source[k]), k
+    assert not torch.equal(student.backbone.blocks[0].mlp.fc1.weight, create_backbone("hybrid_c10").blocks[0].mlp.fc1.weight)
+
+
+def test_hybrid_recipe_needs_an_airbench_teacher(in_tmp: Path, teacher: Path, capsys: pytest.CaptureFixture) -> None:
+    base = ["train", "--data", "digits", "--limit", "100", "--epochs", "1", "--out", "x", "--no-progress"]
+    assert "needs a teacher" in one_line_error(capsys, *base, "--model", "hybrid_c10", "--teacher", "none")
+    assert "no airbench tokenizer" in one_line_error(capsys, *base, "--model", "cct_c10", "--recipe", "hybrid_c10",
+                                                     "--teacher", str(teacher))
 
 
 def test_cached_features_are_the_backbones_own() -> None:

@@ -43,6 +43,76 @@ class ConvLayer(nn.Module):
         return self.act(self.norm(self.pool(self.conv(x))))
 
 
+class PatchWhitening(nn.Conv2d):
+    """The frozen stem: filters that whiten the data's kxk patches, each beside its negation, then GELU.
+
+    The weights come from the training patches' covariance (``init_from_data``)
+    and stay fixed; only the bias learns, in the first epochs.
+    """
+
+    def __init__(self, in_chans: int, kernel: int = 2) -> None:
+        super().__init__(in_chans, 2 * in_chans * kernel ** 2, kernel, bias=True)
+        self.weight.requires_grad_(False)
+        nn.init.zeros_(self.bias)
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor, eps: float = 5e-4) -> None:
+        """Eigenvectors of the patches' covariance, scaled to unit variance."""
+        k, c = self.kernel_size[0], x.shape[1]
+        patches = x.float().unfold(2, k, 1).unfold(3, k, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k)
+        cov = patches.T @ patches / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(cov)
+        filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).flip(0).reshape(-1, c, k, k)
+        self.weight.copy_(torch.cat([filters, -filters]).to(self.weight))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.kernel_size[0] - 1
+        return F.gelu(super().forward(F.pad(x, (0, k, 0, k))))  # (B, 2*C*k*k, H, W): padded to keep the grid
+
+
+def conv_groups(in_ch: int, widths: tuple[int, ...]) -> nn.ModuleList:
+    """``len(widths)`` groups of two conv layers; the first of each halves the grid."""
+    layers = []
+    for width in widths:
+        layers += [ConvLayer(in_ch, width, pool=True), ConvLayer(width, width, pool=False)]
+        in_ch = width
+    return nn.ModuleList(layers)
+
+
+class AirbenchTokenizer(nn.Module):
+    """airbench's stem and first conv groups as a ViT tokenizer: each cell of the last map is a token.
+
+    Its parameter names are the CNN's (``whiten``, ``blocks.i``), so a trained
+    ``AirbenchCNN``'s first layers load into it as they are (a hybrid ViT,
+    as in Dosovitskiy et al. 2021's ResNet-stem hybrids).
+    """
+
+    def __init__(self, img_size: tuple[int, int], in_chans: int, dim: int, widths: tuple[int, ...] = (64, 256),
+                 whiten_kernel: int = 2) -> None:
+        super().__init__()
+        self.whiten = PatchWhitening(in_chans, whiten_kernel)
+        self.blocks = conv_groups(self.whiten.out_channels, widths)
+        self.proj = nn.Linear(widths[-1], dim) if widths[-1] != dim else nn.Identity()
+        scale = 2 ** len(widths)
+        h, w = img_size
+        if h % scale or w % scale:
+            raise ValueError(f"input size {img_size} is not a multiple of the tokenizer's stride {scale}")
+        self.img_size = (h, w)
+        self.grid_size = (h // scale, w // scale)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+
+    def init_from_data(self, x: torch.Tensor) -> None:
+        self.whiten.init_from_data(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(f"expected input of size {self.img_size}, got {tuple(x.shape[-2:])}")
+        x = self.whiten(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.proj(x.flatten(2).transpose(1, 2))  # (B, N, D)
+
+
 class AirbenchCNN(SplittableBackbone):
     """Whitening stem, then ``len(widths)`` groups of two conv layers; each group halves the grid."""
 
@@ -61,40 +131,25 @@ class AirbenchCNN(SplittableBackbone):
         self.task = task
         self.whiten_bias_epochs = whiten_bias_epochs
         self.logit_scale = logit_scale
-        whiten_width = 2 * in_chans * whiten_kernel ** 2  # each eigen-filter and its negation
-        self.whiten = nn.Conv2d(in_chans, whiten_width, whiten_kernel, bias=True)
-        self.whiten.weight.requires_grad_(False)  # set from the data's patch covariance, then fixed
-        nn.init.zeros_(self.whiten.bias)
-        blocks, specs = [], [FeatureSpec("map", whiten_width, tuple(img_size))]
-        in_ch, (h, w) = whiten_width, tuple(img_size)
+        self.whiten = PatchWhitening(in_chans, whiten_kernel)
+        self.blocks = conv_groups(self.whiten.out_channels, widths)
+        specs, (h, w) = [FeatureSpec("map", self.whiten.out_channels, tuple(img_size))], tuple(img_size)
         for width in widths:
             h, w = h // 2, w // 2
-            blocks += [ConvLayer(in_ch, width, pool=True), ConvLayer(width, width, pool=False)]
             specs += [FeatureSpec("map", width, (h, w))] * 2
-            in_ch = width
-        self.blocks = nn.ModuleList(blocks)
-        self.num_blocks = len(blocks)
+        self.num_blocks = len(self.blocks)
         self._specs = specs
-        self.head_fc = nn.Linear(in_ch, head_outputs(task, num_classes), bias=False)
+        self.head_fc = nn.Linear(widths[-1], head_outputs(task, num_classes), bias=False)
 
-    @torch.no_grad()
-    def init_from_data(self, x: torch.Tensor, eps: float = 5e-4) -> None:
-        """Whitening filters: eigenvectors of the training patches' covariance, scaled to unit variance."""
-        k = self.whiten.kernel_size[0]
-        c = x.shape[1]
-        patches = x.float().unfold(2, k, 1).unfold(3, k, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k)
-        cov = patches.T @ patches / len(patches)
-        eigenvalues, eigenvectors = torch.linalg.eigh(cov)
-        filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).flip(0).reshape(-1, c, k, k)
-        self.whiten.weight.copy_(torch.cat([filters, -filters]).to(self.whiten.weight))
+    def init_from_data(self, x: torch.Tensor) -> None:
+        self.whiten.init_from_data(x)
 
     def start_epoch(self, epoch: int) -> None:
         """The whitening bias learns in the first epochs only, then stays put (airbench's schedule)."""
         self.whiten.bias.requires_grad_(epoch < self.whiten_bias_epochs)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        k = self.whiten.kernel_size[0] - 1
-        return F.gelu(self.whiten(F.pad(x, (0, k, 0, k))))  # (B, 2*C*k*k, H, W): padded to keep the grid
+        return self.whiten(x)
 
     def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
         return self.head_fc(feats.amax(dim=(2, 3))) * self.logit_scale

@@ -77,6 +77,14 @@ def cct_c10(**kw) -> SplittableBackbone:
 
 
 @register
+def hybrid_c10(**kw) -> SplittableBackbone:
+    """Hybrid ViT: airbench_c10's stem and first two conv groups as tokenizer (8x8 tokens of 256), 4 blocks of
+    width 192. Its recipe starts the tokenizer from the airbench teacher's weights."""
+    args = dict(img_size=(32, 32), airbench_tokenizer=(64, 256), embed_dim=192, depth=4, num_heads=3, mlp_ratio=2.0)
+    return VisionTransformer(**{**args, **kw})
+
+
+@register
 def timm_vit_tiny_32(**kw) -> SplittableBackbone:
     """timm's ViT (random init) shaped like ``vit_tiny_32``, through the adapter."""
     args = dict(model_name="vit_tiny_patch16_224", img_size=(32, 32), patch_size=4, embed_dim=128, depth=6, num_heads=4)

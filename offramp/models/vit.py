@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .airbench import AirbenchTokenizer
 from .backbone import FeatureSpec, SplittableBackbone, Task, head_outputs
 from .layers import Block, ConvTokenizer, PatchEmbed, init_weights
 
@@ -16,7 +17,9 @@ class VisionTransformer(SplittableBackbone):
     """ViT: patch embedding, class token, learned position embedding, pre-norm blocks.
 
     ``conv_tokenizer`` (a tuple of widths) replaces the linear patch embedding
-    with CCT's convolutional tokenizer; ``patch_size`` is then unused.
+    with CCT's convolutional tokenizer, ``airbench_tokenizer`` (the widths of
+    its conv groups) with an airbench CNN's first layers (a hybrid ViT);
+    ``patch_size`` is then unused.
     """
 
     def __init__(
@@ -31,13 +34,20 @@ class VisionTransformer(SplittableBackbone):
         mlp_ratio: float = 2.0,
         task: Task = "classification",
         conv_tokenizer: tuple[int, ...] | None = None,
+        airbench_tokenizer: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
         self.task = task
         self.num_blocks = depth
         self.embed_dim = embed_dim
-        self.patch_embed = (PatchEmbed(tuple(img_size), patch_size, in_chans, embed_dim) if conv_tokenizer is None
-                            else ConvTokenizer(tuple(img_size), in_chans, embed_dim, tuple(conv_tokenizer)))
+        if conv_tokenizer is not None and airbench_tokenizer is not None:
+            raise ValueError("choose one of conv_tokenizer and airbench_tokenizer")
+        if conv_tokenizer is not None:
+            self.patch_embed = ConvTokenizer(tuple(img_size), in_chans, embed_dim, tuple(conv_tokenizer))
+        elif airbench_tokenizer is not None:
+            self.patch_embed = AirbenchTokenizer(tuple(img_size), in_chans, embed_dim, tuple(airbench_tokenizer))
+        else:
+            self.patch_embed = PatchEmbed(tuple(img_size), patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
@@ -46,6 +56,10 @@ class VisionTransformer(SplittableBackbone):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         self.apply(init_weights)
+
+    def init_from_data(self, x: torch.Tensor) -> None:
+        if isinstance(self.patch_embed, AirbenchTokenizer):
+            self.patch_embed.init_from_data(x)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)  # (B, N, D)
