@@ -83,6 +83,9 @@ class OffloadHandler:
         reply = pb.OffloadReply(request_id=request.request_id, status=make_status())
         try:
             self._check(request)
+            declared = request.tokens.shape[0] if request.tokens.shape else 0
+            if 0 < declared <= self._batcher.max_batch:  # a full queue refuses before any decoding
+                self._batcher.check_room(declared)
             tokens, audio = await call_by_size(size, self._decode_request, request)
             decoded = time.perf_counter()
             deadline = received + request.deadline_ms / 1e3 if request.deadline_ms else None

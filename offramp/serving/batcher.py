@@ -122,15 +122,20 @@ class Batcher(Generic[R]):
         self._waiting = 0
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def submit(self, *inputs: torch.Tensor | None, deadline: float | None = None) -> Batched[R]:
-        """Run ``inputs`` (each (B, ...), or None) in some batch; ``RequestError`` when refused or failed."""
-        size = next(t for t in inputs if t is not None).shape[0]
+    def check_room(self, size: int) -> None:
+        """Refuse ``size`` more samples now (RESOURCE_EXHAUSTED) if they cannot be queued: callers check
+        before decoding, so that refusing under overload costs next to nothing."""
         if size > self.max_batch:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"{size} samples exceed the max batch of {self.max_batch}")
         if self._max_queue is not None and self._waiting + size > self._max_queue:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"the queue is full ({self._waiting} samples waiting)")
+
+    async def submit(self, *inputs: torch.Tensor | None, deadline: float | None = None) -> Batched[R]:
+        """Run ``inputs`` (each (B, ...), or None) in some batch; ``RequestError`` when refused or failed."""
+        size = next(t for t in inputs if t is not None).shape[0]
+        self.check_room(size)
         shapes = tuple(None if t is None else tuple(t.shape[1:]) for t in inputs)
         job = _Job(inputs, size, shapes, deadline, time.perf_counter(), asyncio.get_running_loop().create_future())
         self._pending.append(job)
