@@ -7,7 +7,9 @@ fingerprint or split block differ from the edge's: its answers would be wrong
 without any error to show for it. Clouds are tried in the configured order
 (the first is the primary); when none can be used the client keeps retrying
 with exponential back-off, and callers fail fast in the meantime, so the engine
-answers them from their best exit instead of letting them wait.
+answers them from their best exit instead of letting them wait. While a
+secondary serves, the clouds before it are asked every few seconds whether
+they are back; the client returns to the first that pairs (failback).
 """
 from __future__ import annotations
 
@@ -21,7 +23,6 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from offramp.daemon import KEEPALIVE_S, KEEPALIVE_TIMEOUT_S
 from offramp.security import bearer_metadata
 from offramp.wire import pb, pb_grpc, status_code
 
@@ -59,6 +60,9 @@ class OffloadSettings:
     credentials: grpc.ChannelCredentials | None = None  # None: plaintext
     server_name: str | None = None  # name to check the cloud's certificate against, if not the host's
     token: str | None = None  # bearer token the clouds expect
+    failback_check_s: float = 2.0  # while a secondary serves, how often to ask the clouds before it; 0: never
+    keepalive_s: float = 20.0  # ping the cloud this often; an unanswered ping ends the stream after
+    keepalive_timeout_s: float = 10.0  # ... this long: a half-open connection is noticed within their sum
 
 
 def pairing_problem(cloud: pb.DescribeReply, fingerprint: str, split_block: int) -> str | None:
@@ -77,8 +81,8 @@ class _Stream:
 
     address: str
     max_request_bytes: int
-    outbox: asyncio.Queue[tuple[pb.OffloadRequest, asyncio.Future[pb.OffloadReply]]] = field(
-        default_factory=asyncio.Queue)
+    outbox: asyncio.Queue[tuple[pb.OffloadRequest, asyncio.Future[pb.OffloadReply]] | None] = field(
+        default_factory=asyncio.Queue)  # None: write no more (half-close; the cloud answers what it has)
 
     async def requests(self) -> AsyncIterator[pb.OffloadRequest]:
         """What gRPC writes, in order; requests whose caller already gave up are skipped.
@@ -87,8 +91,8 @@ class _Stream:
         cancelled (by its deadline) inside ``call.write`` would cancel the whole
         stream, and with it every other request in flight.
         """
-        while True:
-            request, future = await self.outbox.get()
+        while (item := await self.outbox.get()) is not None:
+            request, future = item
             if not future.done():
                 yield request
 
@@ -107,9 +111,15 @@ class OffloadClient:
         self._options = [
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.keepalive_time_ms", KEEPALIVE_S * 1000),
-            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
+            ("grpc.keepalive_time_ms", int(settings.keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
             ("grpc.http2.max_pings_without_data", 0),  # the stream may idle while every sample exits early
+            # Keep pinging while nothing comes back (gRPC's default spaces such pings 5 minutes apart):
+            # that silence is exactly what a half-open connection looks like.
+            ("grpc.http2.min_time_between_pings_ms", int(settings.keepalive_s * 1000)),
+            # Any ping unanswered that long ends the connection, not only keepalive's: gRPC's own
+            # bandwidth probes are pings too, and one left hanging would otherwise hold keepalive back.
+            ("grpc.http2.ping_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
         ]
         if settings.server_name is not None:
             self._options.append(("grpc.ssl_target_name_override", settings.server_name))
@@ -119,6 +129,7 @@ class OffloadClient:
         self._stream: _Stream | None = None
         self._problems: dict[str, str] = {}  # address -> why it is not in use
         self._task: asyncio.Task[None] | None = None
+        self._failing_back = False  # the stream is ending because a cloud before it is back
 
     @property
     def connected_to(self) -> str | None:
@@ -168,31 +179,62 @@ class OffloadClient:
         delay = self.settings.backoff_initial_s
         while True:
             lived = None
-            for address in self.addresses:
-                lived = await self._session(address)
+            for rank, address in enumerate(self.addresses):
+                lived = await self._session(address, rank)
                 if lived is not None:
                     break
+            if self._failing_back:  # a cloud before the one just left is back: go to it now
+                self._failing_back = False
+                delay = self.settings.backoff_initial_s
+                continue
             if lived is not None and lived >= self.settings.backoff_max_s:
                 delay = self.settings.backoff_initial_s
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # jitter: edges must not reconnect in lockstep
             delay = min(2 * delay, self.settings.backoff_max_s)
 
-    async def _session(self, address: str) -> float | None:
-        """One connection to ``address``: seconds it streamed, or None if it never got that far."""
+    def _channel(self, address: str) -> grpc.aio.Channel:
         credentials = self.settings.credentials
-        channel = (grpc.aio.insecure_channel(address, options=self._options) if credentials is None
-                   else grpc.aio.secure_channel(address, credentials, options=self._options))
-        async with channel:
+        return (grpc.aio.insecure_channel(address, options=self._options) if credentials is None
+                else grpc.aio.secure_channel(address, credentials, options=self._options))
+
+    async def _describe(self, stub: pb_grpc.OffloadStub, address: str) -> pb.DescribeReply | None:
+        """The cloud's description if it pairs with this edge; otherwise None, and why is noted."""
+        try:
+            cloud = await stub.Describe(pb.DescribeRequest(), timeout=self.settings.connect_timeout_s,
+                                        metadata=self._metadata)
+        except grpc.aio.AioRpcError as e:
+            self._note(address, f"{e.code().name} ({e.details()})", logging.WARNING, "cloud %s is unreachable: %s")
+            return None
+        problem = pairing_problem(cloud, self.fingerprint, self.split_block)
+        if problem is not None:
+            self._note(address, f"refused: {problem}", logging.ERROR, "REFUSING cloud %s: %s")
+            return None
+        return cloud
+
+    async def _watch_preferred(self, rank: int, stream: _Stream, call: grpc.aio.StreamStreamCall) -> None:
+        """While the cloud at ``rank`` > 0 serves, ask the ones before it whether they are back. On the first
+        that pairs, stop sending here (callers fail fast for the moment of the switch), let this cloud
+        answer what it has, and end the session so that ``_run`` connects to the one that is back."""
+        while True:
+            await asyncio.sleep(self.settings.failback_check_s)
+            for address in self.addresses[:rank]:
+                async with self._channel(address) as channel:
+                    if await self._describe(pb_grpc.OffloadStub(channel), address) is None:
+                        continue
+                log.info("cloud %s is back: leaving %s for it", address, stream.address)
+                self._failing_back = True
+                self._stream = None
+                stream.outbox.put_nowait(None)
+                await asyncio.sleep(self.settings.connect_timeout_s)
+                call.cancel()  # answers still missing by now fail over as a lost stream's do
+                return
+
+    async def _session(self, address: str, rank: int = 0) -> float | None:
+        """One connection to ``address``: seconds it streamed, or None if it never got that far."""
+        async with self._channel(address) as channel:
             stub = pb_grpc.OffloadStub(channel)
-            try:
-                cloud = await stub.Describe(pb.DescribeRequest(), timeout=self.settings.connect_timeout_s,
-                                            metadata=self._metadata)
-            except grpc.aio.AioRpcError as e:
-                self._note(address, f"{e.code().name} ({e.details()})", logging.WARNING, "cloud %s is unreachable: %s")
-                return None
-            problem = pairing_problem(cloud, self.fingerprint, self.split_block)
-            if problem is not None:
-                self._note(address, f"refused: {problem}", logging.ERROR, "REFUSING cloud %s: %s")
+            cloud = await self._describe(stub, address)
+            if cloud is None:
                 return None
             limit = min(self.settings.max_message_bytes, cloud.max_message_bytes or self.settings.max_message_bytes)
             stream = _Stream(address, limit)
@@ -203,14 +245,29 @@ class OffloadClient:
             log.info("offloading to cloud %s (split block %d, max batch %d)", address, cloud.split_block,
                      cloud.max_batch_size)
             reason = "the cloud closed the stream"
+            watcher = (asyncio.create_task(self._watch_preferred(rank, stream, call))
+                       if rank > 0 and self.settings.failback_check_s > 0 else None)
             try:
                 async for reply in call:
                     self._resolve(reply)
             except grpc.aio.AioRpcError as e:
                 reason = f"{e.code().name} ({e.details()})"
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():  # the client is closing
+                    raise
+                reason = "it did not finish its answers in time after failback"  # the watcher cancelled the call
             finally:
                 self._stream = None
                 call.cancel()
+                stream.outbox.put_nowait(None)  # its request iterator ends rather than wait on a dead stream
+                if watcher is not None:
+                    watcher.cancel()
+                    [outcome] = await asyncio.gather(watcher, return_exceptions=True)
+                    if isinstance(outcome, Exception):
+                        log.warning("failback check of the clouds before %s failed: %r", address, outcome)
+            if self._failing_back and not self._pending:
+                return time.monotonic() - started
             self._problems[address] = f"lost: {reason}"
             log.warning("lost cloud %s: %s; %d requests in flight fall back", address, reason, len(self._pending))
             self._fail_pending(CloudUnavailable(f"cloud unavailable: lost {address}: {reason}"))

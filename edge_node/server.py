@@ -121,7 +121,9 @@ def build_engine(config: EdgeConfig) -> EdgeEngine:
             token = read_token(config.cloud_token_file) if config.cloud_token_file is not None else None
             offload = OffloadClient(list(config.cloud), card.fingerprint, split, OffloadSettings(
                 backoff_initial_s=config.reconnect_initial_s, backoff_max_s=config.reconnect_max_s,
-                connect_timeout_s=config.connect_timeout_s, max_message_bytes=config.max_message_bytes,
+                connect_timeout_s=config.connect_timeout_s, failback_check_s=config.failback_check_s,
+                keepalive_s=config.keepalive_s, keepalive_timeout_s=config.keepalive_timeout_s,
+                max_message_bytes=config.max_message_bytes,
                 credentials=credentials, server_name=config.cloud_tls_server_name, token=token))
         return EdgeEngine(half, card, policy, codec, config.deadline_ms, offload, config.max_batch, config.slowdown)
     except PolicyError as e:

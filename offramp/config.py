@@ -26,6 +26,10 @@ from typing import Any, Literal, TypeVar
 
 from .errors import OfframpError
 
+# The shortest interval between a peer's keepalive pings that the daemons accept (edges ping their
+# cloud every ``keepalive_s``, which may not go below it).
+MIN_KEEPALIVE_S = 1
+
 __all__ = ["DEFAULT_THRESHOLDS", "CloudConfig", "EdgeConfig", "build", "load_config", "non_defaults", "read_toml",
            "require", "setting"]
 
@@ -173,6 +177,15 @@ class EdgeConfig:
                                      5.0, metavar="S")
     connect_timeout_s: float = setting("How long the edge waits for a cloud's Describe answer before trying the "
                                        "next one.", 5.0, metavar="S")
+    keepalive_s: float = setting("The edge pings its cloud this often: a cloud gone without closing the connection "
+                                 "(power loss, a NAT that forgot the flow, a half-open peer) is noticed within "
+                                 "keepalive_s + keepalive_timeout_s, not at every request's deadline.", 20.0,
+                                 metavar="S")
+    keepalive_timeout_s: float = setting("How long a keepalive ping may go unanswered before the edge gives the "
+                                         "connection up and reconnects.", 10.0, metavar="S")
+    failback_check_s: float = setting("While a secondary cloud serves, how often the edge asks the clouds listed "
+                                      "before it whether they are back (it returns to the first that pairs); 0: "
+                                      "stay on the secondary.", 2.0, metavar="S")
     cloud_tls_ca: str | None = setting("Use TLS towards the clouds, trusting this PEM CA bundle.", None,
                                        metavar="PEM", example="ca.pem", path=True)
     cloud_tls_cert: str | None = setting("Mutual TLS: this edge's PEM certificate chain (needs cloud_tls_key).",
@@ -219,6 +232,10 @@ class EdgeConfig:
         require(0 < self.reconnect_initial_s <= self.reconnect_max_s,
                 "reconnect_initial_s must be positive and at most reconnect_max_s")
         require(self.connect_timeout_s > 0, "connect_timeout_s must be positive")
+        require(self.keepalive_s >= MIN_KEEPALIVE_S, f"keepalive_s must be at least {MIN_KEEPALIVE_S} (clouds refuse "
+                "pings more often than that)")
+        require(self.keepalive_timeout_s > 0, "keepalive_timeout_s must be positive")
+        require(self.failback_check_s >= 0, "failback_check_s must not be negative (0 turns failback off)")
         require((self.cloud_tls_cert is None) == (self.cloud_tls_key is None),
                 "cloud_tls_cert and cloud_tls_key go together")
         require(self.cloud_tls_ca is not None or (self.cloud_tls_cert is None and self.cloud_tls_server_name is None),

@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health
 from prometheus_client import CollectorRegistry, start_http_server
 
+from .config import MIN_KEEPALIVE_S
 from .errors import OfframpError
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,6 @@ def start_metrics(port: int, listen: str, registry: CollectorRegistry) -> WSGISe
     return httpd
 
 
-# Seconds between the edge's keepalive pings on its stream to the cloud: a cloud that vanished
-# without closing the connection (power loss, a NAT that forgot the flow) is noticed within
-# KEEPALIVE_S + KEEPALIVE_TIMEOUT_S rather than at the next deadline of every request.
-KEEPALIVE_S, KEEPALIVE_TIMEOUT_S = 20, 10
 
 
 def grpc_server(max_message_bytes: int, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
@@ -61,9 +58,9 @@ def grpc_server(max_message_bytes: int, interceptors: Sequence[grpc.aio.ServerIn
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),  # a second daemon on a busy port must fail, not share it
-        # Accept the edges' keepalive pings (every KEEPALIVE_S) on idle streams instead of
-        # answering them with GOAWAY ("too many pings") after gRPC's default 5-minute floor.
-        ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_S * 1000 // 2),
+        # Accept the edges' keepalive pings on idle streams instead of answering them with
+        # GOAWAY ("too many pings") below gRPC's default 5-minute floor.
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_KEEPALIVE_S * 1000),
         ("grpc.keepalive_permit_without_calls", 1),
     ])
 

@@ -60,9 +60,10 @@ class DaemonProcess:
         return f"{self.host}:{self.port}"
 
     def start(self) -> "DaemonProcess":
-        cmd = [sys.executable, "-m", "offramp.cli", self.command, "--listen", f"{self.host}:0",
-               "--port-file", str(self.port_file), *self.args]
-        self._log = open(self.log_path, "w")
+        cmd = [sys.executable, "-m", "offramp.cli", self.command, "--listen", f"{self.host}:{self.port or 0}",
+               "--port-file", str(self.port_file), *self.args]  # a restart keeps the port it had
+        self.port_file.unlink(missing_ok=True)
+        self._log = open(self.log_path, "a" if self.port else "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(self.env or {})})
         if self.cores is not None:  # before torch starts its threads: they inherit it
@@ -120,6 +121,12 @@ class DaemonProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+    def restart(self) -> "DaemonProcess":
+        """SIGKILL, then start again on the same port: a crashed daemon that its supervisor brings back."""
+        self.kill()
+        self._log.close()
+        return self.start()
 
     def __enter__(self) -> "DaemonProcess":
         return self.start()

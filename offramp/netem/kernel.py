@@ -128,6 +128,9 @@ def setup_veth_pair(ns_a: str, ns_b: str, profile: LinkProfile) -> VethPair:
 
 def _shape(ns: str, dev: str, link: Direction, name: str) -> None:
     """netem (if the link has delay, jitter or loss) at the root, tbf (if it has a bandwidth) below it."""
+    if link.cut:
+        raise OfframpError(f"profile {name!r} cuts the link, which tc cannot express; use the in-process proxy "
+                           "('offramp link')")
     parent = ["root"]
     if link.delay_ms or link.jitter_ms or link.loss:
         netem = ["netem", "delay", f"{link.mean_delay_ms * 1e3:.0f}us"]

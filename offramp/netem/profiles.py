@@ -37,6 +37,8 @@ class Direction:
     jitter sample drawn uniformly from ``[0, jitter_ms]`` (so the mean one-way
     delay is ``delay_ms + jitter_ms / 2``). A lost segment is not dropped (the
     proxy carries TCP, which would retransmit it) but stalled by ``stall_ms``.
+    ``cut``: nothing crosses, and the connection stays open (a partition, or a
+    half-open peer while it lasts); held bytes go on once the link is back.
     """
 
     delay_ms: float = 0.0
@@ -44,6 +46,7 @@ class Direction:
     bandwidth_mbps: float | None = None  # None: unlimited
     loss: float = 0.0  # probability that a segment stalls
     stall_ms: float = DEFAULT_STALL_MS
+    cut: bool = False
 
     def __post_init__(self) -> None:
         if self.delay_ms < 0 or self.jitter_ms < 0 or self.stall_ms < 0:
@@ -75,9 +78,9 @@ class LinkProfile:
     @classmethod
     def build(cls, name: str, *, delay_ms: float = 0.0, jitter_ms: float = 0.0, up_mbps: float | None = None,
               down_mbps: float | None = None, loss: float = 0.0, stall_ms: float = DEFAULT_STALL_MS,
-              note: str = "") -> LinkProfile:
+              cut: bool = False, note: str = "") -> LinkProfile:
         """The common case: one delay, jitter and loss for both directions, bandwidth per direction."""
-        common = dict(delay_ms=delay_ms, jitter_ms=jitter_ms, loss=loss, stall_ms=stall_ms)
+        common = dict(delay_ms=delay_ms, jitter_ms=jitter_ms, loss=loss, stall_ms=stall_ms, cut=cut)
         return cls(name, Direction(bandwidth_mbps=up_mbps, **common), Direction(bandwidth_mbps=down_mbps, **common),
                    note)
 
@@ -97,6 +100,10 @@ PROFILES: dict[str, LinkProfile] = {p.name: p for p in (
     LinkProfile.build("satellite", delay_ms=300, jitter_ms=5, up_mbps=10, down_mbps=10,
                       note="geostationary: ~600 ms RTT (35,786 km each way, twice)"),
 )}
+
+# Not among PROFILES (which the link benchmark measures one by one): a link that carries nothing.
+PARTITION = LinkProfile.build("partition", cut=True,
+                              note="nothing crosses, connections stay open: a cut link or a half-open peer")
 
 _TIME = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(us|ms|s|m)?\s*$", re.IGNORECASE)
 _RATE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(bit|kbit|mbit|gbit|bps|kbps|mbps|gbps)?\s*$", re.IGNORECASE)
@@ -136,9 +143,10 @@ def parse_profile(text: str) -> LinkProfile:
         raise OfframpError("empty link profile")
     base, name = LinkProfile.build("custom"), text.strip()
     if "=" not in parts[0]:
-        if parts[0].lower() not in PROFILES:
-            raise OfframpError(f"unknown link profile {parts[0]!r}; known: {', '.join(PROFILES)}")
-        base, parts = PROFILES[parts[0].lower()], parts[1:]
+        known = {**PROFILES, PARTITION.name: PARTITION}
+        if parts[0].lower() not in known:
+            raise OfframpError(f"unknown link profile {parts[0]!r}; known: {', '.join(known)}")
+        base, parts = known[parts[0].lower()], parts[1:]
     up: dict[str, float | None] = {}
     down: dict[str, float | None] = {}
     for part in parts:

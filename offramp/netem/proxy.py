@@ -38,6 +38,7 @@ T = TypeVar("T")
 LossMode = Literal["stall", "reset"]
 READ_BYTES = 64 * 1024
 SEGMENT_BYTES = 16 * 1024  # ~11 full-size packets: fine-grained enough for kbit/s links, cheap at Gbit/s
+CUT_POLL_S = 0.005  # how often a cut link looks whether it is back
 SPIN_S = 0.001  # the event loop's timer resolution (epoll waits in whole milliseconds)
 MAX_INFLIGHT_BYTES = 1 << 20  # per direction per connection, raised to 2x the bandwidth-delay product if larger
 
@@ -133,6 +134,11 @@ class LinkProxy:
         await asyncio.gather(*self._connections, return_exceptions=True)
         await self._server.wait_closed()
         self._server = None
+
+    def set_link(self, link: LinkProfile | Schedule) -> None:
+        """From now on the link is ``link`` (a schedule's clock starts now); open connections follow at once."""
+        self.schedule = link if isinstance(link, Schedule) else Schedule.constant(link)
+        self._t0 = asyncio.get_running_loop().time()
 
     def run(self) -> None:
         """Serve until SIGINT or SIGTERM (the ``offramp link`` command)."""
@@ -259,6 +265,8 @@ class _Pipe:
                 self.queued.clear()
                 await self.queued.wait()
             await _sleep_until(loop, self.queue[0][0])
+            while self.proxy.direction(self.uplink, loop.time()).cut:  # held, connection open, until the link is back
+                await asyncio.sleep(CUT_POLL_S)
             now, batch = loop.time(), []
             while self.queue and self.queue[0][0] <= now and self.queue[0][1] is not None:
                 batch.append(self.queue.popleft()[1])
@@ -323,6 +331,13 @@ class ProxyThread:
 
     async def _snapshot(self) -> LinkStats:
         return self.proxy.stats()
+
+    def set_link(self, link: LinkProfile | Schedule) -> None:
+        """:meth:`LinkProxy.set_link`, on the proxy's own loop."""
+        self._call(self._set_link(link))
+
+    async def _set_link(self, link: LinkProfile | Schedule) -> None:
+        self.proxy.set_link(link)
 
     def stop(self, timeout: float = 10.0) -> None:
         if not self._thread.is_alive():

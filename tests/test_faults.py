@@ -1,0 +1,197 @@
+"""Faults end to end, with real cloud processes and a real link proxy: a cloud killed and brought back on
+its port, failback to the primary, a 5-second partition, a half-open peer. Every request the edge
+receives gets exactly one answer: degraded (from its best exit) while the cloud cannot answer, from
+the cloud again after."""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+import pytest
+import torch
+from helpers import LoopThread, edge_servers, wait_for
+
+from edge_node.server import EdgeServer
+from offramp.checkpoint import read_card
+from offramp.daemon_proc import DaemonProcess
+from offramp.netem import PROFILES, LinkProxy, ProxyThread
+from offramp.netem.profiles import PARTITION
+from offramp.pipeline import load_validation
+from offramp.wire import pb, pb_grpc
+
+NEVER = (2.0, 2.0)  # no exit is confident enough: every request is offloaded while a cloud answers
+EDGE_SETTINGS = {"thresholds": NEVER, "reconnect_initial_s": 0.05, "reconnect_max_s": 0.3, "grace_s": 2.0,
+                 "connect_timeout_s": 1.0}
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[LoopThread]:
+    with LoopThread() as loop:
+        yield loop
+
+
+@pytest.fixture
+def start_edge(tiny_checkpoint: Path, loop: LoopThread) -> Iterator[Callable[..., EdgeServer]]:
+    with edge_servers(loop, tiny_checkpoint, EDGE_SETTINGS) as start:
+        yield start
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_checkpoint: Path) -> torch.Tensor:
+    return load_validation(read_card(tiny_checkpoint))[0].tensors[0][:32]
+
+
+class Traffic:
+    """One request every ``period_s`` on one InferStream to an edge, from a background thread, until
+    the block ends; each reply is kept with the time it came."""
+
+    def __init__(self, edge: EdgeServer, x: torch.Tensor, period_s: float = 0.02) -> None:
+        self.edge, self.x, self.period_s = edge, x, period_s
+        self.sent = 0
+        self.replies: list[tuple[float, pb.InferReply]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.error: BaseException | None = None
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        assert not self._thread.is_alive(), "the edge did not finish the stream"
+
+    def _requests(self) -> Iterator[pb.InferRequest]:
+        while not self._stop.is_set():
+            x = self.x[self.sent % len(self.x)]
+            yield pb.InferRequest(request_id=self.sent, tensor=pb.RawTensor(
+                shape=list(x.shape), data=x.numpy().astype("<f4").tobytes()))
+            self.sent += 1
+            time.sleep(self.period_s)
+
+    def _run(self) -> None:
+        try:
+            with grpc.insecure_channel(self.edge.address) as channel:
+                for reply in pb_grpc.EdgeStub(channel).InferStream(self._requests(), timeout=120):
+                    self.replies.append((time.monotonic(), reply))
+        except BaseException as e:  # reported by the checks below
+            self.error = e
+
+    def after(self, t: float) -> list[pb.InferReply]:
+        return [r for at, r in self.replies if at > t]
+
+    def answered_by_cloud_after(self, t: float, n: int = 3) -> Callable[[], bool]:
+        return lambda: sum(r.decided_by == "cloud" for r in self.after(t)) >= n
+
+    def check_exactly_once(self) -> list[pb.InferReply]:
+        assert self.error is None, self.error
+        replies = [r for _, r in self.replies]
+        assert sorted(r.request_id for r in replies) == list(range(self.sent))  # every one, exactly once
+        assert all(r.status.code == 0 for r in replies)
+        assert all(r.decided_by == "cloud" or (r.degraded and r.decided_by.startswith("exit:")) for r in replies)
+        return replies
+
+
+def connected(edge: EdgeServer, address: str | None) -> Callable[[], bool]:
+    return lambda: edge.engine.offload.connected_to == address
+
+
+def test_a_cloud_killed_and_restarted_on_its_port_gets_the_edge_back(
+        tiny_checkpoint: Path, start_edge: Callable[..., EdgeServer], inputs: torch.Tensor) -> None:
+    with DaemonProcess("cloud", ["--checkpoint", str(tiny_checkpoint)]) as cloud:
+        edge = start_edge(cloud=(cloud.address,))
+        wait_for(connected(edge, cloud.address), 10, what="the edge to pair with the cloud")
+        with Traffic(edge, inputs) as traffic:
+            wait_for(traffic.answered_by_cloud_after(0), 10, what="answers from the cloud")
+            cloud.kill()
+            wait_for(connected(edge, None), 10, what="the edge to notice the cloud's death")
+            dead = time.monotonic()
+            wait_for(lambda: len(traffic.after(dead)) >= 5, 10, what="degraded answers meanwhile")
+            cloud.restart()
+            back = time.monotonic()
+            wait_for(connected(edge, cloud.address), 15, what="the edge to return to the restarted cloud")
+            wait_for(traffic.answered_by_cloud_after(back), 10, what="answers from the restarted cloud")
+        replies = traffic.check_exactly_once()
+    meanwhile = [r for at, r in traffic.replies if dead < at < back]
+    assert meanwhile and all(r.degraded and r.degraded_reason.startswith("cloud unavailable") for r in meanwhile)
+    assert sum(r.decided_by == "cloud" for r in replies) >= 6
+
+
+def test_failback_to_the_primary_once_it_is_healthy(
+        tiny_checkpoint: Path, start_edge: Callable[..., EdgeServer], inputs: torch.Tensor) -> None:
+    with DaemonProcess("cloud", ["--checkpoint", str(tiny_checkpoint)]) as primary, \
+            DaemonProcess("cloud", ["--checkpoint", str(tiny_checkpoint)]) as secondary:
+        edge = start_edge(cloud=(primary.address, secondary.address), failback_check_s=0.3, deadline_ms=5000)
+        wait_for(connected(edge, primary.address), 10, what="the edge to pair with the primary")
+        with Traffic(edge, inputs, period_s=0.05) as traffic:
+            wait_for(traffic.answered_by_cloud_after(0), 10, what="answers from the primary")
+            primary.kill()
+            wait_for(connected(edge, secondary.address), 10, what="failover to the secondary")
+            over = time.monotonic()
+            wait_for(traffic.answered_by_cloud_after(over), 10, what="answers from the secondary")
+            primary.restart()
+            back = time.monotonic()
+            wait_for(connected(edge, primary.address), 10, what="failback to the primary")
+            switched = time.monotonic()
+            wait_for(traffic.answered_by_cloud_after(switched), 10, what="answers from the primary again")
+        replies = traffic.check_exactly_once()
+    assert switched - back < 0.3 + 5  # within a few checks of the primary being up
+    # Degraded answers only where no cloud could answer: in flight at the kill, or in the moment of a switch.
+    assert all(r.degraded_reason.startswith("cloud unavailable") for r in replies if r.degraded)
+
+
+@pytest.fixture
+def cloud_behind_link(tiny_checkpoint: Path) -> Iterator[tuple[DaemonProcess, ProxyThread]]:
+    with DaemonProcess("cloud", ["--checkpoint", str(tiny_checkpoint)]) as cloud, \
+            ProxyThread(LinkProxy("127.0.0.1:0", cloud.address, PROFILES["lan"])) as link:
+        yield cloud, link
+
+
+def test_a_five_second_partition_is_answered_degraded_then_from_the_cloud(
+        cloud_behind_link: tuple[DaemonProcess, ProxyThread], start_edge: Callable[..., EdgeServer],
+        inputs: torch.Tensor) -> None:
+    _, link = cloud_behind_link
+    edge = start_edge(cloud=(link.address,), deadline_ms=400)
+    wait_for(connected(edge, link.address), 10, what="the edge to pair through the link")
+    with Traffic(edge, inputs, period_s=0.05) as traffic:
+        wait_for(traffic.answered_by_cloud_after(0), 10, what="answers through the link")
+        link.set_link(PARTITION)
+        cut = time.monotonic()
+        time.sleep(5)
+        link.set_link(PROFILES["lan"])
+        healed = time.monotonic()
+        wait_for(traffic.answered_by_cloud_after(healed), 15, what="answers from the cloud after the partition")
+    traffic.check_exactly_once()
+    during = [r for at, r in traffic.replies if cut + 0.45 < at < healed]  # sent after the cut, timed out in it
+    assert len(during) >= 40 and all(r.degraded for r in during)
+    assert all(r.degraded_reason == "deadline exceeded after 400 ms" for r in during)
+    assert edge.engine.offload.connected_to == link.address  # a short partition does not cost the connection
+
+
+def test_a_half_open_cloud_is_noticed_within_the_keepalive_bound(
+        cloud_behind_link: tuple[DaemonProcess, ProxyThread], start_edge: Callable[..., EdgeServer],
+        inputs: torch.Tensor) -> None:
+    _, link = cloud_behind_link
+    edge = start_edge(cloud=(link.address,), deadline_ms=30_000, keepalive_s=1.0, keepalive_timeout_s=1.0)
+    wait_for(connected(edge, link.address), 10, what="the edge to pair through the link")
+    with Traffic(edge, inputs, period_s=0.05) as traffic:
+        wait_for(traffic.answered_by_cloud_after(0), 10, what="answers through the link")
+        link.set_link(PARTITION)  # the peer stops answering and never closes
+        cut = time.monotonic()
+        wait_for(connected(edge, None), 1 + 1 + 3, what="the edge to give the silent connection up")
+        noticed = time.monotonic() - cut
+        gone = time.monotonic()
+        wait_for(lambda: len(traffic.after(gone)) >= 10, 10, what="answers while the cloud is unreachable")
+        link.set_link(PROFILES["lan"])
+        healed = time.monotonic()
+        wait_for(traffic.answered_by_cloud_after(healed), 20, what="answers from the cloud once it is back")
+    traffic.check_exactly_once()
+    assert noticed <= 1 + 1 + 3  # keepalive_s + keepalive_timeout_s, plus scheduling slack
+    meanwhile = [r for at, r in traffic.replies if gone < at < healed]
+    assert meanwhile and all(r.degraded and r.degraded_reason.startswith("cloud unavailable") for r in meanwhile)
