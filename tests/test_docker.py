@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 DOCKERFILE = DOCKER / "Dockerfile"
 COMPOSE = DOCKER / "compose.yaml"
+COMPOSE_TLS = DOCKER / "compose.tls.yaml"
 DOCKERIGNORE = ROOT / ".dockerignore"
 
 INSTRUCTIONS = {"ADD", "ARG", "CMD", "COPY", "ENTRYPOINT", "ENV", "EXPOSE", "FROM", "HEALTHCHECK", "LABEL",
@@ -411,6 +412,54 @@ def test_compose_metrics_ports_published(compose: dict[str, Any]) -> None:
             assert metrics is not None, f"{name}: no --metrics-port"
             assert any(p.endswith(f":{metrics}") for p in ports), f"{name}: metrics port {metrics} not published"
     assert len(published) == len(set(published)), f"a host port is published twice: {sorted(published)}"
+
+
+def merged_tls(compose: dict[str, Any]) -> dict[str, Any]:
+    """compose.yaml with compose.tls.yaml laid over it, as ``-f compose.yaml -f compose.tls.yaml`` does
+    (a service's command, secrets and environment are replaced whole by the override's)."""
+    override = interpolate(yaml.safe_load(COMPOSE_TLS.read_text()))
+    services = {name: {**service, **override["services"].get(name, {})}
+                for name, service in compose["services"].items()}
+    assert set(override["services"]) <= set(services), "the TLS variant names a service compose.yaml lacks"
+    return {"services": services, "secrets": {**compose.get("secrets", {}), **override["secrets"]}}
+
+
+def test_compose_tls_variant_parses_and_has_every_secret_it_names(compose: dict[str, Any]) -> None:
+    merged = merged_tls(compose)
+    script = (DOCKER / "make-certs.sh").read_text()
+    for name, service in merged["services"].items():
+        args = parse_command(service["command"])
+        if args.command == "cloud":
+            assert flag(service["command"], "--tls-client-ca"), "the cloud should ask edges for certificates"
+        if args.command == "edge":
+            assert flag(service["command"], "--cloud-tls-server-name") == "cloud"
+        named = {w.removeprefix("/run/secrets/") for w in [*service["command"], *service.get("environment", {}).values()]
+                 if str(w).startswith("/run/secrets/")}
+        assert named <= set(service.get("secrets", [])), f"{name} reads secrets it does not mount"
+        for secret in service.get("secrets", []):
+            source = merged["secrets"][secret]["file"]
+            if "certs" in source:  # made by the script, which must write that file name
+                assert Path(source).name in script, f"make-certs.sh does not write {Path(source).name}"
+
+
+def test_throwaway_certificates_give_mutual_tls(tmp_path: Path, tiny_checkpoint: Path, probe: Any,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    from offramp.daemon_proc import DaemonProcess
+
+    certs = tmp_path / "certs"
+    subprocess.run(["sh", str(DOCKER / "make-certs.sh"), str(certs)], check=True, capture_output=True)
+    tls = ["--tls-cert", str(certs / "cloud.pem"), "--tls-key", str(certs / "cloud.key"),
+           "--tls-client-ca", str(certs / "ca.pem")]
+    with DaemonProcess("cloud", ["--checkpoint", str(tiny_checkpoint), *tls], tls_ca=str(certs / "ca.pem"),
+                       tls_client=(str(certs / "edge.pem"), str(certs / "edge.key"))) as cloud:
+        monkeypatch.setenv("OFFRAMP_HEALTH_TLS_CA", str(certs / "ca.pem"))
+        monkeypatch.setenv("OFFRAMP_HEALTH_TLS_SERVER_NAME", "cloud")
+        assert probe.main([cloud.address]) == 1  # no client certificate: the cloud refuses the handshake
+        monkeypatch.setenv("OFFRAMP_HEALTH_TLS_CERT", str(certs / "edge.pem"))
+        monkeypatch.setenv("OFFRAMP_HEALTH_TLS_KEY", str(certs / "edge.key"))
+        assert probe.main([cloud.address]) == 0
 
 
 # ---------------------------------------------------------------------------------------------
