@@ -19,11 +19,13 @@ class CloudMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "offramp_cloud_requests", "Offload requests answered, by gRPC status code name.",
+            "offramp_cloud_requests",
+            "Requests answered (offramp.v1 offloads and OIP ModelInfer calls), by gRPC status code name.",
             ["code"], registry=self.registry,
         )
         self.received_bytes = Counter(
-            "offramp_cloud_received_bytes", "Serialized size of the offload requests received.",
+            "offramp_cloud_received_bytes",
+            "Serialized size of the requests received (offramp.v1 offloads and OIP ModelInfer calls).",
             registry=self.registry,
         )
         self.batch_size = Histogram(

@@ -7,6 +7,10 @@ from then on. ``stop()`` reverses it: health NOT_SERVING, streams stop
 reading and end once their in-flight requests are answered, gRPC refuses new
 calls and waits up to the grace period, then everything closes.
 
+One port serves both APIs: ``offramp.v1.Offload`` for edges and the Open
+Inference Protocol (``cloud_node.oip``) for any KServe v2 / Triton client;
+they feed one batcher.
+
 ``run(config)`` is the blocking form for the command line: serve until
 SIGTERM or SIGINT, then drain.
 """
@@ -21,12 +25,13 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from tritonclient.grpc import service_pb2 as oip
 
 from offramp.checkpoint import Card, load_checkpoint
 from offramp.config import CloudConfig, non_defaults
 from offramp.daemon import DaemonServer, bind, grpc_server, listen_host, run_until_signalled, start_metrics
 from offramp.errors import OfframpError
-from offramp.security import BearerTokenInterceptor, read_token, server_credentials
+from offramp.security import PROTECTED_PREFIX, BearerTokenInterceptor, read_token, server_credentials
 from offramp.serving.batcher import Batcher, lone_on_loop
 from offramp.serving.guard import MalformedLog, add_service
 from offramp.split import CloudHalf
@@ -34,6 +39,7 @@ from offramp.wire import OFFLOAD_SERVICE
 
 from .handler import OffloadHandler
 from .metrics import CloudMetrics
+from .oip import OIP_SERVICE, VERSION, InferenceServicer, ServedModel
 from .servicer import OffloadServicer
 
 log = logging.getLogger(__name__)
@@ -93,16 +99,23 @@ async def serve(config: CloudConfig) -> CloudServer:
 
     credentials = (server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
                    if config.tls_cert is not None else None)
-    interceptors = [BearerTokenInterceptor(read_token(config.token_file))] if config.token_file is not None else []
+    protected = (PROTECTED_PREFIX, f"/{OIP_SERVICE}/")
+    interceptors = ([BearerTokenInterceptor(read_token(config.token_file), protected)]
+                    if config.token_file is not None else [])
     server = grpc_server(config.max_message_bytes, interceptors)
-    add_service(server, OffloadServicer(handler, draining, config.max_in_flight_per_stream), "Offload",
-                MalformedLog(metrics.registry, "offramp_cloud"))
+    malformed = MalformedLog(metrics.registry, "offramp_cloud")
+    add_service(server, OffloadServicer(handler, draining, config.max_in_flight_per_stream), "Offload", malformed)
+    # The Open Inference Protocol on the same port, feeding the same batcher.
+    served = ServedModel(config.served_model_name, half, config.max_batch)
+    add_service(server, InferenceServicer(served, batcher, metrics, draining), "GRPCInferenceService", malformed,
+                messages=oip, methods=InferenceServicer.METHODS)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for service in ("", OFFLOAD_SERVICE):
+    for service in ("", OFFLOAD_SERVICE, OIP_SERVICE):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     if config.reflection:
-        reflection.enable_server_reflection([OFFLOAD_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        reflection.enable_server_reflection(
+            [OFFLOAD_SERVICE, OIP_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = bind(server, config.listen, credentials)
     metrics_http = start_metrics(config.metrics_port, config.listen, metrics.registry) if config.metrics_port is not None else None
 
@@ -113,6 +126,7 @@ async def serve(config: CloudConfig) -> CloudServer:
         " + bearer token" if interceptors else "")
     log.info("serving %s (split block %d, fingerprint %s) on %s (%s)", config.checkpoint, card.split_block,
              card.fingerprint[:12], cloud.address, security)
+    log.info("Open Inference Protocol: model %r, version %s (%s)", served.name, VERSION, OIP_SERVICE)
     if cloud.metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", listen_host(config.listen), cloud.metrics_port)
     log.info("settings: %s", ", ".join(f"{k}={v!r}" for k, v in non_defaults(config).items()))

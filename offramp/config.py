@@ -75,6 +75,10 @@ class CloudConfig:
 
     checkpoint: str = setting("Checkpoint directory (written by `offramp train`) whose tail the cloud runs.",
                               metavar="DIR", path=True)
+    model_name: str | None = setting(
+        "Name Open Inference Protocol clients (Triton's, KServe's) address the model by; unset: the checkpoint "
+        "directory's name, as a Triton model is named after its directory in the model repository.", None,
+        metavar="NAME", example="cifar10-vit")
     listen: str = setting("Address to bind, HOST:PORT. Loopback by default so a first run exposes nothing; "
                           "port 0 picks a free port.", "127.0.0.1:0", metavar="HOST:PORT")
     device: str = setting('"cpu", "cuda" or "cuda:N".', "cpu")
@@ -110,9 +114,9 @@ class CloudConfig:
                                         "CA bundle (needs tls_cert).", None, metavar="PEM", example="ca.pem",
                                         path=True)
     token_file: str | None = setting(
-        'File holding a bearer token edges must send ("authorization: Bearer ...") on the Offload service; a '
-        "file, so the secret is never on a command line. Health and reflection stay open.", None, metavar="PATH",
-        example="token", path=True)
+        'File holding a bearer token clients must send ("authorization: Bearer ...") on the Offload and '
+        "inference services; a file, so the secret is never on a command line. Health and reflection stay open.",
+        None, metavar="PATH", example="token", path=True)
     log_level: LogLevel = setting("Log verbosity (-v sets DEBUG).", "INFO")
 
     def __post_init__(self) -> None:
@@ -128,10 +132,17 @@ class CloudConfig:
         require(self.max_message_mb >= 1, "max_message_mb must be at least 1")
         require(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "metrics_port must be in 0..65535")
         require(self.grace_s >= 0, "grace_s must not be negative")
+        require(self.model_name is None or (self.model_name.strip() == self.model_name != ""),
+                "model_name must not be empty nor start or end with spaces")
 
     @property
     def max_message_bytes(self) -> int:
         return self.max_message_mb << 20
+
+    @property
+    def served_model_name(self) -> str:
+        """The model's name on the Open Inference Protocol: ``model_name``, else the checkpoint directory's."""
+        return self.model_name or Path(self.checkpoint).resolve().name
 
 
 @dataclasses.dataclass(frozen=True)

@@ -218,6 +218,7 @@ class CloudHalf:
         self.model.to(self.device)
         self.spec = self.backbone.feature_spec(split_block)
         self.num_audio_tokens = model.num_audio_tokens
+        self.num_outputs = head_outputs(model.config.task, model.config.num_classes)
 
     @property
     def audio_shape(self) -> tuple[int, int] | None:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter as Tally
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from types import ModuleType
 from typing import Any
 
 import grpc
@@ -54,13 +55,21 @@ class MalformedLog:
             self._next_line = now + self.interval_s
 
 
-def add_service(server: grpc.aio.Server, servicer: Any, service: str, malformed: MalformedLog) -> None:
-    """Register ``servicer``'s methods of ``service`` (e.g. "Offload") with parsing done here."""
-    descriptor = pb.DESCRIPTOR.services_by_name[service]
+def add_service(server: grpc.aio.Server, servicer: Any, service: str, malformed: MalformedLog,
+                messages: ModuleType = pb, methods: Collection[str] | None = None) -> None:
+    """Register ``servicer``'s methods of ``service`` (e.g. "Offload") with parsing done here.
+
+    ``messages`` is the generated module that declares the service (ours by
+    default); ``methods`` limits registration to those the servicer
+    implements, so gRPC itself answers the others UNIMPLEMENTED, quietly.
+    """
+    descriptor = messages.DESCRIPTOR.services_by_name[service]
     handlers = {}
     for method in descriptor.methods:
-        parse = _parser(getattr(pb, method.input_type.name), method.name, malformed)
-        serialize = getattr(pb, method.output_type.name).SerializeToString
+        if methods is not None and method.name not in methods:
+            continue
+        parse = _parser(getattr(messages, method.input_type.name), method.name, malformed)
+        serialize = getattr(messages, method.output_type.name).SerializeToString
         behaviour = getattr(servicer, method.name)
         if not method.client_streaming and not method.server_streaming:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
