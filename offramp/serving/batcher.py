@@ -56,7 +56,7 @@ class Batched(Generic[R]):
     """One job's share of a batch."""
 
     rows: R  # the model's result for this job's samples only
-    queue_s: float  # submission to the start of its batch
+    queue_s: float  # submission to its batch slot (the batch formed, its deadline checked)
     compute_s: float  # the whole batch
     batch_size: int  # samples in that batch
 
@@ -147,9 +147,11 @@ class Batcher(Generic[R]):
         while True:
             while not self._pending:
                 await self._wait_for_arrival(None)
-            batch = self._live(await self._gather())
+            batch = await self._gather()
+            formed = time.perf_counter()  # the batch slot: each job's wait ends here
+            batch = self._live(batch, formed)
             if batch:
-                await self._compute(batch)
+                await self._compute(batch, formed)
 
     async def _gather(self) -> list[_Job]:
         """The oldest job and every waiting one of the same shapes that fits; with ``max_wait_s``, more."""
@@ -184,9 +186,8 @@ class Batcher(Generic[R]):
             return False
         return True
 
-    def _live(self, batch: list[_Job]) -> list[_Job]:
-        """The jobs still worth computing: callers that gave up are dropped, expired ones answered."""
-        now = time.perf_counter()
+    def _live(self, batch: list[_Job], now: float) -> list[_Job]:
+        """The jobs still worth computing at ``now``: callers that gave up are dropped, expired ones answered."""
         live = []
         for job in batch:
             self._waiting -= job.size
@@ -200,7 +201,7 @@ class Batcher(Generic[R]):
             live.append(job)
         return live
 
-    async def _compute(self, batch: list[_Job]) -> None:
+    async def _compute(self, batch: list[_Job], formed: float) -> None:
         inputs = tuple(None if batch[0].inputs[k] is None else torch.cat([job.inputs[k] for job in batch])
                        for k in range(len(batch[0].inputs)))
         size = sum(job.size for job in batch)
@@ -219,7 +220,7 @@ class Batcher(Generic[R]):
         offset = 0
         for job in batch:
             if not job.future.done():
-                job.future.set_result(Batched(result[offset:offset + job.size], started - job.submitted,
+                job.future.set_result(Batched(result[offset:offset + job.size], formed - job.submitted,
                                               compute_s, size))
             offset += job.size
 
