@@ -105,8 +105,12 @@ class _ServeBatcher:
     counts requests, not samples: the same thing when each request is one sample.
     """
 
-    def __init__(self, batched: Any) -> None:
+    def __init__(self, batched: Any, max_batch: int) -> None:
         self._batched = batched
+        self.max_batch = max_batch
+
+    def check_room(self, size: int) -> None:
+        """Ray Serve keeps its own queue (``max_ongoing_requests``): nothing to refuse here."""
 
     async def submit(self, tokens: torch.Tensor, audio: torch.Tensor | None = None,
                      deadline: float | None = None) -> Batched:
@@ -125,7 +129,7 @@ class TailReplica:
         self._half = CloudHalf(model, split_block)
         # Applied here rather than as a decorator, so this module imports without Ray installed.
         batched = serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=max_wait_s)(self._run_batch)
-        self._handler = OffloadHandler(self._half, card, _ServeBatcher(batched), CloudMetrics(), max_batch,
+        self._handler = OffloadHandler(self._half, card, _ServeBatcher(batched, max_batch), CloudMetrics(), max_batch,
                           CloudConfig.max_message_mb << 20)
 
     async def Infer(self, request: pb.OffloadRequest) -> pb.OffloadReply:  # noqa: N802 - the gRPC method's name
