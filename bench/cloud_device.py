@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import sys
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.load import write_result
 from bench.offload import drive_streams
 from edge_node.offload import OffloadClient, OffloadSettings
 from offramp.checkpoint import load_checkpoint
@@ -155,10 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                           "python": platform.python_version()},
               "checkpoint": args.checkpoint, "fingerprint": card.fingerprint, "token_shape": list(res.tokens.shape[1:]),
               "tail_by_batch": by_batch, **daemons, "wall_s": time.perf_counter() - started}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out} ({result['wall_s']:.0f} s)")
+    write_result(result, args.out)
     return 0
 
 

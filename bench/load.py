@@ -1,11 +1,15 @@
-"""Closed-loop load for the serving benchmarks: N workers, each with one request in flight, for a while."""
+"""Load for the serving benchmarks: what the requests carry, closed loops of workers, and the results file."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 
 
 def percentiles(values: Sequence[float]) -> dict[str, float]:
@@ -40,3 +44,30 @@ def load_summary(edges: int, window: int, wall: float, latencies: Sequence[float
     return {"edges": edges, "window": window, "requests": len(latencies), "throughput_rps": len(latencies) / wall,
             "latency_ms": percentiles(latencies), "cloud_compute_ms": percentiles(compute),
             "mean_batch": float(np.mean(batch_sizes)) if len(batch_sizes) else 0.0}
+
+
+@torch.no_grad()
+def offload_tokens(checkpoint: str, samples: int, per_request: int = 1) -> tuple[Any, torch.Tensor, list[Any]]:
+    """(card, inputs, encoded tokens): the edge half's split tokens for ``samples`` validation inputs, every
+    exit told never to answer, int8 + zstd, ``per_request`` samples per message."""
+    from offramp.checkpoint import load_checkpoint
+    from offramp.codec import CodecConfig, encode
+    from offramp.exit_policy import never_leave
+    from offramp.pipeline import load_validation
+    from offramp.split import EdgeHalf
+
+    model, card = load_checkpoint(checkpoint)
+    x = load_validation(card)[0].tensors[0][:samples]
+    edge = EdgeHalf(model, card.split_block)
+    tokens = edge.run(x, [never_leave("max_prob")] * edge.num_exits, "max_prob").tokens
+    codec = CodecConfig(dtype="int8", zstd_level=3)
+    return card, x, [encode(tokens[i:i + per_request], codec) for i in range(0, len(x) - per_request + 1, per_request)]
+
+
+def write_result(result: dict[str, Any], out: str | Path) -> Path:
+    """The benchmark's JSON, its folder made if need be."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out} ({result.get('wall_s', 0):.0f} s)")
+    return out

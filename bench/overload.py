@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import sys
@@ -33,18 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from bench.load import percentiles
+from bench.load import offload_tokens, percentiles, write_result
 from bench.offload import SERVER_CORES, client_cores, drive_streams, machine
 from edge_node.offload import CloudError, DeadlineExceeded, OffloadClient, OffloadError, OffloadSettings
-from offramp.checkpoint import load_checkpoint
-from offramp.codec import CodecConfig, encode
 from offramp.daemon_proc import DaemonProcess
-from offramp.exit_policy import never_leave
-from offramp.pipeline import load_validation
 from offramp.report import format_table
-from offramp.split import EdgeHalf
 from offramp.wire import pb
 
 RESULTS = Path(__file__).parent / "results"
@@ -180,14 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(RESULTS / "overload.json"))
     args = ap.parse_args(argv)
     started = time.perf_counter()
-    model, card = load_checkpoint(args.checkpoint)
     k = args.samples_per_request
-    x = load_validation(card)[0].tensors[0][:256 * k]
-    edge = EdgeHalf(model, card.split_block)
-    with torch.no_grad():
-        res = edge.run(x, [never_leave("max_prob")] * edge.num_exits, "max_prob")
-    tokens = [encode(res.tokens[i:i + k], CodecConfig(dtype="int8", zstd_level=3))
-              for i in range(0, len(x) - k + 1, k)]
+    card, _, tokens = offload_tokens(args.checkpoint, 256 * k, k)
     cores = os.sched_getaffinity(0)
     os.sched_setaffinity(0, client_cores())
     try:
@@ -215,10 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                     "refused_queue_p99_ms": over["reply_ms"].get("RESOURCE_EXHAUSTED (queue)", {}).get("p99"),
                     "answered_waited_past_deadline": over["answered_waited_past_deadline"]},
         "wall_s": time.perf_counter() - started})
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out} ({result['wall_s']:.0f} s)")
+    write_result(result, args.out)
     return 0
 
 

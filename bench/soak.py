@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import sys
@@ -24,19 +23,14 @@ from typing import Any
 
 import grpc
 import numpy as np
-import torch
 
-from bench.load import percentiles
+from bench.load import offload_tokens, percentiles, write_result
 from bench.offload import SERVER_CORES, client_cores, drive_streams, machine
 from bench.overload import connected_clients
 from edge_node.offload import OffloadError
-from offramp.checkpoint import load_checkpoint
-from offramp.codec import CodecConfig, encode
 from offramp.daemon_proc import DaemonProcess
-from offramp.exit_policy import never_leave
-from offramp.pipeline import load_validation
+from offramp.exit_policy import edge_exit_ids
 from offramp.report import format_table
-from offramp.split import EdgeHalf
 from offramp.wire import pb, pb_grpc
 
 RESULTS = Path(__file__).parent / "results"
@@ -184,13 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(RESULTS / "soak.json"))
     args = ap.parse_args(argv)
     started = time.perf_counter()
-    model, card = load_checkpoint(args.checkpoint)
-    x = load_validation(card)[0].tensors[0][:256]
-    edge = EdgeHalf(model, card.split_block)
-    args.exits = edge.num_exits
-    with torch.no_grad():
-        res = edge.run(x, [never_leave("max_prob")] * edge.num_exits, "max_prob")
-    tokens = [encode(res.tokens[i:i + 1], CodecConfig(dtype="int8", zstd_level=3)) for i in range(len(x))]
+    card, x, tokens = offload_tokens(args.checkpoint, 256)
+    args.exits = len(edge_exit_ids(card.config.exits, card.split_block))  # the edge daemon runs them all
     images = [pb.InferRequest(tensor=pb.RawTensor(shape=list(s.shape), data=s.numpy().astype("<f4").tobytes()))
               for s in x]
     cores = os.sched_getaffinity(0)
@@ -215,11 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {"cloud_rss_growth": rss["cloud"]["growth"], "edge_rss_growth": rss["edge"]["growth"],
                     "errors": result["errors"], "p99_last_vs_first": p99_change},
         "wall_s": time.perf_counter() - started})
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_result(result, args.out)
     plot(result, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')} ({result['wall_s']:.0f} s)")
+    print(f"plot: {out.with_suffix('.png')}")
     return 0
 
 

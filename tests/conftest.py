@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from helpers import CloudFactory
+from helpers import CloudFactory, LoopThread
 
 if TYPE_CHECKING:
     from cloud_node.server import CloudServer
@@ -24,6 +24,13 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"development data archives not present at {path} (set OFFRAMP_DATA)")
     return path
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[LoopThread]:
+    """An event loop in a background thread, one per test module, for in-process daemons."""
+    with LoopThread() as loop:
+        yield loop
 
 
 @pytest.fixture(scope="session")

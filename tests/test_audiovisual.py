@@ -178,12 +178,6 @@ def test_train_and_eval_commands_report_mae_per_exit(tmp_path: Path, capsys: pyt
 
 
 @pytest.fixture(scope="module")
-def loop() -> Iterator[LoopThread]:
-    with LoopThread() as loop:
-        yield loop
-
-
-@pytest.fixture(scope="module")
 def av_cloud(av_checkpoint: Path) -> Iterator[tuple[str, Any]]:
     with CloudFactory(av_checkpoint, {"max_batch": 8, "grace_s": 2.0}) as start:
         yield start()

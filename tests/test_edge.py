@@ -35,12 +35,6 @@ NEVER, ALWAYS = [2.0, 2.0], [0.0, 0.0]  # max_prob thresholds: no exit is ever /
 EDGE_TEST_SETTINGS: dict[str, Any] = {"reconnect_initial_s": 0.05, "reconnect_max_s": 0.5, "grace_s": 2.0}
 
 
-@pytest.fixture(scope="module")
-def loop() -> Iterator[LoopThread]:
-    with LoopThread() as loop:
-        yield loop
-
-
 @pytest.fixture
 def start_edge(tiny_checkpoint: Path, loop: LoopThread) -> Iterator[Callable[..., EdgeServer]]:
     """``start_edge(**EdgeConfig settings)``: in-process edges on port 0 serving ``tiny_checkpoint``, stopped after."""

@@ -28,12 +28,6 @@ EDGE_SETTINGS = {"thresholds": NEVER, "reconnect_initial_s": 0.05, "reconnect_ma
                  "connect_timeout_s": 1.0}
 
 
-@pytest.fixture(scope="module")
-def loop() -> Iterator[LoopThread]:
-    with LoopThread() as loop:
-        yield loop
-
-
 @pytest.fixture
 def start_edge(tiny_checkpoint: Path, loop: LoopThread) -> Iterator[Callable[..., EdgeServer]]:
     with edge_servers(loop, tiny_checkpoint, EDGE_SETTINGS) as start:

@@ -71,12 +71,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return paths
 
 
-@pytest.fixture(scope="module")
-def loop() -> Iterator[LoopThread]:
-    with LoopThread() as loop:
-        yield loop
-
-
 @pytest.fixture
 def start_cloud(tiny_checkpoint: Path) -> Iterator[CloudFactory]:
     with CloudFactory(tiny_checkpoint, {"grace_s": 1.0}) as factory:

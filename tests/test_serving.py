@@ -152,6 +152,30 @@ def test_refusals_deadlines_and_failures_each_answer_every_caller_once() -> None
     assert [b[0][0] for b in model.batches] == [2, 2]  # the expired request took no slot
 
 
+def test_a_job_its_batch_would_answer_too_late_takes_no_slot() -> None:
+    calls: list[int] = []
+
+    def slow(x: torch.Tensor) -> torch.Tensor:  # 40 ms per sample, whatever the batch
+        calls.append(x.shape[0])
+        time.sleep(0.04 * x.shape[0])
+        return x
+
+    async def go():
+        batcher = Batcher(slow, 4, name="t")
+        batcher.start()
+        await batcher.submit(torch.ones(2, 1))  # teaches the batcher: ~40 ms per sample
+        in_time = batcher.submit(torch.ones(1, 1), deadline=time.perf_counter() + 1.0)
+        too_late = batcher.submit(torch.ones(2, 1), deadline=time.perf_counter() + 0.05)  # 2 x 40 ms > 50 ms
+        outcomes = await asyncio.gather(in_time, too_late, return_exceptions=True)
+        await batcher.close()
+        return outcomes
+
+    in_time, too_late = run(go())
+    assert in_time.batch_size == 1
+    assert isinstance(too_late, RequestError) and too_late.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "after its deadline" in str(too_late) and calls == [2, 1]  # it cost no compute
+
+
 def test_unordered_map_yields_answers_as_they_finish() -> None:
     async def go():
         async def items():

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import FeatureSpec, SplittableBackbone, Task, head_outputs
+from .layers import token_grid
 
 
 class FrozenScaleBatchNorm(nn.BatchNorm2d):
@@ -93,12 +94,8 @@ class AirbenchTokenizer(nn.Module):
         self.whiten = PatchWhitening(in_chans, whiten_kernel)
         self.blocks = conv_groups(self.whiten.out_channels, widths)
         self.proj = nn.Linear(widths[-1], dim) if widths[-1] != dim else nn.Identity()
-        scale = 2 ** len(widths)
-        h, w = img_size
-        if h % scale or w % scale:
-            raise ValueError(f"input size {img_size} is not a multiple of the tokenizer's stride {scale}")
-        self.img_size = (h, w)
-        self.grid_size = (h // scale, w // scale)
+        self.img_size = tuple(img_size)
+        self.grid_size = token_grid(img_size, 2 ** len(widths))
         self.num_patches = self.grid_size[0] * self.grid_size[1]
 
     def init_from_data(self, x: torch.Tensor) -> None:

@@ -65,16 +65,21 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def token_grid(img_size: tuple[int, int], stride: int) -> tuple[int, int]:
+    """The (h, w) grid of tokens a stem of this total stride cuts the input into; it must tile exactly."""
+    h, w = img_size
+    if h % stride or w % stride:
+        raise ValueError(f"input size {img_size} is not a multiple of the stem's stride {stride}")
+    return h // stride, w // stride
+
+
 class PatchEmbed(nn.Module):
     """Cut an image (or spectrogram) into non-overlapping patches and project them."""
 
     def __init__(self, img_size: tuple[int, int], patch_size: int, in_chans: int, dim: int) -> None:
         super().__init__()
-        h, w = img_size
-        if h % patch_size or w % patch_size:
-            raise ValueError(f"input size {img_size} is not a multiple of patch size {patch_size}")
-        self.img_size = (h, w)
-        self.grid_size = (h // patch_size, w // patch_size)
+        self.img_size = tuple(img_size)
+        self.grid_size = token_grid(img_size, patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
 
@@ -99,12 +104,8 @@ class ConvTokenizer(nn.Module):
             stages += [nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.GELU(), nn.MaxPool2d(2)]
             c = width
         self.convs = nn.Sequential(*stages)
-        scale = 2 ** (len(widths) + 1)
-        h, w = img_size
-        if h % scale or w % scale:
-            raise ValueError(f"input size {img_size} is not a multiple of the tokenizer's stride {scale}")
-        self.img_size = (h, w)
-        self.grid_size = (h // scale, w // scale)
+        self.img_size = tuple(img_size)
+        self.grid_size = token_grid(img_size, 2 ** (len(widths) + 1))
         self.num_patches = self.grid_size[0] * self.grid_size[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -75,8 +75,9 @@ class Batcher(Generic[R]):
     """Runs ``model(*inputs) -> result`` on batches gathered across concurrent ``submit`` calls.
 
     Refuses work beyond ``max_queue`` samples (RESOURCE_EXHAUSTED at once),
-    answers jobs whose deadline passed before a batch slot with
-    DEADLINE_EXCEEDED, and never computes for a caller who gave up.
+    answers jobs that would finish after their deadline with
+    DEADLINE_EXCEEDED at their batch slot (judged by the compute time per
+    sample measured so far), and never computes for a caller who gave up.
     """
 
     def __init__(self, model: Callable[..., R], max_batch: int, *, max_queue: int | None = None,
@@ -97,6 +98,7 @@ class Batcher(Generic[R]):
         self._lone_on_loop = lone_on_loop
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._worker: asyncio.Task[None] | None = None
+        self._per_sample_s = 0.0  # moving average of compute time per sample: a batch's expected duration
 
     def depth(self) -> int:
         """Samples waiting for a batch."""
@@ -149,7 +151,7 @@ class Batcher(Generic[R]):
                 await self._wait_for_arrival(None)
             batch = await self._gather()
             formed = time.perf_counter()  # the batch slot: each job's wait ends here
-            batch = self._live(batch, formed)
+            batch = self._live(batch, formed + self._per_sample_s * sum(job.size for job in batch))
             if batch:
                 await self._compute(batch, formed)
 
@@ -186,17 +188,18 @@ class Batcher(Generic[R]):
             return False
         return True
 
-    def _live(self, batch: list[_Job], now: float) -> list[_Job]:
-        """The jobs still worth computing at ``now``: callers that gave up are dropped, expired ones answered."""
+    def _live(self, batch: list[_Job], done_by: float) -> list[_Job]:
+        """The jobs still worth computing if the batch ends at ``done_by``: callers that gave up are dropped,
+        those it would answer too late are answered now."""
         live = []
         for job in batch:
             self._waiting -= job.size
             if job.future.done():
                 continue
-            if job.deadline is not None and now >= job.deadline:
+            if job.deadline is not None and done_by >= job.deadline:
                 job.future.set_exception(RequestError(
                     grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"deadline passed {(now - job.deadline) * 1e3:.1f} ms before a batch slot"))
+                    f"its batch would end {(done_by - job.deadline) * 1e3:.1f} ms after its deadline"))
                 continue
             live.append(job)
         return live
@@ -217,6 +220,8 @@ class Batcher(Generic[R]):
                     job.future.set_exception(e)
             return
         compute_s = time.perf_counter() - started
+        per_sample = compute_s / size
+        self._per_sample_s = per_sample if not self._per_sample_s else 0.8 * self._per_sample_s + 0.2 * per_sample
         offset = 0
         for job in batch:
             if not job.future.done():
