@@ -104,11 +104,12 @@ async def serve(config: CloudConfig) -> CloudServer:
                     if config.token_file is not None else [])
     server = grpc_server(config.max_message_bytes, interceptors)
     malformed = MalformedLog(metrics.registry, "offramp_cloud")
-    add_service(server, OffloadServicer(handler, draining, config.max_in_flight_per_stream), "Offload", malformed)
+    add_service(server, OffloadServicer(handler, draining, config.max_in_flight_per_stream), "Offload", malformed,
+                config.max_message_bytes)
     # The Open Inference Protocol on the same port, feeding the same batcher.
     served = ServedModel(config.served_model_name, half, config.max_batch)
     add_service(server, InferenceServicer(served, batcher, metrics, draining), "GRPCInferenceService", malformed,
-                messages=oip, methods=InferenceServicer.METHODS)
+                config.max_message_bytes, messages=oip, methods=InferenceServicer.METHODS)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in ("", OFFLOAD_SERVICE, OIP_SERVICE):

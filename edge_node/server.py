@@ -158,7 +158,8 @@ async def serve(config: EdgeConfig) -> EdgeServer:
     """Load the checkpoint, bind, start; the returned server is answering (and SERVING)."""
     engine = await asyncio.to_thread(build_engine, config)
     server = grpc_server(config.max_message_bytes, admin_guard(config))
-    add_service(server, EdgeServicer(engine), "Edge", MalformedLog(engine.metrics.registry, "offramp_edge"))
+    add_service(server, EdgeServicer(engine), "Edge", MalformedLog(engine.metrics.registry, "offramp_edge"),
+                config.max_message_bytes)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = bind(server, config.listen)

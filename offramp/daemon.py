@@ -19,6 +19,7 @@ from grpc_health.v1 import health
 from prometheus_client import CollectorRegistry, start_http_server
 
 from .config import MIN_KEEPALIVE_S
+from .serving.guard import CEILING
 from .errors import OfframpError
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ def start_metrics(port: int, listen: str, registry: CollectorRegistry) -> WSGISe
 def grpc_server(max_message_bytes: int, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
     """An asyncio gRPC server with deliberate message limits on both directions."""
     return grpc.aio.server(interceptors=list(interceptors), options=[
-        ("grpc.max_receive_message_length", max_message_bytes),
+        # Up to CEILING x the limit, messages reach our own check (refused and counted there).
+        ("grpc.max_receive_message_length", CEILING * max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),  # a second daemon on a busy port must fail, not share it
         # Accept the edges' keepalive pings on idle streams instead of answering them with

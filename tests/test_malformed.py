@@ -68,3 +68,23 @@ def test_the_edge_refuses_unparsable_messages_on_every_rpc(edge, caplog: pytest.
     assert serving(edge.address)
     assert counted(edge.engine.metrics.registry, "offramp_edge_malformed_messages") == 10
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_oversized_messages_are_refused_and_counted_too(start_cloud: CloudFactory) -> None:
+    address, server = start_cloud()  # max_message_mb = 1
+    limit = server.config.max_message_bytes
+    big = pb.OffloadRequest(request_id=1, tokens=pb.EncodedTensor(payload=bytes(limit + 1000))).SerializeToString()
+    options = [("grpc.max_send_message_length", 4 * limit)]
+    with grpc.insecure_channel(address, options=options) as channel:
+        describe = channel.unary_unary("/offramp.v1.Offload/Describe", **IDENTITY)
+        with pytest.raises(grpc.RpcError) as e:
+            describe(bytes(limit + 1), timeout=10)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "byte limit" in e.value.details()
+        infer = channel.stream_stream("/offramp.v1.Offload/Infer", **IDENTITY)
+        with pytest.raises(grpc.RpcError) as e:
+            list(infer(iter([big]), timeout=10))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "exceeds" in e.value.details()
+    assert serving(address)
+    by_reason = {(s.labels["method"], s.labels["reason"]): s.value for m in server.metrics.registry.collect()
+                 if m.name == "offramp_cloud_malformed_messages" for s in m.samples if s.name.endswith("_total")}
+    assert by_reason == {("Describe", "oversized"): 1, ("Infer", "oversized"): 1}

@@ -8,6 +8,12 @@ bytes and parses them here: a malformed message is answered
 INVALID_ARGUMENT with a short reason, counted in a metric by method and
 reason, and logged as a summary at most once per interval. On a stream, the
 requests read before it are still answered, then the stream ends.
+
+Messages over the daemon's size limit are refused here too, with
+RESOURCE_EXHAUSTED, and counted (reason "oversized"): gRPC itself lets
+messages through up to ``CEILING`` times the limit so that they reach this
+check, and still stops anything larger before it is read (those are the only
+refusals no counter sees).
 """
 from __future__ import annotations
 
@@ -27,17 +33,27 @@ from ..wire import pb
 log = logging.getLogger(__name__)
 
 
+CEILING = 2  # gRPC's own receive limit, as a multiple of the daemon's (see above)
+
+
 class MalformedMessage(Exception):
-    """A request message that does not parse; its text is the reason the caller gets."""
+    """A request message refused before the service sees it; its text is the reason the caller gets."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class OversizedMessage(MalformedMessage):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class MalformedLog:
-    """Counts malformed messages by method and reason; logs one summary line at most every ``interval_s``."""
+    """Counts refused messages by method and reason; logs one summary line at most every ``interval_s``."""
 
     def __init__(self, registry: CollectorRegistry, prefix: str, interval_s: float = 10.0) -> None:
         self.counter = Counter(f"{prefix}_malformed_messages",
-                               "Request messages refused with INVALID_ARGUMENT because they do not parse, "
-                               "by method and reason", ["method", "reason"], registry=registry)
+                               "Request messages refused before the service saw them: unparsable "
+                               "(INVALID_ARGUMENT) or over the size limit (RESOURCE_EXHAUSTED), by method and "
+                               "reason", ["method", "reason"], registry=registry)
         self.interval_s = interval_s
         self._unlogged: Tally[tuple[str, str]] = Tally()
         self._next_line = 0.0
@@ -49,13 +65,13 @@ class MalformedLog:
         if now >= self._next_line:
             top = ", ".join(f"{n} x {m} ({r})" for (m, r), n in self._unlogged.most_common(4))
             more = len(self._unlogged) - 4
-            log.warning("refused malformed messages (INVALID_ARGUMENT) since the last report: %s%s", top,
+            log.warning("refused malformed or oversized messages since the last report: %s%s", top,
                         f" and {more} more kinds" if more > 0 else "")
             self._unlogged.clear()
             self._next_line = now + self.interval_s
 
 
-def add_service(server: grpc.aio.Server, servicer: Any, service: str, malformed: MalformedLog,
+def add_service(server: grpc.aio.Server, servicer: Any, service: str, malformed: MalformedLog, max_bytes: int,
                 messages: ModuleType = pb, methods: Collection[str] | None = None) -> None:
     """Register ``servicer``'s methods of ``service`` (e.g. "Offload") with parsing done here.
 
@@ -68,7 +84,7 @@ def add_service(server: grpc.aio.Server, servicer: Any, service: str, malformed:
     for method in descriptor.methods:
         if methods is not None and method.name not in methods:
             continue
-        parse = _parser(getattr(messages, method.input_type.name), method.name, malformed)
+        parse = _parser(getattr(messages, method.input_type.name), method.name, malformed, max_bytes)
         serialize = getattr(messages, method.output_type.name).SerializeToString
         behaviour = getattr(servicer, method.name)
         if not method.client_streaming and not method.server_streaming:
@@ -83,8 +99,11 @@ def add_service(server: grpc.aio.Server, servicer: Any, service: str, malformed:
     server.add_registered_method_handlers(descriptor.full_name, handlers)
 
 
-def _parser(message: type, method: str, malformed: MalformedLog) -> Callable[[bytes], Any]:
+def _parser(message: type, method: str, malformed: MalformedLog, max_bytes: int) -> Callable[[bytes], Any]:
     def parse(raw: bytes) -> Any:
+        if len(raw) > max_bytes:
+            malformed.record(method, "oversized")
+            raise OversizedMessage(f"the {len(raw)}-byte message exceeds this server's {max_bytes}-byte limit")
         try:
             return message.FromString(raw)
         except DecodeError:
@@ -98,7 +117,7 @@ def _unary(behaviour: Callable[[Any, Any], Awaitable[Any]], parse: Callable[[byt
         try:
             request = parse(raw)
         except MalformedMessage as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await context.abort(e.code, str(e))
         return await behaviour(request, context)
     return handle
 
@@ -113,5 +132,5 @@ def _stream(behaviour: Callable[[AsyncIterator[Any], Any], AsyncIterator[Any]], 
             async for reply in behaviour(requests(), context):
                 yield reply
         except MalformedMessage as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await context.abort(e.code, str(e))
     return handle
