@@ -120,16 +120,24 @@ async def soak(cloud: DaemonProcess, edge: DaemonProcess, fingerprint: str, spli
 
     part = seconds / PARTS
     parts = [[ms for t, ms, ok in records if k * part <= t < (k + 1) * part] for k in range(PARTS)]
-    warm = [m for m in memory if m[0] >= part]
-    first, last = warm[0], memory[-1]
     return {
         "requests": len(records), "errors": sum(not ok for _, _, ok in records), "errors_by_kind": errors,
         "offered_rps": len(records) / seconds,
         "latency_ms_by_part": [percentiles(p) for p in parts], "part_s": part,
         "memory_mb": [list(m) for m in memory],
-        "rss_mb": {"cloud": {"after_warmup": first[1], "end": last[1], "growth": last[1] / first[1] - 1},
-                   "edge": {"after_warmup": first[2], "end": last[2], "growth": last[2] / first[2] - 1}},
+        "rss_mb": rss_growth(memory, part),
     }
+
+
+def rss_growth(memory: list[tuple[float, float, float]], part: float) -> dict[str, dict[str, float]]:
+    """RSS of each process after warm-up (median over the second tenth) and at the end (median over the
+    last tenth): the cloud's swings by tens of MB with the batches in flight, so single samples mislead."""
+    out = {}
+    for i, name in ((1, "cloud"), (2, "edge")):
+        early = float(np.median([m[i] for m in memory if part <= m[0] < 2 * part] or [memory[0][i]]))
+        late = float(np.median([m[i] for m in memory if m[0] >= memory[-1][0] - part]))
+        out[name] = {"after_warmup": early, "end": late, "growth": late / early - 1}
+    return out
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
