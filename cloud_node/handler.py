@@ -55,6 +55,11 @@ class OffloadHandler:
             max_raw_bytes=max_batch * math.prod(token_shape) * _FLOAT32_BYTES,
             expected_shape=(None, *token_shape),
         )
+        self._code_limits = None if half.code_shape is None else DecodeLimits(
+            max_payload_bytes=max_message_bytes,
+            max_raw_bytes=max_batch * math.prod(half.code_shape),  # int8
+            expected_shape=(None, *half.code_shape),
+        )
         audio_shape = half.audio_shape  # (tokens, width) for audiovisual models
         self._modalities = VISUAL if audio_shape is None else AUDIOVISUAL
         self._audio_limits = None if audio_shape is None else DecodeLimits(
@@ -136,10 +141,23 @@ class OffloadHandler:
                                "audio_tokens")
         if not request.HasField("tokens"):
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the request carries no tokens")
+        code_of = request.tokens.bottleneck
+        if code_of and code_of != self._half.bottleneck_id:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the tokens are a code of bottleneck {code_of[:40]!r}; this cloud decodes "
+                + (f"codes of {self._half.bottleneck_id!r} only" if self._half.bottleneck_id else "no codes"),
+            )
 
     def _decode_request(self, request: pb.OffloadRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, *token_shape) tokens (fewer after top-k), and (B, audio tokens, width) for audiovisual models."""
-        tokens = torch.from_numpy(decode(request.tokens, self._limits))
+        if request.tokens.bottleneck:  # checked against ours in `_check`
+            try:
+                tokens = self._half.from_code(torch.from_numpy(decode(request.tokens, self._code_limits)))
+            except ValueError as e:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        else:
+            tokens = torch.from_numpy(decode(request.tokens, self._limits))
         if self._audio_limits is None:
             return tokens, None
         try:

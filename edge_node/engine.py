@@ -24,7 +24,7 @@ import grpc
 import torch
 
 from offramp.checkpoint import Card
-from offramp.codec import CodecConfig, encode
+from offramp.codec import CodecConfig, encode, encode_code
 from offramp.netem.profiles import slowed
 from offramp.serving.batcher import Batcher, lone_on_loop
 from offramp.serving.replies import answer_reply
@@ -60,6 +60,9 @@ class EdgeEngine:
 
     def __init__(self, half: EdgeHalf, card: Card, policy: ExitPolicy, codec: CodecConfig, deadline_ms: int,
                  offload: OffloadClient | None, max_batch: int = 16, slowdown: float = 1.0) -> None:
+        if codec.dtype == "bottleneck" and not half.bottleneck_id:
+            raise ValueError(f"codec 'bottleneck' needs a checkpoint with a bottleneck at split block "
+                             f"{half.split_block} (add one with `offramp bottleneck`)")
         if codec.top_k is not None and (half.spec.kind != "tokens" or half.split_block == 0):
             raise ValueError("codec top_k selects tokens of a ViT split after block 1 or later; "
                              f"this split gives a {half.spec.kind} representation after block {half.split_block}")
@@ -74,7 +77,7 @@ class EdgeEngine:
         self.offload = offload
         # Emulated weaker device: edge compute and encoding take `slowdown` times as long.
         self._run_half = slowed(half.run, slowdown)
-        self._encode = slowed(encode, slowdown)
+        self._encode, self._encode_visual = slowed(encode, slowdown), slowed(self._encode_tokens, slowdown)
         names = half.model.exit_names
         self.exit_names = [names[i] for i in half.exit_ids]
         self.metrics = EdgeMetrics(connected=lambda: float(offload is not None and offload.connected_to is not None))
@@ -181,7 +184,7 @@ class EdgeEngine:
                 scores = None if result.scores is None else result.scores[row:row + 1]
                 raw = sample_tokens.numel() * 4
                 try:
-                    tokens = self._encode(sample_tokens, self.codec, scores, self.half.spec.num_prefix)
+                    tokens = self._encode_visual(sample_tokens, self.codec, scores)
                     if result.audio_tokens is not None:  # all of them: top-k selects visual tokens only
                         sample_audio = result.audio_tokens[row:row + 1]
                         raw += sample_audio.numel() * 4
@@ -195,3 +198,10 @@ class EdgeEngine:
                 encode_ms=encode_ms,
             ))
         return outcomes
+
+    def _encode_tokens(self, tokens: torch.Tensor, codec: CodecConfig, scores: torch.Tensor | None
+                       ) -> pb.EncodedTensor:
+        """One sample's tokens at the split as the wire carries them: quantized, or the bottleneck's code."""
+        if codec.dtype == "bottleneck":
+            return encode_code(self.half.to_code(tokens), self.half.bottleneck_id, codec.zstd_level)
+        return encode(tokens, codec, scores, self.half.spec.num_prefix)

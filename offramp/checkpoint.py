@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,21 @@ class Card:
 
 def fingerprint(config: ModelConfig, state: dict[str, torch.Tensor]) -> str:
     """SHA-256 over the canonical config JSON and every tensor (name, dtype, shape, bytes)."""
-    h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+    return _digest(config.to_dict(), state)
+
+
+def bottleneck_id(model: MultiExitModel) -> str:
+    """What a bottleneck's codes are labelled with on the wire, e.g. ``c8b4@2:1f0c2a9e55d41b07``:
+    its settings and a digest of them and its weights, so no other bottleneck decodes them."""
+    if model.bottleneck is None:
+        return ""
+    config = model.config.bottleneck
+    state = {k: v for k, v in model.bottleneck.state_dict().items()}
+    return f"{config.name}:{_digest(asdict(config), state)[:16]}"
+
+
+def _digest(header: dict[str, Any], state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
     for name in sorted(state):
         t = state[name].detach().contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())

@@ -184,6 +184,44 @@ def _run_demo(args: argparse.Namespace) -> int:
     return run_demo(args.workdir, retrain=args.retrain, data=args.data, model=args.model)
 
 
+def add_bottleneck(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bottleneck", help="add a learned bottleneck at the split to a trained checkpoint (fewer bytes per offload)",
+        description="Trains a small per-token encoder (edge) and decoder (cloud) at the split by distilling the "
+                    "frozen model, and writes a new checkpoint holding it. Edges then send its integer code "
+                    "(--codec bottleneck) instead of quantized tokens; backbone, exits and the uncompressed path "
+                    "are unchanged. Its size and accuracy on the validation split are printed and kept in the card.")
+    p.add_argument("checkpoint", help="checkpoint directory written by 'offramp train' (ViT-family backbones)")
+    p.add_argument("--out", required=True, help="checkpoint directory to write (a copy with the bottleneck)")
+    p.add_argument("--channels", type=int, required=True, help="code values per token (e.g. 4-32; fewer: smaller)")
+    p.add_argument("--bits", type=int, default=4, help="bits per code value, 2-8: integers in +-(2^(bits-1)-1) "
+                                                      "(default: 4)")
+    p.add_argument("--hidden", type=int, default=0, help="hidden width of encoder and decoder (default: token width)")
+    p.add_argument("--split-block", type=int, default=None, help="where it sits (default: the checkpoint's split)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs over the cached tokens (default: 10)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: 2e-3)")
+    p.add_argument("--rate-weight", type=float, default=0.01,
+                   help="weight of the mean code magnitude in the loss: higher trades accuracy for bytes "
+                        "(default: 0.01)")
+    p.add_argument("--views", type=int, default=2, help="augmented views of the training split to cache (default: 2)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many samples (quick runs)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(run=_run_bottleneck)
+
+
+def _run_bottleneck(args: argparse.Namespace) -> int:
+    from .train_bottleneck import BottleneckJob, add_bottleneck, describe
+
+    job = BottleneckJob(checkpoint=args.checkpoint, out=args.out, channels=args.channels, bits=args.bits,
+                        hidden=args.hidden, position=args.split_block, epochs=args.epochs, lr=args.lr,
+                        rate_weight=args.rate_weight, views=args.views, precision=args.precision,
+                        device=args.device, limit=args.limit, progress=not args.no_progress)
+    print(describe(add_bottleneck(job), args.out))
+    return 0
+
+
 def add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="run a benchmark from bench/ (e.g. 'offramp bench exits --quick')")
     p.add_argument("name", choices=["exits"], help="which benchmark")
@@ -204,7 +242,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_train, add_eval, add_models, add_demo, add_bench, cloud_node.cli.add_commands, edge_node.cli.add_commands,
+    add_train, add_eval, add_bottleneck, add_models, add_demo, add_bench, cloud_node.cli.add_commands, edge_node.cli.add_commands,
     netem_cli.add_commands, orchestrator.cli.add_commands]
 
 

@@ -26,6 +26,9 @@ from typing import Any, Literal, TypeVar
 
 from .errors import OfframpError
 
+# What the edge may send at the split (the codec turns each into an EncodedTensor); one definition for all.
+CodecName = Literal["int8", "float16", "float32", "bottleneck"]
+
 # The shortest interval between a peer's keepalive pings that the daemons accept (edges ping their
 # cloud every ``keepalive_s``, which may not go below it).
 MIN_KEEPALIVE_S = 1
@@ -173,9 +176,10 @@ class EdgeConfig:
         "(e.g. several exit types per position); unset: every exit up to the split. thresholds has one value "
         "per exit run: re-run `offramp calibrate` after changing it.", None, metavar="NAME,NAME",
         example=["slvit@2", "slvit@4"])
-    codec: Literal["int8", "float16", "float32"] = setting(
+    codec: CodecName = setting(
         "Precision of offloaded tokens: int8 (per-token scale) is 4x smaller than float32 for almost no accuracy; "
-        "float16 halves them; float32 is lossless.", "int8")
+        "float16 halves them; float32 is lossless; bottleneck sends the checkpoint's learned code (`offramp "
+        "bottleneck` adds one), a few bits per token value.", "int8")
     top_k: int | None = setting("Send only the k patch tokens the class token attends to most; unset: all.", None,
                                 metavar="K", example=32)
     zstd_level: int = setting("zstd level of offloaded tokens; 0 disables compression (for links faster than the "

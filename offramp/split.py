@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import bottleneck_id
 from .exit_policy import edge_exit_ids, least_confident, passes, walk
 from .models import MultiExitModel, head_outputs
 from .scores import confidence
@@ -96,10 +97,18 @@ class EdgeHalf:
                              f"the edge must split there or earlier, not after block {split_block}")
         self.spec = self.backbone.feature_spec(split_block)
         self.num_outputs = head_outputs(model.config.task, model.config.num_classes)
+        self.bottleneck_id = _bottleneck_at(model, split_block)
 
     @property
     def num_exits(self) -> int:
         return len(self.exit_ids)
+
+    @torch.no_grad()
+    def to_code(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) tokens at the split -> the bottleneck's (B, N, channels) int8 code."""
+        if not self.bottleneck_id:
+            raise ValueError(f"this checkpoint has no bottleneck at split block {self.split_block}")
+        return self.model.bottleneck.encode(tokens.to(self.device, torch.float32)).to(torch.int8).cpu()
 
     @torch.no_grad()
     def run(self, x: torch.Tensor, thresholds: list[float], score: str, with_scores: bool = False,
@@ -219,6 +228,8 @@ class CloudHalf:
         self.spec = self.backbone.feature_spec(split_block)
         self.num_audio_tokens = model.num_audio_tokens
         self.num_outputs = head_outputs(model.config.task, model.config.num_classes)
+        self.bottleneck_id = _bottleneck_at(model, split_block)
+        self.code_shape = model.bottleneck.code_shape if self.bottleneck_id else None  # (N, channels)
 
     @property
     def audio_shape(self) -> tuple[int, int] | None:
@@ -236,3 +247,21 @@ class CloudHalf:
         with compute_context(self.device, self.dtype):
             return self.model.tail(tokens.to(self.device), self.split_block,
                                    None if audio is None else audio.to(self.device)).float().cpu()
+
+    @torch.no_grad()
+    def from_code(self, code: torch.Tensor) -> torch.Tensor:
+        """A (B, N, channels) bottleneck code, as decoded from the wire -> (B, N, D) tokens for ``run``.
+
+        Values outside the code's range cannot come from the bottleneck: refused, not clamped.
+        """
+        levels = self.model.config.bottleneck.levels
+        if code.numel() and float(code.abs().max()) > levels:
+            raise ValueError(f"code values beyond +-{levels}, the range of bottleneck {self.bottleneck_id}")
+        with compute_context(self.device, self.dtype):
+            return self.model.bottleneck.decode(code.to(self.device)).float().cpu()
+
+
+def _bottleneck_at(model: MultiExitModel, split_block: int) -> str:
+    """The identity of the model's bottleneck if it sits at ``split_block``; "" otherwise."""
+    b = model.config.bottleneck
+    return bottleneck_id(model) if b is not None and b.position == split_block else ""

@@ -392,8 +392,9 @@ class FeatureCache:
 
 @torch.no_grad()
 def cache_features(model: MultiExitModel, data: TensorDataset, cfg: TrainConfig,
-                   only: list[int] | None = None) -> FeatureCache:
-    """Run the frozen backbone once per view (plain, mirrored, then shifted) and keep what the exits need."""
+                   only: list[int] | None = None, positions: tuple[int, ...] = ()) -> FeatureCache:
+    """Run the frozen backbone once per view (plain, mirrored, then shifted) and keep what the exits need
+    (and the representation after each of ``positions``, for a bottleneck there)."""
     chosen = list(range(len(model.exits))) if only is None else only
     prec = resolve_precision(cfg.precision, cfg.device)
     x_all, a_all, y_all = unpack(data)
@@ -401,10 +402,8 @@ def cache_features(model: MultiExitModel, data: TensorDataset, cfg: TrainConfig,
     views = max(1, cfg.exit_views) if cfg.augment else 1
     model.eval()
     _prepare(model, prec)
-    positions = {}  # block position -> one exit there that sees the visual representation
-    for i in chosen:
-        if model.exit_configs[i].uses_visual:
-            positions.setdefault(model.exit_configs[i].position, i)
+    wanted = sorted({*positions, *(model.exit_configs[i].position for i in chosen
+                                   if model.exit_configs[i].uses_visual)})
     feats: dict[int, torch.Tensor] = {}
     audio = final = None
     meter = Throughput("caching features", views * n, cfg.progress)
@@ -416,11 +415,11 @@ def cache_features(model: MultiExitModel, data: TensorDataset, cfg: TrainConfig,
             x = _to_input(apply_views(x_all[idx], flip[idx], shift[idx], cfg.translate), prec)
             a = None if a_all is None else a_all[idx].to(prec.device)
             with prec.autocast():
-                at, tokens, out = _backbone_pass(model, x, a, chosen)
-            for p, i in positions.items():
+                at, tokens, out = _backbone_pass(model, x, a, wanted)
+            for p in wanted:
                 if p not in feats:
-                    feats[p] = torch.empty((views, n, *at[i].shape[1:]), dtype=torch.bfloat16)
-                feats[p][v, idx] = at[i].to(torch.bfloat16).cpu()
+                    feats[p] = torch.empty((views, n, *at[p].shape[1:]), dtype=torch.bfloat16)
+                feats[p][v, idx] = at[p].to(torch.bfloat16).cpu()
             if tokens is not None:
                 if audio is None:
                     audio = torch.empty((views, n, *tokens.shape[1:]), dtype=torch.bfloat16)
@@ -502,15 +501,15 @@ def train_exits(model: MultiExitModel, data: TensorDataset, cfg: TrainConfig, ta
         model.eval()
 
 
-def _backbone_pass(model: MultiExitModel, x: torch.Tensor, audio: torch.Tensor | None, chosen: list[int]
+def _backbone_pass(model: MultiExitModel, x: torch.Tensor, audio: torch.Tensor | None, positions: list[int]
                    ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None, torch.Tensor]:
-    """Backbone representation at each chosen exit's position, the audio tokens, and the final head's output."""
+    """Backbone representation after each of ``positions`` (ascending), the audio tokens, and the final
+    head's output."""
     audio_tokens = model.encode_audio(audio)
     feats, pos, at = model.backbone.embed(x), 0, {}
-    for i, e in enumerate(model.exit_configs):
-        feats, pos = model.forward_blocks(feats, pos, e.position, audio_tokens), e.position
-        if i in chosen:
-            at[i] = feats
+    for p in positions:
+        feats, pos = model.forward_blocks(feats, pos, p, audio_tokens), p
+        at[p] = feats
     return at, audio_tokens, model.tail(feats, pos, audio_tokens)
 
 

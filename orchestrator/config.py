@@ -36,7 +36,7 @@ import typing
 from pathlib import Path
 from typing import Literal
 
-from offramp.config import CloudConfig, EdgeConfig, build, read_toml, require, setting
+from offramp.config import CloudConfig, CodecName, EdgeConfig, build, read_toml, require, setting
 from offramp.errors import OfframpError
 from offramp.netem import Schedule
 
@@ -100,7 +100,7 @@ class SweepConfig:
     """The grid: every combination of thresholds × codecs × profiles × number of edges is one point."""
 
     thresholds: tuple[Threshold, ...] = (0.9,)
-    codecs: tuple[Literal["int8", "float16", "float32"], ...] = ("int8",)
+    codecs: tuple[CodecName, ...] = ("int8",)
     # Link specs as `offramp link` reads them: a profile ("lte"), custom values
     # ("delay=20ms,bw=8mbit") or a schedule ("wifi; 30s:3g"); a list gives one per edge, cycled.
     profiles: tuple[LinkSpec, ...] = ("lan",)

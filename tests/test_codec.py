@@ -147,7 +147,7 @@ def test_zero_rows_and_compression_recorded() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"dtype": "int4"}, "dtype"),
+        ({"dtype": "int4"}, "codec must be one of"),
         ({"top_k": 0}, "top_k"),
         ({"zstd_level": 99}, "zstd_level"),
     ],

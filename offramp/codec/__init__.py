@@ -1,4 +1,4 @@
 """Codec for the tensors at the split: token selection, quantization, zstd, bounded decoding."""
-from .tensor_codec import CodecConfig, CodecError, DecodeLimits, decode, decode_indices, encode
+from .tensor_codec import CodecConfig, CodecName, CodecError, DecodeLimits, decode, decode_indices, encode, encode_code
 
-__all__ = ["CodecConfig", "CodecError", "DecodeLimits", "decode", "decode_indices", "encode"]
+__all__ = ["CodecConfig", "CodecName", "CodecError", "DecodeLimits", "decode", "decode_indices", "encode", "encode_code"]

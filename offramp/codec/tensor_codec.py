@@ -18,10 +18,11 @@ import numpy as np
 import torch
 import zstandard
 
+from offramp.config import CodecName
 from offramp.errors import OfframpError
 from offramp.wire import pb
 
-__all__ = ["CodecConfig", "CodecError", "DecodeLimits", "decode", "decode_indices", "encode"]
+__all__ = ["CodecName", "CodecConfig", "CodecError", "DecodeLimits", "decode", "decode_indices", "encode", "encode_code"]
 
 _ET = pb.EncodedTensor
 _WIRE_DTYPE: dict[str, int] = {"float32": _ET.DTYPE_FLOAT32, "float16": _ET.DTYPE_FLOAT16, "int8": _ET.DTYPE_INT8}
@@ -71,7 +72,8 @@ class CodecConfig:
     """How the edge encodes the tokens it offloads."""
 
     # int8 with a per-token scale is 4× smaller than float32 and costs ViT
-    # tokens almost no accuracy; float32 is lossless, float16 in between.
+    # tokens almost no accuracy; float32 is lossless, float16 in between;
+    # "bottleneck": the checkpoint's learned code (``encode_code``), far smaller still.
     dtype: str = "int8"
     # Keep only the k patch tokens the class token attends to most (prefix
     # tokens are always kept); None sends every token.
@@ -81,8 +83,10 @@ class CodecConfig:
     zstd_level: int = 3
 
     def __post_init__(self) -> None:
-        if self.dtype not in _WIRE_DTYPE:
-            raise ValueError(f"codec dtype must be one of {sorted(_WIRE_DTYPE)}, not {self.dtype!r}")
+        if self.dtype not in _WIRE_DTYPE and self.dtype != "bottleneck":
+            raise ValueError(f"codec must be one of {', '.join(CodecName.__args__)}, not {self.dtype!r}")
+        if self.dtype == "bottleneck" and self.top_k is not None:
+            raise ValueError("top_k does not apply to a bottleneck code: it already sends few values per token")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be at least 1 (or None to keep every token), not {self.top_k}")
         if self.zstd_level > zstandard.MAX_COMPRESSION_LEVEL:
@@ -118,6 +122,8 @@ def encode(
     leading tokens are always kept, then the ``top_k`` best patch tokens of each
     sample in ascending index order.
     """
+    if config.dtype == "bottleneck":
+        raise ValueError("a bottleneck's code is encoded by encode_code, from the code the model made")
     x = _as_float32(tokens)
     if x.ndim < 3 or x.ndim > MAX_RANK:
         raise ValueError(f"expected (B, N, D) tokens or a (B, C, H, W) map, got shape {x.shape}")
@@ -142,6 +148,26 @@ def encode(
     else:
         msg.compression = _ET.COMPRESSION_ZSTD
         msg.payload = _compressor(config.zstd_level).compress(raw)
+    return msg
+
+
+def encode_code(code: torch.Tensor | np.ndarray, bottleneck: str, zstd_level: int = 3) -> pb.EncodedTensor:
+    """Encode a learned bottleneck's integer code (B, N, channels), values within int8, for the wire.
+
+    ``bottleneck`` names the bottleneck that made it, so that no other decodes it.
+    """
+    if not bottleneck:
+        raise ValueError("a code must name the bottleneck that made it")
+    x = code.detach().cpu().numpy() if isinstance(code, torch.Tensor) else np.asarray(code)
+    if x.ndim != 3 or 0 in x.shape:
+        raise ValueError(f"expected a (B, N, channels) code, got shape {x.shape}")
+    if np.abs(x).max() > _INT8_LEVELS:
+        raise ValueError(f"code values must lie in [-{_INT8_LEVELS}, {_INT8_LEVELS}]")
+    raw = x.astype(np.int8).tobytes()
+    msg = pb.EncodedTensor(shape=x.shape, dtype=_ET.DTYPE_INT8, bottleneck=bottleneck, raw_size=len(raw),
+                           crc32=zlib.crc32(raw))
+    msg.compression, msg.payload = ((_ET.COMPRESSION_NONE, raw) if zstd_level == 0 else
+                                    (_ET.COMPRESSION_ZSTD, _compressor(zstd_level).compress(raw)))
     return msg
 
 
@@ -203,7 +229,7 @@ def _quantize(x: np.ndarray, dtype: str) -> tuple[bytes, np.ndarray | None]:
 
 
 def decode(msg: pb.EncodedTensor, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
-    """The float32 tensor a message carries, in its sent shape.
+    """The float32 tensor a message carries, in its sent shape (a bottleneck's code as its integers).
 
     That is the dense ``shape`` of the message, or (B, num_prefix + k, D) when
     tokens were selected: dropped tokens are not re-inflated, and
@@ -301,6 +327,10 @@ def _check_selection(msg: pb.EncodedTensor, shape: tuple[int, ...]) -> tuple[tup
 
 def _check_scales(msg: pb.EncodedTensor, dtype: np.dtype, rows: int) -> np.ndarray | None:
     count = len(msg.scales)
+    if msg.bottleneck:  # a code: its integers are the values, the bottleneck's decoder knows their scale
+        if dtype != np.int8 or count or msg.kept_tokens:
+            raise CodecError("a bottleneck code is int8 values without scales or token selection")
+        return None
     if dtype != np.int8:
         if count:
             raise CodecError(f"{count} scales given for {dtype.name}, which takes none")

@@ -16,6 +16,7 @@ from torch import nn
 
 from .audio_encoder import AudioEncoder
 from .backbone import SplittableBackbone, Task, head_outputs
+from .bottleneck import Bottleneck, BottleneckConfig
 from .exits import EXIT_TYPES, MODALITIES, create_exit
 from .registry import create_backbone
 
@@ -69,6 +70,8 @@ class ModelConfig:
     # units, and the model reports them in the target's own units. Same gradients as
     # training on standardised targets, answers in counts.
     target_stats: tuple[float, float] | None = None
+    # A learned bottleneck at one split (``offramp bottleneck``): the edge sends its code, the cloud decodes it.
+    bottleneck: BottleneckConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """As stored in the card; settings at their defaults are left out, so older cards keep their fingerprint."""
@@ -76,7 +79,7 @@ class ModelConfig:
         for e in d["exits"]:
             if e["modality"] == "visual":
                 del e["modality"]
-        for key in ("audio", "target_stats"):
+        for key in ("audio", "target_stats", "bottleneck"):
             if d[key] is None:
                 del d[key]
         return d
@@ -92,6 +95,8 @@ class ModelConfig:
             d["audio"] = AudioConfig(**audio)
         if d.get("target_stats") is not None:
             d["target_stats"] = tuple(d["target_stats"])
+        if d.get("bottleneck") is not None:
+            d["bottleneck"] = BottleneckConfig(**d["bottleneck"])
         return cls(**d)
 
 
@@ -165,6 +170,15 @@ class MultiExitModel(nn.Module):
             if not scale > 0:
                 raise ValueError(f"target scale must be positive, not {scale}")
         self._target = config.target_stats
+        self.bottleneck: Bottleneck | None = None
+        if config.bottleneck is not None:
+            b = config.bottleneck
+            if not 1 <= b.position < self.backbone.num_blocks:
+                raise ValueError(f"a bottleneck sits at a split: position in 1..{self.backbone.num_blocks - 1}, "
+                                 f"not {b.position}")
+            if config.audio is not None:
+                raise ValueError("bottlenecks are for visual-only models: audiovisual tails take audio tokens too")
+            self.bottleneck = Bottleneck(b, self.backbone.feature_spec(b.position))
 
     def _check_exit(self, e: ExitConfig) -> None:
         low = 0 if e.modality == "audio" else 1
@@ -201,9 +215,9 @@ class MultiExitModel(nn.Module):
         return 0 if self.audio_encoder is None else self.audio_encoder.num_tokens
 
     def trunk_parameters(self) -> list[nn.Parameter]:
-        """Everything but the exits: what phase 1 trains and phases 2-3 freeze."""
-        exits = {id(p) for p in self.exits.parameters()}
-        return [p for p in self.parameters() if id(p) not in exits]
+        """Everything but the exits and the bottleneck: what phase 1 trains and phases 2-3 freeze."""
+        others = {id(p) for m in (self.exits, self.bottleneck) if m is not None for p in m.parameters()}
+        return [p for p in self.parameters() if id(p) not in others]
 
     def encode_audio(self, audio: torch.Tensor | None) -> torch.Tensor | None:
         """Spectrograms (B, 1, mels, frames) -> audio tokens (B, N, D); None for models without audio."""

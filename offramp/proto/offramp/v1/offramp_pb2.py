@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18offramp/v1/offramp.proto\x12\nofframp.v1\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x9d\x03\n\rEncodedTensor\x12\r\n\x05shape\x18\x01 \x03(\r\x12.\n\x05\x64type\x18\x02 \x01(\x0e\x32\x1f.offramp.v1.EncodedTensor.DType\x12\x0e\n\x06scales\x18\x03 \x03(\x02\x12\x15\n\rtoken_indices\x18\x04 \x03(\r\x12\x13\n\x0bkept_tokens\x18\x05 \x01(\r\x12\x12\n\nnum_prefix\x18\x06 \x01(\r\x12:\n\x0b\x63ompression\x18\x07 \x01(\x0e\x32%.offramp.v1.EncodedTensor.Compression\x12\x10\n\x08raw_size\x18\x08 \x01(\x04\x12\x0f\n\x07payload\x18\t \x01(\x0c\x12\r\n\x05\x63rc32\x18\n \x01(\x07\"T\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x0e\n\nDTYPE_INT8\x10\x03\"9\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x01\"T\n\x07Timings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\xd1\x02\n\x0eOffloadRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x13\n\x0bsplit_block\x18\x03 \x01(\r\x12)\n\x06tokens\x18\x04 \x01(\x0b\x32\x19.offramp.v1.EncodedTensor\x12/\n\x0c\x61udio_tokens\x18\x05 \x01(\x0b\x32\x19.offramp.v1.EncodedTensor\x12\x12\n\nmodalities\x18\x06 \x03(\t\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x07 \x01(\r\x12\x42\n\redge_stage_ms\x18\x08 \x03(\x0b\x32+.offramp.v1.OffloadRequest.EdgeStageMsEntry\x1a\x32\n\x10\x45\x64geStageMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xa6\x01\n\x0cOffloadReply\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\"\n\x06status\x18\x02 \x01(\x0b\x32\x12.offramp.v1.Status\x12\x0e\n\x06output\x18\x03 \x03(\x02\x12\x14\n\x0coutput_shape\x18\x04 \x03(\r\x12$\n\x07timings\x18\x05 \x01(\x0b\x32\x13.offramp.v1.Timings\x12\x12\n\nbatch_size\x18\x06 \x01(\r\"\x11\n\x0f\x44\x65scribeRequest\"\xa8\x01\n\rDescribeReply\x12\x11\n\tcard_json\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x13\n\x0bsplit_block\x18\x03 \x01(\r\x12\x13\n\x0btoken_shape\x18\x04 \x03(\r\x12\x16\n\x0emax_batch_size\x18\x05 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x04\x12\x12\n\nmodalities\x18\x07 \x03(\t\"(\n\tRawTensor\x12\r\n\x05shape\x18\x01 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x8a\x01\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x16\n\x0c\x65ncoded_file\x18\x02 \x01(\x0cH\x00\x12\'\n\x06tensor\x18\x03 \x01(\x0b\x32\x15.offramp.v1.RawTensorH\x00\x12\x12\n\x05\x61udio\x18\x04 \x01(\x0cH\x01\x88\x01\x01\x42\x07\n\x05inputB\x08\n\x06_audio\"\xe8\x02\n\nInferReply\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x12\n\nprediction\x18\x02 \x01(\x05\x12\r\n\x05value\x18\x03 \x01(\x02\x12\x12\n\nconfidence\x18\x04 \x01(\x02\x12\x12\n\ndecided_by\x18\x05 \x01(\t\x12\x12\n\nexit_index\x18\x06 \x01(\x05\x12\x10\n\x08\x64\x65graded\x18\x07 \x01(\x08\x12\x17\n\x0f\x64\x65graded_reason\x18\x08 \x01(\t\x12\x0e\n\x06output\x18\t \x03(\x02\x12\x35\n\x08stage_ms\x18\n \x03(\x0b\x32#.offramp.v1.InferReply.StageMsEntry\x12\x12\n\nbytes_sent\x18\x0b \x01(\x04\x12\"\n\x06status\x18\x0c \x01(\x0b\x32\x12.offramp.v1.Status\x12\r\n\x05label\x18\r \x01(\t\x1a.\n\x0cStageMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x12\n\x10GetPolicyRequest\"D\n\x06Policy\x12\x12\n\nthresholds\x18\x01 \x03(\x02\x12\r\n\x05score\x18\x02 \x01(\t\x12\x17\n\x0foffload_enabled\x18\x03 \x01(\x08\x32\x90\x01\n\x07Offload\x12\x41\n\x05Infer\x12\x1a.offramp.v1.OffloadRequest\x1a\x18.offramp.v1.OffloadReply(\x01\x30\x01\x12\x42\n\x08\x44\x65scribe\x12\x1b.offramp.v1.DescribeRequest\x1a\x19.offramp.v1.DescribeReply2\xfa\x01\n\x04\x45\x64ge\x12\x39\n\x05Infer\x12\x18.offramp.v1.InferRequest\x1a\x16.offramp.v1.InferReply\x12\x43\n\x0bInferStream\x12\x18.offramp.v1.InferRequest\x1a\x16.offramp.v1.InferReply(\x01\x30\x01\x12=\n\tGetPolicy\x12\x1c.offramp.v1.GetPolicyRequest\x1a\x12.offramp.v1.Policy\x12\x33\n\tSetPolicy\x12\x12.offramp.v1.Policy\x1a\x12.offramp.v1.Policyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18offramp/v1/offramp.proto\x12\nofframp.v1\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xb1\x03\n\rEncodedTensor\x12\r\n\x05shape\x18\x01 \x03(\r\x12.\n\x05\x64type\x18\x02 \x01(\x0e\x32\x1f.offramp.v1.EncodedTensor.DType\x12\x0e\n\x06scales\x18\x03 \x03(\x02\x12\x15\n\rtoken_indices\x18\x04 \x03(\r\x12\x13\n\x0bkept_tokens\x18\x05 \x01(\r\x12\x12\n\nnum_prefix\x18\x06 \x01(\r\x12:\n\x0b\x63ompression\x18\x07 \x01(\x0e\x32%.offramp.v1.EncodedTensor.Compression\x12\x10\n\x08raw_size\x18\x08 \x01(\x04\x12\x0f\n\x07payload\x18\t \x01(\x0c\x12\r\n\x05\x63rc32\x18\n \x01(\x07\x12\x12\n\nbottleneck\x18\x0b \x01(\t\"T\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x0e\n\nDTYPE_INT8\x10\x03\"9\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x01\"T\n\x07Timings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\xd1\x02\n\x0eOffloadRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x13\n\x0bsplit_block\x18\x03 \x01(\r\x12)\n\x06tokens\x18\x04 \x01(\x0b\x32\x19.offramp.v1.EncodedTensor\x12/\n\x0c\x61udio_tokens\x18\x05 \x01(\x0b\x32\x19.offramp.v1.EncodedTensor\x12\x12\n\nmodalities\x18\x06 \x03(\t\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x07 \x01(\r\x12\x42\n\redge_stage_ms\x18\x08 \x03(\x0b\x32+.offramp.v1.OffloadRequest.EdgeStageMsEntry\x1a\x32\n\x10\x45\x64geStageMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xa6\x01\n\x0cOffloadReply\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\"\n\x06status\x18\x02 \x01(\x0b\x32\x12.offramp.v1.Status\x12\x0e\n\x06output\x18\x03 \x03(\x02\x12\x14\n\x0coutput_shape\x18\x04 \x03(\r\x12$\n\x07timings\x18\x05 \x01(\x0b\x32\x13.offramp.v1.Timings\x12\x12\n\nbatch_size\x18\x06 \x01(\r\"\x11\n\x0f\x44\x65scribeRequest\"\xa8\x01\n\rDescribeReply\x12\x11\n\tcard_json\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x13\n\x0bsplit_block\x18\x03 \x01(\r\x12\x13\n\x0btoken_shape\x18\x04 \x03(\r\x12\x16\n\x0emax_batch_size\x18\x05 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x04\x12\x12\n\nmodalities\x18\x07 \x03(\t\"(\n\tRawTensor\x12\r\n\x05shape\x18\x01 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x8a\x01\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x16\n\x0c\x65ncoded_file\x18\x02 \x01(\x0cH\x00\x12\'\n\x06tensor\x18\x03 \x01(\x0b\x32\x15.offramp.v1.RawTensorH\x00\x12\x12\n\x05\x61udio\x18\x04 \x01(\x0cH\x01\x88\x01\x01\x42\x07\n\x05inputB\x08\n\x06_audio\"\xe8\x02\n\nInferReply\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x12\n\nprediction\x18\x02 \x01(\x05\x12\r\n\x05value\x18\x03 \x01(\x02\x12\x12\n\nconfidence\x18\x04 \x01(\x02\x12\x12\n\ndecided_by\x18\x05 \x01(\t\x12\x12\n\nexit_index\x18\x06 \x01(\x05\x12\x10\n\x08\x64\x65graded\x18\x07 \x01(\x08\x12\x17\n\x0f\x64\x65graded_reason\x18\x08 \x01(\t\x12\x0e\n\x06output\x18\t \x03(\x02\x12\x35\n\x08stage_ms\x18\n \x03(\x0b\x32#.offramp.v1.InferReply.StageMsEntry\x12\x12\n\nbytes_sent\x18\x0b \x01(\x04\x12\"\n\x06status\x18\x0c \x01(\x0b\x32\x12.offramp.v1.Status\x12\r\n\x05label\x18\r \x01(\t\x1a.\n\x0cStageMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x12\n\x10GetPolicyRequest\"D\n\x06Policy\x12\x12\n\nthresholds\x18\x01 \x03(\x02\x12\r\n\x05score\x18\x02 \x01(\t\x12\x17\n\x0foffload_enabled\x18\x03 \x01(\x08\x32\x90\x01\n\x07Offload\x12\x41\n\x05Infer\x12\x1a.offramp.v1.OffloadRequest\x1a\x18.offramp.v1.OffloadReply(\x01\x30\x01\x12\x42\n\x08\x44\x65scribe\x12\x1b.offramp.v1.DescribeRequest\x1a\x19.offramp.v1.DescribeReply2\xfa\x01\n\x04\x45\x64ge\x12\x39\n\x05Infer\x12\x18.offramp.v1.InferRequest\x1a\x16.offramp.v1.InferReply\x12\x43\n\x0bInferStream\x12\x18.offramp.v1.InferRequest\x1a\x16.offramp.v1.InferReply(\x01\x30\x01\x12=\n\tGetPolicy\x12\x1c.offramp.v1.GetPolicyRequest\x1a\x12.offramp.v1.Policy\x12\x33\n\tSetPolicy\x12\x12.offramp.v1.Policy\x1a\x12.offramp.v1.Policyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,37 +38,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUS']._serialized_start=40
   _globals['_STATUS']._serialized_end=79
   _globals['_ENCODEDTENSOR']._serialized_start=82
-  _globals['_ENCODEDTENSOR']._serialized_end=495
-  _globals['_ENCODEDTENSOR_DTYPE']._serialized_start=352
-  _globals['_ENCODEDTENSOR_DTYPE']._serialized_end=436
-  _globals['_ENCODEDTENSOR_COMPRESSION']._serialized_start=438
-  _globals['_ENCODEDTENSOR_COMPRESSION']._serialized_end=495
-  _globals['_TIMINGS']._serialized_start=497
-  _globals['_TIMINGS']._serialized_end=581
-  _globals['_OFFLOADREQUEST']._serialized_start=584
-  _globals['_OFFLOADREQUEST']._serialized_end=921
-  _globals['_OFFLOADREQUEST_EDGESTAGEMSENTRY']._serialized_start=871
-  _globals['_OFFLOADREQUEST_EDGESTAGEMSENTRY']._serialized_end=921
-  _globals['_OFFLOADREPLY']._serialized_start=924
-  _globals['_OFFLOADREPLY']._serialized_end=1090
-  _globals['_DESCRIBEREQUEST']._serialized_start=1092
-  _globals['_DESCRIBEREQUEST']._serialized_end=1109
-  _globals['_DESCRIBEREPLY']._serialized_start=1112
-  _globals['_DESCRIBEREPLY']._serialized_end=1280
-  _globals['_RAWTENSOR']._serialized_start=1282
-  _globals['_RAWTENSOR']._serialized_end=1322
-  _globals['_INFERREQUEST']._serialized_start=1325
-  _globals['_INFERREQUEST']._serialized_end=1463
-  _globals['_INFERREPLY']._serialized_start=1466
-  _globals['_INFERREPLY']._serialized_end=1826
-  _globals['_INFERREPLY_STAGEMSENTRY']._serialized_start=1780
-  _globals['_INFERREPLY_STAGEMSENTRY']._serialized_end=1826
-  _globals['_GETPOLICYREQUEST']._serialized_start=1828
-  _globals['_GETPOLICYREQUEST']._serialized_end=1846
-  _globals['_POLICY']._serialized_start=1848
-  _globals['_POLICY']._serialized_end=1916
-  _globals['_OFFLOAD']._serialized_start=1919
-  _globals['_OFFLOAD']._serialized_end=2063
-  _globals['_EDGE']._serialized_start=2066
-  _globals['_EDGE']._serialized_end=2316
+  _globals['_ENCODEDTENSOR']._serialized_end=515
+  _globals['_ENCODEDTENSOR_DTYPE']._serialized_start=372
+  _globals['_ENCODEDTENSOR_DTYPE']._serialized_end=456
+  _globals['_ENCODEDTENSOR_COMPRESSION']._serialized_start=458
+  _globals['_ENCODEDTENSOR_COMPRESSION']._serialized_end=515
+  _globals['_TIMINGS']._serialized_start=517
+  _globals['_TIMINGS']._serialized_end=601
+  _globals['_OFFLOADREQUEST']._serialized_start=604
+  _globals['_OFFLOADREQUEST']._serialized_end=941
+  _globals['_OFFLOADREQUEST_EDGESTAGEMSENTRY']._serialized_start=891
+  _globals['_OFFLOADREQUEST_EDGESTAGEMSENTRY']._serialized_end=941
+  _globals['_OFFLOADREPLY']._serialized_start=944
+  _globals['_OFFLOADREPLY']._serialized_end=1110
+  _globals['_DESCRIBEREQUEST']._serialized_start=1112
+  _globals['_DESCRIBEREQUEST']._serialized_end=1129
+  _globals['_DESCRIBEREPLY']._serialized_start=1132
+  _globals['_DESCRIBEREPLY']._serialized_end=1300
+  _globals['_RAWTENSOR']._serialized_start=1302
+  _globals['_RAWTENSOR']._serialized_end=1342
+  _globals['_INFERREQUEST']._serialized_start=1345
+  _globals['_INFERREQUEST']._serialized_end=1483
+  _globals['_INFERREPLY']._serialized_start=1486
+  _globals['_INFERREPLY']._serialized_end=1846
+  _globals['_INFERREPLY_STAGEMSENTRY']._serialized_start=1800
+  _globals['_INFERREPLY_STAGEMSENTRY']._serialized_end=1846
+  _globals['_GETPOLICYREQUEST']._serialized_start=1848
+  _globals['_GETPOLICYREQUEST']._serialized_end=1866
+  _globals['_POLICY']._serialized_start=1868
+  _globals['_POLICY']._serialized_end=1936
+  _globals['_OFFLOAD']._serialized_start=1939
+  _globals['_OFFLOAD']._serialized_end=2083
+  _globals['_EDGE']._serialized_start=2086
+  _globals['_EDGE']._serialized_end=2336
 # @@protoc_insertion_point(module_scope)

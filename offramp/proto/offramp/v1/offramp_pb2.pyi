@@ -16,7 +16,7 @@ class Status(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class EncodedTensor(_message.Message):
-    __slots__ = ("shape", "dtype", "scales", "token_indices", "kept_tokens", "num_prefix", "compression", "raw_size", "payload", "crc32")
+    __slots__ = ("shape", "dtype", "scales", "token_indices", "kept_tokens", "num_prefix", "compression", "raw_size", "payload", "crc32", "bottleneck")
     class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         DTYPE_UNSPECIFIED: _ClassVar[EncodedTensor.DType]
@@ -43,6 +43,7 @@ class EncodedTensor(_message.Message):
     RAW_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     CRC32_FIELD_NUMBER: _ClassVar[int]
+    BOTTLENECK_FIELD_NUMBER: _ClassVar[int]
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: EncodedTensor.DType
     scales: _containers.RepeatedScalarFieldContainer[float]
@@ -53,7 +54,8 @@ class EncodedTensor(_message.Message):
     raw_size: int
     payload: bytes
     crc32: int
-    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[EncodedTensor.DType, str]] = ..., scales: _Optional[_Iterable[float]] = ..., token_indices: _Optional[_Iterable[int]] = ..., kept_tokens: _Optional[int] = ..., num_prefix: _Optional[int] = ..., compression: _Optional[_Union[EncodedTensor.Compression, str]] = ..., raw_size: _Optional[int] = ..., payload: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
+    bottleneck: str
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[EncodedTensor.DType, str]] = ..., scales: _Optional[_Iterable[float]] = ..., token_indices: _Optional[_Iterable[int]] = ..., kept_tokens: _Optional[int] = ..., num_prefix: _Optional[int] = ..., compression: _Optional[_Union[EncodedTensor.Compression, str]] = ..., raw_size: _Optional[int] = ..., payload: _Optional[bytes] = ..., crc32: _Optional[int] = ..., bottleneck: _Optional[str] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("decode_ms", "queue_ms", "compute_ms", "total_ms")
