@@ -27,13 +27,12 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from .checkpoint import Card, bottleneck_id, load_checkpoint, save_checkpoint
-from .codec import encode_code
 from .data import load_data
 from .errors import OfframpError
 from .models import MultiExitModel
 from .models.bottleneck import BottleneckConfig
 from .precision import resolve_precision
-from .train import Throughput, TrainConfig, _optimizer, batches, cache_features, copycat_loss, unpack
+from .train import FeatureCache, Throughput, TrainConfig, _optimizer, batches, cache_features, copycat_loss, unpack
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +67,7 @@ def add_bottleneck(job: BottleneckJob) -> dict[str, Any]:
     position = card.split_block if job.position is None else job.position
     try:
         config = BottleneckConfig(position, job.channels, job.bits, job.hidden)
-        model = _with_bottleneck(source, config)
+        model = with_bottleneck(source, config)
     except ValueError as e:
         raise OfframpError(f"cannot add a bottleneck to '{job.checkpoint}': {e}") from None
     d = card.data
@@ -78,7 +77,7 @@ def add_bottleneck(job: BottleneckJob) -> dict[str, Any]:
                        limit=job.limit if job.limit is not None else d.get("limit"))
     start = time.perf_counter()
     torch.manual_seed(job.seed)
-    train_s = _train(model, splits.train, job, position)
+    train_s = train(model, cache_tokens(model, splits.train, job, position), job, position)
     metrics = measure(model, splits.val, position, job.zstd_level)
     metrics.update(id=bottleneck_id(model), train_wall_s=round(train_s, 1), epochs=job.epochs,
                    train_samples=len(splits.train), wall_s=round(time.perf_counter() - start, 1))
@@ -89,7 +88,7 @@ def add_bottleneck(job: BottleneckJob) -> dict[str, Any]:
     return metrics
 
 
-def _with_bottleneck(source: MultiExitModel, config: BottleneckConfig) -> MultiExitModel:
+def with_bottleneck(source: MultiExitModel, config: BottleneckConfig) -> MultiExitModel:
     """A copy of ``source`` with a fresh bottleneck (replacing any it had); every other weight kept."""
     model = MultiExitModel(dataclasses.replace(source.config, bottleneck=config))
     state = {k: v for k, v in source.state_dict().items() if not k.startswith("bottleneck.")}
@@ -98,11 +97,19 @@ def _with_bottleneck(source: MultiExitModel, config: BottleneckConfig) -> MultiE
     return model.eval()
 
 
-def _train(model: MultiExitModel, data: TensorDataset, job: BottleneckJob, position: int) -> float:
-    """Distil the frozen model through the bottleneck on cached tokens; returns the wall time."""
-    cfg = TrainConfig(exit_views=job.views, batch_size=job.batch_size, lr=job.lr, weight_decay=0.01,
-                      precision=job.precision, device=job.device, seed=job.seed, progress=job.progress)
-    cache = cache_features(model, data, cfg, only=[], positions=(position,))
+def _train_config(job: BottleneckJob) -> TrainConfig:
+    return TrainConfig(exit_views=job.views, batch_size=job.batch_size, lr=job.lr, weight_decay=0.01,
+                       precision=job.precision, device=job.device, seed=job.seed, progress=job.progress)
+
+
+def cache_tokens(model: MultiExitModel, data: TensorDataset, job: BottleneckJob, position: int) -> FeatureCache:
+    """The frozen model's tokens after ``position`` and its answers, once per augmented view."""
+    return cache_features(model, data, _train_config(job), only=[], positions=(position,))
+
+
+def train(model: MultiExitModel, cache: FeatureCache, job: BottleneckJob, position: int) -> float:
+    """Distil the frozen model through its bottleneck on cached tokens; returns the wall time."""
+    cfg = _train_config(job)
     feats, final = cache.feats[position], cache.final  # (V, N, T, D) bf16, (V, N, outputs)
     prec = resolve_precision(cfg.precision, cfg.device)
     for p in model.parameters():
@@ -154,6 +161,8 @@ def measure(model: MultiExitModel, data: TensorDataset, position: int, zstd_leve
             batch_size: int = 256) -> dict[str, Any]:
     """On ``data``, in float32 as served: the final head's accuracy (or MAE) through the bottleneck
     and without it, and the bytes of each sample's code as the wire carries it."""
+    from .codec import encode_code  # here: training alone needs no wire code (so it runs where grpc is absent)
+
     model.eval()
     x_all, _, y_all = unpack(data)
     name = bottleneck_id(model)
