@@ -17,7 +17,7 @@ import edge_node.cli
 import orchestrator.cli
 
 from .config import DEFAULT_THRESHOLDS
-from .flags import exit_names, floats, shown
+from .flags import exit_names, floats, ints, shown
 from .netem import cli as netem_cli
 
 
@@ -192,8 +192,11 @@ def add_bottleneck(sub: argparse._SubParsersAction) -> None:
                     "(--codec bottleneck) instead of quantized tokens; backbone, exits and the uncompressed path "
                     "are unchanged. Its size and accuracy on the validation split are printed and kept in the card.")
     p.add_argument("checkpoint", help="checkpoint directory written by 'offramp train' (ViT-family backbones)")
-    p.add_argument("--out", required=True, help="checkpoint directory to write (a copy with the bottleneck)")
-    p.add_argument("--channels", type=int, required=True, help="code values per token (e.g. 4-32; fewer: smaller)")
+    p.add_argument("--out", required=True, help="checkpoint directory to write (a copy with the bottleneck); with "
+                                                "several --channels, a pattern such as runs/bn/c{channels}")
+    p.add_argument("--channels", type=ints, required=True, metavar="C[,C...]",
+                   help="code values per token (e.g. 4-32; fewer: smaller); several widths train one after the "
+                        "other on the same cached tokens")
     p.add_argument("--bits", type=int, default=4, help="bits per code value, 2-8: integers in +-(2^(bits-1)-1) "
                                                       "(default: 4)")
     p.add_argument("--hidden", type=int, default=0, help="hidden width of encoder and decoder (default: token width)")
@@ -214,11 +217,12 @@ def add_bottleneck(sub: argparse._SubParsersAction) -> None:
 def _run_bottleneck(args: argparse.Namespace) -> int:
     from .train_bottleneck import BottleneckJob, add_bottleneck, describe
 
-    job = BottleneckJob(checkpoint=args.checkpoint, out=args.out, channels=args.channels, bits=args.bits,
+    job = BottleneckJob(checkpoint=args.checkpoint, out=args.out, channels=args.channels[0], bits=args.bits,
                         hidden=args.hidden, position=args.split_block, epochs=args.epochs, lr=args.lr,
                         rate_weight=args.rate_weight, views=args.views, precision=args.precision,
                         device=args.device, limit=args.limit, progress=not args.no_progress)
-    print(describe(add_bottleneck(job), args.out))
+    for metrics in add_bottleneck(job, args.channels):
+        print(describe(metrics))
     return 0
 
 

@@ -32,6 +32,17 @@ def floats(text: str) -> list[float]:
     return values
 
 
+def ints(text: str) -> list[int]:
+    """Comma-separated whole numbers (e.g. widths to train one after another)."""
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
 def exit_names(text: str) -> list[str]:
     """Comma-separated exit names, as 'offramp eval' prints them (slvit@2,slvit@4:fused)."""
     values = [t.strip() for t in text.split(",") if t.strip()]

@@ -61,13 +61,19 @@ class BottleneckJob:
     progress: bool = True
 
 
-def add_bottleneck(job: BottleneckJob) -> dict[str, Any]:
-    """Train a bottleneck into a copy of ``job.checkpoint`` at ``job.out``; returns what it measured."""
+def add_bottleneck(job: BottleneckJob, channels: list[int] | None = None) -> list[dict[str, Any]]:
+    """Train a bottleneck into a copy of ``job.checkpoint`` at ``job.out``; returns what it measured.
+
+    With several ``channels``, one bottleneck per width is trained on the same cached tokens (the
+    costly part is computed once) and written to ``job.out`` with ``{channels}`` replaced.
+    """
+    widths = channels or [job.channels]
+    if len(widths) > 1 and "{channels}" not in job.out:
+        raise OfframpError("several widths need '{channels}' in --out, e.g. runs/bn/c{channels}")
     source, card = load_checkpoint(job.checkpoint)
     position = card.split_block if job.position is None else job.position
     try:
-        config = BottleneckConfig(position, job.channels, job.bits, job.hidden)
-        model = with_bottleneck(source, config)
+        models = [with_bottleneck(source, BottleneckConfig(position, c, job.bits, job.hidden)) for c in widths]
     except ValueError as e:
         raise OfframpError(f"cannot add a bottleneck to '{job.checkpoint}': {e}") from None
     d = card.data
@@ -76,16 +82,22 @@ def add_bottleneck(job: BottleneckJob) -> dict[str, Any]:
     splits = load_data(d["spec"], val_fraction=d.get("val_fraction", 0.1), seed=d.get("seed", 0),
                        limit=job.limit if job.limit is not None else d.get("limit"))
     start = time.perf_counter()
-    torch.manual_seed(job.seed)
-    train_s = train(model, cache_tokens(model, splits.train, job, position), job, position)
-    metrics = measure(model, splits.val, position, job.zstd_level)
-    metrics.update(id=bottleneck_id(model), train_wall_s=round(train_s, 1), epochs=job.epochs,
-                   train_samples=len(splits.train), wall_s=round(time.perf_counter() - start, 1))
-    out = Card(config=model.config, label_names=card.label_names, modality=card.modality,
-               input_shape=card.input_shape, split_block=position, data=card.data,
-               metrics={**card.metrics, "bottleneck": metrics})
-    save_checkpoint(job.out, model, out)
-    return metrics
+    cache = cache_tokens(models[0], splits.train, job, position)
+    results = []
+    for width, model in zip(widths, models):
+        torch.manual_seed(job.seed)
+        train_s = train(model, cache, dataclasses.replace(job, channels=width), position)
+        metrics = measure(model, splits.val, position, job.zstd_level)
+        metrics.update(id=bottleneck_id(model), train_wall_s=round(train_s, 1), epochs=job.epochs,
+                       rate_weight=job.rate_weight, train_samples=len(splits.train),
+                       wall_s=round(time.perf_counter() - start, 1))
+        out = Card(config=model.config, label_names=card.label_names, modality=card.modality,
+                   input_shape=card.input_shape, split_block=position, data=card.data,
+                   metrics={**card.metrics, "bottleneck": metrics})
+        metrics["out"] = job.out.replace("{channels}", str(width))
+        save_checkpoint(metrics["out"], model, out)
+        results.append(metrics)
+    return results
 
 
 def with_bottleneck(source: MultiExitModel, config: BottleneckConfig) -> MultiExitModel:
@@ -190,11 +202,11 @@ def measure(model: MultiExitModel, data: TensorDataset, position: int, zstd_leve
     return result
 
 
-def describe(metrics: dict[str, Any], out: str | Path) -> str:
+def describe(metrics: dict[str, Any]) -> str:
     """One paragraph for the terminal."""
     c = metrics["config"]
     head = (f"bottleneck {metrics['id']} ({c['channels']} values of {c['bits']} bits per token, after block "
-            f"{c['position']}) written to {out}")
+            f"{c['position']}) written to {metrics['out']}")
     if "accuracy" in metrics:
         quality = (f"accuracy {100 * metrics['accuracy']:.2f}% through it vs {100 * metrics['accuracy_without']:.2f}% "
                    f"without ({metrics['accuracy_loss_points']:+.2f} points lost)")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import CLOUD_TEST_SETTINGS
-from helpers import CloudFactory, LoopThread, edge_servers
+from helpers import CloudFactory, LoopThread, edge_servers, wait_for
 from safetensors.torch import load_file
 
 from offramp.checkpoint import Card, bottleneck_id, load_checkpoint, read_card
@@ -26,8 +26,10 @@ NEVER = [2.0, 2.0]  # max_prob thresholds no exit meets: every sample goes to th
 
 
 def _train(tiny: Path, out: Path, channels: int, seed: int = 0) -> Path:
-    add_bottleneck(BottleneckJob(checkpoint=str(tiny), out=str(out), channels=channels, epochs=2, views=1,
-                                 batch_size=64, precision="fp32", device="cpu", seed=seed, progress=False))
+    [metrics] = add_bottleneck(BottleneckJob(checkpoint=str(tiny), out=str(out), channels=channels, epochs=2,
+                                             views=1, batch_size=64, precision="fp32", device="cpu", seed=seed,
+                                             progress=False))
+    assert metrics["out"] == str(out)
     return out
 
 
@@ -82,12 +84,14 @@ def test_edge_and_cloud_carry_the_code_and_answer_as_the_model_does(
         with_bottleneck: Path, inputs: torch.Tensor, loop: LoopThread) -> None:
     model, card = load_checkpoint(with_bottleneck)
     edge, cloud = EdgeHalf(model, card.split_block), CloudHalf(model, card.split_block)
-    tokens = edge.run(inputs, NEVER, "max_prob").tokens
-    expected = cloud.run(cloud.from_code(edge.to_code(tokens).float()))
+    # One sample at a time, as the daemons will see them (the edge's requests go one by one).
+    expected = torch.cat([cloud.run(cloud.from_code(edge.to_code(edge.run(x[None], NEVER, "max_prob").tokens).float()))
+                          for x in inputs])
     with CloudFactory(with_bottleneck, CLOUD_TEST_SETTINGS) as start_cloud, \
             edge_servers(loop, with_bottleneck, {"grace_s": 2.0}) as start_edge:
         address, _ = start_cloud()
         edge_server = start_edge(cloud=(address,), thresholds=tuple(NEVER), codec="bottleneck")
+        wait_for(lambda: edge_server.engine.offload.connected_to == address, 10, what="the edge to pair")
         with grpc.insecure_channel(edge_server.address) as channel:
             stub = pb_grpc.EdgeStub(channel)
             replies = [stub.Infer(pb.InferRequest(request_id=i, tensor=pb.RawTensor(
@@ -146,6 +150,8 @@ def test_bad_requests_for_a_bottleneck_get_one_line_errors(
     assert main(["bottleneck", str(tiny_checkpoint), "--out", str(tmp_path / "x"), "--channels", "4",
                  "--split-block", "99"]) == 2
     assert "position" in capsys.readouterr().err
+    assert main(["bottleneck", str(tiny_checkpoint), "--out", str(tmp_path / "x"), "--channels", "4,8"]) == 2
+    assert "{channels}" in capsys.readouterr().err
     from edge_node.server import build_engine
 
     with pytest.raises(OfframpError, match="offramp bottleneck"):
