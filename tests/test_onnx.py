@@ -205,3 +205,17 @@ def test_audiovisual_models_are_not_exported(tmp_path: Path, capsys: pytest.Capt
                          audio=AudioConfig((1, 64, 64), fuse_at=2))
     save_checkpoint(tmp_path / "av", MultiExitModel(config), Card(config, [], "image", (3, 32, 32), 2))
     assert "audiovisual" in user_error(["export", str(tmp_path / "av"), "--onnx", str(tmp_path / "o")], capsys)
+
+
+def test_bench_records_batch1_latency_of_both_runtimes(tiny_checkpoint: Path, exported: Path, tmp_path: Path) -> None:
+    from bench import onnx_edge
+
+    out = tmp_path / "onnx_edge.json"
+    assert onnx_edge.main(["--checkpoint", str(tiny_checkpoint), "--onnx", str(exported), "--rounds", "2",
+                           "--seconds", "0.05", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["batch"] == 1 and result["max_abs_diff"] <= 1e-4 and result["machine"]["threads"] == 1
+    rows = {(r["runtime"], r["path"]): r for r in result["rows"]}
+    assert set(rows) == {(runtime, path) for runtime in ("pytorch eager", "onnxruntime")
+                         for path in ("all exits", "first exit")}
+    assert all(r["calls"] > 0 and r["latency_ms"]["p50"] > 0 for r in rows.values())
