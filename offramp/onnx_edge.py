@@ -292,6 +292,9 @@ class OnnxEdgeHalf(EdgeWalk):
             raise OfframpError("runtime onnxruntime needs the onnxruntime package (pip install "
                                "'offramp[onnx]')") from None
         directory = Path(directory)
+        if card.config.audio is not None:
+            raise OfframpError("runtime onnxruntime runs visual models only; this one is audiovisual: run its edge "
+                               "on the torch runtime")
         manifest = read_manifest(directory)
         if manifest.fingerprint != card.fingerprint:
             raise OfframpError(f"ONNX export '{directory}' was made from another checkpoint (fingerprint "
