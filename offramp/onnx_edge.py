@@ -139,7 +139,8 @@ def _import_exporter() -> None:
 def export_onnx(checkpoint: str | Path, out_dir: str | Path, split_block: int | None = None,
                 log: Callable[[str], None] = lambda line: None) -> Manifest:
     """Export the edge half of ``checkpoint`` (split after ``split_block``, default the card's) into ``out_dir``,
-    check every graph against PyTorch with onnxruntime, and write the card and the manifest last."""
+    check every graph against PyTorch with onnxruntime, and write the manifest last (an export without one is
+    refused by the edge)."""
     _import_exporter()
     model, card = load_checkpoint(checkpoint)
     split = card.split_block if split_block is None else split_block
@@ -154,9 +155,9 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, split_block: int | 
     example = torch.randn(2, *card.input_shape)  # batch 2: a batch of 1 would let the tracer fix the axis
     segments, at, start = [], example, None
     for stop in stops(half):
-        graph = _export(out, f"segment{len(segments)}.onnx",
-                        _Stage(model, lambda x, a=start, b=stop: half.advance(x, a, b)), at, log)
-        segments.append(Graph(graph[0], graph[1], start=start, stop=stop))
+        name, digest = _export(out, f"segment{len(segments)}.onnx",
+                               _Stage(model, lambda x, a=start, b=stop: half.advance(x, a, b)), at, log)
+        segments.append(Graph(name, digest, start=start, stop=stop))
         with torch.no_grad():
             at = half.advance(at, start, stop)
         start = stop
