@@ -28,7 +28,7 @@ from offramp.codec import CodecConfig, encode, encode_code
 from offramp.netem.profiles import slowed
 from offramp.serving.batcher import Batcher, lone_on_loop
 from offramp.serving.replies import answer_reply
-from offramp.split import EdgeHalf
+from offramp.split import EdgeWalk
 from offramp.wire import make_status, pb
 
 from .metrics import EdgeMetrics
@@ -58,11 +58,11 @@ def _ms(seconds: float) -> float:
 class EdgeEngine:
     """Runs requests through the edge half, the codec and the offload client, and answers each once."""
 
-    def __init__(self, half: EdgeHalf, card: Card, policy: ExitPolicy, codec: CodecConfig, deadline_ms: int,
+    def __init__(self, half: EdgeWalk, card: Card, policy: ExitPolicy, codec: CodecConfig, deadline_ms: int,
                  offload: OffloadClient | None, max_batch: int = 16, slowdown: float = 1.0) -> None:
         if codec.dtype == "bottleneck" and not half.bottleneck_id:
             raise ValueError(f"codec 'bottleneck' needs a checkpoint with a bottleneck at split block "
-                             f"{half.split_block} (add one with `offramp bottleneck`)")
+                             f"{half.split_block} (add one with `offramp bottleneck`), run by the torch runtime")
         if codec.top_k is not None and (half.spec.kind != "tokens" or half.split_block == 0):
             raise ValueError("codec top_k selects tokens of a ViT split after block 1 or later; "
                              f"this split gives a {half.spec.kind} representation after block {half.split_block}")
@@ -78,8 +78,7 @@ class EdgeEngine:
         # Emulated weaker device: edge compute and encoding take `slowdown` times as long.
         self._run_half = slowed(half.run, slowdown)
         self._encode, self._encode_visual = slowed(encode, slowdown), slowed(self._encode_tokens, slowdown)
-        names = half.model.exit_names
-        self.exit_names = [names[i] for i in half.exit_ids]
+        self.exit_names = half.exit_names
         self.metrics = EdgeMetrics(connected=lambda: float(offload is not None and offload.connected_to is not None))
         self._batcher: Batcher[list[_Outcome]] = Batcher(
             self._run_batch, max_batch, lone_on_loop=lone_on_loop(half.device, sleeps=slowdown > 1.0),
@@ -102,7 +101,7 @@ class EdgeEngine:
         """The one answer for input ``x`` (C, H, W) (and ``audio``, audiovisual models);
         ``since`` is when the request arrived (perf_counter)."""
         since = time.perf_counter() if since is None else since
-        if (audio is None) == self.half.model.audiovisual:
+        if (audio is None) == self.half.audiovisual:
             raise ValueError("audiovisual models need the audio input, others must not get one")
         batched = await self._batcher.submit(x[None], None if audio is None else audio[None])
         outcome = batched.rows[0]

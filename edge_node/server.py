@@ -22,7 +22,7 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from offramp.checkpoint import Card, load_checkpoint
+from offramp.checkpoint import Card, load_checkpoint, read_card
 from offramp.codec import CodecConfig
 from offramp.config import EdgeConfig, non_defaults
 from offramp.daemon import (DaemonServer, bind, grpc_server, listen_host, on_loopback, run_until_signalled,
@@ -34,7 +34,7 @@ from offramp.serving.guard import MalformedLog, add_service
 from offramp.serving.inputs import InputError, request_inputs
 from offramp.serving.offloop import call_by_size
 from offramp.serving.streams import unordered_map
-from offramp.split import EdgeHalf
+from offramp.split import EdgeHalf, EdgeWalk
 from offramp.wire import EDGE_SERVICE, make_status, pb, pb_grpc, status_code
 
 from .engine import EdgeEngine
@@ -104,11 +104,10 @@ def build_engine(config: EdgeConfig) -> EdgeEngine:
     """Model, policy, codec and offload client from the config; user mistakes become ``OfframpError``."""
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    model, card = load_checkpoint(config.checkpoint)
-    split = card.split_block if config.split_block is None else config.split_block
-    task = card.config.task
     try:
-        half = EdgeHalf(model, split, config.device, config.dtype, config.exits)
+        half, card = edge_half(config)
+        split = half.split_block
+        task = card.config.task
         score = config.score or default_score(task)
         settings = (default_settings(half.num_exits, score, config.offload_enabled) if config.thresholds is None
                     else PolicySettings(config.thresholds, score, config.offload_enabled))
@@ -130,6 +129,18 @@ def build_engine(config: EdgeConfig) -> EdgeEngine:
         raise OfframpError(f"edge policy: {e}") from None
     except ValueError as e:
         raise OfframpError(f"cannot serve '{config.checkpoint}': {e}") from None
+
+
+def edge_half(config: EdgeConfig) -> tuple[EdgeWalk, Card]:
+    """The edge half the config asks for, and the card of its checkpoint."""
+    if config.runtime == "onnxruntime":
+        from offramp.onnx_edge import OnnxEdgeHalf
+
+        card = read_card(config.checkpoint)  # the graphs hold the weights: only the card (and its fingerprint)
+        return OnnxEdgeHalf(config.onnx_dir, card, config.split_block, config.exits, config.threads), card
+    model, card = load_checkpoint(config.checkpoint)
+    split = card.split_block if config.split_block is None else config.split_block
+    return EdgeHalf(model, split, config.device, config.dtype, config.exits), card
 
 
 def admin_guard(config: EdgeConfig) -> list[BearerTokenInterceptor]:

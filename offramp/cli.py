@@ -223,6 +223,39 @@ def _run_bottleneck(args: argparse.Namespace) -> int:
                         device=args.device, limit=args.limit, progress=not args.no_progress)
     for metrics in add_bottleneck(job, args.channels):
         print(describe(metrics))
+def add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="export a checkpoint's edge half as ONNX graphs, for 'offramp edge --runtime onnxruntime'",
+        description="Writes the edge half (the stem, the blocks up to the split and the exits there) as ONNX "
+                    "graphs with a dynamic batch axis: one per segment between exit positions and one per exit, so "
+                    "samples that leave at an exit drop out of the batch as on PyTorch; for ViTs also the class "
+                    "token's attention that top-k token selection reads. Beside them: the checkpoint's card and "
+                    "onnx.json (the fingerprint the graphs were made from, each graph's SHA-256). Every graph is "
+                    "checked against PyTorch with onnxruntime before the manifest is written. Needs the onnx "
+                    "extra (pip install 'offramp[onnx]'). Audiovisual models are not exported: their edge runs "
+                    "on PyTorch.")
+    p.add_argument("checkpoint", help="checkpoint directory written by 'offramp train'")
+    p.add_argument("--onnx", required=True, metavar="OUT_DIR",
+                   help="directory to write the graphs, the card and onnx.json into: new, empty, or an earlier "
+                        "export (replaced)")
+    p.add_argument("--split-block", type=int, default=None, metavar="K",
+                   help="export the edge of a split after block K (default: the checkpoint's); the edge and the "
+                        "cloud must split there too")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    import time
+
+    from .onnx_edge import export_onnx
+
+    started = time.perf_counter()
+    manifest = export_onnx(args.checkpoint, args.onnx, args.split_block,
+                           log=lambda line: logging.getLogger(__name__).info("exported %s", line))
+    print(f"edge half (split after block {manifest.split_block}, exits "
+          f"{', '.join(g.exit for g in manifest.exits) or 'none'}) exported to {args.onnx} in "
+          f"{time.perf_counter() - started:.0f} s: {len(manifest.graphs)} graphs, onnxruntime matches PyTorch "
+          f"within {manifest.max_abs_diff:.1e}")
     return 0
 
 
@@ -246,7 +279,8 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_train, add_eval, add_bottleneck, add_models, add_demo, add_bench, cloud_node.cli.add_commands, edge_node.cli.add_commands,
+    add_train, add_eval, add_bottleneck, add_export, add_models, add_demo, add_bench, cloud_node.cli.add_commands,
+    edge_node.cli.add_commands,
     netem_cli.add_commands, orchestrator.cli.add_commands]
 
 

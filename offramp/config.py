@@ -220,8 +220,15 @@ class EdgeConfig:
                                   "cloud.", 64, metavar="MIB")
     device: str = setting('"cpu", "cuda" or "cuda:N"; edge devices are usually CPUs.', "cpu")
     dtype: Dtype = setting("Compute precision (autocast).", "float32")
+    runtime: Literal["torch", "onnxruntime"] = setting(
+        "What computes the edge half: torch runs the checkpoint's PyTorch model; onnxruntime runs the graphs "
+        "`offramp export CHECKPOINT --onnx DIR` wrote into onnx_dir (float32 on the CPU, visual models only; "
+        "needs the onnx extra), reading only the checkpoint's card, whose fingerprint the export must carry.",
+        "torch")
+    onnx_dir: str | None = setting("The export directory runtime onnxruntime runs (see runtime).", None,
+                                   metavar="DIR", example="edge-onnx", path=True)
     threads: int | None = setting(
-        "Torch intra-op threads; unset: one per core. 1 by default: an edge shares its CPU with the application, "
+        "Torch intra-op threads (onnxruntime's too, with that runtime); unset: one per core. 1 by default: an edge shares its CPU with the application, "
         "and batch-1 ops gain little from a second thread that must wait for a time slice (measured through "
         "both daemons on 2 shared cores: 10.7 ms p50 with 1 thread, 11.5 ms with 2).", 1, metavar="N")
     max_batch: int = setting("Samples run together when requests queue up; an idle edge never waits to fill a "
@@ -261,6 +268,15 @@ class EdgeConfig:
         require(self.threads is None or self.threads >= 1, "threads must be at least 1 (or unset for one per core)")
         require(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "metrics_port must be in 0..65535")
         require(self.grace_s >= 0, "grace_s must not be negative")
+        if self.runtime == "onnxruntime":
+            require(self.onnx_dir is not None, "runtime onnxruntime needs onnx_dir, the directory 'offramp export "
+                    "CHECKPOINT --onnx DIR' wrote")
+            require(self.device == "cpu" and self.dtype == "float32", "runtime onnxruntime runs the exported "
+                    f"float32 graphs on the CPU: device must be cpu and dtype float32, not {self.device} and "
+                    f"{self.dtype}")
+        else:
+            require(self.onnx_dir is None, "onnx_dir is read by runtime onnxruntime only: set runtime = "
+                    "\"onnxruntime\" (--runtime onnxruntime) or leave onnx_dir unset")
 
     @property
     def max_message_bytes(self) -> int:

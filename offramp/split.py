@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from .checkpoint import bottleneck_id
 from .exit_policy import edge_exit_ids, least_confident, passes, walk
-from .models import MultiExitModel, head_outputs
+from .models import FeatureSpec, ModelConfig, MultiExitModel, head_outputs
 from .scores import confidence
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -77,38 +78,60 @@ class EdgeResult:
     audio_tokens: torch.Tensor | None = None
 
 
-class EdgeHalf:
-    """Stem, blocks ``[0, split)`` and the exits placed there."""
+class EdgeWalk(ABC):
+    """What every edge half shares, whatever computes it: the exits it runs and the walk over them.
 
-    def __init__(self, model: MultiExitModel, split_block: int, device: str = "cpu", dtype: str = "float32",
+    ``run`` walks the exits cheapest first and decides per sample; a subclass
+    supplies the stages the walk asks for: the stem and blocks (``advance``),
+    an exit's head (``exit_output``), the class token's attention at the
+    split (``split_attention``) and the audio encoder (``encode_audio``).
+    ``EdgeHalf`` computes them with the PyTorch model, ``OnnxEdgeHalf``
+    (``offramp.onnx_edge``) with exported graphs.
+    """
+
+    def __init__(self, config: ModelConfig, split_block: int, spec: FeatureSpec, device: torch.device,
                  exits: Sequence[str] | None = None) -> None:
-        self.model = model.eval()
-        self.backbone = model.backbone
         self.split_block = split_block
-        self.backbone.check_position(split_block)
-        self.device = resolve_device(device)
-        self.dtype = dtype
-        compute_context(self.device, dtype)  # validate once
-        self.model.to(self.device)
-        self.exit_ids = edge_exit_ids(model.exit_configs, split_block, exits)
-        audio = model.config.audio
-        if audio is not None and split_block > audio.fuse_at:
-            raise ValueError(f"this audiovisual model fuses audio into the backbone before block {audio.fuse_at}; "
-                             f"the edge must split there or earlier, not after block {split_block}")
-        self.spec = self.backbone.feature_spec(split_block)
-        self.num_outputs = head_outputs(model.config.task, model.config.num_classes)
-        self.bottleneck_id = _bottleneck_at(model, split_block)
+        self.exit_configs = config.exits_in_order
+        self.exit_ids = edge_exit_ids(self.exit_configs, split_block, exits)
+        self.audiovisual = config.audio is not None
+        if config.audio is not None and split_block > config.audio.fuse_at:
+            raise ValueError(f"this audiovisual model fuses audio into the backbone before block "
+                             f"{config.audio.fuse_at}; the edge must split there or earlier, not after block "
+                             f"{split_block}")
+        self.spec = spec
+        self.device = device
+        self.num_outputs = head_outputs(config.task, config.num_classes)
+        self.bottleneck_id = ""  # the runtimes that run a bottleneck's encoder say which (EdgeHalf)
 
     @property
     def num_exits(self) -> int:
         return len(self.exit_ids)
 
-    @torch.no_grad()
-    def to_code(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, N, D) tokens at the split -> the bottleneck's (B, N, channels) int8 code."""
-        if not self.bottleneck_id:
-            raise ValueError(f"this checkpoint has no bottleneck at split block {self.split_block}")
-        return self.model.bottleneck.encode(tokens.to(self.device, torch.float32)).to(torch.int8).cpu()
+    @property
+    def exit_names(self) -> list[str]:
+        """Names of the exits this half runs, cheapest first."""
+        return [self.exit_configs[i].name for i in self.exit_ids]
+
+    @abstractmethod
+    def advance(self, x: torch.Tensor, start: int | None, stop: int) -> torch.Tensor:
+        """The representation after ``stop`` blocks, from ``x``: the representation after ``start``
+        blocks, or with ``start`` None the raw input (the stem runs first)."""
+
+    @abstractmethod
+    def exit_output(self, index: int, feats: torch.Tensor | None, audio_tokens: torch.Tensor | None) -> torch.Tensor:
+        """Exit ``index`` (into ``exit_configs``) on the representation after its position, (B, num_outputs)."""
+
+    @abstractmethod
+    def split_attention(self, feats: torch.Tensor) -> torch.Tensor:
+        """Attention the class token pays each patch token in block ``split - 1``, given that block's input."""
+
+    def encode_audio(self, audio: torch.Tensor) -> torch.Tensor:
+        raise ValueError("this edge half runs no audio encoder")
+
+    def context(self) -> contextlib.AbstractContextManager:
+        """The context the stages compute in (autocast for reduced precision)."""
+        return contextlib.nullcontext()
 
     @torch.no_grad()
     def run(self, x: torch.Tensor, thresholds: list[float], score: str, with_scores: bool = False,
@@ -121,18 +144,18 @@ class EdgeHalf:
         """
         if len(thresholds) != self.num_exits:
             raise ValueError(f"{len(thresholds)} thresholds for {self.num_exits} edge exits")
-        if self.model.audiovisual and audio is None:
+        if self.audiovisual and audio is None:
             raise ValueError("this model is audiovisual: the edge needs the audio input")
         B = x.shape[0]
         need_scores = with_scores and self.split_block > 0
         on_edge = _Survivors(self, x, audio, keep_attention_input=need_scores)
         outputs = torch.zeros(self.num_exits, B, self.num_outputs)  # what each exit said of the samples it saw
         confidences = torch.full((self.num_exits, B), math.nan)
-        with compute_context(self.device, self.dtype):
+        with self.context():
             for k, (i, threshold) in enumerate(zip(self.exit_ids, thresholds)):
-                e = self.model.exit_configs[i]
-                out = self.model.run_exit(i, on_edge.tokens_after(e.position) if e.uses_visual else None,
-                                          on_edge.encoded_audio() if e.uses_audio else None).float().cpu()
+                e = self.exit_configs[i]
+                out = self.exit_output(i, on_edge.tokens_after(e.position) if e.uses_visual else None,
+                                       on_edge.encoded_audio() if e.uses_audio else None).float().cpu()
                 c = confidence(out, score)
                 outputs[k, on_edge.ids], confidences[k, on_edge.ids] = out, c
                 on_edge.keep(~passes(c, threshold, score))  # the confident leave here; ``walk`` below agrees
@@ -143,8 +166,7 @@ class EdgeHalf:
                 on_edge.encoded_audio()
             scores = None
             if need_scores and on_edge.attention_input is not None and len(on_edge):
-                scores = cls_attention(self.backbone.blocks[self.split_block - 1], on_edge.attention_input,
-                                       self.spec.num_prefix).float().cpu()
+                scores = self.split_attention(on_edge.attention_input).float().cpu()
 
         walked = walk(confidences.numpy(), thresholds, score)
         exit_index = torch.from_numpy(np.where(walked.goes_on, -1, walked.leaves_at))
@@ -159,6 +181,46 @@ class EdgeHalf:
                           audio_tokens)
 
 
+class EdgeHalf(EdgeWalk):
+    """Stem, blocks ``[0, split)`` and the exits placed there, computed by the PyTorch model."""
+
+    def __init__(self, model: MultiExitModel, split_block: int, device: str = "cpu", dtype: str = "float32",
+                 exits: Sequence[str] | None = None) -> None:
+        self.model = model.eval()
+        self.backbone = model.backbone
+        self.backbone.check_position(split_block)
+        super().__init__(model.config, split_block, self.backbone.feature_spec(split_block), resolve_device(device),
+                         exits)
+        self.dtype = dtype
+        compute_context(self.device, dtype)  # validate once
+        self.model.to(self.device)
+        self.bottleneck_id = _bottleneck_at(model, split_block)
+
+    @torch.no_grad()
+    def to_code(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) tokens at the split -> the bottleneck's (B, N, channels) int8 code."""
+        if not self.bottleneck_id:
+            raise ValueError(f"this checkpoint has no bottleneck at split block {self.split_block}")
+        return self.model.bottleneck.encode(tokens.to(self.device, torch.float32)).to(torch.int8).cpu()
+
+    def advance(self, x: torch.Tensor, start: int | None, stop: int) -> torch.Tensor:
+        if start is None:
+            x, start = self.backbone.embed(x.to(self.device)), 0
+        return self.backbone.forward_blocks(x, start, stop)
+
+    def exit_output(self, index: int, feats: torch.Tensor | None, audio_tokens: torch.Tensor | None) -> torch.Tensor:
+        return self.model.run_exit(index, feats, audio_tokens)
+
+    def split_attention(self, feats: torch.Tensor) -> torch.Tensor:
+        return cls_attention(self.backbone.blocks[self.split_block - 1], feats, self.spec.num_prefix)
+
+    def encode_audio(self, audio: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_audio(audio.to(self.device))
+
+    def context(self) -> contextlib.AbstractContextManager:
+        return compute_context(self.device, self.dtype)
+
+
 class _Survivors:
     """The samples of a batch still on the edge, and what has been computed for them so far.
 
@@ -166,7 +228,7 @@ class _Survivors:
     dropped from everything at once: the rest go on as a smaller batch.
     """
 
-    def __init__(self, half: EdgeHalf, x: torch.Tensor, audio: torch.Tensor | None,
+    def __init__(self, half: EdgeWalk, x: torch.Tensor, audio: torch.Tensor | None,
                  keep_attention_input: bool) -> None:
         self.half, self.x, self.audio = half, x, audio
         self.ids = torch.arange(x.shape[0])  # their indices in the batch
@@ -181,19 +243,24 @@ class _Survivors:
 
     def tokens_after(self, position: int) -> torch.Tensor:
         """Their visual representation after ``position`` blocks, running only the blocks not yet run."""
-        bb, split = self.half.backbone, self.half.split_block
-        if self.tokens is None:
-            self.tokens = bb.embed(self.x[self.ids].to(self.half.device))
+        split = self.half.split_block
         if self.keep_attention_input and self.position < split <= position:
-            self.tokens, self.position = bb.forward_blocks(self.tokens, self.position, split - 1), split - 1
+            self._advance(split - 1)
             self.attention_input = self.tokens
-        self.tokens, self.position = bb.forward_blocks(self.tokens, self.position, position), position
+        return self._advance(position)
+
+    def _advance(self, position: int) -> torch.Tensor:
+        if self.tokens is None:
+            self.tokens = self.half.advance(self.x[self.ids], None, position)
+        elif position != self.position:
+            self.tokens = self.half.advance(self.tokens, self.position, position)
+        self.position = position
         return self.tokens
 
     def encoded_audio(self) -> torch.Tensor | None:
         """Their audio tokens (None without audio), encoded the first time they are asked for."""
-        if self.half.model.audiovisual and self.audio_tokens is None:
-            self.audio_tokens = self.half.model.encode_audio(self.audio[self.ids].to(self.half.device))
+        if self.half.audiovisual and self.audio_tokens is None:
+            self.audio_tokens = self.half.encode_audio(self.audio[self.ids])
         return self.audio_tokens
 
     def keep(self, stay: torch.Tensor) -> None:

@@ -73,6 +73,11 @@ class ModelConfig:
     # A learned bottleneck at one split (``offramp bottleneck``): the edge sends its code, the cloud decodes it.
     bottleneck: BottleneckConfig | None = None
 
+    @property
+    def exits_in_order(self) -> tuple[ExitConfig, ...]:
+        """The exits by position, cheapest first: the order models index them in."""
+        return tuple(sorted(self.exits, key=lambda e: e.position))
+
     def to_dict(self) -> dict[str, Any]:
         """As stored in the card; settings at their defaults are left out, so older cards keep their fingerprint."""
         d = asdict(self)
@@ -140,7 +145,7 @@ class MultiExitModel(nn.Module):
             **config.backbone_options,
         )
         n_out = head_outputs(config.task, config.num_classes)
-        self.exit_configs = tuple(sorted(config.exits, key=lambda e: e.position))
+        self.exit_configs = config.exits_in_order
         self.audio_encoder: AudioEncoder | None = None
         self.audio_type_embed: nn.Parameter | None = None
         audio_spec = None
