@@ -71,6 +71,8 @@ class Bottleneck(nn.Module):
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, N, D) tokens -> (B, N, channels) integer-valued code (float dtype, straight-through rounding)."""
         y = self.encoder(tokens).clamp(-self.config.levels, self.config.levels)
+        if not torch.is_grad_enabled():  # serving: just round
+            return torch.round(y)
         return y + (torch.round(y) - y).detach()  # rounds forward, passes gradients through unchanged
 
     def decode(self, code: torch.Tensor) -> torch.Tensor:
