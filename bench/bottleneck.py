@@ -6,10 +6,10 @@ several widths (checkpoints made with ``offramp bottleneck``), and for the
 input re-encoded as JPEG at several qualities and answered by the whole model
 in the cloud (the honest competitor: offloading must cost fewer bytes than
 the picture, or it does not pay). For each bottleneck, what each entropy
-coding step buys (raw int8 code, zstd, zstd with a dictionary trained on
-training-split codes, and the empirical entropy of the code values, the bound
-a learned factorised prior would approach), and the edge's encode time
-against its own compute for the sample.
+coding step buys (raw int8 code, zstd, zstd with the dictionary the checkpoint
+ships, trained on training-split codes, and the empirical entropy of the code
+values, the bound a learned factorised prior would approach), and the edge's
+encode time against its own compute for the sample.
 
     python -m bench.bottleneck --checkpoint runs/bench-exits/cifar10-hybrid --bottlenecks runs/bn/c4 runs/bn/c8
 """
@@ -28,14 +28,12 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import zstandard
 from PIL import Image
 
 from bench.backbones import cpu_name
 from bench.codec import run as codec_rows
 from offramp.checkpoint import bottleneck_id, load_checkpoint
 from offramp.codec import DecodeLimits, decode, encode_code
-from offramp.data import load_data
 from offramp.exit_policy import never_leave
 from offramp.pipeline import load_validation
 from offramp.report import format_table
@@ -43,8 +41,6 @@ from offramp.split import CloudHalf, EdgeHalf
 
 RESULTS = Path(__file__).parent / "results"
 TIMED = 300  # samples timed one by one at batch 1 (encode, decode, edge compute)
-DICT_TRAIN = 5000  # training-split codes a zstd dictionary is trained on
-DICT_BYTES = 4096
 log = logging.getLogger("bench.bottleneck")
 
 
@@ -69,38 +65,39 @@ def entropy_bytes(codes: np.ndarray) -> float:
     return bits / 8
 
 
-def bottleneck_row(directory: str, x: torch.Tensor, y: torch.Tensor, train_x: torch.Tensor,
-                   reference_acc: float) -> dict[str, Any]:
+def bottleneck_row(directory: str, x: torch.Tensor, y: torch.Tensor, reference_acc: float) -> dict[str, Any]:
     model, card = load_checkpoint(directory)
     split, name = card.split_block, bottleneck_id(model)
     edge, cloud = EdgeHalf(model, split), CloudHalf(model, split)
     never = [never_leave("max_prob")] * edge.num_exits
     tokens = edge.run(x, never, "max_prob").tokens
     codes = edge.to_code(tokens)  # (S, N, C) int8
-    messages = [encode_code(codes[i:i + 1], name) for i in range(len(x))]
+    dictionary = edge.code_dictionary  # shipped in the checkpoint, if it has one
+    messages = [encode_code(codes[i:i + 1], name, dictionary=dictionary) for i in range(len(x))]
     limits = DecodeLimits(expected_shape=(None, *cloud.code_shape))
-    decoded = torch.cat([cloud.from_code(torch.from_numpy(decode(m, limits))) for m in messages])
+    decoded = torch.cat([cloud.from_code(torch.from_numpy(decode(m, limits, cloud.code_dictionary)))
+                         for m in messages])
     pred = torch.cat([cloud.run(chunk).argmax(-1) for chunk in decoded.split(256)])
     acc = float((pred == y).float().mean())
 
     raw = codes.numpy()
-    train_codes = edge.to_code(edge.run(train_x, never, "max_prob").tokens).numpy()
-    dictionary = zstandard.train_dictionary(DICT_BYTES, [c.tobytes() for c in train_codes])
-    with_dict = zstandard.ZstdCompressor(level=3, dict_data=dictionary)
-    header = messages[0].ByteSize() - len(messages[0].payload)  # the message's fields around the payload
+    plain = [encode_code(codes[i:i + 1], name) for i in range(len(x))]
+    header = plain[0].ByteSize() - len(plain[0].payload)  # the message's fields around the payload
     coding = {
         "int8_code": float(raw[0].size) + header,
-        "zstd": float(np.mean([m.ByteSize() for m in messages])),
-        "zstd_dictionary": float(np.mean([len(with_dict.compress(c.tobytes())) for c in raw])) + header,
+        "zstd": float(np.mean([m.ByteSize() for m in plain])),
+        "zstd_dictionary": float(np.mean([m.ByteSize() for m in messages])) if dictionary is not None else None,
         "entropy_bound": entropy_bytes(raw) + header,
     }
     timed = min(TIMED, len(x))
-    encode_ms = _ms(lambda i: encode_code(edge.to_code(tokens[i:i + 1]), name), timed)
-    decode_ms = _ms(lambda i: cloud.from_code(torch.from_numpy(decode(messages[i], limits))), timed)
+    encode_ms = _ms(lambda i: encode_code(edge.to_code(tokens[i:i + 1]), name, dictionary=dictionary), timed)
+    decode_ms = _ms(lambda i: cloud.from_code(torch.from_numpy(decode(messages[i], limits, cloud.code_dictionary))),
+                    timed)
     edge_ms = _ms(lambda i: edge.run(x[i:i + 1], never, "max_prob"), timed)
     c = card.config.bottleneck
     return {"codec": f"bottleneck c{c.channels}b{c.bits}", "kind": "bottleneck", "checkpoint": directory, "id": name,
-            "channels": c.channels, "bits": c.bits, "bytes": coding["zstd"], "accuracy": acc,
+            "channels": c.channels, "bits": c.bits, "bytes": float(np.mean([m.ByteSize() for m in messages])),
+            "accuracy": acc,
             "accuracy_change_points": 100 * (acc - reference_acc), "encode_ms": encode_ms, "decode_ms": decode_ms,
             "edge_compute_ms": edge_ms, "encode_share_of_edge_compute": encode_ms / edge_ms,
             "entropy_coding_bytes": coding, "mean_abs_code": float(np.abs(raw).mean()),
@@ -146,16 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     val, _ = load_validation(card)
     samples = args.samples or len(val)
     x, y = val.tensors[0][:samples], val.tensors[1][:samples]
-    d = card.data
-    train_x = load_data(d["spec"], val_fraction=d.get("val_fraction", 0.1), seed=d.get("seed", 0),
-                        limit=d.get("limit")).train.tensors[0][:DICT_TRAIN]
     log.info("token codecs on %d samples", samples)
     codecs = codec_rows(args.checkpoint, samples)
     reference = codecs["float32_accuracy"]
     rows = [{**r, "kind": "tokens", "bytes": r["bytes"]} for r in codecs["rows"]]
     for directory in args.bottlenecks:
         log.info("bottleneck %s", directory)
-        rows.append(bottleneck_row(directory, x, y, train_x, reference))
+        rows.append(bottleneck_row(directory, x, y, reference))
     log.info("JPEG")
     rows += jpeg_rows(args.checkpoint, x, y, [int(q) for q in args.jpeg_qualities.split(",")], reference)
     jpeg90 = codecs["jpeg_bytes"]
@@ -177,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\nentropy coding of the codes (bytes per offload) and the encoder's cost")
         print(format_table(["bottleneck", "int8 code", "zstd", "zstd+dictionary", "entropy bound", "mean |code|",
                             "encode ms", "edge compute ms", "share"],
-                           [[r["codec"], *(round(v) for v in r["entropy_coding_bytes"].values()), r["mean_abs_code"],
+                           [[r["codec"], *("-" if v is None else round(v) for v in r["entropy_coding_bytes"].values()),
+                             r["mean_abs_code"],
                              r["encode_ms"], r["edge_compute_ms"], r["encode_share_of_edge_compute"]] for r in bn]))
     print(f"\nbest within 1 point: {best}")
     result = {"command": "python -m bench.bottleneck " + shlex.join(argv if argv is not None else sys.argv[1:]),

@@ -153,7 +153,8 @@ class OffloadHandler:
         """(B, *token_shape) tokens (fewer after top-k), and (B, audio tokens, width) for audiovisual models."""
         if request.tokens.bottleneck:  # checked against ours in `_check`
             try:
-                tokens = self._half.from_code(torch.from_numpy(decode(request.tokens, self._code_limits)))
+                code = decode(request.tokens, self._code_limits, self._half.code_dictionary)
+                tokens = self._half.from_code(torch.from_numpy(code))
             except ValueError as e:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         else:

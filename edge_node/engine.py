@@ -202,5 +202,6 @@ class EdgeEngine:
                        ) -> pb.EncodedTensor:
         """One sample's tokens at the split as the wire carries them: quantized, or the bottleneck's code."""
         if codec.dtype == "bottleneck":
-            return encode_code(self.half.to_code(tokens), self.half.bottleneck_id, codec.zstd_level)
+            return encode_code(self.half.to_code(tokens), self.half.bottleneck_id, codec.zstd_level,
+                               self.half.code_dictionary)
         return encode(tokens, codec, scores, self.half.spec.num_prefix)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .checkpoint import bottleneck_id
+from .codec import zstd_dictionary
 from .exit_policy import edge_exit_ids, least_confident, passes, walk
 from .models import FeatureSpec, ModelConfig, MultiExitModel, head_outputs
 from .scores import confidence
@@ -195,6 +196,7 @@ class EdgeHalf(EdgeWalk):
         compute_context(self.device, dtype)  # validate once
         self.model.to(self.device)
         self.bottleneck_id = _bottleneck_at(model, split_block)
+        self.code_dictionary = zstd_dictionary(model.bottleneck.dictionary()) if self.bottleneck_id else None
 
     @torch.no_grad()
     def to_code(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -297,6 +299,7 @@ class CloudHalf:
         self.num_outputs = head_outputs(model.config.task, model.config.num_classes)
         self.bottleneck_id = _bottleneck_at(model, split_block)
         self.code_shape = model.bottleneck.code_shape if self.bottleneck_id else None  # (N, channels)
+        self.code_dictionary = zstd_dictionary(model.bottleneck.dictionary()) if self.bottleneck_id else None
 
     @property
     def audio_shape(self) -> tuple[int, int] | None:

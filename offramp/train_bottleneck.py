@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import zstandard
 from torch.utils.data import TensorDataset
 
 from .checkpoint import Card, bottleneck_id, load_checkpoint, save_checkpoint
@@ -35,6 +36,7 @@ from .precision import resolve_precision
 from .train import FeatureCache, Throughput, TrainConfig, _optimizer, batches, cache_features, copycat_loss, unpack
 
 log = logging.getLogger(__name__)
+DICTIONARY_SAMPLES = 5000  # codes a zstd dictionary is trained on; more gains nothing visible
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class BottleneckJob:
     rate_weight: float = 0.01  # per unit of mean |code|; higher: fewer bytes, more loss
     token_weight: float = 0.1  # reconstruction, relative to the tokens' variance
     views: int = 2  # augmented views of the training split whose tokens are cached
+    dictionary_bytes: int = 1024  # zstd dictionary trained on its codes and shipped with it; 0: none
     batch_size: int = 256
     zstd_level: int = 3
     precision: str = "auto"
@@ -65,32 +68,43 @@ def add_bottleneck(job: BottleneckJob, channels: list[int] | None = None) -> lis
     """Train a bottleneck into a copy of ``job.checkpoint`` at ``job.out``; returns what it measured.
 
     With several ``channels``, one bottleneck per width is trained on the same cached tokens (the
-    costly part is computed once) and written to ``job.out`` with ``{channels}`` replaced.
+    costly part is computed once) and written to ``job.out`` with ``{channels}`` replaced. With
+    ``job.epochs`` 0 the checkpoint's own bottleneck is kept: only its zstd dictionary is (re)built.
     """
     widths = channels or [job.channels]
     if len(widths) > 1 and "{channels}" not in job.out:
         raise OfframpError("several widths need '{channels}' in --out, e.g. runs/bn/c{channels}")
     source, card = load_checkpoint(job.checkpoint)
     position = card.split_block if job.position is None else job.position
-    try:
-        models = [with_bottleneck(source, BottleneckConfig(position, c, job.bits, job.hidden)) for c in widths]
-    except ValueError as e:
-        raise OfframpError(f"cannot add a bottleneck to '{job.checkpoint}': {e}") from None
+    if job.epochs == 0:
+        have = source.config.bottleneck
+        if have is None or have.position != position:
+            raise OfframpError(f"--epochs 0 keeps the checkpoint's bottleneck, but '{job.checkpoint}' has none at "
+                               f"block {position}")
+        widths, models = [have.channels], [source]
+    else:
+        try:
+            models = [with_bottleneck(source, BottleneckConfig(position, c, job.bits, job.hidden)) for c in widths]
+        except ValueError as e:
+            raise OfframpError(f"cannot add a bottleneck to '{job.checkpoint}': {e}") from None
     d = card.data
     if not d.get("spec"):
         raise OfframpError(f"'{job.checkpoint}': its card names no training data to distil on")
     splits = load_data(d["spec"], val_fraction=d.get("val_fraction", 0.1), seed=d.get("seed", 0),
                        limit=job.limit if job.limit is not None else d.get("limit"))
     start = time.perf_counter()
-    cache = cache_tokens(models[0], splits.train, job, position)
+    train_data = splits.train if job.epochs else TensorDataset(*(t[:DICTIONARY_SAMPLES] for t in splits.train.tensors))
+    cache = cache_tokens(models[0], train_data, job if job.epochs else dataclasses.replace(job, views=1), position)
     results = []
     for width, model in zip(widths, models):
         torch.manual_seed(job.seed)
-        train_s = train(model, cache, dataclasses.replace(job, channels=width), position)
+        train_s = train(model, cache, dataclasses.replace(job, channels=width), position) if job.epochs else 0.0
+        model = attach_dictionary(model, train_dictionary(model, cache.feats[position][0], job.dictionary_bytes))
         metrics = measure(model, splits.val, position, job.zstd_level)
-        metrics.update(id=bottleneck_id(model), train_wall_s=round(train_s, 1), epochs=job.epochs,
-                       rate_weight=job.rate_weight, train_samples=len(splits.train),
-                       wall_s=round(time.perf_counter() - start, 1))
+        metrics.update(id=bottleneck_id(model), train_wall_s=round(train_s, 1),
+                       epochs=job.epochs or card.metrics.get("bottleneck", {}).get("epochs"),
+                       rate_weight=job.rate_weight if job.epochs else card.metrics.get("bottleneck", {}).get(
+                           "rate_weight"), train_samples=len(splits.train), wall_s=round(time.perf_counter() - start, 1))
         out = Card(config=model.config, label_names=card.label_names, modality=card.modality,
                    input_shape=card.input_shape, split_block=position, data=card.data,
                    metrics={**card.metrics, "bottleneck": metrics})
@@ -98,6 +112,30 @@ def add_bottleneck(job: BottleneckJob, channels: list[int] | None = None) -> lis
         save_checkpoint(metrics["out"], model, out)
         results.append(metrics)
     return results
+
+
+@torch.no_grad()
+def train_dictionary(model: MultiExitModel, tokens: torch.Tensor, size: int) -> bytes | None:
+    """A zstd dictionary of ``size`` bytes trained on the codes of (up to a few thousand) cached tokens."""
+    if size <= 0:
+        return None
+    codes = torch.cat([model.bottleneck.encode(t.float()).to(torch.int8) for t in tokens[:DICTIONARY_SAMPLES].split(512)])
+    try:
+        return zstandard.train_dictionary(size, [c.numpy().tobytes() for c in codes]).as_bytes()
+    except zstandard.ZstdError as e:  # too few or too uniform samples: plain zstd then
+        log.warning("no zstd dictionary for the bottleneck's codes: %s", e)
+        return None
+
+
+def attach_dictionary(model: MultiExitModel, data: bytes | None) -> MultiExitModel:
+    """The same model with ``data`` as its bottleneck's zstd dictionary (replacing any); unchanged for None."""
+    if not data:
+        return model
+    config = dataclasses.replace(model.config.bottleneck, dictionary_bytes=len(data))
+    state = {**model.state_dict(), "bottleneck.zstd_dictionary": torch.frombuffer(bytearray(data), dtype=torch.uint8)}
+    new = MultiExitModel(dataclasses.replace(model.config, bottleneck=config))
+    new.load_state_dict(state, strict=True)
+    return new.eval()
 
 
 def with_bottleneck(source: MultiExitModel, config: BottleneckConfig) -> MultiExitModel:
@@ -173,11 +211,11 @@ def measure(model: MultiExitModel, data: TensorDataset, position: int, zstd_leve
             batch_size: int = 256) -> dict[str, Any]:
     """On ``data``, in float32 as served: the final head's accuracy (or MAE) through the bottleneck
     and without it, and the bytes of each sample's code as the wire carries it."""
-    from .codec import encode_code  # here: training alone needs no wire code (so it runs where grpc is absent)
+    from .codec import encode_code, zstd_dictionary  # here: training alone needs no wire code (nor grpc)
 
     model.eval()
     x_all, _, y_all = unpack(data)
-    name = bottleneck_id(model)
+    name, dictionary = bottleneck_id(model), zstd_dictionary(model.bottleneck.dictionary())
     through, direct, sizes = [], [], []
     for idx in batches(len(x_all), batch_size, None):
         tokens = model.backbone.head(x_all[idx], position)
@@ -185,11 +223,12 @@ def measure(model: MultiExitModel, data: TensorDataset, position: int, zstd_leve
         through.append(model.tail(model.bottleneck.decode(code), position))
         direct.append(model.tail(tokens, position))
         code8 = code.to(torch.int8)
-        sizes += [encode_code(code8[i:i + 1], name, zstd_level).ByteSize() for i in range(len(idx))]
+        sizes += [encode_code(code8[i:i + 1], name, zstd_level, dictionary).ByteSize() for i in range(len(idx))]
     out_b, out_d = torch.cat(through), torch.cat(direct)
     result: dict[str, Any] = {"config": dataclasses.asdict(model.config.bottleneck), "samples": len(x_all),
                               "bytes_per_offload": float(np.mean(sizes)), "zstd_level": zstd_level,
-                              "code_values": int(math.prod(model.bottleneck.code_shape))}
+                              "code_values": int(math.prod(model.bottleneck.code_shape)),
+                              "dictionary_bytes": model.config.bottleneck.dictionary_bytes}
     if model.config.task == "classification":
         acc_b = float((out_b.argmax(-1) == y_all).float().mean())
         acc_d = float((out_d.argmax(-1) == y_all).float().mean())

@@ -7,13 +7,14 @@ import grpc
 import numpy as np
 import pytest
 import torch
+import zstandard
 from conftest import CLOUD_TEST_SETTINGS
 from helpers import CloudFactory, LoopThread, edge_servers, wait_for
 from safetensors.torch import load_file
 
 from offramp.checkpoint import Card, bottleneck_id, load_checkpoint, read_card
 from offramp.cli import main
-from offramp.codec import CodecConfig, CodecError, DecodeLimits, decode, encode, encode_code
+from offramp.codec import CodecConfig, CodecError, DecodeLimits, decode, encode, encode_code, zstd_dictionary
 from offramp.config import EdgeConfig
 from offramp.errors import OfframpError
 from offramp.models.bottleneck import BottleneckConfig
@@ -52,13 +53,16 @@ def inputs(tiny_checkpoint: Path) -> torch.Tensor:
 def test_the_checkpoint_holds_it_and_changes_nothing_else(tiny_checkpoint: Path, with_bottleneck: Path) -> None:
     model, card = load_checkpoint(with_bottleneck)  # verifies the fingerprint over every weight
     before, old = load_checkpoint(tiny_checkpoint)
-    assert card.config.bottleneck == BottleneckConfig(position=old.split_block, channels=4)
+    assert card.config.bottleneck == BottleneckConfig(position=old.split_block, channels=4,
+                                                      dictionary_bytes=card.config.bottleneck.dictionary_bytes)
     assert card.fingerprint != old.fingerprint  # the bottleneck is part of what edge and cloud must share
     stored = card.metrics["bottleneck"]
     assert stored["id"] == bottleneck_id(model) and stored["id"].startswith(f"c4b4@{old.split_block}:")
     assert 0 < stored["bytes_per_offload"] and 0 <= stored["accuracy"] <= 1
     weights = load_file(Path(with_bottleneck) / "model.safetensors")
     assert any(k.startswith("bottleneck.encoder.") for k in weights)
+    assert stored["dictionary_bytes"] == card.config.bottleneck.dictionary_bytes == weights[
+        "bottleneck.zstd_dictionary"].numel()
     for name, tensor in before.state_dict().items():  # backbone and exits untouched
         assert torch.equal(tensor, weights[name]), name
 
@@ -78,6 +82,22 @@ def test_code_round_trips_through_the_codec_bounded_and_labelled() -> None:
         encode(code.float(), CodecConfig(dtype="bottleneck"))
     with pytest.raises(ValueError, match="top_k"):
         CodecConfig(dtype="bottleneck", top_k=4)
+
+
+def test_a_dictionary_shrinks_codes_and_only_its_holder_decodes_them() -> None:
+    g = torch.Generator().manual_seed(0)
+    codes = [(torch.randn(1, 65, 8, generator=g) * 1.2).round().clamp(-7, 7).to(torch.int8) for _ in range(400)]
+    data = zstandard.train_dictionary(1024, [c.numpy().tobytes() for c in codes[:300]]).as_bytes()
+    dictionary = zstd_dictionary(data)
+    plain = [encode_code(c, "c8b4@2:x") for c in codes[300:]]
+    small = [encode_code(c, "c8b4@2:x", dictionary=dictionary) for c in codes[300:]]
+    assert np.mean([m.ByteSize() for m in small]) < np.mean([m.ByteSize() for m in plain])
+    assert np.array_equal(decode(small[0], dictionary=dictionary), codes[300].numpy().astype(np.float32))
+    with pytest.raises(CodecError, match="needs dictionary"):
+        decode(small[0])
+    other = zstd_dictionary(zstandard.train_dictionary(1024, [c.numpy().tobytes() for c in codes[100:300]]).as_bytes())
+    with pytest.raises(CodecError, match="needs dictionary"):
+        decode(small[0], dictionary=other)
 
 
 def test_edge_and_cloud_carry_the_code_and_answer_as_the_model_does(

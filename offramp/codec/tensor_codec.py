@@ -22,7 +22,8 @@ from offramp.config import CodecName
 from offramp.errors import OfframpError
 from offramp.wire import pb
 
-__all__ = ["CodecName", "CodecConfig", "CodecError", "DecodeLimits", "decode", "decode_indices", "encode", "encode_code"]
+__all__ = ["CodecName", "CodecConfig", "CodecError", "DecodeLimits", "decode", "decode_indices", "encode", "encode_code",
+           "zstd_dictionary"]
 
 _ET = pb.EncodedTensor
 _WIRE_DTYPE: dict[str, int] = {"float32": _ET.DTYPE_FLOAT32, "float16": _ET.DTYPE_FLOAT16, "int8": _ET.DTYPE_INT8}
@@ -40,18 +41,27 @@ MAX_RANK = 8  # far above (B, C, H, W); only here to bound work on hostile shape
 _ZSTD = threading.local()  # per thread: zstd contexts are not thread-safe, and making one costs 30-55 us
 
 
-def _compressor(level: int) -> zstandard.ZstdCompressor:
+def _compressor(level: int, dictionary: zstandard.ZstdCompressionDict | None = None) -> zstandard.ZstdCompressor:
     cache = _ZSTD.__dict__.setdefault("compressors", {})
-    if level not in cache:
+    key = (level, None if dictionary is None else dictionary.dict_id())
+    if key not in cache:
         # Content size lets the receiver bound the output before decompressing.
-        cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=True)
-    return cache[level]
+        cache[key] = zstandard.ZstdCompressor(level=level, dict_data=dictionary, write_content_size=True,
+                                              write_checksum=True)
+    return cache[key]
 
 
-def _decompressor() -> zstandard.ZstdDecompressor:
-    if not hasattr(_ZSTD, "decompressor"):
-        _ZSTD.decompressor = zstandard.ZstdDecompressor()
-    return _ZSTD.decompressor
+def _decompressor(dictionary: zstandard.ZstdCompressionDict | None = None) -> zstandard.ZstdDecompressor:
+    cache = _ZSTD.__dict__.setdefault("decompressors", {})
+    key = None if dictionary is None else dictionary.dict_id()
+    if key not in cache:
+        cache[key] = zstandard.ZstdDecompressor(dict_data=dictionary)
+    return cache[key]
+
+
+def zstd_dictionary(data: bytes | None) -> zstandard.ZstdCompressionDict | None:
+    """A trained zstd dictionary (as a checkpoint stores it) ready for ``encode_code`` and ``decode``."""
+    return None if not data else zstandard.ZstdCompressionDict(data)
 
 
 class CodecError(OfframpError):
@@ -151,10 +161,12 @@ def encode(
     return msg
 
 
-def encode_code(code: torch.Tensor | np.ndarray, bottleneck: str, zstd_level: int = 3) -> pb.EncodedTensor:
+def encode_code(code: torch.Tensor | np.ndarray, bottleneck: str, zstd_level: int = 3,
+                dictionary: zstandard.ZstdCompressionDict | None = None) -> pb.EncodedTensor:
     """Encode a learned bottleneck's integer code (B, N, channels), values within int8, for the wire.
 
-    ``bottleneck`` names the bottleneck that made it, so that no other decodes it.
+    ``bottleneck`` names the bottleneck that made it, so that no other decodes it; ``dictionary``
+    (the bottleneck's own) makes zstd's frames of small codes much smaller.
     """
     if not bottleneck:
         raise ValueError("a code must name the bottleneck that made it")
@@ -167,7 +179,7 @@ def encode_code(code: torch.Tensor | np.ndarray, bottleneck: str, zstd_level: in
     msg = pb.EncodedTensor(shape=x.shape, dtype=_ET.DTYPE_INT8, bottleneck=bottleneck, raw_size=len(raw),
                            crc32=zlib.crc32(raw))
     msg.compression, msg.payload = ((_ET.COMPRESSION_NONE, raw) if zstd_level == 0 else
-                                    (_ET.COMPRESSION_ZSTD, _compressor(zstd_level).compress(raw)))
+                                    (_ET.COMPRESSION_ZSTD, _compressor(zstd_level, dictionary).compress(raw)))
     return msg
 
 
@@ -228,12 +240,14 @@ def _quantize(x: np.ndarray, dtype: str) -> tuple[bytes, np.ndarray | None]:
 # --------------------------------------------------------------------------- decode
 
 
-def decode(msg: pb.EncodedTensor, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
+def decode(msg: pb.EncodedTensor, limits: DecodeLimits = DecodeLimits(),
+           dictionary: zstandard.ZstdCompressionDict | None = None) -> np.ndarray:
     """The float32 tensor a message carries, in its sent shape (a bottleneck's code as its integers).
 
     That is the dense ``shape`` of the message, or (B, num_prefix + k, D) when
     tokens were selected: dropped tokens are not re-inflated, and
-    ``decode_indices`` says which patch tokens the rows are.
+    ``decode_indices`` says which patch tokens the rows are. A zstd frame made with a dictionary
+    decodes only with that ``dictionary``.
     """
     payload = msg.payload  # read once: each access copies
     if len(payload) > limits.max_payload_bytes:
@@ -257,7 +271,7 @@ def decode(msg: pb.EncodedTensor, limits: DecodeLimits = DecodeLimits()) -> np.n
     if msg.raw_size != implied:
         raise CodecError(f"declared raw size {msg.raw_size} != {implied} bytes implied by {sent_shape} {dtype.name}")
 
-    raw = _decompress(payload, msg.compression, msg.raw_size, limits.max_raw_bytes)
+    raw = _decompress(payload, msg.compression, msg.raw_size, limits.max_raw_bytes, dictionary)
     if zlib.crc32(raw) != msg.crc32:
         raise CodecError("CRC-32 of the decoded bytes does not match: payload corrupted")
 
@@ -345,7 +359,8 @@ def _check_scales(msg: pb.EncodedTensor, dtype: np.dtype, rows: int) -> np.ndarr
     return scales
 
 
-def _decompress(payload: bytes, compression: int, raw_size: int, max_raw_bytes: int) -> bytes:
+def _decompress(payload: bytes, compression: int, raw_size: int, max_raw_bytes: int,
+                dictionary: zstandard.ZstdCompressionDict | None = None) -> bytes:
     """The raw bytes, after checking every size the frame declares; ``raw_size`` is already bounded."""
     if compression == _ET.COMPRESSION_NONE:
         if len(payload) != raw_size:
@@ -364,8 +379,13 @@ def _decompress(payload: bytes, compression: int, raw_size: int, max_raw_bytes: 
         )
     if declared != raw_size:
         raise CodecError(f"zstd frame declares {declared} bytes; raw_size says {raw_size}")
+    needs = zstandard.get_frame_parameters(payload).dict_id
+    have = 0 if dictionary is None else dictionary.dict_id()
+    if needs and needs != have:  # frames made without a dictionary decode anywhere
+        raise CodecError(f"zstd frame needs dictionary {needs}; this receiver has {have or 'none'}")
     try:
-        raw = _decompressor().decompress(payload, max_output_size=raw_size, allow_extra_data=False)
+        raw = _decompressor(dictionary if needs else None).decompress(payload, max_output_size=raw_size,
+                                                                      allow_extra_data=False)
     except zstandard.ZstdError as exc:
         raise CodecError(f"corrupt zstd payload: {exc}") from None
     if len(raw) != raw_size:

@@ -32,6 +32,7 @@ class BottleneckConfig:
     channels: int  # code values per token
     bits: int = 4  # each value is an integer in [-(2^(bits-1) - 1), 2^(bits-1) - 1]
     hidden: int = 0  # width of the encoder's and decoder's hidden layer; 0: the token width
+    dictionary_bytes: int = 0  # size of the zstd dictionary trained on its codes (0: none), shipped in the weights
 
     def __post_init__(self) -> None:
         if self.channels < 1:
@@ -40,6 +41,8 @@ class BottleneckConfig:
             raise ValueError(f"bottleneck bits must be in 2..{MAX_BITS}, not {self.bits}")
         if self.hidden < 0:
             raise ValueError(f"hidden width must be >= 0, not {self.hidden}")
+        if self.dictionary_bytes < 0:
+            raise ValueError(f"dictionary size must be >= 0, not {self.dictionary_bytes}")
 
     @property
     def levels(self) -> int:
@@ -67,6 +70,13 @@ class Bottleneck(nn.Module):
                                      nn.Linear(hidden, config.channels))
         self.decoder = nn.Sequential(nn.Linear(config.channels, hidden), nn.GELU(), nn.Linear(hidden, hidden),
                                      nn.GELU(), nn.Linear(hidden, dim))
+        # zstd codes small messages far better with a dictionary of what they usually hold; it travels in
+        # the checkpoint (and its fingerprint) so that both ends have the same one.
+        self.register_buffer("zstd_dictionary", torch.zeros(config.dictionary_bytes, dtype=torch.uint8))
+
+    def dictionary(self) -> bytes | None:
+        """The trained zstd dictionary of its codes, or None."""
+        return self.zstd_dictionary.numpy().tobytes() if self.zstd_dictionary.numel() else None
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, N, D) tokens -> (B, N, channels) integer-valued code (float dtype, straight-through rounding)."""
