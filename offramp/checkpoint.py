@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,7 @@ def bottleneck_id(model: MultiExitModel) -> str:
         return ""
     config = model.config.bottleneck
     state = {k: v for k, v in model.bottleneck.state_dict().items()}
-    return f"{config.name}:{_digest(asdict(config), state)[:16]}"
+    return f"{config.name}:{_digest(config.to_dict(), state)[:16]}"
 
 
 def _digest(header: dict[str, Any], state: dict[str, torch.Tensor]) -> str:

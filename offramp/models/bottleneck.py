@@ -14,6 +14,7 @@ token backbone and keeps the token grid (top-k selection is then unnecessary).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,14 @@ class BottleneckConfig:
         if self.dictionary_bytes < 0:
             raise ValueError(f"dictionary size must be >= 0, not {self.dictionary_bytes}")
 
+    def to_dict(self) -> dict[str, int]:
+        """As stored in the card; without a dictionary the key is left out (cards made before it keep their
+        fingerprint)."""
+        d = dataclasses.asdict(self)
+        if not d["dictionary_bytes"]:
+            del d["dictionary_bytes"]
+        return d
+
     @property
     def levels(self) -> int:
         """Largest code magnitude (symmetric, so 0 is exact)."""
@@ -72,7 +81,8 @@ class Bottleneck(nn.Module):
                                      nn.GELU(), nn.Linear(hidden, dim))
         # zstd codes small messages far better with a dictionary of what they usually hold; it travels in
         # the checkpoint (and its fingerprint) so that both ends have the same one.
-        self.register_buffer("zstd_dictionary", torch.zeros(config.dictionary_bytes, dtype=torch.uint8))
+        self.register_buffer("zstd_dictionary", torch.zeros(config.dictionary_bytes, dtype=torch.uint8),
+                             persistent=config.dictionary_bytes > 0)  # none: nothing stored, as before it existed
 
     def dictionary(self) -> bytes | None:
         """The trained zstd dictionary of its codes, or None."""

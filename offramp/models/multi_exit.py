@@ -87,6 +87,8 @@ class ModelConfig:
         for key in ("audio", "target_stats", "bottleneck"):
             if d[key] is None:
                 del d[key]
+        if self.bottleneck is not None:
+            d["bottleneck"] = self.bottleneck.to_dict()
         return d
 
     @classmethod
