@@ -13,11 +13,17 @@ Every request gets exactly one ``InferReply``:
 Stage timings (milliseconds) go into every reply: ``preprocess`` (by the
 caller), ``queue``, ``edge_compute`` (the whole local batch the sample ran in),
 ``encode``, ``offload_rtt``, ``cloud`` (the cloud's own total) and ``total``.
+The same timings feed the edge's measurements (``measure``), from which a
+latency controller (``adaptive``), where a target is set, picks each batch's
+thresholds.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -25,15 +31,19 @@ import torch
 
 from offramp.checkpoint import Card
 from offramp.codec import CodecConfig, encode
+from offramp.config import CalibrationTable
+from offramp.exit_policy import always_leave, never_leave
 from offramp.netem.profiles import slowed
 from offramp.serving.batcher import Batcher, lone_on_loop
 from offramp.serving.replies import answer_reply
 from offramp.split import EdgeHalf
 from offramp.wire import make_status, pb
 
+from .adaptive import Adaptive, options_for
+from .measure import Measurements
 from .metrics import EdgeMetrics
-from .offload import CloudError, CloudUnavailable, OffloadClient, OffloadError
-from .policy import ExitPolicy
+from .offload import CloudError, CloudUnavailable, DeadlineExceeded, OffloadClient, OffloadError
+from .policy import ExitPolicy, PolicySettings
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,46 @@ class EdgeEngine:
             self._run_batch, max_batch, lone_on_loop=lone_on_loop(half.device, sleeps=slowdown > 1.0),
             on_batch=self.metrics.batch_size.observe, name="edge-compute")
         self.metrics.watch_queue(self._batcher.depth)
+        self.measurements = Measurements({half.split_block: (math.nan,) * (half.num_exits + 1)})
+        self.adaptive: Adaptive | None = None
+        if offload is not None:
+            offload.on_rtt = self.measurements.probe
+        self.metrics.watch_measurements(self.measurements.snapshot, {half.split_block: [*self.exit_names, "split"]},
+                                        lambda: self.adaptive, lambda: self.policy)
+
+    def adapt(self, slo_ms: float, tables: Sequence[CalibrationTable]) -> None:
+        """Let a controller choose the thresholds to meet a p95 of ``slo_ms`` from the calibration ``tables``.
+
+        ``ValueError`` when the tables are not this edge's, or when the target is below the time the edge's
+        fastest exit takes here (profiled now): no choice could meet it.
+        """
+        options = options_for(tables, self.card.fingerprint, {self.half.split_block: self.exit_names},
+                              self.policy.get().score)
+        profile = self.profile()
+        if self.exit_names and slo_ms < min(profile[:-1]):
+            fastest = min(range(len(self.exit_names)), key=lambda k: profile[k])
+            raise ValueError(f"latency_slo_ms {slo_ms:g} is below what this edge needs to answer at all: its "
+                             f"fastest exit, {self.exit_names[fastest]}, takes {profile[fastest]:.1f} ms here")
+        self.adaptive = Adaptive(options, slo_ms, self.measurements, self.policy.get().score)
+        self.policy.follow(self.adaptive.settings)
+
+    def profile(self, repeats: int = 5) -> list[float]:
+        """Milliseconds one sample takes to be answered by each exit, then to reach the split encoded (medians
+        of ``repeats``); the runs are measurements too, so the controller knows every stage from the start."""
+        x = torch.zeros(1, *self.card.input_shape)
+        audio_config = self.card.config.audio
+        audio = None if not self.half.model.audiovisual else torch.zeros(1, *audio_config.input_shape)
+        score, exits = self.policy.get().score, self.half.num_exits
+        times = []
+        for stage in range(exits + 1):
+            thresholds = tuple(always_leave(score) if k == stage else never_leave(score) for k in range(exits))
+            runs = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                self._run_batch(x, audio, PolicySettings(thresholds, score))
+                runs.append(_ms(time.perf_counter() - t0))
+            times.append(statistics.median(runs))
+        return times
 
     def start(self) -> None:
         """Start computing and connecting (needs the running event loop)."""
@@ -101,7 +151,9 @@ class EdgeEngine:
         since = time.perf_counter() if since is None else since
         if (audio is None) == self.half.model.audiovisual:
             raise ValueError("audiovisual models need the audio input, others must not get one")
+        self.measurements.arrival()
         batched = await self._batcher.submit(x[None], None if audio is None else audio[None])
+        self.measurements.queued(_ms(batched.queue_s))
         outcome = batched.rows[0]
         stages = {**(stage_ms or {}), "queue": _ms(batched.queue_s), "edge_compute": _ms(batched.compute_s)}
         if outcome.encode_ms is not None:
@@ -112,6 +164,8 @@ class EdgeEngine:
         reply.stage_ms.update(stages)
         if reply.status.code == grpc.StatusCode.OK.value[0]:
             self.metrics.record(reply, degraded_kind)
+            if not (self.adaptive is None or self.adaptive.target_met or self.policy.pinned):
+                self.metrics.slo_unmet_answers.inc()
         return reply
 
     async def _decide(self, outcome: _Outcome, stages: dict[str, float]) -> tuple[pb.InferReply, str | None]:
@@ -141,8 +195,13 @@ class EdgeEngine:
         sent = time.perf_counter()
         try:
             cloud = await self.offload.infer(request, self.deadline_ms / 1000)
+        except DeadlineExceeded:
+            self.measurements.timed_out(request.ByteSize(), _ms(time.perf_counter() - sent))
+            raise
         finally:  # also when it fails: a degraded answer shows how long the cloud was waited for
             stages["offload_rtt"] = _ms(time.perf_counter() - sent)
+        self.measurements.offloaded(request.ByteSize(), stages["offload_rtt"], cloud.timings.queue_ms,
+                                    cloud.timings.compute_ms, cloud.timings.total_ms)
         stages["cloud"] = cloud.timings.total_ms
         stages["cloud_decode"], stages["cloud_queue"], stages["cloud_compute"] = (
             cloud.timings.decode_ms, cloud.timings.queue_ms, cloud.timings.compute_ms)
@@ -165,9 +224,15 @@ class EdgeEngine:
         reply.degraded_reason = degraded_reason
         return reply
 
-    def _run_batch(self, x: torch.Tensor, audio: torch.Tensor | None) -> list[_Outcome]:
-        """Exits for the whole batch (B, C, H, W) under one policy snapshot, then encode the survivors."""
-        policy = self.policy.get()
+    def _run_batch(self, x: torch.Tensor, audio: torch.Tensor | None,
+                   policy: PolicySettings | None = None) -> list[_Outcome]:
+        """Exits for the whole batch (B, C, H, W) under one policy snapshot (the one in force unless given),
+        then encode the survivors."""
+        if policy is None:
+            if self.adaptive is not None:
+                self.adaptive.tick()
+            policy = self.policy.get()
+        started = time.perf_counter()
         result = self._run_half(x, policy.run_thresholds(), policy.score, with_scores=self.codec.top_k is not None,
                                 audio=audio)
         survivor_row = {sample: row for row, sample in enumerate(result.offload.tolist())}
@@ -194,4 +259,6 @@ class EdgeEngine:
                 score=policy.score, tokens=tokens, audio_tokens=audio_tokens, encode_error=error, raw_bytes=raw,
                 encode_ms=encode_ms,
             ))
+        deepest = self.half.num_exits if len(result.offload) else int(result.exit_index.max())
+        self.measurements.batch(self.half.split_block, deepest, _ms(time.perf_counter() - started))
         return outcomes

@@ -9,7 +9,9 @@ without any error to show for it. Clouds are tried in the configured order
 with exponential back-off, and callers fail fast in the meantime, so the engine
 answers them from their best exit instead of letting them wait. While a
 secondary serves, the clouds before it are asked every few seconds whether
-they are back; the client returns to the first that pairs (failback).
+they are back; the client returns to the first that pairs (failback). While
+connected, a tiny health check on the same connection every
+``probe_interval_s`` times the round trip without payload (``on_rtt``).
 """
 from __future__ import annotations
 
@@ -18,10 +20,11 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from offramp.security import bearer_metadata
 from offramp.wire import pb, pb_grpc, status_code
@@ -63,6 +66,7 @@ class OffloadSettings:
     failback_check_s: float = 2.0  # while a secondary serves, how often to ask the clouds before it; 0: never
     keepalive_s: float = 20.0  # ping the cloud this often; an unanswered ping ends the stream after
     keepalive_timeout_s: float = 10.0  # ... this long: a half-open connection is noticed within their sum
+    probe_interval_s: float = 0.5  # time a health check on the connection this often (the rtt); 0: never
 
 
 def pairing_problem(cloud: pb.DescribeReply, fingerprint: str, split_block: int) -> str | None:
@@ -130,6 +134,7 @@ class OffloadClient:
         self._problems: dict[str, str] = {}  # address -> why it is not in use
         self._task: asyncio.Task[None] | None = None
         self._failing_back = False  # the stream is ending because a cloud before it is back
+        self.on_rtt: Callable[[float], None] | None = None  # told each probe's round trip, in milliseconds
 
     @property
     def connected_to(self) -> str | None:
@@ -247,6 +252,8 @@ class OffloadClient:
             reason = "the cloud closed the stream"
             watcher = (asyncio.create_task(self._watch_preferred(rank, stream, call))
                        if rank > 0 and self.settings.failback_check_s > 0 else None)
+            prober = (asyncio.create_task(self._probe(channel))
+                      if self.on_rtt is not None and self.settings.probe_interval_s > 0 else None)
             try:
                 async for reply in call:
                     self._resolve(reply)
@@ -261,6 +268,9 @@ class OffloadClient:
                 self._stream = None
                 call.cancel()
                 stream.outbox.put_nowait(None)  # its request iterator ends rather than wait on a dead stream
+                if prober is not None:
+                    prober.cancel()
+                    await asyncio.gather(prober, return_exceptions=True)
                 if watcher is not None:
                     watcher.cancel()
                     [outcome] = await asyncio.gather(watcher, return_exceptions=True)
@@ -272,6 +282,21 @@ class OffloadClient:
             log.warning("lost cloud %s: %s; %d requests in flight fall back", address, reason, len(self._pending))
             self._fail_pending(CloudUnavailable(f"cloud unavailable: lost {address}: {reason}"))
             return time.monotonic() - started
+
+    async def _probe(self, channel: grpc.aio.Channel) -> None:
+        """Time a health check on the offload connection every ``probe_interval_s``: with no payload to carry,
+        the quickest of them is the link's round trip (the gRPC service itself costs well under a millisecond)."""
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            await asyncio.sleep(self.settings.probe_interval_s)
+            t0 = time.perf_counter()
+            try:
+                await stub.Check(health_pb2.HealthCheckRequest(), timeout=self.settings.connect_timeout_s)
+            except grpc.aio.AioRpcError as e:
+                log.debug("rtt probe failed: %s", e.code().name)
+                continue
+            if self.on_rtt is not None:
+                self.on_rtt((time.perf_counter() - t0) * 1000)
 
     def _note(self, address: str, problem: str, level: int, message: str) -> None:
         """Remember why ``address`` is not in use; log it when it is news (retries repeat it every round)."""

@@ -3,11 +3,15 @@
 The policy in force is one immutable ``PolicySettings`` value behind a lock:
 a batch reads it once, so a run-time change never applies half-way through a
 batch, and every change is validated against the model before it takes over.
+On an edge with a latency target a controller chooses the settings
+(``follow``); a change over the admin RPC pins them until ``unpin`` hands the
+choice back.
 """
 from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from offramp.errors import OfframpError
@@ -58,6 +62,30 @@ class ExitPolicy:
         self.task = task
         self._lock = threading.Lock()
         self._settings = self.validate(settings)
+        self._chooser: Callable[[], PolicySettings | None] | None = None
+        self._pinned = False
+
+    def follow(self, chooser: Callable[[], PolicySettings | None]) -> None:
+        """Take the settings from ``chooser`` (a controller; None: it has not chosen yet) unless pinned."""
+        self._chooser = chooser
+
+    @property
+    def adaptive(self) -> bool:
+        """A controller chooses the settings now: there is one and nothing is pinned."""
+        return self._chooser is not None and not self._pinned
+
+    @property
+    def pinned(self) -> bool:
+        return self._pinned
+
+    def unpin(self) -> PolicySettings:
+        """Hand the choice back to the controller; returns the policy now in force."""
+        if self._chooser is None:
+            raise PolicyError("this edge has no latency target (latency_slo_ms): there is no controller to "
+                              "hand the thresholds to")
+        with self._lock:
+            self._pinned = False
+        return self.get()
 
     def validate(self, settings: PolicySettings) -> PolicySettings:
         """``settings`` if they fit this model; a ``PolicyError`` saying what is wrong otherwise."""
@@ -78,11 +106,15 @@ class ExitPolicy:
 
     def get(self) -> PolicySettings:
         with self._lock:
-            return self._settings
+            settings, chooser = self._settings, None if self._pinned else self._chooser
+        chosen = chooser() if chooser is not None else None
+        return settings if chosen is None else chosen
 
     def set(self, settings: PolicySettings) -> PolicySettings:
-        """Validate, then replace the whole policy at once; returns the policy now in force."""
+        """Validate, then replace the whole policy at once (pinning it, where a controller chooses); returns
+        the policy now in force."""
         checked = self.validate(settings)
         with self._lock:
             self._settings = checked
+            self._pinned = self._chooser is not None
         return checked

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from wsgiref.simple_server import WSGIServer
@@ -68,16 +69,21 @@ class EdgeServicer(pb_grpc.EdgeServicer):
             yield reply
 
     async def GetPolicy(self, request: pb.GetPolicyRequest, context: grpc.aio.ServicerContext) -> pb.Policy:
-        return self.engine.policy.get().to_proto()
+        return policy_reply(self.engine)
 
     async def SetPolicy(self, request: pb.Policy, context: grpc.aio.ServicerContext) -> pb.Policy:
+        policy = self.engine.policy
         try:
-            settings = self.engine.policy.set(PolicySettings.from_proto(request))
+            if request.adaptive:
+                policy.unpin()
+                log.info("policy handed back to the latency controller")
+            else:
+                settings = policy.set(PolicySettings.from_proto(request))
+                log.info("policy %s: thresholds %s, score %s, offload %s", "pinned" if policy.pinned else "changed",
+                         list(settings.thresholds), settings.score, "on" if settings.offload_enabled else "off")
         except PolicyError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        log.info("policy changed: thresholds %s, score %s, offload %s", list(settings.thresholds), settings.score,
-                 "on" if settings.offload_enabled else "off")
-        return settings.to_proto()
+        return policy_reply(self.engine)
 
     async def _answer(self, request: pb.InferRequest) -> pb.InferReply:
         """The one reply to ``request``; errors become its status rather than exceptions."""
@@ -98,6 +104,35 @@ class EdgeServicer(pb_grpc.EdgeServicer):
         if reply.status.code != grpc.StatusCode.OK.value[0]:
             self.engine.metrics.rejected.labels(status_code(reply.status).name).inc()
         return reply
+
+
+def policy_reply(engine: EdgeEngine) -> pb.Policy:
+    """The policy in force, whether a controller chose it, and the measurements (and choice) behind it."""
+    reply = engine.policy.get().to_proto()
+    reply.adaptive = engine.policy.adaptive
+    m, state = engine.measurements.snapshot(), reply.state
+    for name, value in (("rtt_ms", m.rtt_ms), ("transfer_ms", m.transfer_ms),
+                        ("uplink_bytes_per_s", m.uplink_bytes_per_s), ("offload_bytes", m.offload_bytes),
+                        ("cloud_ms", m.cloud_ms), ("cloud_queue_ms", m.cloud_queue_ms),
+                        ("cloud_compute_ms", m.cloud_compute_ms)):
+        if value is not None:
+            setattr(state, name, value)
+    state.edge_queue_ms, state.request_rate = m.edge_queue_ms, m.request_rate
+    stages = [*engine.exit_names, "split"]
+    state.compute_ms.update({name: ms for name, ms in zip(stages, m.compute_ms[engine.half.split_block])
+                             if not math.isnan(ms)})
+    adaptive = engine.adaptive
+    if adaptive is not None:
+        state.latency_slo_ms = adaptive.slo_ms
+        decision = adaptive.decision
+        if decision is not None:
+            o = decision.option
+            state.predicted_p95_ms, state.target_met, state.reason = (decision.predicted_p95_ms,
+                                                                      decision.target_met, decision.reason)
+            state.expected_accuracy, state.expected_offload, state.split_block = o.accuracy, o.offload, o.split_block
+            state.changes = decision.state.changes
+            state.chosen_thresholds.extend(o.thresholds)
+    return reply
 
 
 def build_engine(config: EdgeConfig) -> EdgeEngine:
@@ -125,11 +160,17 @@ def build_engine(config: EdgeConfig) -> EdgeEngine:
                 keepalive_s=config.keepalive_s, keepalive_timeout_s=config.keepalive_timeout_s,
                 max_message_bytes=config.max_message_bytes,
                 credentials=credentials, server_name=config.cloud_tls_server_name, token=token))
-        return EdgeEngine(half, card, policy, codec, config.deadline_ms, offload, config.max_batch, config.slowdown)
+        engine = EdgeEngine(half, card, policy, codec, config.deadline_ms, offload, config.max_batch, config.slowdown)
     except PolicyError as e:
         raise OfframpError(f"edge policy: {e}") from None
     except ValueError as e:
         raise OfframpError(f"cannot serve '{config.checkpoint}': {e}") from None
+    if config.latency_slo_ms is not None:
+        try:
+            engine.adapt(config.latency_slo_ms, config.calibration)
+        except ValueError as e:
+            raise OfframpError(str(e)) from None
+    return engine
 
 
 def admin_guard(config: EdgeConfig) -> list[BearerTokenInterceptor]:
@@ -174,6 +215,9 @@ async def serve(config: EdgeConfig) -> EdgeServer:
     log.info("offramp edge listening on %s (split block %d, exits %s, thresholds %s, score %s, clouds %s)",
              edge.address, engine.half.split_block, ",".join(engine.exit_names) or "none",
              list(policy.thresholds), policy.score, ",".join(config.cloud) or "none")
+    if engine.adaptive is not None:
+        log.info("latency target: p95 %g ms; the controller chooses among %d calibrated options",
+                 engine.adaptive.slo_ms, len(engine.adaptive.options))
     if edge.metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", listen_host(config.listen), edge.metrics_port)
     log.info("settings: %s", ", ".join(f"{k}={v!r}" for k, v in non_defaults(config).items()))

@@ -1,7 +1,6 @@
 """The edge daemon over real sockets: exits, offload to a real cloud, fallback, policy, inputs, CLI, calibration."""
 from __future__ import annotations
 
-import dataclasses
 import io
 import math
 import threading
@@ -128,7 +127,11 @@ def test_set_policy_changes_the_offload_rate_at_run_time(
             with pytest.raises(grpc.RpcError) as error:
                 stub.SetPolicy(bad, timeout=10)
             assert error.value.code() is grpc.StatusCode.INVALID_ARGUMENT and message in error.value.details()
-        assert stub.GetPolicy(pb.GetPolicyRequest(), timeout=10) == off  # refused changes change nothing
+        now = stub.GetPolicy(pb.GetPolicyRequest(), timeout=10)
+        assert PolicySettings.from_proto(now) == PolicySettings.from_proto(off)  # refused changes change nothing
+        assert not now.adaptive and now.state.rtt_ms > 0 and now.state.offload_bytes > 0  # what the edge measured
+        with pytest.raises(grpc.RpcError, match="no latency target"):  # nothing to hand the thresholds back to
+            stub.SetPolicy(pb.Policy(adaptive=True), timeout=10)
 
 
 def png_bytes(x: torch.Tensor) -> bytes:
@@ -280,7 +283,7 @@ def test_calibrate_writes_a_config_the_edge_loads(tiny_checkpoint: Path, start_e
     assert f"created {toml}" in capsys.readouterr().out
     config = load_config(EdgeConfig, toml)
     assert Path(config.checkpoint).resolve() == tiny_checkpoint.resolve() and len(config.thresholds) == 2
-    edge = start_edge(**{**dataclasses.asdict(config), **EDGE_TEST_SETTINGS})
+    edge = start_edge(**{**vars(config), **EDGE_TEST_SETTINGS})
     with edge_stub(edge.address) as stub:
         assert stub.Infer(tensor_request(0, inputs[0]), timeout=10).status.code == 0
 
