@@ -95,7 +95,7 @@ class Adaptive:
         if decision is None:
             return None
         o = decision.option
-        return PolicySettings(o.thresholds, self.score, offload_enabled=not o.local_only)
+        return PolicySettings(o.thresholds, self.score, offload_enabled=not o.local_only, split_block=o.split_block)
 
     @property
     def target_met(self) -> bool:

@@ -40,7 +40,7 @@ from offramp.checkpoint import load_checkpoint
 from offramp.config import CalibrationPoint, CalibrationTable
 from offramp.errors import OfframpError
 from offramp.pipeline import load_validation
-from offramp.exit_policy import always_leave, edge_exit_ids, higher_is_confident, never_leave, walk
+from offramp.exit_policy import always_leave, edge_exit_ids, exits_up_to, higher_is_confident, never_leave, walk
 from offramp.scores import check_score, default_score
 from offramp.train import HeadResult, evaluate
 
@@ -88,8 +88,7 @@ class Calibration:
     samples: int
     metric: str  # "accuracy", or "mae" for regression
     table: tuple[OperatingPoint, ...] = ()  # the best point per offload share, fewest offloads first
-    fingerprint: str = ""  # of the checkpoint calibrated
-    split_block: int = 0
+    tables: tuple[CalibrationTable, ...] = ()  # as the edge config stores them, one per split block
 
     def summary(self) -> str:
         p, sign = self.chosen, ">=" if higher_is_confident(self.score) else "<="
@@ -107,17 +106,10 @@ class Calibration:
             f"  expected      {quality}",
             f"  offload rate  {p.offload:.1%}",
             "  answered by   " + ", ".join(answered),
-            *([f"  table         {len(self.table)} operating points, offload {self.table[0].offload:.0%} to "
-               f"{self.table[-1].offload:.0%}, for latency_slo_ms"] if self.table else []),
+            *(f"  table         split block {t.split_block}: {len(t.points)} operating points, offload "
+              f"{t.points[0].offload:.0%} to {t.points[-1].offload:.0%}, for latency_slo_ms" for t in self.tables),
             "  (the cloud is assumed to answer as the full model does; codec loss is not included)",
         ])
-
-    def config_table(self) -> CalibrationTable:
-        """The operating points as the edge config stores them (rounded where exactness buys nothing)."""
-        return CalibrationTable(self.fingerprint, self.split_block, self.score, self.exit_names, self.samples, tuple(
-            CalibrationPoint(tuple(float(t) for t in p.thresholds), round(p.quality, 6), round(p.offload, 6),
-                             tuple(round(x, 6) for x in p.shares))
-            for p in self.table))
 
 
 class _Cascade:
@@ -203,15 +195,36 @@ def calibrate_checkpoint(checkpoint: str | Path, target: Target, score: str | No
     configured = _read_edge_toml(Path(edge_toml)) if edge_toml is not None else {}
     score = score or configured.get("score") or default_score(task)
     split = configured.get("split_block", card.split_block)
+    names = configured.get("exits")
     try:
         check_score(score, task)
         val, _ = load_validation(card, data)
         results = evaluate(model, val, score=score)
-        ids = edge_exit_ids(model.exit_configs, split, configured.get("exits"))
+        ids = edge_exit_ids(model.exit_configs, split, names)
         result = calibrate([results[i] for i in ids], results[-1], score, target, table=True)
-        return dataclasses.replace(result, fingerprint=card.fingerprint, split_block=split)
+        tables = []
+        for s in configured.get("split_blocks") or [split]:  # the controller's table for each split it may use
+            s_ids = edge_exit_ids(model.exit_configs, s, exits_up_to(model.exit_configs, names, s))
+            points = (result.table if s == split else
+                      calibrate([results[i] for i in s_ids], results[-1], score, target, table=True).table
+                      if s_ids else (_everything_offloaded(results[-1]),))
+            tables.append(CalibrationTable(card.fingerprint, s, score, tuple(results[i].name for i in s_ids),
+                                           result.samples, tuple(_stored(p) for p in points)))
+        return dataclasses.replace(result, tables=tuple(tables))
     except ValueError as e:
         raise OfframpError(str(e)) from None
+
+
+def _stored(p: OperatingPoint) -> CalibrationPoint:
+    """A point as the edge config stores it: thresholds exact, the rest rounded where digits buy nothing."""
+    return CalibrationPoint(tuple(float(t) for t in p.thresholds), round(p.quality, 6), round(p.offload, 6),
+                            tuple(round(x, 6) for x in p.shares))
+
+
+def _everything_offloaded(final: HeadResult) -> OperatingPoint:
+    """The one point of a split with no exit on the edge."""
+    quality = final.correct if final.correct is not None else -final.error
+    return OperatingPoint((), float(np.mean(quality)), 1.0, (1.0,))
 
 
 def _read_edge_toml(path: Path) -> dict[str, Any]:

@@ -158,7 +158,7 @@ def _add_policy(sub: argparse._SubParsersAction) -> None:
         action.add_argument("--admin-token-file", metavar="PATH",
                             help="file holding the edge's admin token (its admin_token_file)")
     get.set_defaults(run=_run_policy)
-    add_config_flags(put, EdgeConfig, ("thresholds", "score", "offload_enabled"), with_defaults=False)
+    add_config_flags(put, EdgeConfig, ("thresholds", "score", "offload_enabled", "split_block"), with_defaults=False)
     put.set_defaults(run=_run_policy)
 
 
@@ -177,8 +177,15 @@ def _run_policy(args: argparse.Namespace) -> int:
             if args.action == "unpin":
                 policy = stub.SetPolicy(pb.Policy(adaptive=True), timeout=10, metadata=metadata)
             if args.action == "set":
-                if args.thresholds is None and args.score is None and args.offload_enabled is None:
-                    raise OfframpError("nothing to set: give --thresholds, --score or --offload")
+                if (args.thresholds is None and args.score is None and args.offload_enabled is None
+                        and args.split_block is None):
+                    raise OfframpError("nothing to set: give --thresholds, --score, --offload or --split-block")
+                policy.ClearField("state")
+                policy.adaptive = False  # the given parts over the policy in force, pinned
+                if args.split_block is not None:
+                    policy.split_block = args.split_block
+                elif args.thresholds is not None:  # new thresholds are for the edge's split unless told otherwise
+                    policy.ClearField("split_block")
                 if args.thresholds is not None:
                     policy.ClearField("thresholds")
                     policy.thresholds.extend(args.thresholds)
@@ -199,6 +206,8 @@ def describe_policy(policy: pb.Policy) -> list[str]:
         return f"{value:.1f} ms"
 
     thresholds = ", ".join(f"{t:g}" for t in policy.thresholds) or "(no exits)"
+    if policy.HasField("split_block"):
+        thresholds += f" (split block {policy.split_block})"
     lines = [f"thresholds: {thresholds}", f"score:      {policy.score}",
              f"offload:    {'on' if policy.offload_enabled else 'off'}"]
     s = policy.state

@@ -71,6 +71,10 @@ class Conditions:
     serialise_ms: float = 0.0  # the same, typical: how long one offload holds the uplink
     cloud_ms: float = 0.0  # the cloud's own time per request (decode, queue, compute), high quantile
     request_rate: float = 0.0  # requests per second reaching the edge
+    cloud_by_split: Mapping[int, float] = field(default_factory=dict)  # cloud_ms per split block, where known
+
+    def cloud_for(self, split: int) -> float:
+        return self.cloud_by_split.get(split, self.cloud_ms)
 
     def utilisation(self, offload: float) -> float:
         """Share of the uplink's time offloads take at this offload share."""
@@ -85,7 +89,7 @@ def predict_p95(option: Option, c: Conditions) -> float:
     rho = c.utilisation(f)
     if f > 0 and rho >= MAX_UTILISATION:
         return math.inf
-    d = c.edge_queue_ms + compute[-1] + (c.rtt_ms or 0.0) + c.transfer_ms + c.cloud_ms
+    d = c.edge_queue_ms + compute[-1] + (c.rtt_ms or 0.0) + c.transfer_ms + c.cloud_for(option.split_block)
     wait_scale = c.serialise_ms / (1 - rho) if rho > 0 else 0.0
 
     def beyond(t: float) -> float:

@@ -47,8 +47,7 @@ def calibrate_into(path: str | Path, checkpoint: str | Path, target: Target, sco
 
     check_checkpoint(path, checkpoint)  # before the evaluation, not after it
     result = calibrate_checkpoint(checkpoint, target, score=score, data=data, edge_toml=path)
-    return result, write_thresholds(path, checkpoint, result.chosen.thresholds, result.score,
-                                    (result.config_table(),))
+    return result, write_thresholds(path, checkpoint, result.chosen.thresholds, result.score, result.tables)
 
 
 def write_thresholds(path: str | Path, checkpoint: str | Path, thresholds: tuple[float, ...], score: str,

@@ -98,7 +98,8 @@ class _Measured(Collector):
         for name, text, ms in seconds:
             yield from _gauge(f"offramp_edge_measured_{name}_seconds", text, None if ms is None else ms / 1000)
         yield from _gauge("offramp_edge_measured_uplink_bytes_per_second",
-                          "Effective uplink bandwidth: bytes per offload over its time on the link", m.uplink_bytes_per_s)
+                          "Effective uplink bandwidth: bytes per offload over its time on the link",
+                          m.uplink_bytes_per_s)
         yield from _gauge("offramp_edge_measured_offload_bytes", "Bytes per offloaded sample (median)",
                           m.offload_bytes)
         yield from _gauge("offramp_edge_measured_request_rate", "Requests per second reaching the edge",

@@ -20,7 +20,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -69,13 +69,20 @@ class OffloadSettings:
     probe_interval_s: float = 0.5  # time a health check on the connection this often (the rtt); 0: never
 
 
-def pairing_problem(cloud: pb.DescribeReply, fingerprint: str, split_block: int) -> str | None:
-    """Why the edge must not send tokens to this cloud, or None if the halves belong together."""
+def pairing_problem(cloud: pb.DescribeReply, fingerprint: str, split_blocks: int | Sequence[int]) -> str | None:
+    """Why the edge must not send tokens to this cloud, or None if the halves belong together: the same
+    model, and every split block the edge may stop after among those the cloud resumes from."""
     if cloud.fingerprint != fingerprint:
         return (f"it serves a different model (fingerprint {cloud.fingerprint[:12] or '<none>'}..., "
                 f"the edge has {fingerprint[:12]}...)")
-    if cloud.split_block != split_block:
-        return f"it resumes after block {cloud.split_block}, the edge stops after block {split_block}"
+    wanted = [split_blocks] if isinstance(split_blocks, int) else list(split_blocks)
+    served = list(cloud.split_blocks) or [cloud.split_block]  # older clouds list none: their split_block
+    missing = [s for s in wanted if s not in served]
+    if missing:
+        if len(served) == 1 and len(wanted) == 1:
+            return f"it resumes after block {served[0]}, the edge stops after block {wanted[0]}"
+        return (f"it resumes after blocks {', '.join(map(str, served))}, the edge may stop after "
+                f"{', '.join(map(str, wanted))} (not served: {', '.join(map(str, missing))})")
     return None
 
 
@@ -104,13 +111,14 @@ class _Stream:
 class OffloadClient:
     """Offloads requests to the first usable cloud of ``addresses``, with failover and reconnection."""
 
-    def __init__(self, addresses: list[str], fingerprint: str, split_block: int,
+    def __init__(self, addresses: list[str], fingerprint: str, split_blocks: int | Sequence[int],
                  settings: OffloadSettings = OffloadSettings()) -> None:
+        """``split_blocks``: every block the edge may stop after; a cloud must resume from each."""
         if not addresses:
             raise ValueError("an offload client needs at least one cloud address")
         self.addresses = list(addresses)
         self.fingerprint = fingerprint
-        self.split_block = split_block
+        self.split_blocks = [split_blocks] if isinstance(split_blocks, int) else list(split_blocks)
         self.settings = settings
         self._options = [
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -210,7 +218,7 @@ class OffloadClient:
         except grpc.aio.AioRpcError as e:
             self._note(address, f"{e.code().name} ({e.details()})", logging.WARNING, "cloud %s is unreachable: %s")
             return None
-        problem = pairing_problem(cloud, self.fingerprint, self.split_block)
+        problem = pairing_problem(cloud, self.fingerprint, self.split_blocks)
         if problem is not None:
             self._note(address, f"refused: {problem}", logging.ERROR, "REFUSING cloud %s: %s")
             return None
@@ -247,7 +255,8 @@ class OffloadClient:
             started = time.monotonic()
             self._stream = stream
             self._problems.pop(address, None)
-            log.info("offloading to cloud %s (split block %d, max batch %d)", address, cloud.split_block,
+            log.info("offloading to cloud %s (split block%s %s, max batch %d)", address,
+                     "s" if len(self.split_blocks) > 1 else "", ",".join(map(str, self.split_blocks)),
                      cloud.max_batch_size)
             reason = "the cloud closed the stream"
             watcher = (asyncio.create_task(self._watch_preferred(rank, stream, call))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from offramp.errors import OfframpError
@@ -37,17 +37,20 @@ class PolicySettings:
     thresholds: tuple[float, ...]
     score: str
     offload_enabled: bool = True
+    split_block: int | None = None  # which of the edge's split blocks; None: its split_block
 
     def run_thresholds(self) -> list[float]:
         """The thresholds to run the exits with: without offload the last exit must take every sample."""
         return thresholds_to_run(self.thresholds, self.score, self.offload_enabled)
 
     def to_proto(self) -> pb.Policy:
-        return pb.Policy(thresholds=self.thresholds, score=self.score, offload_enabled=self.offload_enabled)
+        return pb.Policy(thresholds=self.thresholds, score=self.score, offload_enabled=self.offload_enabled,
+                         split_block=self.split_block)
 
     @classmethod
     def from_proto(cls, message: pb.Policy) -> "PolicySettings":
-        return cls(tuple(message.thresholds), message.score, message.offload_enabled)
+        split = message.split_block if message.HasField("split_block") else None
+        return cls(tuple(message.thresholds), message.score, message.offload_enabled, split)
 
 
 def default_settings(num_exits: int, score: str, offload_enabled: bool = True) -> PolicySettings:
@@ -57,8 +60,11 @@ def default_settings(num_exits: int, score: str, offload_enabled: bool = True) -
 class ExitPolicy:
     """The policy in force on one edge, safe to read from the compute thread and replace from RPCs."""
 
-    def __init__(self, settings: PolicySettings, num_exits: int, task: str) -> None:
+    def __init__(self, settings: PolicySettings, num_exits: int, task: str,
+                 splits: Mapping[int, int] | None = None) -> None:
+        """``num_exits``: of the edge's split block; ``splits``: every split block it runs, with its exit count."""
         self.num_exits = num_exits
+        self.splits = dict(splits or {})
         self.task = task
         self._lock = threading.Lock()
         self._settings = self.validate(settings)
@@ -95,14 +101,21 @@ class ExitPolicy:
             check_score(settings.score, self.task)
         except ValueError as e:
             raise PolicyError(str(e)) from None
-        if len(settings.thresholds) != self.num_exits:
-            raise PolicyError(f"{len(settings.thresholds)} thresholds given, the edge has {self.num_exits} exits "
+        num_exits = self.num_exits
+        if settings.split_block is not None:
+            if settings.split_block not in self.splits:
+                runs = ", ".join(str(s) for s in sorted(self.splits)) or "only its split_block"
+                raise PolicyError(f"the edge does not hand over after block {settings.split_block} (it runs {runs})")
+            num_exits = self.splits[settings.split_block]
+        if len(settings.thresholds) != num_exits:
+            raise PolicyError(f"{len(settings.thresholds)} thresholds given, the edge has {num_exits} exits "
                               f"(one threshold per exit, cheapest first)")
         if any(math.isnan(t) for t in settings.thresholds):
             raise PolicyError("thresholds must be numbers, not NaN")
-        if not settings.offload_enabled and self.num_exits == 0:
+        if not settings.offload_enabled and num_exits == 0:
             raise PolicyError("offload cannot be disabled: the edge has no exit to answer with")
-        return PolicySettings(tuple(float(t) for t in settings.thresholds), settings.score, settings.offload_enabled)
+        return PolicySettings(tuple(float(t) for t in settings.thresholds), settings.score, settings.offload_enabled,
+                              settings.split_block)
 
     def get(self) -> PolicySettings:
         with self._lock:

@@ -29,6 +29,7 @@ from offramp.config import EdgeConfig, non_defaults
 from offramp.daemon import (DaemonServer, bind, grpc_server, listen_host, on_loopback, run_until_signalled,
                             start_metrics)
 from offramp.errors import OfframpError
+from offramp.exit_policy import exits_up_to
 from offramp.scores import default_score
 from offramp.security import ADMIN_METHODS, BearerTokenInterceptor, channel_credentials, read_token
 from offramp.serving.guard import MalformedLog, add_service
@@ -118,9 +119,10 @@ def policy_reply(engine: EdgeEngine) -> pb.Policy:
         if value is not None:
             setattr(state, name, value)
     state.edge_queue_ms, state.request_rate = m.edge_queue_ms, m.request_rate
-    stages = [*engine.exit_names, "split"]
-    state.compute_ms.update({name: ms for name, ms in zip(stages, m.compute_ms[engine.half.split_block])
-                             if not math.isnan(ms)})
+    several = len(engine.halves) > 1
+    for split, stages in engine.stage_names().items():  # "slvit@2", or "2/slvit@2" where the edge has several splits
+        state.compute_ms.update({f"{split}/{name}" if several else name: ms
+                                 for name, ms in zip(stages, m.compute_ms[split]) if not math.isnan(ms)})
     adaptive = engine.adaptive
     if adaptive is not None:
         state.latency_slo_ms = adaptive.slo_ms
@@ -141,26 +143,33 @@ def build_engine(config: EdgeConfig) -> EdgeEngine:
         torch.set_num_threads(config.threads)
     model, card = load_checkpoint(config.checkpoint)
     split = card.split_block if config.split_block is None else config.split_block
+    splits = config.split_blocks or (split,)
     task = card.config.task
     try:
+        if split not in splits:
+            raise ValueError(f"split_blocks must include the edge's split block {split} (the checkpoint's, unless "
+                             "split_block says otherwise)")
         half = EdgeHalf(model, split, config.device, config.dtype, config.exits)
+        others = [EdgeHalf(model, s, config.device, config.dtype, exits_up_to(model.exit_configs, config.exits, s))
+                  for s in splits if s != split]
         score = config.score or default_score(task)
         settings = (default_settings(half.num_exits, score, config.offload_enabled) if config.thresholds is None
                     else PolicySettings(config.thresholds, score, config.offload_enabled))
-        policy = ExitPolicy(settings, half.num_exits, task)
+        policy = ExitPolicy(settings, half.num_exits, task, {h.split_block: h.num_exits for h in (half, *others)})
         codec = CodecConfig(config.codec, config.top_k, config.zstd_level)
         offload = None
         if config.cloud:
             credentials = (channel_credentials(config.cloud_tls_ca, config.cloud_tls_cert, config.cloud_tls_key)
                            if config.cloud_tls_ca is not None else None)
             token = read_token(config.cloud_token_file) if config.cloud_token_file is not None else None
-            offload = OffloadClient(list(config.cloud), card.fingerprint, split, OffloadSettings(
+            offload = OffloadClient(list(config.cloud), card.fingerprint, splits, OffloadSettings(
                 backoff_initial_s=config.reconnect_initial_s, backoff_max_s=config.reconnect_max_s,
                 connect_timeout_s=config.connect_timeout_s, failback_check_s=config.failback_check_s,
                 keepalive_s=config.keepalive_s, keepalive_timeout_s=config.keepalive_timeout_s,
                 max_message_bytes=config.max_message_bytes,
                 credentials=credentials, server_name=config.cloud_tls_server_name, token=token))
-        engine = EdgeEngine(half, card, policy, codec, config.deadline_ms, offload, config.max_batch, config.slowdown)
+        engine = EdgeEngine(half, card, policy, codec, config.deadline_ms, offload, config.max_batch, config.slowdown,
+                            others)
     except PolicyError as e:
         raise OfframpError(f"edge policy: {e}") from None
     except ValueError as e:

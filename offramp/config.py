@@ -65,6 +65,12 @@ def require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _check_splits(splits: tuple[int, ...] | None) -> None:
+    require(splits is None or len(splits) > 0, "split_blocks must name at least one block (or be unset)")
+    require(splits is None or all(s >= 0 for s in splits), "split_blocks must not be negative")
+    require(splits is None or len(set(splits)) == len(splits), "split_blocks lists a block twice")
+
+
 def _check_address(address: str, key: str) -> None:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
@@ -113,6 +119,11 @@ class CloudConfig:
         metavar="NAME", example="cifar10-vit")
     listen: str = setting("Address to bind, HOST:PORT. Loopback by default so a first run exposes nothing; "
                           "port 0 picks a free port.", "127.0.0.1:0", metavar="HOST:PORT")
+    split_blocks: tuple[int, ...] | None = setting(
+        "Split blocks whose tails the cloud serves (2,4): an edge may hand over after any of them, e.g. earlier "
+        "when the link is fast and the cloud idle, later when the link is slow. Each has its own batches (tokens "
+        "of different blocks never share one). Unset: the checkpoint's split block.", None, metavar="K,K",
+        example=[2, 4])
     device: str = setting('"cpu", "cuda" or "cuda:N".', "cpu")
     dtype: Dtype = setting("Compute precision of the tail; reduced precision only pays off on GPUs.", "float32")
     max_batch: int = setting("Samples per forward pass across all edges: larger batches raise throughput until "
@@ -166,6 +177,7 @@ class CloudConfig:
         require(self.grace_s >= 0, "grace_s must not be negative")
         require(self.model_name is None or (self.model_name.strip() == self.model_name != ""),
                 "model_name must not be empty nor start or end with spaces")
+        _check_splits(self.split_blocks)
 
     @property
     def max_message_bytes(self) -> int:
@@ -200,6 +212,11 @@ class EdgeConfig:
                                     "goes upstream.", True, flag="offload")
     split_block: int | None = setting("Block after which the edge hands over; unset: the checkpoint's. The cloud "
                                       "must resume there too.", None, metavar="K", example=4)
+    split_blocks: tuple[int, ...] | None = setting(
+        "Split blocks the latency controller may hand over after (2,4), split_block among them; each needs its "
+        "calibration table and the clouds must serve every one. It picks per batch, as its measurements "
+        "favour: an earlier split when the link is fast and the cloud idle, a later one when the link is slow. "
+        "Unset: split_block alone.", None, metavar="K,K", example=[2, 4])
     exits: tuple[str, ...] | None = setting(
         "Exits the edge runs, by name (slvit@2,slvit@4), when the checkpoint holds more than are worth running "
         "(e.g. several exit types per position); unset: every exit up to the split. thresholds has one value "
@@ -278,6 +295,11 @@ class EdgeConfig:
         for address in self.cloud:
             _check_address(address, "cloud")
         require(self.split_block is None or self.split_block >= 0, "split_block must not be negative")
+        _check_splits(self.split_blocks)
+        require(self.split_blocks is None or self.split_block is None or self.split_block in self.split_blocks,
+                "split_block must be one of split_blocks")
+        require(self.split_blocks is None or len(self.split_blocks) == 1 or self.latency_slo_ms is not None,
+                "several split_blocks need latency_slo_ms: the latency controller is what chooses among them")
         require(self.exits is None or len(self.exits) > 0, "exits must name at least one exit (or be unset)")
         require(self.top_k is None or self.top_k >= 1, "top_k must be at least 1 (or unset to send every token)")
         require(self.zstd_level >= 0, "zstd_level must not be negative")

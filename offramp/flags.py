@@ -32,6 +32,14 @@ def floats(text: str) -> list[float]:
     return values
 
 
+def ints(text: str) -> list[int]:
+    """Comma-separated whole numbers (split blocks: 2,4)."""
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+
+
 def exit_names(text: str) -> list[str]:
     """Comma-separated exit names, as 'offramp eval' prints them (slvit@2,slvit@4:fused)."""
     values = [t.strip() for t in text.split(",") if t.strip()]
@@ -104,7 +112,7 @@ def _argument(f: dataclasses.Field, tp: Any) -> dict[str, Any]:
         if f.metadata.get("words"):
             kwargs.update(nargs="+", action="extend")
         else:
-            kwargs["type"] = floats if typing.get_args(tp)[0] is float else exit_names
+            kwargs["type"] = {float: floats, int: ints}.get(typing.get_args(tp)[0], exit_names)
     elif tp in (int, float):
         kwargs["type"] = tp
     if f.metadata.get("metavar"):

@@ -125,8 +125,9 @@ def test_flags_parse_into_the_config() -> None:
                                 exits=("slvit@2", "slvit@4"), offload_enabled=False, score="margin", threads=1,
                                 slowdown=2.0, log_level="DEBUG")
     cloud = config_from_args(CloudConfig, build_parser().parse_args(
-        ["cloud", "--checkpoint", "ckpt", "--reflection", "off", "--threads", "2", "--max-wait-ms", "0.5"]))
-    assert (cloud.reflection, cloud.threads, cloud.max_wait_ms) == (False, 2, 0.5)
+        ["cloud", "--checkpoint", "ckpt", "--reflection", "off", "--threads", "2", "--max-wait-ms", "0.5",
+         "--split-blocks", "2,4"]))
+    assert (cloud.reflection, cloud.threads, cloud.max_wait_ms, cloud.split_blocks) == (False, 2, 0.5, (2, 4))
 
 
 def test_a_written_config_reads_back_as_it_was(tmp_path: Path) -> None:
@@ -162,6 +163,11 @@ def test_calibration_tables_read_back_and_are_checked(tmp_path: Path) -> None:
             {**dataclasses.asdict(TABLE), "exits": ["slvit@2"]}]})
     with pytest.raises(OfframpError, match="latency_slo_ms chooses how much to offload: it needs offload on"):
         load_config(EdgeConfig, None, {"checkpoint": "c", "latency_slo_ms": 50, "offload_enabled": False})
+    with pytest.raises(OfframpError, match="several split_blocks need latency_slo_ms"):
+        load_config(EdgeConfig, None, {"checkpoint": "c", "split_blocks": [2, 4]})
+    with pytest.raises(OfframpError, match="split_block must be one of split_blocks"):
+        load_config(EdgeConfig, None, {"checkpoint": "c", "split_blocks": [2, 4], "split_block": 3,
+                                       "latency_slo_ms": 50})
 
 
 def test_the_commented_template_holds_every_setting_and_loads(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""The adaptive controller's choices on scripted measurements: pure functions, no clock, no sockets."""
+"""The adaptive controller's choices on scripted measurements, and the measurements behind them: pure
+functions and a made-up clock, no sockets."""
 from __future__ import annotations
 
 import math
@@ -6,6 +7,7 @@ import math
 import pytest
 
 from edge_node.controller import BASE_HOLD_S, Conditions, Option, State, predict_p95, step
+from edge_node.measure import Measurements
 
 SPLIT = 4
 # A calibration frontier of one split with two exits: more offload, more accuracy.
@@ -114,3 +116,57 @@ def test_small_differences_are_not_worth_a_move() -> None:
     assert first.option == near[1]  # the first choice takes the best
     kept = step(near, WIFI, SLO, State(current=0, since=0.0), now=100.0)
     assert kept.option == near[0] and kept.state.changes == 0
+
+
+# -- measurements, on a made-up clock ------------------------------------------------------------------------------
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_measurements_from_traffic() -> None:
+    clock = Clock()
+    m = Measurements({SPLIT: (math.nan, math.nan, math.nan)}, clock)
+    assert m.snapshot().rtt_ms is None and m.snapshot().conditions().rtt_ms is None
+    for rtt in (9.0, 6.0, 7.0):
+        clock.t += 0.5
+        m.probe(rtt)
+    for i in range(10):  # 4 kB offloads: 10 ms on the link beyond the rtt, but two 50 ms stragglers
+        cloud = 2 + i / 10
+        m.offloaded(SPLIT, 4000, rtt_ms=6 + cloud + (10 if i < 8 else 50), cloud_queue_ms=0.5, cloud_compute_ms=1.5,
+                    cloud_total_ms=cloud)
+        m.arrival()
+    m.batch(SPLIT, 1, 4.0)
+    snap = m.snapshot()
+    assert snap.rtt_ms == 6.0 and snap.serialise_ms == 10.0 and snap.transfer_ms == 50.0  # median, p90
+    assert snap.uplink_bytes_per_s == 400_000 and snap.offload_bytes == 4000 and snap.offloads == 10
+    assert (snap.cloud_queue_ms, snap.cloud_compute_ms, snap.cloud_ms) == (0.5, 1.5, 2.8)
+    assert snap.request_rate == 10 / 2.0 and snap.compute_ms[SPLIT][1] == 4.0 and math.isnan(snap.compute_ms[SPLIT][0])
+    clock.t += 60  # nothing new for a minute: the last eight samples stay (a quiet cloud is not a fast one)...
+    assert m.snapshot().cloud_ms == 2.9 and m.snapshot().request_rate == 0
+    assert m.snapshot().offloads == 0  # ... but the link's are forgotten: stale, the controller may try again
+
+
+def test_a_changed_rtt_starts_the_link_afresh() -> None:
+    clock = Clock()
+    m = Measurements({SPLIT: (1.0, 2.0, 3.0)}, clock)
+
+    def probes(rtt: float, n: int) -> None:
+        for _ in range(n):
+            clock.t += 0.5
+            m.probe(rtt)
+
+    probes(6.0, 6)
+    m.offloaded(SPLIT, 4000, rtt_ms=160, cloud_queue_ms=0, cloud_compute_ms=1, cloud_total_ms=2)  # the link just slowed
+    probes(150.0, 1)
+    assert m.snapshot().rtt_ms == 6.0 and m.snapshot().transfer_ms == 152.0  # one slow probe proves nothing
+    probes(150.0, 2)
+    snap = m.snapshot()  # slow for two probes in a row: the link changed; what it carried before is forgotten
+    assert snap.rtt_ms == 150.0 and snap.transfer_ms is None and m.link_changes == 1 and snap.cloud_ms == 2.0
+    probes(160.0, 4)  # jitter is not a change
+    probes(6.0, 3)
+    assert m.snapshot().rtt_ms == 6.0 and m.link_changes == 2

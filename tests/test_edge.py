@@ -331,6 +331,14 @@ def test_policy_and_pairing_are_validated() -> None:
     assert pairing_problem(cloud, "ab" * 32, 4) is None
     assert "after block 6" in pairing_problem(cloud, "ab" * 32, 6)
     assert "different model" in pairing_problem(cloud, "cd" * 32, 4)
+    # An edge with several split blocks pairs with a cloud that serves each of them.
+    assert "(not served: 2)" in pairing_problem(cloud, "ab" * 32, [2, 4])
+    cloud.split_blocks.extend([2, 4])
+    assert pairing_problem(cloud, "ab" * 32, [2, 4]) is None
+    splits = ExitPolicy(PolicySettings((0.9, 0.9), "max_prob"), 2, "classification", splits={2: 1, 4: 2})
+    assert splits.set(PolicySettings((0.5,), "max_prob", split_block=2)).split_block == 2
+    with pytest.raises(PolicyError, match=r"does not hand over after block 3 \(it runs 2, 4\)"):
+        splits.set(PolicySettings((0.5,), "max_prob", split_block=3))
 
 
 def test_edge_runs_only_the_exits_it_is_told_to(

@@ -115,7 +115,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeReply(_message.Message):
-    __slots__ = ("card_json", "fingerprint", "split_block", "token_shape", "max_batch_size", "max_message_bytes", "modalities")
+    __slots__ = ("card_json", "fingerprint", "split_block", "token_shape", "max_batch_size", "max_message_bytes", "modalities", "split_blocks")
     CARD_JSON_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SPLIT_BLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class DescribeReply(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MODALITIES_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     card_json: str
     fingerprint: str
     split_block: int
@@ -130,7 +131,8 @@ class DescribeReply(_message.Message):
     max_batch_size: int
     max_message_bytes: int
     modalities: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, card_json: _Optional[str] = ..., fingerprint: _Optional[str] = ..., split_block: _Optional[int] = ..., token_shape: _Optional[_Iterable[int]] = ..., max_batch_size: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., modalities: _Optional[_Iterable[str]] = ...) -> None: ...
+    split_blocks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, card_json: _Optional[str] = ..., fingerprint: _Optional[str] = ..., split_block: _Optional[int] = ..., token_shape: _Optional[_Iterable[int]] = ..., max_batch_size: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., modalities: _Optional[_Iterable[str]] = ..., split_blocks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RawTensor(_message.Message):
     __slots__ = ("shape", "data")
@@ -194,18 +196,20 @@ class GetPolicyRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Policy(_message.Message):
-    __slots__ = ("thresholds", "score", "offload_enabled", "adaptive", "state")
+    __slots__ = ("thresholds", "score", "offload_enabled", "adaptive", "state", "split_block")
     THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     OFFLOAD_ENABLED_FIELD_NUMBER: _ClassVar[int]
     ADAPTIVE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_BLOCK_FIELD_NUMBER: _ClassVar[int]
     thresholds: _containers.RepeatedScalarFieldContainer[float]
     score: str
     offload_enabled: bool
     adaptive: bool
     state: PolicyState
-    def __init__(self, thresholds: _Optional[_Iterable[float]] = ..., score: _Optional[str] = ..., offload_enabled: _Optional[bool] = ..., adaptive: _Optional[bool] = ..., state: _Optional[_Union[PolicyState, _Mapping]] = ...) -> None: ...
+    split_block: int
+    def __init__(self, thresholds: _Optional[_Iterable[float]] = ..., score: _Optional[str] = ..., offload_enabled: _Optional[bool] = ..., adaptive: _Optional[bool] = ..., state: _Optional[_Union[PolicyState, _Mapping]] = ..., split_block: _Optional[int] = ...) -> None: ...
 
 class PolicyState(_message.Message):
     __slots__ = ("rtt_ms", "transfer_ms", "uplink_bytes_per_s", "offload_bytes", "cloud_ms", "cloud_queue_ms", "cloud_compute_ms", "edge_queue_ms", "request_rate", "compute_ms", "latency_slo_ms", "predicted_p95_ms", "target_met", "expected_accuracy", "expected_offload", "split_block", "reason", "changes", "chosen_thresholds")
