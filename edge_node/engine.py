@@ -217,8 +217,7 @@ class EdgeEngine:
         finally:  # also when it fails: a degraded answer shows how long the cloud was waited for
             stages["offload_rtt"] = _ms(time.perf_counter() - sent)
         self.measurements.offloaded(outcome.split_block, request.ByteSize(), stages["offload_rtt"],
-                                    cloud.timings.queue_ms,
-                                    cloud.timings.compute_ms, cloud.timings.total_ms)
+                                    cloud.timings.queue_ms, cloud.timings.compute_ms, cloud.timings.total_ms)
         stages["cloud"] = cloud.timings.total_ms
         stages["cloud_decode"], stages["cloud_queue"], stages["cloud_compute"] = (
             cloud.timings.decode_ms, cloud.timings.queue_ms, cloud.timings.compute_ms)
