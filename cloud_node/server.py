@@ -38,6 +38,7 @@ from offramp.split import CloudHalf
 from offramp.wire import OFFLOAD_SERVICE
 
 from .handler import OffloadHandler
+from .splits import SplitRouter
 from .metrics import CloudMetrics
 from .oip import OIP_SERVICE, VERSION, InferenceServicer, ServedModel
 from .servicer import OffloadServicer
@@ -57,7 +58,7 @@ class CloudServer(DaemonServer):
         server: grpc.aio.Server,
         port: int,
         health_servicer: health.aio.HealthServicer,
-        batcher: Batcher,
+        batchers: list[Batcher],
         metrics: CloudMetrics,
         metrics_http: WSGIServer | None,
         draining: asyncio.Event,
@@ -65,20 +66,22 @@ class CloudServer(DaemonServer):
         super().__init__(config, server, port, health_servicer, metrics_http)
         self.card = card
         self.metrics = metrics
-        self._batcher = batcher
+        self._batchers = batchers  # one per split block served
         self._draining = draining
 
     @property
     def queue_depth(self) -> int:
         """Samples waiting for a batch right now."""
-        return self._batcher.depth()
+        return sum(b.depth() for b in self._batchers)
 
     async def _before_grpc_stop(self) -> None:
         self._draining.set()  # streams stop reading new requests
-        self._batcher.flush()  # the open batch window closes early
+        for batcher in self._batchers:
+            batcher.flush()  # the open batch window closes early
 
     async def _after_grpc_stop(self) -> None:
-        await self._batcher.close()
+        for batcher in self._batchers:
+            await batcher.close()
 
 
 async def serve(config: CloudConfig) -> CloudServer:
@@ -86,15 +89,20 @@ async def serve(config: CloudConfig) -> CloudServer:
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     model, card = await asyncio.to_thread(load_checkpoint, config.checkpoint)
+    splits = config.split_blocks or (card.split_block,)
+    primary = card.split_block if card.split_block in splits else splits[0]  # what older edges pair with
     try:
-        half = CloudHalf(model, card.split_block, device=config.device, dtype=config.dtype)
+        halves = {s: CloudHalf(model, s, device=config.device, dtype=config.dtype) for s in splits}
     except ValueError as e:
         raise OfframpError(f"cannot run the model's tail: {e}") from None
     metrics = CloudMetrics()
-    batcher = Batcher(half.run, config.max_batch, max_queue=config.max_queue, max_wait_s=config.max_wait_ms / 1e3,
-                      lone_on_loop=lone_on_loop(half.device), on_batch=metrics.batch_size.observe, name="cloud-tail")
-    metrics.queue_depth.set_function(batcher.depth)
-    handler = OffloadHandler(half, card, batcher, metrics, config.max_batch, config.max_message_bytes)
+    batchers = {s: Batcher(h.run, config.max_batch, max_queue=config.max_queue, max_wait_s=config.max_wait_ms / 1e3,
+                           lone_on_loop=lone_on_loop(h.device), on_batch=metrics.batch_size.observe,
+                           name=f"cloud-tail-{s}") for s, h in halves.items()}
+    metrics.queue_depth.set_function(lambda: sum(b.depth() for b in batchers.values()))
+    handler = SplitRouter({s: OffloadHandler(h, card, batchers[s], metrics, config.max_batch,
+                                             config.max_message_bytes) for s, h in halves.items()}, primary)
+    half, batcher = halves[primary], batchers[primary]
     draining = asyncio.Event()
 
     credentials = (server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
@@ -120,13 +128,15 @@ async def serve(config: CloudConfig) -> CloudServer:
     port = bind(server, config.listen, credentials)
     metrics_http = start_metrics(config.metrics_port, config.listen, metrics.registry) if config.metrics_port is not None else None
 
-    batcher.start()
+    for b in batchers.values():
+        b.start()
     await server.start()
-    cloud = CloudServer(config, card, server, port, health_servicer, batcher, metrics, metrics_http, draining)
+    cloud = CloudServer(config, card, server, port, health_servicer, list(batchers.values()), metrics, metrics_http,
+                        draining)
     security = ("mutual TLS" if config.tls_client_ca else "TLS" if credentials else "plaintext") + (
         " + bearer token" if interceptors else "")
-    log.info("serving %s (split block %d, fingerprint %s) on %s (%s)", config.checkpoint, card.split_block,
-             card.fingerprint[:12], cloud.address, security)
+    log.info("serving %s (split block%s %s, fingerprint %s) on %s (%s)", config.checkpoint,
+             "s" if len(splits) > 1 else "", ",".join(map(str, splits)), card.fingerprint[:12], cloud.address, security)
     log.info("Open Inference Protocol: model %r, version %s (%s)", served.name, VERSION, OIP_SERVICE)
     if cloud.metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", listen_host(config.listen), cloud.metrics_port)

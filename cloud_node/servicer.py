@@ -10,6 +10,7 @@ from offramp.serving.streams import StreamStopped, unordered_map
 from offramp.wire import pb, pb_grpc
 
 from .handler import OffloadHandler
+from .splits import SplitRouter
 
 
 class OffloadServicer(pb_grpc.OffloadServicer):
@@ -21,7 +22,8 @@ class OffloadServicer(pb_grpc.OffloadServicer):
     take the whole queue from the others.
     """
 
-    def __init__(self, handler: OffloadHandler, draining: asyncio.Event, max_in_flight: int = 256) -> None:
+    def __init__(self, handler: OffloadHandler | SplitRouter, draining: asyncio.Event,
+                 max_in_flight: int = 256) -> None:
         self._handler = handler
         self._draining = draining
         self._max_in_flight = max_in_flight

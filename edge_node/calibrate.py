@@ -18,9 +18,16 @@ Targets: the fewest offloads whose accuracy is no worse than the full model's
 minus ``accuracy_drop`` points, or the best accuracy (lowest MAE for
 regression) with at most ``max_offload`` of the samples sent to the cloud.
 The cloud is assumed to answer as the full model does: codec loss is ignored.
+
+Beside the chosen thresholds, ``operating_points`` keeps the best point at
+each of a range of offload shares (``TABLE_OFFLOADS``): the table from
+which an edge with a latency target chooses at run time. The small shares
+are dense on purpose: offloads of at most 5 % of the samples do not reach
+the p95, so they are what a slow link still affords.
 """
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,14 +37,17 @@ from typing import Any
 import numpy as np
 
 from offramp.checkpoint import load_checkpoint
+from offramp.config import CalibrationPoint, CalibrationTable
 from offramp.errors import OfframpError
 from offramp.pipeline import load_validation
-from offramp.exit_policy import always_leave, edge_exit_ids, higher_is_confident, never_leave, walk
+from offramp.exit_policy import always_leave, edge_exit_ids, exits_up_to, higher_is_confident, never_leave, walk
 from offramp.scores import check_score, default_score
 from offramp.train import HeadResult, evaluate
 
 CANDIDATES_PER_EXIT = 200  # quantiles of each exit's confidence; beyond this the search gains nothing visible
 MAX_ROUNDS = 20  # coordinate descent converges in a handful; this only bounds pathological cases
+TABLE_OFFLOADS = (0.0, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8,
+                  0.9, 1.0)
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,8 @@ class Calibration:
     exit_names: tuple[str, ...]
     samples: int
     metric: str  # "accuracy", or "mae" for regression
+    table: tuple[OperatingPoint, ...] = ()  # the best point per offload share, fewest offloads first
+    tables: tuple[CalibrationTable, ...] = ()  # as the edge config stores them, one per split block
 
     def summary(self) -> str:
         p, sign = self.chosen, ">=" if higher_is_confident(self.score) else "<="
@@ -94,6 +106,8 @@ class Calibration:
             f"  expected      {quality}",
             f"  offload rate  {p.offload:.1%}",
             "  answered by   " + ", ".join(answered),
+            *(f"  table         split block {t.split_block}: {len(t.points)} operating points, offload "
+              f"{t.points[0].offload:.0%} to {t.points[-1].offload:.0%}, for latency_slo_ms" for t in self.tables),
             "  (the cloud is assumed to answer as the full model does; codec loss is not included)",
         ])
 
@@ -121,8 +135,10 @@ class _Cascade:
         return [never_leave(self.score), *sorted({float(q) for q in qs}), always_leave(self.score)]
 
 
-def calibrate(exits: list[HeadResult], final: HeadResult, score: str, target: Target) -> Calibration:
-    """Thresholds for ``exits`` (edge exits, cheapest first) meeting ``target``; see the module docstring."""
+def calibrate(exits: list[HeadResult], final: HeadResult, score: str, target: Target,
+              table: bool = False) -> Calibration:
+    """Thresholds for ``exits`` (edge exits, cheapest first) meeting ``target``; see the module docstring.
+    ``table``: also find the operating points of the run-time controller's table."""
     if not exits:
         raise ValueError("the edge has no exits: there is nothing to calibrate")
     regression = final.correct is None
@@ -130,8 +146,14 @@ def calibrate(exits: list[HeadResult], final: HeadResult, score: str, target: Ta
         raise ValueError("an accuracy drop applies to classification; for regression give an offload fraction")
     cascade = _Cascade(exits, final, score)
     full = float(cascade.quality[-1].mean())
-    key = _objective(target, full)
+    best = _search(cascade, _objective(target, full))
+    points = operating_points(cascade) if table else ()
+    return Calibration(best, full, target, score, tuple(r.name for r in exits), cascade.n,
+                       "mae" if regression else "accuracy", points)
 
+
+def _search(cascade: _Cascade, key: Callable[[OperatingPoint], tuple[bool, float, float]]) -> OperatingPoint:
+    """The best point by ``key``: a shared threshold, then per-exit coordinate descent."""
     shared = cascade.candidates(cascade.conf.ravel())
     best = max((cascade.point((t,) * cascade.num_exits) for t in shared), key=key)
     per_exit = [cascade.candidates(c) for c in cascade.conf]
@@ -144,8 +166,20 @@ def calibrate(exits: list[HeadResult], final: HeadResult, score: str, target: Ta
                     best, improved = trial, True
         if not improved:
             break
-    return Calibration(best, full, target, score, tuple(r.name for r in exits), cascade.n,
-                       "mae" if regression else "accuracy")
+    return best
+
+
+def operating_points(cascade: _Cascade) -> tuple[OperatingPoint, ...]:
+    """The most accurate point at each share of ``TABLE_OFFLOADS``, keeping only those that add accuracy
+    over every point with fewer offloads: the frontier a controller trades along."""
+    found: list[OperatingPoint] = []
+    for cap in TABLE_OFFLOADS:
+        point = _search(cascade, _objective(Target(max_offload=cap), 0.0))
+        if point.offload > cap + 1e-12:  # cannot happen (offloading nothing is always possible); never store it
+            continue
+        if not found or point.quality > found[-1].quality:
+            found.append(point)
+    return tuple(found)
 
 
 def calibrate_checkpoint(checkpoint: str | Path, target: Target, score: str | None = None, data: str | None = None,
@@ -161,14 +195,36 @@ def calibrate_checkpoint(checkpoint: str | Path, target: Target, score: str | No
     configured = _read_edge_toml(Path(edge_toml)) if edge_toml is not None else {}
     score = score or configured.get("score") or default_score(task)
     split = configured.get("split_block", card.split_block)
+    names = configured.get("exits")
     try:
         check_score(score, task)
         val, _ = load_validation(card, data)
         results = evaluate(model, val, score=score)
-        ids = edge_exit_ids(model.exit_configs, split, configured.get("exits"))
-        return calibrate([results[i] for i in ids], results[-1], score, target)
+        ids = edge_exit_ids(model.exit_configs, split, names)
+        result = calibrate([results[i] for i in ids], results[-1], score, target, table=True)
+        tables = []
+        for s in configured.get("split_blocks") or [split]:  # the controller's table for each split it may use
+            s_ids = edge_exit_ids(model.exit_configs, s, exits_up_to(model.exit_configs, names, s))
+            points = (result.table if s == split else
+                      calibrate([results[i] for i in s_ids], results[-1], score, target, table=True).table
+                      if s_ids else (_everything_offloaded(results[-1]),))
+            tables.append(CalibrationTable(card.fingerprint, s, score, tuple(results[i].name for i in s_ids),
+                                           result.samples, tuple(_stored(p) for p in points)))
+        return dataclasses.replace(result, tables=tuple(tables))
     except ValueError as e:
         raise OfframpError(str(e)) from None
+
+
+def _stored(p: OperatingPoint) -> CalibrationPoint:
+    """A point as the edge config stores it: thresholds exact, the rest rounded where digits buy nothing."""
+    return CalibrationPoint(tuple(float(t) for t in p.thresholds), round(p.quality, 6), round(p.offload, 6),
+                            tuple(round(x, 6) for x in p.shares))
+
+
+def _everything_offloaded(final: HeadResult) -> OperatingPoint:
+    """The one point of a split with no exit on the edge."""
+    quality = final.correct if final.correct is not None else -final.error
+    return OperatingPoint((), float(np.mean(quality)), 1.0, (1.0,))
 
 
 def _read_edge_toml(path: Path) -> dict[str, Any]:

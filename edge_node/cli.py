@@ -144,17 +144,21 @@ def describe_reply(reply: pb.InferReply) -> str:
 
 def _add_policy(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("policy", help="show or change a running edge's exit policy",
-                       description="'get' prints the policy in force; 'set' changes the given parts and keeps "
-                                   "the rest. The change applies from the next batch on.")
+                       description="'get' prints the policy in force and what the edge measures (on an edge with "
+                                   "a latency target, the controller's choice and why); 'set' changes the given "
+                                   "parts and keeps the rest, pinning them where a controller chooses; 'unpin' "
+                                   "hands the choice back to it. Changes apply from the next batch on.")
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    get = actions.add_parser("get", help="print the thresholds, score and offload switch in force")
-    put = actions.add_parser("set", help="change thresholds, score or offload switch")
-    for action in (get, put):
+    get = actions.add_parser("get", help="print the policy in force and the measurements behind it")
+    put = actions.add_parser("set", help="change (and pin) thresholds, score or offload switch")
+    unpin = actions.add_parser("unpin", help="hand the thresholds back to the latency controller")
+    unpin.set_defaults(run=_run_policy)
+    for action in (get, put, unpin):
         action.add_argument("--edge", required=True, metavar="HOST:PORT")
         action.add_argument("--admin-token-file", metavar="PATH",
                             help="file holding the edge's admin token (its admin_token_file)")
     get.set_defaults(run=_run_policy)
-    add_config_flags(put, EdgeConfig, ("thresholds", "score", "offload_enabled"), with_defaults=False)
+    add_config_flags(put, EdgeConfig, ("thresholds", "score", "offload_enabled", "split_block"), with_defaults=False)
     put.set_defaults(run=_run_policy)
 
 
@@ -170,9 +174,18 @@ def _run_policy(args: argparse.Namespace) -> int:
         stub = pb_grpc.EdgeStub(channel)
         try:
             policy = stub.GetPolicy(pb.GetPolicyRequest(), timeout=10, metadata=metadata)
+            if args.action == "unpin":
+                policy = stub.SetPolicy(pb.Policy(adaptive=True), timeout=10, metadata=metadata)
             if args.action == "set":
-                if args.thresholds is None and args.score is None and args.offload_enabled is None:
-                    raise OfframpError("nothing to set: give --thresholds, --score or --offload")
+                if (args.thresholds is None and args.score is None and args.offload_enabled is None
+                        and args.split_block is None):
+                    raise OfframpError("nothing to set: give --thresholds, --score, --offload or --split-block")
+                policy.ClearField("state")
+                policy.adaptive = False  # the given parts over the policy in force, pinned
+                if args.split_block is not None:
+                    policy.split_block = args.split_block
+                elif args.thresholds is not None:  # new thresholds are for the edge's split unless told otherwise
+                    policy.ClearField("split_block")
                 if args.thresholds is not None:
                     policy.ClearField("thresholds")
                     policy.thresholds.extend(args.thresholds)
@@ -183,10 +196,51 @@ def _run_policy(args: argparse.Namespace) -> int:
                 policy = stub.SetPolicy(policy, timeout=10, metadata=metadata)
         except grpc.RpcError as e:
             raise _rpc_error(args.edge, e) from None
-    print(f"thresholds: {', '.join(f'{t:g}' for t in policy.thresholds) or '(no exits)'}")
-    print(f"score:      {policy.score}")
-    print(f"offload:    {'on' if policy.offload_enabled else 'off'}")
+    print("\n".join(describe_policy(policy)))
     return 0
+
+
+def describe_policy(policy: pb.Policy) -> list[str]:
+    """The policy in force, then the controller's choice and the measurements behind it, a line each."""
+    def ms(value: float) -> str:
+        return f"{value:.1f} ms"
+
+    thresholds = ", ".join(f"{t:g}" for t in policy.thresholds) or "(no exits)"
+    if policy.HasField("split_block"):
+        thresholds += f" (split block {policy.split_block})"
+    lines = [f"thresholds: {thresholds}", f"score:      {policy.score}",
+             f"offload:    {'on' if policy.offload_enabled else 'off'}"]
+    s = policy.state
+    if s.latency_slo_ms:
+        mode = (f"adaptive, p95 target {s.latency_slo_ms:g} ms" if policy.adaptive
+                else f"pinned by 'offramp policy set' ('offramp policy unpin' resumes the p95 target "
+                     f"{s.latency_slo_ms:g} ms)")
+        lines.append(f"mode:       {mode}")
+        if s.chosen_thresholds:
+            met = "target met" if s.target_met else "NO OPTION MEETS THE TARGET: answering locally"
+            lines.append(f"controller: thresholds {', '.join(f'{t:g}' for t in s.chosen_thresholds)} at split "
+                         f"{s.split_block}, expected accuracy {s.expected_accuracy:.4f}, offload "
+                         f"{s.expected_offload:.1%}, predicted p95 {ms(s.predicted_p95_ms)}, {met} ({s.reason}; "
+                         f"{s.changes} changes)")
+        else:
+            lines.append("controller: waiting for the first measurement of the link")
+    else:
+        lines.append("mode:       fixed (no latency target)")
+    link = [f"rtt {ms(s.rtt_ms)}" if s.HasField("rtt_ms") else "rtt not measured yet"]
+    if s.HasField("transfer_ms"):
+        link.append(f"transfer {ms(s.transfer_ms)} (p90)")
+    if s.HasField("uplink_bytes_per_s"):
+        link.append(f"uplink {s.uplink_bytes_per_s * 8 / 1e6:.3g} Mbit/s")
+    if s.HasField("offload_bytes"):
+        link.append(f"{s.offload_bytes / 1000:.3g} kB per offload")
+    lines.append(f"link:       {', '.join(link)}")
+    if s.HasField("cloud_ms"):
+        lines.append(f"cloud:      {ms(s.cloud_ms)} (p90), queue {ms(s.cloud_queue_ms)}, "
+                     f"compute {ms(s.cloud_compute_ms)}")
+    stages = ", ".join(f"{name} {ms(value)}" for name, value in sorted(s.compute_ms.items(), key=lambda kv: kv[1]))
+    lines.append(f"edge:       {s.request_rate:.3g} requests/s, queue {ms(s.edge_queue_ms)} (p90)"
+                 + (f", compute by deepest stage: {stages}" if stages else ""))
+    return lines
 
 
 def _rpc_error(address: str, error: grpc.RpcError) -> Exception:

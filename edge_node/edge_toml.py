@@ -4,10 +4,13 @@ An existing file is edited in place, line by line: only ``thresholds`` and
 ``score`` change (thresholds mean nothing without the score they apply to),
 and the user's comments, order and other keys stay as they were. A missing
 file is created as a complete config, each setting under its help as in
-``EdgeConfig``, that ``offramp edge`` loads.
+``EdgeConfig``, that ``offramp edge`` loads. The calibration table of the
+split calibrated (``[[calibration]]``, for ``latency_slo_ms``) goes at the
+end, replacing the one of the same split; tables of other splits stay.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import stat
@@ -16,7 +19,7 @@ import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from offramp.config import EdgeConfig
+from offramp.config import CalibrationTable, EdgeConfig
 from offramp.config_text import commented_toml, toml_value
 from offramp.errors import OfframpError
 
@@ -26,7 +29,8 @@ if TYPE_CHECKING:
 HEADER = """\
 Edge daemon settings for `offramp edge --config {name}`.
 Command-line flags override what is set here; relative paths are relative to this file.
-Written by `offramp calibrate`: re-running it updates `thresholds` and `score` and leaves everything else alone."""
+Written by `offramp calibrate`: re-running it updates `thresholds`, `score` and the [[calibration]] table of the
+split and leaves everything else alone."""
 
 
 def thresholds_line(thresholds: tuple[float, ...]) -> str:
@@ -43,11 +47,13 @@ def calibrate_into(path: str | Path, checkpoint: str | Path, target: Target, sco
 
     check_checkpoint(path, checkpoint)  # before the evaluation, not after it
     result = calibrate_checkpoint(checkpoint, target, score=score, data=data, edge_toml=path)
-    return result, write_thresholds(path, checkpoint, result.chosen.thresholds, result.score)
+    return result, write_thresholds(path, checkpoint, result.chosen.thresholds, result.score, result.tables)
 
 
-def write_thresholds(path: str | Path, checkpoint: str | Path, thresholds: tuple[float, ...], score: str) -> bool:
-    """Set ``thresholds`` and ``score`` in the edge config at ``path``; True if the file was created."""
+def write_thresholds(path: str | Path, checkpoint: str | Path, thresholds: tuple[float, ...], score: str,
+                     tables: tuple[CalibrationTable, ...] = ()) -> bool:
+    """Set ``thresholds`` and ``score`` (and calibration ``tables``) in the edge config at ``path``; True if the
+    file was created."""
     path, thresholds = Path(path), tuple(float(t) for t in thresholds)  # numpy scalars are not TOML
     lines = {"thresholds": thresholds_line(thresholds), "score": f"score = {toml_value(score)}"}
     check_checkpoint(path, checkpoint)
@@ -61,11 +67,43 @@ def write_thresholds(path: str | Path, checkpoint: str | Path, thresholds: tuple
         text = commented_toml(EdgeConfig, {"checkpoint": checkpoint_rel, "thresholds": thresholds, "score": score},
                               HEADER.format(name=path.name))
         created = True
+    text = _set_tables(text, tables)
     parsed = tomllib.loads(text)  # never write a file the edge cannot read
     if parsed.get("thresholds") != list(thresholds) or parsed.get("score") != score:
         raise OfframpError(f"could not update {path}: keep thresholds and score as top-level keys")
+    written = {t["split_block"] for t in parsed.get("calibration", []) if isinstance(t, dict)}
+    if not written >= {t.split_block for t in tables}:
+        raise OfframpError(f"could not update {path}: keep calibration as [[calibration]] tables")
     _atomic_write(path, text)
     return created
+
+
+def table_text(table: CalibrationTable) -> str:
+    """One ``[[calibration]]`` table: a point per line, fewest offloads first."""
+    lines = ["[[calibration]]",
+             "# Operating points on the validation data, for latency_slo_ms; written by `offramp calibrate`.",
+             *(f"{f.name} = {toml_value(getattr(table, f.name))}" for f in dataclasses.fields(table)
+               if f.name != "points"),
+             "points = [", *(f"  {toml_value(p)}," for p in table.points), "]"]
+    return "\n".join(lines) + "\n"
+
+
+def _set_tables(text: str, tables: tuple[CalibrationTable, ...]) -> str:
+    """``text`` with each of ``tables`` replacing the ``[[calibration]]`` table of its split, at the end."""
+    if not tables:
+        return text
+    splits = {t.split_block for t in tables}
+    blocks = re.split(r"(?m)^(?=\[)", text)  # the top-level part, then one block per table header
+    kept = [b for b in blocks if not (b.startswith("[[calibration]]") and _split_of(b) in splits)]
+    body = "".join(kept).rstrip("\n") + "\n"
+    return body + "".join("\n" + table_text(t) for t in sorted(tables, key=lambda t: t.split_block))
+
+
+def _split_of(block: str) -> int | None:
+    try:
+        return tomllib.loads(block)["calibration"][0].get("split_block")
+    except (tomllib.TOMLDecodeError, KeyError, IndexError, AttributeError):
+        return None
 
 
 def _set_key(text: str, key: str, line: str) -> str:

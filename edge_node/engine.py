@@ -13,11 +13,17 @@ Every request gets exactly one ``InferReply``:
 Stage timings (milliseconds) go into every reply: ``preprocess`` (by the
 caller), ``queue``, ``edge_compute`` (the whole local batch the sample ran in),
 ``encode``, ``offload_rtt``, ``cloud`` (the cloud's own total) and ``total``.
+The same timings feed the edge's measurements (``measure``), from which a
+latency controller (``adaptive``), where a target is set, picks each batch's
+thresholds.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -25,15 +31,19 @@ import torch
 
 from offramp.checkpoint import Card
 from offramp.codec import CodecConfig, encode, encode_code
+from offramp.config import CalibrationTable
+from offramp.exit_policy import always_leave, never_leave
 from offramp.netem.profiles import slowed
 from offramp.serving.batcher import Batcher, lone_on_loop
 from offramp.serving.replies import answer_reply
 from offramp.split import EdgeWalk
 from offramp.wire import make_status, pb
 
+from .adaptive import Adaptive, options_for
+from .measure import Measurements
 from .metrics import EdgeMetrics
-from .offload import CloudError, CloudUnavailable, OffloadClient, OffloadError
-from .policy import ExitPolicy
+from .offload import CloudError, CloudUnavailable, DeadlineExceeded, OffloadClient, OffloadError
+from .policy import ExitPolicy, PolicySettings
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,7 @@ class _Outcome:
     encode_error: str  # why the tokens could not be encoded, if they could not
     raw_bytes: int  # the survivor's tokens as plain float32
     encode_ms: float | None  # survivors only
+    split_block: int  # the split its batch ran to (exit indices count that split's exits)
 
 
 def _ms(seconds: float) -> float:
@@ -59,13 +70,17 @@ class EdgeEngine:
     """Runs requests through the edge half, the codec and the offload client, and answers each once."""
 
     def __init__(self, half: EdgeWalk, card: Card, policy: ExitPolicy, codec: CodecConfig, deadline_ms: int,
-                 offload: OffloadClient | None, max_batch: int = 16, slowdown: float = 1.0) -> None:
-        if codec.dtype == "bottleneck" and not half.bottleneck_id:
-            raise ValueError(f"codec 'bottleneck' needs a checkpoint with a bottleneck at split block "
-                             f"{half.split_block} (add one with `offramp bottleneck`), run by the torch runtime")
-        if codec.top_k is not None and (half.spec.kind != "tokens" or half.split_block == 0):
-            raise ValueError("codec top_k selects tokens of a ViT split after block 1 or later; "
-                             f"this split gives a {half.spec.kind} representation after block {half.split_block}")
+                 offload: OffloadClient | None, max_batch: int = 16, slowdown: float = 1.0,
+                 other_halves: Sequence[EdgeWalk] = ()) -> None:
+        """``half`` runs to the edge's split block; ``other_halves`` (sharing its model) to further split blocks
+        a latency controller may choose."""
+        for h in (half, *other_halves):
+            if codec.dtype == "bottleneck" and not h.bottleneck_id:
+                raise ValueError(f"codec 'bottleneck' needs a checkpoint with a bottleneck at split block "
+                                 f"{h.split_block} (add one with `offramp bottleneck`), run by the torch runtime")
+            if codec.top_k is not None and (h.spec.kind != "tokens" or h.split_block == 0):
+                raise ValueError("codec top_k selects tokens of a ViT split after block 1 or later; "
+                                 f"this split gives a {h.spec.kind} representation after block {h.split_block}")
         if deadline_ms <= 0:
             raise ValueError(f"deadline_ms must be positive, not {deadline_ms}")
         self.half = half
@@ -75,15 +90,66 @@ class EdgeEngine:
         self.codec = codec
         self.deadline_ms = deadline_ms
         self.offload = offload
+        self.halves = {h.split_block: h for h in (half, *other_halves)}
         # Emulated weaker device: edge compute and encoding take `slowdown` times as long.
-        self._run_half = slowed(half.run, slowdown)
+        self._run_halves = {split: slowed(h.run, slowdown) for split, h in self.halves.items()}
         self._encode, self._encode_visual = slowed(encode, slowdown), slowed(self._encode_tokens, slowdown)
-        self.exit_names = half.exit_names
+        self.split_exit_names = {split: h.exit_names for split, h in self.halves.items()}
+        self.exit_names = self.split_exit_names[half.split_block]
         self.metrics = EdgeMetrics(connected=lambda: float(offload is not None and offload.connected_to is not None))
         self._batcher: Batcher[list[_Outcome]] = Batcher(
             self._run_batch, max_batch, lone_on_loop=lone_on_loop(half.device, sleeps=slowdown > 1.0),
             on_batch=self.metrics.batch_size.observe, name="edge-compute")
         self.metrics.watch_queue(self._batcher.depth)
+        self.measurements = Measurements({split: (math.nan,) * (h.num_exits + 1) for split, h in self.halves.items()},
+                                         tail_blocks={split: h.num_blocks - split
+                                                      for split, h in self.halves.items()})
+        self.adaptive: Adaptive | None = None
+        if offload is not None:
+            offload.on_rtt = self.measurements.probe
+        self.metrics.watch_measurements(self.measurements.snapshot, self.stage_names(), lambda: self.adaptive,
+                                        lambda: self.policy)
+
+    def stage_names(self) -> dict[int, list[str]]:
+        """Per split block, its compute stages: its exits, then the split itself."""
+        return {split: [*names, "split"] for split, names in self.split_exit_names.items()}
+
+    def adapt(self, slo_ms: float, tables: Sequence[CalibrationTable]) -> None:
+        """Let a controller choose the thresholds to meet a p95 of ``slo_ms`` from the calibration ``tables``.
+
+        ``ValueError`` when the tables are not this edge's, or when the target is below the time the edge's
+        fastest exit takes here (profiled now): no choice could meet it.
+        """
+        score = self.policy.get().score
+        options = options_for(tables, self.card.fingerprint, self.split_exit_names, score)
+        exit_times = {}  # (time, exit name) of every exit, on every split
+        for split, names in self.split_exit_names.items():
+            exit_times.update({name: ms for name, ms in zip(names, self.profile(split))})
+        if exit_times and slo_ms < min(exit_times.values()):
+            fastest = min(exit_times, key=exit_times.__getitem__)
+            raise ValueError(f"latency_slo_ms {slo_ms:g} is below what this edge needs to answer at all: its "
+                             f"fastest exit, {fastest}, takes {exit_times[fastest]:.1f} ms here")
+        self.adaptive = Adaptive(options, slo_ms, self.measurements, score)
+        self.policy.follow(self.adaptive.settings)
+
+    def profile(self, split: int, repeats: int = 5) -> list[float]:
+        """Milliseconds one sample takes to be answered by each exit of ``split``, then to reach that split
+        encoded (medians of ``repeats``); the runs are measurements too, so the controller knows every stage
+        from the start."""
+        x = torch.zeros(1, *self.card.input_shape)
+        audio_config = self.card.config.audio
+        audio = None if not self.half.audiovisual else torch.zeros(1, *audio_config.input_shape)
+        score, exits = self.policy.get().score, self.halves[split].num_exits
+        times = []
+        for stage in range(exits + 1):
+            thresholds = tuple(always_leave(score) if k == stage else never_leave(score) for k in range(exits))
+            runs = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                self._run_batch(x, audio, PolicySettings(thresholds, score, split_block=split))
+                runs.append(_ms(time.perf_counter() - t0))
+            times.append(statistics.median(runs))
+        return times
 
     def start(self) -> None:
         """Start computing and connecting (needs the running event loop)."""
@@ -103,7 +169,9 @@ class EdgeEngine:
         since = time.perf_counter() if since is None else since
         if (audio is None) == self.half.audiovisual:
             raise ValueError("audiovisual models need the audio input, others must not get one")
+        self.measurements.arrival()
         batched = await self._batcher.submit(x[None], None if audio is None else audio[None])
+        self.measurements.queued(_ms(batched.queue_s))
         outcome = batched.rows[0]
         stages = {**(stage_ms or {}), "queue": _ms(batched.queue_s), "edge_compute": _ms(batched.compute_s)}
         if outcome.encode_ms is not None:
@@ -114,6 +182,8 @@ class EdgeEngine:
         reply.stage_ms.update(stages)
         if reply.status.code == grpc.StatusCode.OK.value[0]:
             self.metrics.record(reply, degraded_kind)
+            if not (self.adaptive is None or self.adaptive.target_met or self.policy.pinned):
+                self.metrics.slo_unmet_answers.inc()
         return reply
 
     async def _decide(self, outcome: _Outcome, stages: dict[str, float]) -> tuple[pb.InferReply, str | None]:
@@ -134,7 +204,7 @@ class EdgeEngine:
         if outcome.tokens is None:
             raise OffloadError(f"cannot encode the tokens: {outcome.encode_error}")
         request = pb.OffloadRequest(
-            model_fingerprint=self.card.fingerprint, split_block=self.half.split_block, tokens=outcome.tokens,
+            model_fingerprint=self.card.fingerprint, split_block=outcome.split_block, tokens=outcome.tokens,
             deadline_ms=self.deadline_ms, edge_stage_ms=stages,
         )
         if outcome.audio_tokens is not None:
@@ -143,8 +213,13 @@ class EdgeEngine:
         sent = time.perf_counter()
         try:
             cloud = await self.offload.infer(request, self.deadline_ms / 1000)
+        except DeadlineExceeded:
+            self.measurements.timed_out(outcome.split_block, request.ByteSize(), _ms(time.perf_counter() - sent))
+            raise
         finally:  # also when it fails: a degraded answer shows how long the cloud was waited for
             stages["offload_rtt"] = _ms(time.perf_counter() - sent)
+        self.measurements.offloaded(outcome.split_block, request.ByteSize(), stages["offload_rtt"],
+                                    cloud.timings.queue_ms, cloud.timings.compute_ms, cloud.timings.total_ms)
         stages["cloud"] = cloud.timings.total_ms
         stages["cloud_decode"], stages["cloud_queue"], stages["cloud_compute"] = (
             cloud.timings.decode_ms, cloud.timings.queue_ms, cloud.timings.compute_ms)
@@ -162,16 +237,23 @@ class EdgeEngine:
 
     def _exit_reply(self, outcome: _Outcome, exit_index: int, degraded_reason: str = "") -> pb.InferReply:
         reply = answer_reply(outcome.output, outcome.score, self.task, self.card.label_names,
-                             f"exit:{self.exit_names[exit_index]}", exit_index)
+                             f"exit:{self.split_exit_names[outcome.split_block][exit_index]}", exit_index)
         reply.degraded = bool(degraded_reason)
         reply.degraded_reason = degraded_reason
         return reply
 
-    def _run_batch(self, x: torch.Tensor, audio: torch.Tensor | None) -> list[_Outcome]:
-        """Exits for the whole batch (B, C, H, W) under one policy snapshot, then encode the survivors."""
-        policy = self.policy.get()
-        result = self._run_half(x, policy.run_thresholds(), policy.score, with_scores=self.codec.top_k is not None,
-                                audio=audio)
+    def _run_batch(self, x: torch.Tensor, audio: torch.Tensor | None,
+                   policy: PolicySettings | None = None) -> list[_Outcome]:
+        """Exits for the whole batch (B, C, H, W) under one policy snapshot (the one in force unless given),
+        then encode the survivors."""
+        if policy is None:
+            if self.adaptive is not None:
+                self.adaptive.tick()
+            policy = self.policy.get()
+        half = self.halves[self.half.split_block if policy.split_block is None else policy.split_block]
+        run_half, started = self._run_halves[half.split_block], time.perf_counter()
+        result = run_half(x, policy.run_thresholds(), policy.score, with_scores=self.codec.top_k is not None,
+                          audio=audio)
         survivor_row = {sample: row for row, sample in enumerate(result.offload.tolist())}
         outcomes = []
         for i in range(len(x)):
@@ -183,7 +265,7 @@ class EdgeEngine:
                 scores = None if result.scores is None else result.scores[row:row + 1]
                 raw = sample_tokens.numel() * 4
                 try:
-                    tokens = self._encode_visual(sample_tokens, self.codec, scores)
+                    tokens = self._encode_visual(half, sample_tokens, self.codec, scores)
                     if result.audio_tokens is not None:  # all of them: top-k selects visual tokens only
                         sample_audio = result.audio_tokens[row:row + 1]
                         raw += sample_audio.numel() * 4
@@ -194,14 +276,16 @@ class EdgeEngine:
             outcomes.append(_Outcome(
                 exit_index=int(result.exit_index[i]), best_exit=int(result.best_exit[i]), output=result.output[i],
                 score=policy.score, tokens=tokens, audio_tokens=audio_tokens, encode_error=error, raw_bytes=raw,
-                encode_ms=encode_ms,
+                encode_ms=encode_ms, split_block=half.split_block,
             ))
+        deepest = half.num_exits if len(result.offload) else int(result.exit_index.max())
+        self.measurements.batch(half.split_block, deepest, _ms(time.perf_counter() - started))
         return outcomes
 
-    def _encode_tokens(self, tokens: torch.Tensor, codec: CodecConfig, scores: torch.Tensor | None
+    @staticmethod
+    def _encode_tokens(half: EdgeWalk, tokens: torch.Tensor, codec: CodecConfig, scores: torch.Tensor | None
                        ) -> pb.EncodedTensor:
-        """One sample's tokens at the split as the wire carries them: quantized, or the bottleneck's code."""
+        """One sample's tokens at ``half``'s split as the wire carries them: quantized, or the bottleneck's code."""
         if codec.dtype == "bottleneck":
-            return encode_code(self.half.to_code(tokens), self.half.bottleneck_id, codec.zstd_level,
-                               self.half.code_dictionary)
-        return encode(tokens, codec, scores, self.half.spec.num_prefix)
+            return encode_code(half.to_code(tokens), half.bottleneck_id, codec.zstd_level, half.code_dictionary)
+        return encode(tokens, codec, scores, half.spec.num_prefix)

@@ -9,7 +9,9 @@ without any error to show for it. Clouds are tried in the configured order
 with exponential back-off, and callers fail fast in the meantime, so the engine
 answers them from their best exit instead of letting them wait. While a
 secondary serves, the clouds before it are asked every few seconds whether
-they are back; the client returns to the first that pairs (failback).
+they are back; the client returns to the first that pairs (failback). While
+connected, a tiny health check on the same connection every
+``probe_interval_s`` times the round trip without payload (``on_rtt``).
 """
 from __future__ import annotations
 
@@ -18,10 +20,11 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from offramp.security import bearer_metadata
 from offramp.wire import pb, pb_grpc, status_code
@@ -63,15 +66,23 @@ class OffloadSettings:
     failback_check_s: float = 2.0  # while a secondary serves, how often to ask the clouds before it; 0: never
     keepalive_s: float = 20.0  # ping the cloud this often; an unanswered ping ends the stream after
     keepalive_timeout_s: float = 10.0  # ... this long: a half-open connection is noticed within their sum
+    probe_interval_s: float = 0.5  # time a health check on the connection this often (the rtt); 0: never
 
 
-def pairing_problem(cloud: pb.DescribeReply, fingerprint: str, split_block: int) -> str | None:
-    """Why the edge must not send tokens to this cloud, or None if the halves belong together."""
+def pairing_problem(cloud: pb.DescribeReply, fingerprint: str, split_blocks: int | Sequence[int]) -> str | None:
+    """Why the edge must not send tokens to this cloud, or None if the halves belong together: the same
+    model, and every split block the edge may stop after among those the cloud resumes from."""
     if cloud.fingerprint != fingerprint:
         return (f"it serves a different model (fingerprint {cloud.fingerprint[:12] or '<none>'}..., "
                 f"the edge has {fingerprint[:12]}...)")
-    if cloud.split_block != split_block:
-        return f"it resumes after block {cloud.split_block}, the edge stops after block {split_block}"
+    wanted = [split_blocks] if isinstance(split_blocks, int) else list(split_blocks)
+    served = list(cloud.split_blocks) or [cloud.split_block]  # older clouds list none: their split_block
+    missing = [s for s in wanted if s not in served]
+    if missing:
+        if len(served) == 1 and len(wanted) == 1:
+            return f"it resumes after block {served[0]}, the edge stops after block {wanted[0]}"
+        return (f"it resumes after blocks {', '.join(map(str, served))}, the edge may stop after "
+                f"{', '.join(map(str, wanted))} (not served: {', '.join(map(str, missing))})")
     return None
 
 
@@ -100,13 +111,14 @@ class _Stream:
 class OffloadClient:
     """Offloads requests to the first usable cloud of ``addresses``, with failover and reconnection."""
 
-    def __init__(self, addresses: list[str], fingerprint: str, split_block: int,
+    def __init__(self, addresses: list[str], fingerprint: str, split_blocks: int | Sequence[int],
                  settings: OffloadSettings = OffloadSettings()) -> None:
+        """``split_blocks``: every block the edge may stop after; a cloud must resume from each."""
         if not addresses:
             raise ValueError("an offload client needs at least one cloud address")
         self.addresses = list(addresses)
         self.fingerprint = fingerprint
-        self.split_block = split_block
+        self.split_blocks = [split_blocks] if isinstance(split_blocks, int) else list(split_blocks)
         self.settings = settings
         self._options = [
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -130,6 +142,7 @@ class OffloadClient:
         self._problems: dict[str, str] = {}  # address -> why it is not in use
         self._task: asyncio.Task[None] | None = None
         self._failing_back = False  # the stream is ending because a cloud before it is back
+        self.on_rtt: Callable[[float], None] | None = None  # told each probe's round trip, in milliseconds
 
     @property
     def connected_to(self) -> str | None:
@@ -205,7 +218,7 @@ class OffloadClient:
         except grpc.aio.AioRpcError as e:
             self._note(address, f"{e.code().name} ({e.details()})", logging.WARNING, "cloud %s is unreachable: %s")
             return None
-        problem = pairing_problem(cloud, self.fingerprint, self.split_block)
+        problem = pairing_problem(cloud, self.fingerprint, self.split_blocks)
         if problem is not None:
             self._note(address, f"refused: {problem}", logging.ERROR, "REFUSING cloud %s: %s")
             return None
@@ -242,11 +255,14 @@ class OffloadClient:
             started = time.monotonic()
             self._stream = stream
             self._problems.pop(address, None)
-            log.info("offloading to cloud %s (split block %d, max batch %d)", address, cloud.split_block,
+            log.info("offloading to cloud %s (split block%s %s, max batch %d)", address,
+                     "s" if len(self.split_blocks) > 1 else "", ",".join(map(str, self.split_blocks)),
                      cloud.max_batch_size)
             reason = "the cloud closed the stream"
             watcher = (asyncio.create_task(self._watch_preferred(rank, stream, call))
                        if rank > 0 and self.settings.failback_check_s > 0 else None)
+            prober = (asyncio.create_task(self._probe(channel))
+                      if self.on_rtt is not None and self.settings.probe_interval_s > 0 else None)
             try:
                 async for reply in call:
                     self._resolve(reply)
@@ -261,6 +277,9 @@ class OffloadClient:
                 self._stream = None
                 call.cancel()
                 stream.outbox.put_nowait(None)  # its request iterator ends rather than wait on a dead stream
+                if prober is not None:
+                    prober.cancel()
+                    await asyncio.gather(prober, return_exceptions=True)
                 if watcher is not None:
                     watcher.cancel()
                     [outcome] = await asyncio.gather(watcher, return_exceptions=True)
@@ -272,6 +291,21 @@ class OffloadClient:
             log.warning("lost cloud %s: %s; %d requests in flight fall back", address, reason, len(self._pending))
             self._fail_pending(CloudUnavailable(f"cloud unavailable: lost {address}: {reason}"))
             return time.monotonic() - started
+
+    async def _probe(self, channel: grpc.aio.Channel) -> None:
+        """Time a health check on the offload connection every ``probe_interval_s``: with no payload to carry,
+        the quickest of them is the link's round trip (the gRPC service itself costs well under a millisecond)."""
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            await asyncio.sleep(self.settings.probe_interval_s)
+            t0 = time.perf_counter()
+            try:
+                await stub.Check(health_pb2.HealthCheckRequest(), timeout=self.settings.connect_timeout_s)
+            except grpc.aio.AioRpcError as e:
+                log.debug("rtt probe failed: %s", e.code().name)
+                continue
+            if self.on_rtt is not None:
+                self.on_rtt((time.perf_counter() - t0) * 1000)
 
     def _note(self, address: str, problem: str, level: int, message: str) -> None:
         """Remember why ``address`` is not in use; log it when it is news (retries repeat it every round)."""

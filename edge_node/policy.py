@@ -3,11 +3,15 @@
 The policy in force is one immutable ``PolicySettings`` value behind a lock:
 a batch reads it once, so a run-time change never applies half-way through a
 batch, and every change is validated against the model before it takes over.
+On an edge with a latency target a controller chooses the settings
+(``follow``); a change over the admin RPC pins them until ``unpin`` hands the
+choice back.
 """
 from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from offramp.errors import OfframpError
@@ -33,17 +37,20 @@ class PolicySettings:
     thresholds: tuple[float, ...]
     score: str
     offload_enabled: bool = True
+    split_block: int | None = None  # which of the edge's split blocks; None: its split_block
 
     def run_thresholds(self) -> list[float]:
         """The thresholds to run the exits with: without offload the last exit must take every sample."""
         return thresholds_to_run(self.thresholds, self.score, self.offload_enabled)
 
     def to_proto(self) -> pb.Policy:
-        return pb.Policy(thresholds=self.thresholds, score=self.score, offload_enabled=self.offload_enabled)
+        return pb.Policy(thresholds=self.thresholds, score=self.score, offload_enabled=self.offload_enabled,
+                         split_block=self.split_block)
 
     @classmethod
     def from_proto(cls, message: pb.Policy) -> "PolicySettings":
-        return cls(tuple(message.thresholds), message.score, message.offload_enabled)
+        split = message.split_block if message.HasField("split_block") else None
+        return cls(tuple(message.thresholds), message.score, message.offload_enabled, split)
 
 
 def default_settings(num_exits: int, score: str, offload_enabled: bool = True) -> PolicySettings:
@@ -53,11 +60,38 @@ def default_settings(num_exits: int, score: str, offload_enabled: bool = True) -
 class ExitPolicy:
     """The policy in force on one edge, safe to read from the compute thread and replace from RPCs."""
 
-    def __init__(self, settings: PolicySettings, num_exits: int, task: str) -> None:
+    def __init__(self, settings: PolicySettings, num_exits: int, task: str,
+                 splits: Mapping[int, int] | None = None) -> None:
+        """``num_exits``: of the edge's split block; ``splits``: every split block it runs, with its exit count."""
         self.num_exits = num_exits
+        self.splits = dict(splits or {})
         self.task = task
         self._lock = threading.Lock()
         self._settings = self.validate(settings)
+        self._chooser: Callable[[], PolicySettings | None] | None = None
+        self._pinned = False
+
+    def follow(self, chooser: Callable[[], PolicySettings | None]) -> None:
+        """Take the settings from ``chooser`` (a controller; None: it has not chosen yet) unless pinned."""
+        self._chooser = chooser
+
+    @property
+    def adaptive(self) -> bool:
+        """A controller chooses the settings now: there is one and nothing is pinned."""
+        return self._chooser is not None and not self._pinned
+
+    @property
+    def pinned(self) -> bool:
+        return self._pinned
+
+    def unpin(self) -> PolicySettings:
+        """Hand the choice back to the controller; returns the policy now in force."""
+        if self._chooser is None:
+            raise PolicyError("this edge has no latency target (latency_slo_ms): there is no controller to "
+                              "hand the thresholds to")
+        with self._lock:
+            self._pinned = False
+        return self.get()
 
     def validate(self, settings: PolicySettings) -> PolicySettings:
         """``settings`` if they fit this model; a ``PolicyError`` saying what is wrong otherwise."""
@@ -67,22 +101,33 @@ class ExitPolicy:
             check_score(settings.score, self.task)
         except ValueError as e:
             raise PolicyError(str(e)) from None
-        if len(settings.thresholds) != self.num_exits:
-            raise PolicyError(f"{len(settings.thresholds)} thresholds given, the edge has {self.num_exits} exits "
+        num_exits = self.num_exits
+        if settings.split_block is not None:
+            if settings.split_block not in self.splits:
+                runs = ", ".join(str(s) for s in sorted(self.splits)) or "only its split_block"
+                raise PolicyError(f"the edge does not hand over after block {settings.split_block} (it runs {runs})")
+            num_exits = self.splits[settings.split_block]
+        if len(settings.thresholds) != num_exits:
+            raise PolicyError(f"{len(settings.thresholds)} thresholds given, the edge has {num_exits} exits "
                               f"(one threshold per exit, cheapest first)")
         if any(math.isnan(t) for t in settings.thresholds):
             raise PolicyError("thresholds must be numbers, not NaN")
-        if not settings.offload_enabled and self.num_exits == 0:
+        if not settings.offload_enabled and num_exits == 0:
             raise PolicyError("offload cannot be disabled: the edge has no exit to answer with")
-        return PolicySettings(tuple(float(t) for t in settings.thresholds), settings.score, settings.offload_enabled)
+        return PolicySettings(tuple(float(t) for t in settings.thresholds), settings.score, settings.offload_enabled,
+                              settings.split_block)
 
     def get(self) -> PolicySettings:
         with self._lock:
-            return self._settings
+            settings, chooser = self._settings, None if self._pinned else self._chooser
+        chosen = chooser() if chooser is not None else None
+        return settings if chosen is None else chosen
 
     def set(self, settings: PolicySettings) -> PolicySettings:
-        """Validate, then replace the whole policy at once; returns the policy now in force."""
+        """Validate, then replace the whole policy at once (pinning it, where a controller chooses); returns
+        the policy now in force."""
         checked = self.validate(settings)
         with self._lock:
             self._settings = checked
+            self._pinned = self._chooser is not None
         return checked

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from wsgiref.simple_server import WSGIServer
@@ -28,6 +29,7 @@ from offramp.config import EdgeConfig, non_defaults
 from offramp.daemon import (DaemonServer, bind, grpc_server, listen_host, on_loopback, run_until_signalled,
                             start_metrics)
 from offramp.errors import OfframpError
+from offramp.exit_policy import exits_up_to
 from offramp.scores import default_score
 from offramp.security import ADMIN_METHODS, BearerTokenInterceptor, channel_credentials, read_token
 from offramp.serving.guard import MalformedLog, add_service
@@ -68,16 +70,21 @@ class EdgeServicer(pb_grpc.EdgeServicer):
             yield reply
 
     async def GetPolicy(self, request: pb.GetPolicyRequest, context: grpc.aio.ServicerContext) -> pb.Policy:
-        return self.engine.policy.get().to_proto()
+        return policy_reply(self.engine)
 
     async def SetPolicy(self, request: pb.Policy, context: grpc.aio.ServicerContext) -> pb.Policy:
+        policy = self.engine.policy
         try:
-            settings = self.engine.policy.set(PolicySettings.from_proto(request))
+            if request.adaptive:
+                policy.unpin()
+                log.info("policy handed back to the latency controller")
+            else:
+                settings = policy.set(PolicySettings.from_proto(request))
+                log.info("policy %s: thresholds %s, score %s, offload %s", "pinned" if policy.pinned else "changed",
+                         list(settings.thresholds), settings.score, "on" if settings.offload_enabled else "off")
         except PolicyError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        log.info("policy changed: thresholds %s, score %s, offload %s", list(settings.thresholds), settings.score,
-                 "on" if settings.offload_enabled else "off")
-        return settings.to_proto()
+        return policy_reply(self.engine)
 
     async def _answer(self, request: pb.InferRequest) -> pb.InferReply:
         """The one reply to ``request``; errors become its status rather than exceptions."""
@@ -100,47 +107,96 @@ class EdgeServicer(pb_grpc.EdgeServicer):
         return reply
 
 
+def policy_reply(engine: EdgeEngine) -> pb.Policy:
+    """The policy in force, whether a controller chose it, and the measurements (and choice) behind it."""
+    reply = engine.policy.get().to_proto()
+    reply.adaptive = engine.policy.adaptive
+    m, state = engine.measurements.snapshot(), reply.state
+    for name, value in (("rtt_ms", m.rtt_ms), ("transfer_ms", m.transfer_ms),
+                        ("uplink_bytes_per_s", m.uplink_bytes_per_s), ("offload_bytes", m.offload_bytes),
+                        ("cloud_ms", m.cloud_ms), ("cloud_queue_ms", m.cloud_queue_ms),
+                        ("cloud_compute_ms", m.cloud_compute_ms)):
+        if value is not None:
+            setattr(state, name, value)
+    state.edge_queue_ms, state.request_rate = m.edge_queue_ms, m.request_rate
+    several = len(engine.halves) > 1
+    for split, stages in engine.stage_names().items():  # "slvit@2", or "2/slvit@2" where the edge has several splits
+        state.compute_ms.update({f"{split}/{name}" if several else name: ms
+                                 for name, ms in zip(stages, m.compute_ms[split]) if not math.isnan(ms)})
+    adaptive = engine.adaptive
+    if adaptive is not None:
+        state.latency_slo_ms = adaptive.slo_ms
+        decision = adaptive.decision
+        if decision is not None:
+            o = decision.option
+            state.predicted_p95_ms, state.target_met, state.reason = (decision.predicted_p95_ms,
+                                                                      decision.target_met, decision.reason)
+            state.expected_accuracy, state.expected_offload, state.split_block = o.accuracy, o.offload, o.split_block
+            state.changes = decision.state.changes
+            state.chosen_thresholds.extend(o.thresholds)
+    return reply
+
+
 def build_engine(config: EdgeConfig) -> EdgeEngine:
     """Model, policy, codec and offload client from the config; user mistakes become ``OfframpError``."""
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     try:
-        half, card = edge_half(config)
-        split = half.split_block
+        half, others, card = edge_halves(config)
+        splits = tuple(h.split_block for h in (half, *others))
         task = card.config.task
         score = config.score or default_score(task)
         settings = (default_settings(half.num_exits, score, config.offload_enabled) if config.thresholds is None
                     else PolicySettings(config.thresholds, score, config.offload_enabled))
-        policy = ExitPolicy(settings, half.num_exits, task)
+        policy = ExitPolicy(settings, half.num_exits, task, {h.split_block: h.num_exits for h in (half, *others)})
         codec = CodecConfig(config.codec, config.top_k, config.zstd_level)
         offload = None
         if config.cloud:
             credentials = (channel_credentials(config.cloud_tls_ca, config.cloud_tls_cert, config.cloud_tls_key)
                            if config.cloud_tls_ca is not None else None)
             token = read_token(config.cloud_token_file) if config.cloud_token_file is not None else None
-            offload = OffloadClient(list(config.cloud), card.fingerprint, split, OffloadSettings(
+            offload = OffloadClient(list(config.cloud), card.fingerprint, splits, OffloadSettings(
                 backoff_initial_s=config.reconnect_initial_s, backoff_max_s=config.reconnect_max_s,
                 connect_timeout_s=config.connect_timeout_s, failback_check_s=config.failback_check_s,
                 keepalive_s=config.keepalive_s, keepalive_timeout_s=config.keepalive_timeout_s,
                 max_message_bytes=config.max_message_bytes,
                 credentials=credentials, server_name=config.cloud_tls_server_name, token=token))
-        return EdgeEngine(half, card, policy, codec, config.deadline_ms, offload, config.max_batch, config.slowdown)
+        engine = EdgeEngine(half, card, policy, codec, config.deadline_ms, offload, config.max_batch, config.slowdown,
+                            others)
     except PolicyError as e:
         raise OfframpError(f"edge policy: {e}") from None
     except ValueError as e:
         raise OfframpError(f"cannot serve '{config.checkpoint}': {e}") from None
+    if config.latency_slo_ms is not None:
+        try:
+            engine.adapt(config.latency_slo_ms, config.calibration)
+        except ValueError as e:
+            raise OfframpError(str(e)) from None
+    return engine
 
 
-def edge_half(config: EdgeConfig) -> tuple[EdgeWalk, Card]:
-    """The edge half the config asks for, and the card of its checkpoint."""
+def edge_halves(config: EdgeConfig) -> tuple[EdgeWalk, list[EdgeWalk], Card]:
+    """The edge half the config asks for (to its split block), the halves to its further split blocks (a latency
+    controller may choose them), and the card of its checkpoint."""
     if config.runtime == "onnxruntime":
         from offramp.onnx_edge import OnnxEdgeHalf
 
         card = read_card(config.checkpoint)  # the graphs hold the weights: only the card (and its fingerprint)
-        return OnnxEdgeHalf(config.onnx_dir, card, config.split_block, config.exits, config.threads), card
+        half = OnnxEdgeHalf(config.onnx_dir, card, config.split_block, config.exits, config.threads)
+        if set(config.split_blocks or (half.split_block,)) != {half.split_block}:
+            raise ValueError(f"runtime onnxruntime runs the export's one split block ({half.split_block}): leave "
+                             "split_blocks unset")
+        return half, [], card
     model, card = load_checkpoint(config.checkpoint)
     split = card.split_block if config.split_block is None else config.split_block
-    return EdgeHalf(model, split, config.device, config.dtype, config.exits), card
+    splits = config.split_blocks or (split,)
+    if split not in splits:
+        raise ValueError(f"split_blocks must include the edge's split block {split} (the checkpoint's, unless "
+                         "split_block says otherwise)")
+    half = EdgeHalf(model, split, config.device, config.dtype, config.exits)
+    others = [EdgeHalf(model, s, config.device, config.dtype, exits_up_to(model.exit_configs, config.exits, s))
+              for s in splits if s != split]
+    return half, others, card
 
 
 def admin_guard(config: EdgeConfig) -> list[BearerTokenInterceptor]:
@@ -185,6 +241,9 @@ async def serve(config: EdgeConfig) -> EdgeServer:
     log.info("offramp edge listening on %s (split block %d, exits %s, thresholds %s, score %s, clouds %s)",
              edge.address, engine.half.split_block, ",".join(engine.exit_names) or "none",
              list(policy.thresholds), policy.score, ",".join(config.cloud) or "none")
+    if engine.adaptive is not None:
+        log.info("latency target: p95 %g ms; the controller chooses among %d calibrated options",
+                 engine.adaptive.slo_ms, len(engine.adaptive.options))
     if edge.metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", listen_host(config.listen), edge.metrics_port)
     log.info("settings: %s", ", ".join(f"{k}={v!r}" for k, v in non_defaults(config).items()))

@@ -33,8 +33,8 @@ CodecName = Literal["int8", "float16", "float32", "bottleneck"]
 # cloud every ``keepalive_s``, which may not go below it).
 MIN_KEEPALIVE_S = 1
 
-__all__ = ["DEFAULT_THRESHOLDS", "CloudConfig", "EdgeConfig", "build", "load_config", "non_defaults", "read_toml",
-           "require", "setting"]
+__all__ = ["DEFAULT_THRESHOLDS", "CalibrationPoint", "CalibrationTable", "CloudConfig", "EdgeConfig", "build",
+           "load_config", "non_defaults", "read_toml", "require", "setting"]
 
 C = TypeVar("C")
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -45,7 +45,7 @@ DEFAULT_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)
 
 
 def setting(help: str, default: Any = dataclasses.MISSING, *, flag: str | None = None, metavar: str | None = None,
-            example: Any = None, path: bool = False, words: bool = False) -> Any:
+            example: Any = None, path: bool = False, words: bool = False, file_only: bool = False) -> Any:
     """A config field that says what it is for, so flags, files and docs can be generated from it.
 
     ``help`` explains the setting wherever it appears; ``flag`` renames its
@@ -54,9 +54,11 @@ def setting(help: str, default: Any = dataclasses.MISSING, *, flag: str | None =
     commented out, into generated files for a setting unset by default;
     ``path``: a filesystem path, relative to the file that names it;
     ``words``: a list given as separate words on the command line
-    (``--cloud A B``) rather than comma-separated.
+    (``--cloud A B``) rather than comma-separated; ``file_only``: data a
+    tool writes into the file (tables), with no flag.
     """
-    metadata = {"help": help, "flag": flag, "metavar": metavar, "example": example, "path": path, "words": words}
+    metadata = {"help": help, "flag": flag, "metavar": metavar, "example": example, "path": path, "words": words,
+                "file_only": file_only}
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -66,10 +68,46 @@ def require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _check_splits(splits: tuple[int, ...] | None) -> None:
+    require(splits is None or len(splits) > 0, "split_blocks must name at least one block (or be unset)")
+    require(splits is None or all(s >= 0 for s in splits), "split_blocks must not be negative")
+    require(splits is None or len(set(splits)) == len(splits), "split_blocks lists a block twice")
+
+
 def _check_address(address: str, key: str) -> None:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"{key} must be HOST:PORT, not {address!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationPoint:
+    """One operating point: thresholds, and what they did on the validation data."""
+
+    thresholds: tuple[float, ...]  # one per edge exit, cheapest first
+    accuracy: float  # of the answers (accuracy, or -MAE for regression: higher is better)
+    offload: float  # share of the samples sent to the cloud
+    shares: tuple[float, ...]  # share answered by each edge exit, then by the cloud
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationTable:
+    """The operating points `offramp calibrate` found for one split of one checkpoint: the most accurate
+    thresholds at each of a range of offload shares. The edge's latency controller chooses among them."""
+
+    fingerprint: str  # of the checkpoint they were measured on: another model's table means nothing
+    split_block: int
+    score: str
+    exits: tuple[str, ...]
+    samples: int  # validation samples behind each number
+    points: tuple[CalibrationPoint, ...]
+
+    def __post_init__(self) -> None:
+        require(len(self.points) > 0, "a calibration table needs at least one point")
+        for p in self.points:
+            require(len(p.thresholds) == len(self.exits) and len(p.shares) == len(self.exits) + 1,
+                    f"calibration points need one threshold per exit ({', '.join(self.exits)}) and one share per "
+                    "exit plus the cloud's")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +122,11 @@ class CloudConfig:
         metavar="NAME", example="cifar10-vit")
     listen: str = setting("Address to bind, HOST:PORT. Loopback by default so a first run exposes nothing; "
                           "port 0 picks a free port.", "127.0.0.1:0", metavar="HOST:PORT")
+    split_blocks: tuple[int, ...] | None = setting(
+        "Split blocks whose tails the cloud serves (2,4): an edge may hand over after any of them, e.g. earlier "
+        "when the link is fast and the cloud idle, later when the link is slow. Each has its own batches (tokens "
+        "of different blocks never share one). Unset: the checkpoint's split block.", None, metavar="K,K",
+        example=[2, 4])
     device: str = setting('"cpu", "cuda" or "cuda:N".', "cpu")
     dtype: Dtype = setting("Compute precision of the tail; reduced precision only pays off on GPUs.", "float32")
     max_batch: int = setting("Samples per forward pass across all edges: larger batches raise throughput until "
@@ -137,6 +180,7 @@ class CloudConfig:
         require(self.grace_s >= 0, "grace_s must not be negative")
         require(self.model_name is None or (self.model_name.strip() == self.model_name != ""),
                 "model_name must not be empty nor start or end with spaces")
+        _check_splits(self.split_blocks)
 
     @property
     def max_message_bytes(self) -> int:
@@ -171,6 +215,11 @@ class EdgeConfig:
                                     "goes upstream.", True, flag="offload")
     split_block: int | None = setting("Block after which the edge hands over; unset: the checkpoint's. The cloud "
                                       "must resume there too.", None, metavar="K", example=4)
+    split_blocks: tuple[int, ...] | None = setting(
+        "Split blocks the latency controller may hand over after (2,4), split_block among them; each needs its "
+        "calibration table and the clouds must serve every one. It picks per batch, as its measurements "
+        "favour: an earlier split when the link is fast and the cloud idle, a later one when the link is slow. "
+        "Unset: split_block alone.", None, metavar="K,K", example=[2, 4])
     exits: tuple[str, ...] | None = setting(
         "Exits the edge runs, by name (slvit@2,slvit@4), when the checkpoint holds more than are worth running "
         "(e.g. several exit types per position); unset: every exit up to the split. thresholds has one value "
@@ -186,6 +235,12 @@ class EdgeConfig:
                               "compressor).", 3, metavar="N")
     deadline_ms: int = setting("How long a request waits for the cloud before its best exit answers (marked "
                                "degraded).", 1000, metavar="MS")
+    latency_slo_ms: float | None = setting(
+        "p95 latency target. Set: the edge measures its link and the cloud as it offloads and chooses, batch by "
+        "batch, the calibrated thresholds of the best expected accuracy whose predicted p95 meets the target; "
+        "when none does it answers locally (not degraded) and says so in its metrics. Needs the calibration "
+        "table `offramp calibrate` writes; `offramp policy set` pins thresholds. Unset: thresholds stay as set.",
+        None, metavar="P95_MS", example=100)
     reconnect_initial_s: float = setting("First back-off after losing the cloud: short, so a blip costs little.",
                                          0.1, metavar="S")
     reconnect_max_s: float = setting("Longest back-off: it doubles up to this, so a dead cloud is not hammered.",
@@ -241,12 +296,21 @@ class EdgeConfig:
     grace_s: float = setting("Seconds a draining edge (SIGTERM) gives in-flight requests, offloads included, "
                              "before cancelling them.", 5.0, metavar="S")
     log_level: LogLevel = setting("Log verbosity (-v sets DEBUG).", "INFO")
+    calibration: tuple[CalibrationTable, ...] = setting(
+        "Operating points per split block (thresholds, expected accuracy and offload share) that `offramp "
+        "calibrate` measures and writes at the end of this file as [[calibration]] tables, for latency_slo_ms.",
+        (), file_only=True)
 
     def __post_init__(self) -> None:
         _check_address(self.listen, "listen")
         for address in self.cloud:
             _check_address(address, "cloud")
         require(self.split_block is None or self.split_block >= 0, "split_block must not be negative")
+        _check_splits(self.split_blocks)
+        require(self.split_blocks is None or self.split_block is None or self.split_block in self.split_blocks,
+                "split_block must be one of split_blocks")
+        require(self.split_blocks is None or len(self.split_blocks) == 1 or self.latency_slo_ms is not None,
+                "several split_blocks need latency_slo_ms: the latency controller is what chooses among them")
         require(self.exits is None or len(self.exits) > 0, "exits must name at least one exit (or be unset)")
         require(self.top_k is None or self.top_k >= 1, "top_k must be at least 1 (or unset to send every token)")
         require(self.zstd_level >= 0, "zstd_level must not be negative")
@@ -277,6 +341,11 @@ class EdgeConfig:
         else:
             require(self.onnx_dir is None, "onnx_dir is read by runtime onnxruntime only: set runtime = "
                     "\"onnxruntime\" (--runtime onnxruntime) or leave onnx_dir unset")
+        require(self.latency_slo_ms is None or self.latency_slo_ms > 0, "latency_slo_ms must be positive")
+        require(self.latency_slo_ms is None or self.offload_enabled,
+                "latency_slo_ms chooses how much to offload: it needs offload on")
+        splits = [t.split_block for t in self.calibration]
+        require(len(set(splits)) == len(splits), "one calibration table per split block")
 
     @property
     def max_message_bytes(self) -> int:
@@ -416,6 +485,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, (list, tuple)):
             items = [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
             return tuple(items) if origin is tuple else items
+    elif dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if isinstance(value, dict):
+            return _instance(tp, _values(tp, value, f"{key}.", None), f"{key}.")
+        if dataclasses.is_dataclass(value) and isinstance(value, tp):
+            return value
     elif tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     elif isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
@@ -438,5 +512,7 @@ def _describe(tp: Any, plural: bool = False) -> str:
         return ("any of " if plural else "one of ") + ", ".join(repr(a) for a in args)
     if origin in (list, tuple):
         return "a list of " + _describe(args[0], plural=True)
+    if dataclasses.is_dataclass(tp):
+        return "tables" if plural else "a table"
     single, many = _NOUNS.get(tp, (str(tp), str(tp)))
     return many if plural else single

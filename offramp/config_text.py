@@ -32,6 +32,9 @@ def toml_value(value: Any) -> str:
         return json.dumps(value)  # a JSON string is a TOML basic string
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # an inline table
+        return "{" + ", ".join(f"{f.name} = {toml_value(getattr(value, f.name))}"
+                               for f in dataclasses.fields(value)) + "}"
     raise TypeError(f"no TOML literal for {type(value).__name__} {value!r}")
 
 
@@ -53,11 +56,14 @@ def settings_toml(config: Any) -> str:
 
 def commented_toml(cls: type, values: Mapping[str, Any], header: str) -> str:
     """Every setting of ``cls`` under its help as a comment: ``values`` as given, the others at their defaults,
-    or commented out with an example where they are unset by default."""
+    or commented out with an example where they are unset by default. File-only settings get their help
+    only: the tool that writes them appends them as tables."""
     lines = [f"# {line}" if line else "#" for line in header.splitlines()]
     for f in dataclasses.fields(cls):
         lines += ["", *textwrap.wrap(f.metadata.get("help", ""), 100, initial_indent="# ", subsequent_indent="# ")]
         default = default_of(f)
+        if f.metadata.get("file_only"):  # tables its tool appends at the end of the file
+            continue
         if f.name in values:
             lines.append(f"{f.name} = {toml_value(values[f.name])}")
         elif default is not None and default is not dataclasses.MISSING:
@@ -75,7 +81,8 @@ def markdown_table(cls: type) -> str:
         shown = ("required" if default is dataclasses.MISSING else "unset" if default is None
                  else f"`{toml_value(default)}`")
         help_text = f.metadata.get("help", "").replace("|", "\\|")
-        rows.append(f"| `{f.name}` | `{flag_name(f)}` | {shown} | {help_text} |")
+        flag = "file only" if f.metadata.get("file_only") else f"`{flag_name(f)}`"
+        rows.append(f"| `{f.name}` | {flag} | {shown} | {help_text} |")
     return "\n".join(rows) + "\n"
 
 

@@ -148,3 +148,12 @@ def edge_exit_ids(exits: Sequence[ExitConfig], split_block: int, names: Sequence
     if len(set(names)) != len(names):
         raise ValueError(f"exits listed twice in {', '.join(names)}")
     return sorted(by_name[n] for n in names)
+
+
+def exits_up_to(exits: Sequence[ExitConfig], names: Sequence[str] | None, split_block: int) -> list[str] | None:
+    """Of the exits an edge runs (``names``; None: every one), those it can run when split after
+    ``split_block``: an edge with several split blocks runs fewer exits at the earlier ones."""
+    if names is None:
+        return None
+    position = {e.name: e.position for e in exits}
+    return [n for n in names if position.get(n, split_block + 1) <= split_block]

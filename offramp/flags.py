@@ -33,7 +33,7 @@ def floats(text: str) -> list[float]:
 
 
 def ints(text: str) -> list[int]:
-    """Comma-separated whole numbers (e.g. widths to train one after another)."""
+    """Comma-separated whole numbers (split blocks 2,4; bottleneck widths 4,8)."""
     try:
         values = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
@@ -78,11 +78,12 @@ def shown(value: Any, flag: bool = False) -> str:
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type, names: Iterable[str] | None = None,
                      with_defaults: bool = True) -> None:
-    """One flag per setting of ``cls`` (or of those in ``names``); ``with_defaults``: say the default in the help."""
+    """One flag per setting of ``cls`` (or of those in ``names``) but file-only ones; ``with_defaults``: say the
+    default in the help."""
     hints = typing.get_type_hints(cls)
     wanted = None if names is None else set(names)
     for f in dataclasses.fields(cls):
-        if wanted is not None and f.name not in wanted:
+        if (wanted is not None and f.name not in wanted) or f.metadata.get("file_only"):
             continue
         help_text = f.metadata.get("help", "")
         default = default_of(f)
@@ -96,7 +97,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, names: Iterable
 
 def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
     """``cls`` from ``--config`` and the generated flags; ``-v`` asks for debug logs."""
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}  # file-only: no flag
     if getattr(args, "verbose", False) and "log_level" in overrides:
         overrides["log_level"] = "DEBUG"
     return load_config(cls, args.config, overrides)
@@ -114,7 +115,7 @@ def _argument(f: dataclasses.Field, tp: Any) -> dict[str, Any]:
         if f.metadata.get("words"):
             kwargs.update(nargs="+", action="extend")
         else:
-            kwargs["type"] = floats if typing.get_args(tp)[0] is float else exit_names
+            kwargs["type"] = {float: floats, int: ints}.get(typing.get_args(tp)[0], exit_names)
     elif tp in (int, float):
         kwargs["type"] = tp
     if f.metadata.get("metavar"):

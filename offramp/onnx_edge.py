@@ -45,6 +45,7 @@ from .checkpoint import CARD, Card, load_checkpoint
 from .errors import OfframpError
 from .exit_policy import never_leave
 from .models import FeatureSpec
+from .pipeline import create_backbone_depth
 from .split import EdgeHalf, EdgeWalk
 
 MANIFEST = "onnx.json"
@@ -305,6 +306,7 @@ class OnnxEdgeHalf(EdgeWalk):
             raise OfframpError(f"ONNX export '{directory}' splits after block {manifest.split_block}, not "
                                f"{split_block}: export with --split-block {split_block}")
         super().__init__(card.config, manifest.split_block, manifest.spec, torch.device("cpu"), exits)
+        self.num_blocks = create_backbone_depth(card.config.backbone)
         self.directory, self.manifest = directory, manifest
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or 0  # 0: onnxruntime's default, one per core

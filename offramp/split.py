@@ -104,6 +104,7 @@ class EdgeWalk(ABC):
         self.device = device
         self.num_outputs = head_outputs(config.task, config.num_classes)
         self.bottleneck_id = ""  # the runtimes that run a bottleneck's encoder say which (EdgeHalf)
+        self.num_blocks: int  # the whole backbone's, set by each runtime
 
     @property
     def num_exits(self) -> int:
@@ -190,6 +191,7 @@ class EdgeHalf(EdgeWalk):
         self.model = model.eval()
         self.backbone = model.backbone
         self.backbone.check_position(split_block)
+        self.num_blocks = self.backbone.num_blocks
         super().__init__(model.config, split_block, self.backbone.feature_spec(split_block), resolve_device(device),
                          exits)
         self.dtype = dtype

@@ -1,7 +1,6 @@
 """The edge daemon over real sockets: exits, offload to a real cloud, fallback, policy, inputs, CLI, calibration."""
 from __future__ import annotations
 
-import dataclasses
 import io
 import math
 import threading
@@ -128,7 +127,11 @@ def test_set_policy_changes_the_offload_rate_at_run_time(
             with pytest.raises(grpc.RpcError) as error:
                 stub.SetPolicy(bad, timeout=10)
             assert error.value.code() is grpc.StatusCode.INVALID_ARGUMENT and message in error.value.details()
-        assert stub.GetPolicy(pb.GetPolicyRequest(), timeout=10) == off  # refused changes change nothing
+        now = stub.GetPolicy(pb.GetPolicyRequest(), timeout=10)
+        assert PolicySettings.from_proto(now) == PolicySettings.from_proto(off)  # refused changes change nothing
+        assert not now.adaptive and now.state.rtt_ms > 0 and now.state.offload_bytes > 0  # what the edge measured
+        with pytest.raises(grpc.RpcError, match="no latency target"):  # nothing to hand the thresholds back to
+            stub.SetPolicy(pb.Policy(adaptive=True), timeout=10)
 
 
 def png_bytes(x: torch.Tensor) -> bytes:
@@ -280,7 +283,7 @@ def test_calibrate_writes_a_config_the_edge_loads(tiny_checkpoint: Path, start_e
     assert f"created {toml}" in capsys.readouterr().out
     config = load_config(EdgeConfig, toml)
     assert Path(config.checkpoint).resolve() == tiny_checkpoint.resolve() and len(config.thresholds) == 2
-    edge = start_edge(**{**dataclasses.asdict(config), **EDGE_TEST_SETTINGS})
+    edge = start_edge(**{**vars(config), **EDGE_TEST_SETTINGS})
     with edge_stub(edge.address) as stub:
         assert stub.Infer(tensor_request(0, inputs[0]), timeout=10).status.code == 0
 
@@ -328,6 +331,14 @@ def test_policy_and_pairing_are_validated() -> None:
     assert pairing_problem(cloud, "ab" * 32, 4) is None
     assert "after block 6" in pairing_problem(cloud, "ab" * 32, 6)
     assert "different model" in pairing_problem(cloud, "cd" * 32, 4)
+    # An edge with several split blocks pairs with a cloud that serves each of them.
+    assert "(not served: 2)" in pairing_problem(cloud, "ab" * 32, [2, 4])
+    cloud.split_blocks.extend([2, 4])
+    assert pairing_problem(cloud, "ab" * 32, [2, 4]) is None
+    splits = ExitPolicy(PolicySettings((0.9, 0.9), "max_prob"), 2, "classification", splits={2: 1, 4: 2})
+    assert splits.set(PolicySettings((0.5,), "max_prob", split_block=2)).split_block == 2
+    with pytest.raises(PolicyError, match=r"does not hand over after block 3 \(it runs 2, 4\)"):
+        splits.set(PolicySettings((0.5,), "max_prob", split_block=3))
 
 
 def test_edge_runs_only_the_exits_it_is_told_to(

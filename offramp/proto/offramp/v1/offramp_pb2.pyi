@@ -117,7 +117,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeReply(_message.Message):
-    __slots__ = ("card_json", "fingerprint", "split_block", "token_shape", "max_batch_size", "max_message_bytes", "modalities")
+    __slots__ = ("card_json", "fingerprint", "split_block", "token_shape", "max_batch_size", "max_message_bytes", "modalities", "split_blocks")
     CARD_JSON_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SPLIT_BLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +125,7 @@ class DescribeReply(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MODALITIES_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     card_json: str
     fingerprint: str
     split_block: int
@@ -132,7 +133,8 @@ class DescribeReply(_message.Message):
     max_batch_size: int
     max_message_bytes: int
     modalities: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, card_json: _Optional[str] = ..., fingerprint: _Optional[str] = ..., split_block: _Optional[int] = ..., token_shape: _Optional[_Iterable[int]] = ..., max_batch_size: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., modalities: _Optional[_Iterable[str]] = ...) -> None: ...
+    split_blocks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, card_json: _Optional[str] = ..., fingerprint: _Optional[str] = ..., split_block: _Optional[int] = ..., token_shape: _Optional[_Iterable[int]] = ..., max_batch_size: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., modalities: _Optional[_Iterable[str]] = ..., split_blocks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RawTensor(_message.Message):
     __slots__ = ("shape", "data")
@@ -196,11 +198,66 @@ class GetPolicyRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Policy(_message.Message):
-    __slots__ = ("thresholds", "score", "offload_enabled")
+    __slots__ = ("thresholds", "score", "offload_enabled", "adaptive", "state", "split_block")
     THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     OFFLOAD_ENABLED_FIELD_NUMBER: _ClassVar[int]
+    ADAPTIVE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_BLOCK_FIELD_NUMBER: _ClassVar[int]
     thresholds: _containers.RepeatedScalarFieldContainer[float]
     score: str
     offload_enabled: bool
-    def __init__(self, thresholds: _Optional[_Iterable[float]] = ..., score: _Optional[str] = ..., offload_enabled: _Optional[bool] = ...) -> None: ...
+    adaptive: bool
+    state: PolicyState
+    split_block: int
+    def __init__(self, thresholds: _Optional[_Iterable[float]] = ..., score: _Optional[str] = ..., offload_enabled: _Optional[bool] = ..., adaptive: _Optional[bool] = ..., state: _Optional[_Union[PolicyState, _Mapping]] = ..., split_block: _Optional[int] = ...) -> None: ...
+
+class PolicyState(_message.Message):
+    __slots__ = ("rtt_ms", "transfer_ms", "uplink_bytes_per_s", "offload_bytes", "cloud_ms", "cloud_queue_ms", "cloud_compute_ms", "edge_queue_ms", "request_rate", "compute_ms", "latency_slo_ms", "predicted_p95_ms", "target_met", "expected_accuracy", "expected_offload", "split_block", "reason", "changes", "chosen_thresholds")
+    class ComputeMsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    RTT_MS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_MS_FIELD_NUMBER: _ClassVar[int]
+    UPLINK_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    OFFLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CLOUD_MS_FIELD_NUMBER: _ClassVar[int]
+    CLOUD_QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    CLOUD_COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    EDGE_QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_RATE_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_SLO_MS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_P95_MS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MET_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_OFFLOAD_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    CHOSEN_THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
+    rtt_ms: float
+    transfer_ms: float
+    uplink_bytes_per_s: float
+    offload_bytes: float
+    cloud_ms: float
+    cloud_queue_ms: float
+    cloud_compute_ms: float
+    edge_queue_ms: float
+    request_rate: float
+    compute_ms: _containers.ScalarMap[str, float]
+    latency_slo_ms: float
+    predicted_p95_ms: float
+    target_met: bool
+    expected_accuracy: float
+    expected_offload: float
+    split_block: int
+    reason: str
+    changes: int
+    chosen_thresholds: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, rtt_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ..., uplink_bytes_per_s: _Optional[float] = ..., offload_bytes: _Optional[float] = ..., cloud_ms: _Optional[float] = ..., cloud_queue_ms: _Optional[float] = ..., cloud_compute_ms: _Optional[float] = ..., edge_queue_ms: _Optional[float] = ..., request_rate: _Optional[float] = ..., compute_ms: _Optional[_Mapping[str, float]] = ..., latency_slo_ms: _Optional[float] = ..., predicted_p95_ms: _Optional[float] = ..., target_met: _Optional[bool] = ..., expected_accuracy: _Optional[float] = ..., expected_offload: _Optional[float] = ..., split_block: _Optional[int] = ..., reason: _Optional[str] = ..., changes: _Optional[int] = ..., chosen_thresholds: _Optional[_Iterable[float]] = ...) -> None: ...

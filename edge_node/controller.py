@@ -1,0 +1,187 @@
+"""Choosing the exit thresholds (and the split) at run time: the best expected accuracy whose predicted p95
+latency meets the target.
+
+Pure functions of what the edge measured (``Conditions``), the operating points the calibration table
+offers (``Option``), the target and the controller's previous ``State``: no clock, no I/O, so a test can
+replay any sequence of measurements and check every decision.
+
+Latency model of one option (an operating point at a split):
+
+* a sample an edge exit answers takes ``edge_queue + compute[k]``: the local batches whose deepest stage
+  was that exit;
+* an offloaded one takes ``D = edge_queue + compute[split] + rtt + transfer + cloud`` and, when offloads
+  follow each other faster than the uplink drains them, a wait behind the others. Its tail is taken as an
+  M/M/1 queue's, ``P(W > t) = rho * exp(-(1 - rho) * t / serialise)`` with utilisation
+  ``rho = rate * offload share * serialise``: conservative for fixed-size payloads, and it is what makes
+  a higher offload share cost latency on a slow link.
+* the p95 is that of the mixture: the smallest ``t`` with ``sum_k share_k * P(L_k > t) <= 5 %``. Offloads
+  slower than the target still fit when at most 5 % of the samples take them; that is how a slow link is
+  met: the exits answer more.
+
+Stability (fast down, slow up): an option that stops meeting the target is left at once, for the best one
+predicted to meet it with ``HEADROOM`` to spare; a better option is taken only once it has been predicted to
+meet the target with that headroom continuously for ``hold_s`` seconds. Each time an option has to be left
+soon after it was taken, ``hold_s`` doubles (up to ``MAX_HOLD_S``); it returns to ``BASE_HOLD_S`` only after
+no option has lost its standing for four holds. So a link that flips every few seconds settles on the option
+that survives both states instead of following it. Measurements are smoothed over
+windows before they get here (``measure``).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+TAIL = 0.05  # p95
+HEADROOM = 0.1  # a new option must be predicted this fraction below the target: noise must not flip it back
+MIN_GAIN = 0.001  # expected accuracy an upgrade must add (0.1 point): no moves for nothing
+MAX_UTILISATION = 0.9  # beyond this the uplink's queue grows without bound in practice: never plan for it
+BASE_HOLD_S = 3.0  # an option is kept at least this long before a better one replaces it
+MAX_HOLD_S = 60.0
+
+
+@dataclass(frozen=True)
+class Option:
+    """One choice: thresholds at a split, with what the calibration table expects of them."""
+
+    split_block: int
+    thresholds: tuple[float, ...]
+    accuracy: float  # expected quality (accuracy; -MAE for regression): higher is better
+    offload: float  # expected share of samples sent to the cloud
+    shares: tuple[float, ...]  # expected share answered by each edge exit, then by the cloud
+
+    @property
+    def local_only(self) -> bool:
+        """Nothing goes upstream: the edge runs it with offload off, and needs no cloud for it."""
+        return self.offload == 0.0
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """What the edge knows now, smoothed (see ``measure``); times in milliseconds.
+
+    ``compute_ms[split]`` holds, per edge exit of that split, the local batch time when that exit was the
+    deepest stage reached, then the time to the split (exits and encoding included).
+    """
+
+    compute_ms: Mapping[int, Sequence[float]]
+    edge_queue_ms: float = 0.0
+    rtt_ms: float | None = None  # propagation round trip (None: not measured yet)
+    transfer_ms: float = 0.0  # an offload's time on the link beyond the rtt (upload, jitter), high quantile
+    serialise_ms: float = 0.0  # the same, typical: how long one offload holds the uplink
+    cloud_ms: float = 0.0  # the cloud's own time per request (decode, queue, compute), high quantile
+    request_rate: float = 0.0  # requests per second reaching the edge
+    cloud_by_split: Mapping[int, float] = field(default_factory=dict)  # cloud_ms per split block, where known
+
+    def cloud_for(self, split: int) -> float:
+        return self.cloud_by_split.get(split, self.cloud_ms)
+
+    def utilisation(self, offload: float) -> float:
+        """Share of the uplink's time offloads take at this offload share."""
+        return self.request_rate * offload * self.serialise_ms / 1000
+
+
+def predict_p95(option: Option, c: Conditions) -> float:
+    """The option's p95 latency (ms) under ``c``; ``inf`` when the uplink could not carry its offloads."""
+    compute = c.compute_ms[option.split_block]
+    local = [(share, c.edge_queue_ms + compute[k]) for k, share in enumerate(option.shares[:-1]) if share > 0]
+    f = option.shares[-1] if not option.local_only else 0.0
+    rho = c.utilisation(f)
+    if f > 0 and rho >= MAX_UTILISATION:
+        return math.inf
+    d = c.edge_queue_ms + compute[-1] + (c.rtt_ms or 0.0) + c.transfer_ms + c.cloud_for(option.split_block)
+    wait_scale = c.serialise_ms / (1 - rho) if rho > 0 else 0.0
+
+    def beyond(t: float) -> float:
+        """P(latency > t)."""
+        p = sum(share for share, ms in local if t < ms)
+        if f > 0:
+            p += f * (1.0 if t < d else rho * math.exp(-(t - d) / wait_scale) if wait_scale > 0 else 0.0)
+        return p
+
+    # P(latency > t) falls in steps at the local times and at d, then smoothly in the wait's tail.
+    steps = sorted({ms for _, ms in local} | ({d} if f > 0 else set()))
+    for t in [0.0, *steps]:
+        if beyond(t) <= TAIL + 1e-12:
+            return t
+    lo, hi = steps[-1], steps[-1] + wait_scale * 50  # beyond(steps[-1]) > TAIL: only the wait's tail is left
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if beyond(mid) <= TAIL else (mid, hi)
+    return hi
+
+
+@dataclass(frozen=True)
+class State:
+    """What the controller remembers between decisions."""
+
+    current: int | None = None  # index into the options; None before the first decision
+    since: float = -math.inf  # when it was chosen
+    hold_s: float = BASE_HOLD_S  # how long an option is kept before a better one may replace it
+    last_trouble: float = -math.inf  # when an option last stopped meeting the target with headroom
+    changes: int = 0
+    good_since: tuple[float, ...] = ()  # per option: since when it has met the target with headroom (inf: not now)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The option in force after one step, and why."""
+
+    state: State
+    option: Option
+    predicted_p95_ms: float
+    target_met: bool  # False: no option meets the target; the edge answers locally with its best exits
+    reason: str
+    predictions: tuple[float, ...] = field(repr=False, default=())
+
+
+def step(options: Sequence[Option], c: Conditions, slo_ms: float, state: State, now: float) -> Decision:
+    """One decision at time ``now`` (seconds, any origin): keep the current option or move (see the module)."""
+    if not options:
+        raise ValueError("the controller needs at least one option")
+    p95 = tuple(predict_p95(o, c) for o in options)
+    cur = state.current
+    limit = slo_ms * (1 - HEADROOM)
+    before = state.good_since if len(state.good_since) == len(options) else (math.inf,) * len(options)
+    good_since = tuple(min(b, now) if p <= limit else math.inf for b, p in zip(before, p95))
+    trouble = any(b < math.inf and g == math.inf for b, g in zip(before, good_since))
+    state = replace(state, good_since=good_since, last_trouble=now if trouble else state.last_trouble)
+
+    def best(limit: float) -> int | None:
+        fits = [i for i in range(len(options)) if p95[i] <= limit]
+        return max(fits, key=lambda i: (options[i].accuracy, -options[i].offload)) if fits else None
+
+    def fallback() -> int:
+        """Nothing meets the target: the most accurate local-only option, else the fastest."""
+        local = [i for i, o in enumerate(options) if o.local_only]
+        if local:
+            return max(local, key=lambda i: (options[i].accuracy, -p95[i]))
+        return min(range(len(options)), key=lambda i: p95[i])
+
+    def moved(to: int, why: str, **changes: float) -> Decision:
+        if to == cur:
+            return Decision(replace(state, **changes), options[to], p95[to], p95[to] <= slo_ms, why, p95)
+        new = replace(state, current=to, since=now, changes=state.changes + (cur is not None), **changes)
+        return Decision(new, options[to], p95[to], p95[to] <= slo_ms, why, p95)
+
+    safe = best(limit)
+    if cur is None:
+        return moved(safe if safe is not None else (best(slo_ms) if best(slo_ms) is not None else fallback()),
+                     "first choice")
+    if p95[cur] > slo_ms:  # missing the target: leave now
+        to = safe if safe is not None else best(slo_ms)
+        hold = min(2 * state.hold_s, MAX_HOLD_S) if now - state.since < 2 * state.hold_s else state.hold_s
+        if to is None:
+            to = fallback()
+            why = (f"no option meets p95 {slo_ms:g} ms (best predicted {min(p95):.0f} ms): answering locally"
+                   if to != cur or p95[to] > slo_ms else "no option meets the target")
+            return moved(to, why, last_trouble=now, hold_s=hold)
+        return moved(to, f"predicted p95 {p95[cur]:.0f} ms > target {slo_ms:g} ms", last_trouble=now, hold_s=hold)
+    # Meeting the target: after a long calm the hold is reset; a better option must have been good for as long.
+    hold = BASE_HOLD_S if now - state.last_trouble > 4 * state.hold_s else state.hold_s
+    held = [i for i in range(len(options)) if now - good_since[i] >= hold]
+    up = max(held, key=lambda i: (options[i].accuracy, -options[i].offload)) if held else None
+    if up is not None and options[up].accuracy > options[cur].accuracy + MIN_GAIN:
+        return moved(up, f"a better option met the target for {hold:g} s (p95 {p95[up]:.0f} ms)", hold_s=hold)
+    return moved(cur, "meets the target", hold_s=hold)
+
