@@ -89,6 +89,7 @@ class Calibration:
     metric: str  # "accuracy", or "mae" for regression
     table: tuple[OperatingPoint, ...] = ()  # the best point per offload share, fewest offloads first
     tables: tuple[CalibrationTable, ...] = ()  # as the edge config stores them, one per split block
+    evaluated: tuple[OperatingPoint, ...] = ()  # the thresholds a caller asked about, on the same samples
 
     def summary(self) -> str:
         p, sign = self.chosen, ">=" if higher_is_confident(self.score) else "<="
@@ -183,16 +184,20 @@ def operating_points(cascade: _Cascade) -> tuple[OperatingPoint, ...]:
 
 
 def calibrate_checkpoint(checkpoint: str | Path, target: Target, score: str | None = None, data: str | None = None,
-                         edge_toml: str | Path | None = None) -> Calibration:
+                         edge_toml: str | Path | None = None, edge: dict[str, Any] | None = None,
+                         evaluate_thresholds: tuple[tuple[float, ...], ...] = ()) -> Calibration:
     """Evaluate a checkpoint's heads on validation data and calibrate its edge exits.
 
-    An existing ``edge_toml`` supplies the split block and the exits list
-    (which exits are on the edge) and, unless ``score`` is given, the score; the card and the task's
-    default score fill in what it does not set.
+    An existing ``edge_toml`` (or the same keys in ``edge``, for a caller holding the settings rather than a
+    file) supplies the split block and the exits list (which exits are on the edge) and, unless ``score`` is
+    given, the score; the card and the task's default score fill in what it does not set.
+    ``evaluate_thresholds``: thresholds whose cascade the result also reports (``evaluated``), from the same
+    evaluation: what fixed thresholds do on these samples, without evaluating the model again.
     """
     model, card = load_checkpoint(checkpoint)
     task = model.config.task
     configured = _read_edge_toml(Path(edge_toml)) if edge_toml is not None else {}
+    configured |= {k: v for k, v in (edge or {}).items() if v is not None}
     score = score or configured.get("score") or default_score(task)
     split = configured.get("split_block", card.split_block)
     names = configured.get("exits")
@@ -202,6 +207,8 @@ def calibrate_checkpoint(checkpoint: str | Path, target: Target, score: str | No
         results = evaluate(model, val, score=score)
         ids = edge_exit_ids(model.exit_configs, split, names)
         result = calibrate([results[i] for i in ids], results[-1], score, target, table=True)
+        cascade = _Cascade([results[i] for i in ids], results[-1], score)
+        evaluated = tuple(cascade.point(tuple(float(t) for t in ts)) for ts in evaluate_thresholds)
         tables = []
         for s in configured.get("split_blocks") or [split]:  # the controller's table for each split it may use
             s_ids = edge_exit_ids(model.exit_configs, s, exits_up_to(model.exit_configs, names, s))
@@ -210,7 +217,7 @@ def calibrate_checkpoint(checkpoint: str | Path, target: Target, score: str | No
                       if s_ids else (_everything_offloaded(results[-1]),))
             tables.append(CalibrationTable(card.fingerprint, s, score, tuple(results[i].name for i in s_ids),
                                            result.samples, tuple(_stored(p) for p in points)))
-        return dataclasses.replace(result, tables=tuple(tables))
+        return dataclasses.replace(result, tables=tuple(tables), evaluated=evaluated)
     except ValueError as e:
         raise OfframpError(str(e)) from None
 

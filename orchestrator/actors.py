@@ -35,7 +35,7 @@ from offramp.errors import OfframpError
 from offramp.netem import LinkProxy, ProxyThread, Schedule
 
 from .config import NodesConfig
-from .workload import Dataset, EdgeLoad, Record, drive, warm_up
+from .workload import Dataset, EdgeLoad, PolicyPoller, Record, drive, drive_cloud, warm_up
 
 if TYPE_CHECKING:
     from .baselines import FullModelServer, Where
@@ -171,8 +171,21 @@ class DriverActor:
     def warm_up(self, address: str, count: int, encoded: bool, timeout_s: float) -> None:
         warm_up(address, self.dataset, count, encoded, timeout_s)
 
-    def drive(self, address: str, load: EdgeLoad, encoded: bool) -> list[Record]:
-        return drive(address, self.dataset, load, encoded)
+    def drive(self, address: str, load: EdgeLoad, encoded: bool,
+              policy_every_s: float | None = None) -> tuple[list[Record], list[dict[str, Any]]]:
+        """The load's records and, every ``policy_every_s`` (None: never), the edge's policy."""
+        with PolicyPoller(address, policy_every_s) as poller:
+            records = drive(address, self.dataset, load, encoded)
+        return records, poller.samples
+
+
+@ray.remote(num_cpus=0)
+class CloudLoadActor:
+    """The other edges' offloads, sent straight to the cloud on a rate schedule (``drive_cloud``)."""
+
+    def drive(self, address: str, steps: tuple[tuple[float, float], ...], duration_s: float, seed: int,
+              timeout_s: float) -> list[Record]:
+        return drive_cloud(address, steps, duration_s, seed, timeout_s)
 
 
 @dataclass(frozen=True)
@@ -194,10 +207,10 @@ class Placement:
     """
 
     def __init__(self, edges: int, dataset: ray.ObjectRef, *, edge_only: bool, cloud_only: bool,
-                 ready_timeout_s: float = 120.0) -> None:
+                 cloud_load: bool = False, ready_timeout_s: float = 120.0) -> None:
         self.num_edges = edges
         self.dataset = dataset
-        self.edge_only, self.cloud_only = edge_only, cloud_only
+        self.edge_only, self.cloud_only, self.with_cloud_load = edge_only, cloud_only, cloud_load
         self.ready_timeout_s = ready_timeout_s
         self._pg: PlacementGroup | None = None
         self._actors: list[Any] = []
@@ -222,6 +235,8 @@ class Placement:
         self.cloud = self._actor(DaemonActor, 0, "cloud")
         # Baseline servers only where the sweep runs that baseline: each actor is a worker process.
         self.cloud_full_model = self._actor(FullModelActor, 0, "cloud") if self.cloud_only else None
+        # The other edges' load arrives at the cloud; its sender sits in the cloud's slot (no edge slot of its own).
+        self.cloud_load = self._actor(CloudLoadActor, 0, "cloud") if self.with_cloud_load else None
         slots = []
         for i in range(1, self.num_edges + 1):
             slots.append((self._actor(DaemonActor, i, "edge"), self._actor(LinkActor, i, "edge"),

@@ -65,7 +65,8 @@ def _show(args: argparse.Namespace) -> int:
                                       w.duration_s is not None and f"{w.duration_s:g} s") if x)
     print(f"{config.name}: {len(points)} points; checkpoint {config.checkpoint}")
     print(f"per edge: {load}, up to {limits}; seed {config.seed}; edge slowdown {config.edge.slowdown:g}x\n")
-    print(format_table(["#", "variant", "edges", "link per edge", "codec", "thresholds"],
-                       [[p.index, p.variant, p.edges, ", ".join(p.links()) if p.profile is not None else "-",
-                         p.codec or "-", p.thresholds_label or "-"] for p in points]))
+    print(format_table(["#", "variant", "policy", "edges", "link per edge", "codec", "thresholds"],
+                       [[p.index, p.variant, p.params()["policy"] or "-", p.edges,
+                         ", ".join(p.links()) if p.profile is not None else "-", p.codec or "-",
+                         p.thresholds_label or "-"] for p in points]))
     return 0

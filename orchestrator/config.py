@@ -20,6 +20,7 @@ and the baselines run beside it (``[baselines]``)::
     codecs = ["int8"]
     profiles = ["lan", "wifi", "lte", "3g", "wifi; 30s:3g", ["lte", "3g"]]  # a list is one link per edge
     edges = [1, 2]
+    policies = ["fixed"]   # "adaptive", "adaptive_two_splits": the edge's latency controller (a policy study)
 
 ``[edge]`` and ``[cloud]`` hold daemon settings, any of those in the README's
 tables except what each point sets (the checkpoint, the edge's thresholds,
@@ -40,12 +41,17 @@ from offramp.config import CloudConfig, CodecName, EdgeConfig, build, read_toml,
 from offramp.errors import OfframpError
 from offramp.netem import Schedule
 
-__all__ = ["BASELINES", "BaselinesConfig", "ExperimentConfig", "NodesConfig", "SweepConfig", "WorkloadConfig",
-           "load_experiment"]
+__all__ = ["BASELINES", "BaselinesConfig", "CloudLoadConfig", "ExperimentConfig", "NodesConfig", "POLICIES",
+           "StudyConfig", "SweepConfig", "WorkloadConfig", "load_experiment", "parse_rates"]
 
 Baseline = Literal["edge_only", "cloud_only", "fixed_split"]
 BASELINES: tuple[Baseline, ...] = typing.get_args(Baseline)
-Threshold = float | tuple[float, ...]
+# How the edge chooses its thresholds: as the sweep sets them, or by its latency controller (latency_slo_ms)
+# over the calibration table of the checkpoint's split, or of every block in edge.split_blocks.
+Policy = Literal["fixed", "adaptive", "adaptive_two_splits"]
+POLICIES: tuple[Policy, ...] = typing.get_args(Policy)
+# "calibrated": the thresholds `offramp calibrate` picks for [study].accuracy_drop.
+Threshold = float | tuple[float, ...] | Literal["calibrated"]
 LinkSpec = str | tuple[str, ...]
 
 
@@ -105,11 +111,16 @@ class SweepConfig:
     # ("delay=20ms,bw=8mbit") or a schedule ("wifi; 30s:3g"); a list gives one per edge, cycled.
     profiles: tuple[LinkSpec, ...] = ("lan",)
     edges: tuple[int, ...] = (1,)
+    # "fixed" runs each of `thresholds`; each adaptive policy is one point per profile, codec and edge count.
+    policies: tuple[Policy, ...] = ("fixed",)
 
     def __post_init__(self) -> None:
-        for name in ("thresholds", "codecs", "profiles", "edges"):
+        for name in ("thresholds", "codecs", "profiles", "edges", "policies"):
             require(len(getattr(self, name)) > 0, f"{name} must list at least one value")
+        require(len(set(self.policies)) == len(self.policies), "policies must not repeat a policy")
         for i, t in enumerate(self.thresholds):
+            if t == "calibrated":
+                continue
             values = t if isinstance(t, tuple) else (t,)
             require(len(values) > 0 and not any(math.isnan(v) for v in values),
                     f"thresholds[{i}] must be a number or a non-empty list of numbers")
@@ -122,6 +133,62 @@ class SweepConfig:
                 except OfframpError as e:
                     raise ValueError(f"profiles[{i}]: {e}") from None
         require(all(n >= 1 for n in self.edges), "edges must all be at least 1")
+
+
+def parse_rates(text: str) -> tuple[tuple[float, float], ...]:
+    """``"0; 40s:200"`` -> ``((0, 0), (40, 200))``: requests per second from each time on, as link schedules read."""
+    steps: list[tuple[float, float]] = []
+    for i, part in enumerate(p.strip() for p in text.split(";")):
+        when, sep, rate = part.rpartition(":")
+        try:
+            at = float(when.strip().removesuffix("s")) if sep else 0.0
+            value = float(rate)
+        except ValueError:
+            raise ValueError(f"schedule step {part!r} must be RATE or TIMEs:RATE (e.g. '40s:200')") from None
+        if i == 0 and at != 0.0:
+            steps.append((0.0, 0.0))
+        require(value >= 0 and math.isfinite(value), f"schedule step {part!r}: the rate must be a number >= 0")
+        require(not steps or at > steps[-1][0], f"schedule step {part!r} must come after the one before it")
+        steps.append((at, value))
+    return tuple(steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class CloudLoadConfig:
+    """Other edges' offloads reaching the cloud: a load that changes during the run, sent straight to the
+    cloud (not through the studied edges' links) as requests at the checkpoint's split."""
+
+    # Requests per second from each time on, e.g. "0; 40s:200": idle, then a second group of edges joins
+    # at 40 s. The clock starts with the measured load, as the link schedules' do. "0": no cloud load.
+    schedule: str = "0"
+
+    def __post_init__(self) -> None:
+        parse_rates(self.schedule)
+
+    @property
+    def steps(self) -> tuple[tuple[float, float], ...]:
+        return parse_rates(self.schedule)
+
+    @property
+    def active(self) -> bool:
+        return any(rate > 0 for _, rate in self.steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    """How a policy study calibrates and judges: used where the sweep has "calibrated" thresholds or
+    adaptive policies, and to read timelines where conditions change during a point."""
+
+    # `offramp calibrate --target-accuracy-drop`: the "calibrated" thresholds (the fixed policy) and where
+    # adaptive edges start before they have measured anything.
+    accuracy_drop: float = 0.5
+    # One-second windows starting within this long after a change of the link or the cloud's load are
+    # not judged against the target: the controller needs measurements of the new conditions.
+    settle_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        require(0 <= self.accuracy_drop <= 100, "accuracy_drop must be in 0..100 points")
+        require(self.settle_s >= 0, "settle_s must not be negative")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,9 +223,19 @@ class ExperimentConfig:
     workload: WorkloadConfig = WorkloadConfig(count=100)
     sweep: SweepConfig = SweepConfig()
     baselines: BaselinesConfig = BaselinesConfig()
+    cloud_load: CloudLoadConfig = CloudLoadConfig()
+    study: StudyConfig = StudyConfig()
 
     def __post_init__(self) -> None:
         require(bool(self.name) and "/" not in self.name, "name must be a non-empty string without '/'")
+        adaptive = [p for p in self.sweep.policies if p != "fixed"]
+        require(not adaptive or self.edge.latency_slo_ms is not None,
+                f"sweep.policies {', '.join(adaptive)} need edge.latency_slo_ms, the p95 target the controller keeps")
+        two = "adaptive_two_splits" in self.sweep.policies
+        require(not two or len(self.edge.split_blocks or ()) >= 2,
+                "sweep.policies adaptive_two_splits needs edge.split_blocks with two or more blocks")
+        require(two or self.edge.split_blocks is None or len(self.edge.split_blocks) < 2,
+                "edge.split_blocks lists several blocks, which only the adaptive_two_splits policy uses")
         object.__setattr__(self, "edge", dataclasses.replace(self.edge, checkpoint=self.checkpoint))
         object.__setattr__(self, "cloud", dataclasses.replace(self.cloud, checkpoint=self.checkpoint))
 
@@ -168,7 +245,8 @@ class ExperimentConfig:
 
 
 # Daemon settings each point sets itself: in [edge] or [cloud] they would be silently replaced.
-SET_PER_POINT = {"edge": ("checkpoint", "listen", "cloud", "thresholds", "codec"), "cloud": ("checkpoint", "listen")}
+SET_PER_POINT = {"edge": ("checkpoint", "listen", "cloud", "thresholds", "codec", "calibration"),
+                 "cloud": ("checkpoint", "listen", "split_blocks")}
 
 
 def load_experiment(path: str | Path, *, checkpoint: str | None = None, out: str | None = None) -> ExperimentConfig:
@@ -185,6 +263,7 @@ def load_experiment(path: str | Path, *, checkpoint: str | None = None, out: str
         for key in keys:
             if key in section:
                 raise OfframpError(f"{path}: {daemon}.{key} is set per point (the checkpoint at the top, thresholds "
-                                   f"and codecs in [sweep]), not in [{daemon}]")
+                                   f"and codecs in [sweep], calibration tables and the cloud's splits by the "
+                                   f"policy), not in [{daemon}]")
         section["checkpoint"] = table.get("checkpoint", "")  # a daemon's required setting, the experiment's
     return build(ExperimentConfig, table, str(path), path.resolve().parent)

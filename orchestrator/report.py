@@ -32,7 +32,7 @@ from .workload import Record
 log = logging.getLogger(__name__)
 
 Row = dict[str, Any]
-PARAMS = ("point", "variant", "edges", "profile", "codec", "thresholds", "threshold")
+PARAMS = ("point", "variant", "edges", "profile", "codec", "thresholds", "threshold", "policy")
 METRICS = ("requests", "errors", "accuracy", "offload_rate", "degraded_rate", "latency_mean_ms", "latency_p50_ms",
            "latency_p95_ms", "latency_p99_ms", "bytes_per_request", "bytes_per_offload", "throughput_rps")
 MARKERS = {"system": "o", "fixed_split": "^", "cloud_only": "s", "edge_only": "*"}
@@ -100,7 +100,7 @@ def _summary_row(rows: list[Record]) -> Row:
     def pct(q: float) -> float:
         return float(np.percentile(answered, q)) if len(answered) else math.nan
 
-    return {key: rows[0][key] for key in PARAMS} | {
+    return {key: rows[0].get(key, "") for key in PARAMS} | {
         "requests": n,
         "errors": sum(r["status"] != "OK" for r in rows),
         "accuracy": float(np.mean([r["correct"] for r in rows])),
@@ -114,14 +114,15 @@ def _summary_row(rows: list[Record]) -> Row:
     }
 
 
-def write_summary(summary: Sequence[Row], out: Path) -> tuple[Path, Path]:
-    """``summary.csv`` and ``summary.json``."""
+def write_summary(summary: Sequence[Row], out: Path, extra: dict[str, Any] | None = None) -> tuple[Path, Path]:
+    """``summary.csv`` and ``summary.json``: the rows, or with ``extra`` (a policy study's timelines, see
+    ``orchestrator.study``) an object holding ``extra``'s keys and the rows as ``points``."""
     csv_path, json_path = out / "summary.csv", out / "summary.json"
     with csv_path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, [*PARAMS, *METRICS])
+        writer = csv.DictWriter(fh, [*PARAMS, *METRICS], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(summary)
-    write_json(json_path, list(summary))
+    write_json(json_path, list(summary) if extra is None else {**extra, "points": list(summary)})
     return csv_path, json_path
 
 
@@ -129,7 +130,8 @@ def format_summary(summary: Sequence[Row]) -> str:
     """The summary as a fixed-width table for the terminal."""
     headers = ["#", "variant", "edges", "profile", "codec", "thresh", "acc", "offload", "degr", "mean ms",
                "p95 ms", "B/req", "req/s", "errors"]
-    rows = [[r["point"], NAMES[r["variant"]], r["edges"], r["profile"] or "-", r["codec"] or "-",
+    rows = [[r["point"], NAMES[r["variant"]] + (f" ({r['policy']})" if r["policy"] not in ("", "fixed") else ""),
+             r["edges"], r["profile"] or "-", r["codec"] or "-",
              r["thresholds"] or "-", r["accuracy"], r["offload_rate"], r["degraded_rate"],
              round(r["latency_mean_ms"], 1), round(r["latency_p95_ms"], 1), round(r["bytes_per_request"]),
              round(r["throughput_rps"], 1), r["errors"]] for r in summary]

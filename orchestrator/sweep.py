@@ -2,7 +2,10 @@
 
 A point is one variant under one set of conditions:
 
-* ``system`` — thresholds × codec × link profile × number of edges;
+* ``system`` — thresholds × codec × link profile × number of edges, with the
+  thresholds fixed; or, for each adaptive policy (a policy study), the edge's
+  latency controller choosing among the calibration table's points (and
+  splits) per codec × profile × edges;
 * ``fixed_split`` — the same daemons with every threshold out of reach
   (every sample offloaded), per codec × profile × edges;
 * ``cloud_only`` — the whole model in the cloud, fed the input's file through
@@ -15,6 +18,13 @@ with the point's thresholds and codec; the drivers warm up, the link
 schedules start, the load runs, and every request yields one record. Points
 with the same number of edges share one placement (the Ray actors), not
 their daemons.
+
+Where conditions change during a point (a link schedule, a ``[cloud_load]``
+schedule) or the edge chooses for itself (adaptive policies), the drivers
+also poll each edge's ``GetPolicy`` once a second, and the cloud load
+starts with the edges' load: ``orchestrator.study`` reads the timelines.
+Thresholds "calibrated" and adaptive policies need the checkpoint calibrated
+once (``edge_node.calibrate``) before the first point.
 """
 from __future__ import annotations
 
@@ -23,14 +33,15 @@ import dataclasses
 import itertools
 import logging
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from offramp.config import EdgeConfig
+from offramp.config import CloudConfig, EdgeConfig
 
-from .config import ExperimentConfig, LinkSpec, Threshold
+from .config import ExperimentConfig, LinkSpec, Policy, Threshold
 from .workload import EdgeLoad, Record
 
 log = logging.getLogger(__name__)
@@ -38,6 +49,7 @@ log = logging.getLogger(__name__)
 Variant = Literal["system", "fixed_split", "cloud_only", "edge_only"]
 DAEMON_VARIANTS: tuple[Variant, ...] = ("system", "fixed_split")  # run on the real edge and cloud daemons
 NEVER = math.inf  # the fixed split's threshold: no exit is ever sure enough
+POLL_EVERY_S = 1.0  # GetPolicy polls per edge, where timelines are read: one per timeline window
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,7 @@ class Point:
     profile: LinkSpec | None = None  # None: no link (edge-only)
     codec: str | None = None  # None: no token codec (the whole-model baselines)
     thresholds: Threshold | None = None
+    policy: Policy = "fixed"  # adaptive ones start from the calibrated thresholds
 
     def links(self) -> tuple[str, ...]:
         """One link spec per edge: a list in the sweep is cycled over the edges."""
@@ -68,17 +81,22 @@ class Point:
             return ""
         if self.thresholds == NEVER:
             return "never"
+        if isinstance(self.thresholds, str):
+            return self.thresholds
         values = self.thresholds if isinstance(self.thresholds, tuple) else (self.thresholds,)
         return "/".join(f"{t:g}" for t in values)
 
     def params(self) -> dict[str, Any]:
         scalar = self.thresholds if isinstance(self.thresholds, float) and self.thresholds != NEVER else None
         return {"point": self.index, "variant": self.variant, "edges": self.edges, "profile": self.profile_label,
-                "codec": self.codec or "", "thresholds": self.thresholds_label, "threshold": scalar}
+                "codec": self.codec or "", "thresholds": self.thresholds_label, "threshold": scalar,
+                "policy": self.policy if self.variant == "system" else ""}
 
     def describe(self) -> str:
+        system = self.variant == "system"
         parts = [self.variant, f"{self.edges} edge{'s' if self.edges > 1 else ''}", self.profile_label,
-                 self.codec or "", f"t={self.thresholds_label}" if self.variant == "system" else ""]
+                 self.codec or "", self.policy if system and self.policy != "fixed" else "",
+                 f"t={self.thresholds_label}" if system and self.policy == "fixed" else ""]
         return ", ".join(p for p in parts if p)
 
 
@@ -93,8 +111,10 @@ def expand(config: ExperimentConfig) -> list[Point]:
     for edges in sweep.edges:
         for profile in sweep.profiles:
             for codec in sweep.codecs:
-                for thresholds in sweep.thresholds:
-                    add(variant="system", edges=edges, profile=profile, codec=codec, thresholds=thresholds)
+                for policy in sweep.policies:
+                    for thresholds in sweep.thresholds if policy == "fixed" else ("calibrated",):
+                        add(variant="system", edges=edges, profile=profile, codec=codec, thresholds=thresholds,
+                            policy=policy)
                 if "fixed_split" in baselines:
                     add(variant="fixed_split", edges=edges, profile=profile, codec=codec, thresholds=NEVER)
             if "cloud_only" in baselines:
@@ -113,6 +133,9 @@ class Context:
     score: str
     host: str | None  # where cloud-side servers bind (None: each node's IP)
     num_inputs: int
+    calibration: Any = None  # edge_node.calibrate.Calibration, where the sweep needs one
+    timelines: bool = False  # conditions change during a point, or edges choose: poll their policy
+    split_block: int | None = None  # the edge's own split (edge.split_block, else the checkpoint's)
 
     def edge_thresholds(self, point: Point) -> list[float]:
         """The point's thresholds, one per edge exit; "never" points the right way for the score."""
@@ -120,14 +143,34 @@ class Context:
 
         if point.thresholds == NEVER:
             return [never_leave(self.score)] * self.num_exits
+        if point.thresholds == "calibrated":
+            assert self.calibration is not None
+            return list(self.calibration.chosen.thresholds)
         assert point.thresholds is not None
         return list(point.thresholds) if isinstance(point.thresholds, tuple) else [point.thresholds] * self.num_exits
 
     def edge_config(self, point: Point, cloud: str) -> EdgeConfig:
-        """The experiment's edge settings with the point's thresholds and codec, offloading to ``cloud``."""
+        """The experiment's edge settings with the point's thresholds, codec and policy, offloading to ``cloud``.
+
+        A fixed policy runs without a target (the thresholds stay); an adaptive one keeps ``latency_slo_ms``
+        with the calibration table of the edge's split, the two-split one with every split's and
+        ``split_blocks``."""
         thresholds = tuple(self.edge_thresholds(point)) if self.num_exits else None
-        return dataclasses.replace(self.config.edge, cloud=(cloud,), codec=point.codec, score=self.score,
-                                   thresholds=thresholds)
+        e = self.config.edge
+        if point.policy == "fixed" or point.variant != "system":
+            policy: dict[str, Any] = {"latency_slo_ms": None, "split_blocks": None, "calibration": ()}
+        else:
+            splits = e.split_blocks if point.policy == "adaptive_two_splits" else None
+            keep = set(splits or (self.split_block,))
+            policy = {"split_blocks": splits,
+                      "calibration": tuple(t for t in self.calibration.tables if t.split_block in keep)}
+        return dataclasses.replace(e, cloud=(cloud,), codec=point.codec, score=self.score, thresholds=thresholds,
+                                   **policy)
+
+    def cloud_config(self, point: Point) -> CloudConfig:
+        """The experiment's cloud settings, serving every split the point's edges may hand over after."""
+        two = point.variant == "system" and point.policy == "adaptive_two_splits"
+        return dataclasses.replace(self.config.cloud, split_blocks=self.config.edge.split_blocks if two else None)
 
     def load(self, edge: int) -> EdgeLoad:
         return EdgeLoad(self.config.workload, self.config.seed, edge, self.num_inputs)
@@ -140,6 +183,8 @@ class Context:
 class PointResult:
     records: list[Record] = dataclasses.field(default_factory=list)
     info: dict[str, Any] = dataclasses.field(default_factory=dict)  # params, nodes, link counters: points.json
+    policy: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # GetPolicy polls, per edge
+    cloud_load: list[Record] = dataclasses.field(default_factory=list)  # the other edges' offloads
     logs: dict[str, str] = dataclasses.field(default_factory=dict)  # daemon name → its log
 
 
@@ -155,7 +200,7 @@ def run_point(point: Point, placement: Any, ctx: Context, result: PointResult) -
         cloud = None
         if point.variant in DAEMON_VARIANTS:
             stack.callback(_stop_daemons, [placement.cloud], ["cloud"], result.logs)
-            cloud = _get(placement.cloud.start.remote(cfg.cloud, ctx.host))
+            cloud = _get(placement.cloud.start.remote(ctx.cloud_config(point), ctx.host))
         elif point.variant == "cloud_only":
             stack.callback(_stop_all, [placement.cloud_full_model])
             cloud = _get(placement.cloud_full_model.start.remote(
@@ -181,8 +226,21 @@ def run_point(point: Point, placement: Any, ctx: Context, result: PointResult) -
         encoded = point.variant == "cloud_only"
         _get([s.driver.warm_up.remote(t.address, w.warmup, encoded, w.timeout_s) for s, t in zip(slots, targets)])
         _get([s.link.begin.remote() for s in slots[:len(links)]])
-        per_edge = _get([s.driver.drive.remote(t.address, ctx.load(i), encoded)
-                         for i, (s, t) in enumerate(zip(slots, targets))])
+        poll = POLL_EVERY_S if ctx.timelines and point.variant in DAEMON_VARIANTS else None
+        driven = [s.driver.drive.remote(t.address, ctx.load(i), encoded, poll)
+                  for i, (s, t) in enumerate(zip(slots, targets))]
+        loaded = None
+        if cloud is not None and placement.cloud_load is not None:  # starts with the edges' load, as the links do
+            loaded = placement.cloud_load.drive.remote(cloud.address, cfg.cloud_load.steps, ctx.load(0).planned_s,
+                                                       cfg.seed, w.timeout_s)
+        outputs = _get(driven)
+        per_edge = [records for records, _ in outputs]
+        # An edge without a controller does not report its split: it is the one it was started with.
+        result.policy = [{"point": point.index, "edge": i, **p,
+                          "split_block": p["split_block"] if p["split_block"] >= 0 else ctx.split_block}
+                         for i, (_, polls) in enumerate(outputs) for p in polls]
+        if loaded is not None:
+            result.cloud_load = [{"point": point.index, **r} for r in _get(loaded)]
     nodes = {"cloud": cloud.node_id if cloud else "", "edges": [t.node_id for t in targets],
              "drivers": [s.node_id for s in slots]}
     result.info["nodes"] = nodes
@@ -237,14 +295,16 @@ def run_experiment(config: ExperimentConfig, address: str | None = None, progres
     from offramp.checkpoint import read_card
     from offramp.scores import default_score
 
-    from . import report
+    from . import report, study
     from .actors import Placement, node_resources, ray_session
     from .baselines import encode_images
     from .workload import load_dataset
 
+    started = time.perf_counter()
     card = read_card(config.checkpoint)
     num_exits = _num_edge_exits(card, config.edge.exits)
     _check_thresholds(config, num_exits)
+    score = config.edge.score or default_score(card.config.task)
     dataset = load_dataset(card, config.workload.data)
     if "cloud_only" in config.baselines.run and card.modality == "image":
         dataset = dataclasses.replace(dataset, encoded=encode_images(
@@ -253,31 +313,77 @@ def run_experiment(config: ExperimentConfig, address: str | None = None, progres
     out = config.out_dir
     out.mkdir(parents=True, exist_ok=True)
     report.write_json(out / "experiment.json", dataclasses.asdict(config))
+    calibration = _calibrate(config, points, num_exits, score, out)
     records: list[Record] = []
     infos: list[dict[str, Any]] = []
+    policy: list[dict[str, Any]] = []
+    cloud_load: list[Record] = []
+    timelines = study.has_timelines(config)
     with ray_session(address, config.nodes, max(config.sweep.edges)) as host:
-        ctx = Context(config, num_exits, config.edge.score or default_score(card.config.task), host, len(dataset))
+        split = config.edge.split_block if config.edge.split_block is not None else card.split_block
+        ctx = Context(config, num_exits, score, host, len(dataset), calibration, timelines, split)
         data_ref = ray.put(dataset)
         variants = {p.variant for p in points}
         try:
             with tqdm(total=len(points), disable=not progress, unit="point", dynamic_ncols=True) as bar:
                 for edges, group in itertools.groupby(points, key=lambda p: p.edges):
                     with Placement(edges, data_ref, edge_only="edge_only" in variants,
-                                   cloud_only="cloud_only" in variants) as placement:
+                                   cloud_only="cloud_only" in variants,
+                                   cloud_load=config.cloud_load.active) as placement:
                         for point in group:
                             bar.set_postfix_str(point.describe())
                             result = _run_logged(point, placement, ctx, out)
                             records += result.records
                             infos.append(result.info)
+                            policy += result.policy
+                            cloud_load += result.cloud_load
                             bar.update()
         finally:
             report.write_json(out / "nodes.json", node_resources())
             report.write_json(out / "points.json", infos)
             records_path = report.write_records(records, out)
+            if timelines:
+                report.write_json(out / "policy.json", policy)
+                report.write_json(out / "cloud_load.json", cloud_load)
     summary = report.summarize(records)
-    report.write_summary(summary, out)
-    plots = report.plot_all(summary, records, out / "plots")
+    wall_s = time.perf_counter() - started
+    if timelines:
+        timeline = study.Study(config, points, records, policy, cloud_load, calibration)
+        report.write_summary(summary, out, extra=timeline.summary(wall_s))
+        plots = report.plot_all(summary, records, out / "plots") + timeline.plot(out / "plots")
+    else:
+        report.write_summary(summary, out)
+        plots = report.plot_all(summary, records, out / "plots")
     return ExperimentResult(out, records_path, summary, plots)
+
+
+def _calibrate(config: ExperimentConfig, points: list[Point], num_exits: int, score: str, out: Path) -> Any:
+    """The checkpoint calibrated as `offramp calibrate` would, once, where a point needs it (else None).
+
+    With it: the fixed thresholds' cascades on the same validation samples (what each fixed point's answers
+    are worth), written to ``calibration.json`` beside the tables the adaptive edges get.
+    """
+    if not any(p.thresholds == "calibrated" or p.policy != "fixed" for p in points):
+        return None
+    from edge_node.calibrate import Target, calibrate_checkpoint
+
+    from . import report
+
+    e = config.edge
+    fixed = tuple(dict.fromkeys(tuple(Context(config, num_exits, score, None, 0).edge_thresholds(p))
+                                for p in points if p.variant == "system" and p.thresholds != "calibrated"))
+    log.info("calibrating %s for the policies (accuracy drop %g points)", config.checkpoint, config.study.accuracy_drop)
+    calibration = calibrate_checkpoint(
+        config.checkpoint, Target(accuracy_drop=config.study.accuracy_drop), score=score, data=config.workload.data,
+        edge={"split_block": e.split_block, "exits": list(e.exits) if e.exits else None,
+              "split_blocks": list(e.split_blocks) if e.split_blocks else None},
+        evaluate_thresholds=fixed)
+    report.write_json(out / "calibration.json", {
+        "accuracy_drop": config.study.accuracy_drop, "samples": calibration.samples,
+        "full_accuracy": calibration.full_quality, "chosen": dataclasses.asdict(calibration.chosen),
+        "evaluated": [dataclasses.asdict(p) for p in calibration.evaluated],
+        "tables": [dataclasses.asdict(t) for t in calibration.tables]})
+    return calibration
 
 
 def _run_logged(point: Point, placement: Any, ctx: Context, out: Path) -> PointResult:

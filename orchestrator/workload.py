@@ -225,3 +225,117 @@ def request_record(request_id: int, sample: int, label: int, sent_s: float, repl
     }
     record |= {f"stage_{name}_ms": value for name, value in sorted(reply.stage_ms.items())}
     return record
+
+
+class PolicyPoller:
+    """Asks the edge at ``address`` for its policy (``GetPolicy``) every ``every_s`` while the load runs.
+
+    The records say who answered each request, not which thresholds or split were in force; these samples
+    do, with what the controller expected of them and the measurements behind it. Times are seconds since
+    the poller started, which is when the load's clock starts too (within a millisecond).
+    """
+
+    def __init__(self, address: str, every_s: float | None) -> None:
+        self.address, self.every_s = address, every_s
+        self.samples: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="policy-poller", daemon=True)
+
+    def __enter__(self) -> PolicyPoller:
+        if self.every_s:
+            self._t0 = time.perf_counter()
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        assert self.every_s
+        with grpc.insecure_channel(self.address) as channel:
+            stub = pb_grpc.EdgeStub(channel)
+            next_at = self._t0
+            while not self._stop.is_set():
+                t = time.perf_counter() - self._t0
+                try:
+                    self.samples.append(policy_sample(t, stub.GetPolicy(pb.GetPolicyRequest(), timeout=2.0)))
+                except grpc.RpcError as e:
+                    log.warning("GetPolicy at %s: %s", self.address, e.code().name)
+                next_at += self.every_s
+                self._stop.wait(max(0.0, next_at - time.perf_counter()))
+
+
+def policy_sample(t_s: float, policy: pb.Policy) -> dict[str, Any]:
+    """One poll: the thresholds and split in force, and the controller's expectations (NaN where unset)."""
+    s = policy.state
+
+    def opt(name: str) -> float:
+        return getattr(s, name) if s.HasField(name) else math.nan
+
+    split = policy.split_block if policy.HasField("split_block") else (s.split_block or -1)
+    return {"t_s": t_s, "thresholds": [float(t) for t in policy.thresholds], "offload_enabled": policy.offload_enabled,
+            "adaptive": policy.adaptive, "split_block": int(split),
+            "expected_accuracy": s.expected_accuracy if s.latency_slo_ms else math.nan,
+            "expected_offload": s.expected_offload if s.latency_slo_ms else math.nan,
+            "predicted_p95_ms": s.predicted_p95_ms if s.latency_slo_ms else math.nan,
+            "target_met": s.target_met, "changes": s.changes, "reason": s.reason,
+            "rtt_ms": opt("rtt_ms"), "transfer_ms": opt("transfer_ms"), "cloud_ms": opt("cloud_ms"),
+            "request_rate": s.request_rate}
+
+
+def cloud_load_arrivals(steps: tuple[tuple[float, float], ...], duration_s: float, seed: int) -> np.ndarray:
+    """Poisson arrivals (seconds) at each step's rate from its time to the next step's, up to ``duration_s``."""
+    rng = np.random.default_rng([seed, 2])
+    times: list[np.ndarray] = []
+    for (start, rate), (end, _) in zip(steps, [*steps[1:], (duration_s, 0.0)]):
+        end = min(end, duration_s)
+        if rate <= 0 or end <= start:
+            continue
+        n = rng.poisson(rate * (end - start))
+        times.append(np.sort(rng.uniform(start, end, n)))
+    return np.concatenate(times) if times else np.zeros(0)
+
+
+def drive_cloud(address: str, steps: tuple[tuple[float, float], ...], duration_s: float, seed: int,
+                timeout_s: float) -> list[Record]:
+    """Send offloads straight to the cloud at ``address`` on the rate schedule ``steps``: the other edges.
+
+    Each carries random int8 tokens of the shape the cloud expects at its split (the tail's compute does
+    not depend on the values); a record per request (arrival, latency, status) tells what the load got.
+    """
+    from offramp.codec.tensor_codec import CodecConfig, encode
+
+    arrivals = cloud_load_arrivals(steps, duration_s, seed)
+    with grpc.insecure_channel(address, options=_CHANNEL_OPTIONS) as channel:
+        stub = pb_grpc.OffloadStub(channel)
+        describe = stub.Describe(pb.DescribeRequest(), timeout=30)
+        x = np.random.default_rng([seed, 3]).standard_normal((1, *describe.token_shape)).astype(np.float32)
+        tokens = encode(x, CodecConfig(dtype="int8"))
+        sent: dict[int, float] = {}
+        answers: dict[int, tuple[float, str]] = {}
+        finished = threading.Event()
+        t0 = time.perf_counter()
+
+        def requests() -> Iterator[pb.OffloadRequest]:
+            for i, offset in enumerate(arrivals.tolist()):
+                while (wait := t0 + offset - time.perf_counter()) > 0:
+                    if finished.wait(min(wait, 0.5)):
+                        return
+                sent[i] = t0 + offset
+                yield pb.OffloadRequest(request_id=i, model_fingerprint=describe.fingerprint,
+                                        split_block=describe.split_block, tokens=tokens)
+
+        error = ""
+        try:
+            for reply in stub.Infer(requests(), timeout=duration_s + timeout_s):
+                answers[reply.request_id] = (time.perf_counter(), status_code(reply.status).name)
+        except grpc.RpcError as e:
+            error = f"stream ended: {e.code().name}"
+            log.warning("cloud load on %s: %s", address, error)
+        finally:
+            finished.set()
+    return [{"request_id": i, "sent_s": at - t0,
+             "latency_ms": (answers[i][0] - at) * 1e3 if i in answers else math.nan,
+             "status": answers[i][1] if i in answers else (error or "NO_REPLY")} for i, at in sorted(sent.items())]

@@ -253,3 +253,88 @@ def test_daemon_tables_hold_daemon_settings_and_each_point_completes_them(tmp_pa
             load_experiment(write(tmp_path, f'checkpoint = "m"\n{text}\n'))
     with pytest.raises(OfframpError, match=r"'edge.threads' must be an integer"):
         load_experiment(write(tmp_path, 'checkpoint = "m"\n[edge]\nthreads = "1"\n'))
+
+
+# -- policy studies ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, message", [
+    ('[sweep]\npolicies = ["adaptive"]', "sweep.policies adaptive need edge.latency_slo_ms"),
+    ('[edge]\nlatency_slo_ms = 100.0\n[sweep]\npolicies = ["adaptive_two_splits"]',
+     "adaptive_two_splits needs edge.split_blocks with two or more blocks"),
+    ('[edge]\nlatency_slo_ms = 100.0\nsplit_blocks = [2, 4]\n', "only the adaptive_two_splits policy uses"),
+    ('[sweep]\npolicies = ["fixed", "fixed"]', "sweep.policies must not repeat a policy"),
+    ('[sweep]\npolicies = ["greedy"]', "'sweep.policies[0]' must be one of 'fixed'"),
+    ('[sweep]\nthresholds = ["calibrate"]', "'sweep.thresholds[0]' must be a number"),
+    ('[cloud_load]\nschedule = "0; 40s:fast"', "schedule step '40s:fast' must be RATE or TIMEs:RATE"),
+    ('[cloud_load]\nschedule = "50; 40s:0; 20s:5"', "schedule step '20s:5' must come after"),
+    ('[cloud]\nsplit_blocks = [2, 4]', "cloud.split_blocks is set per point"),
+])
+def test_policy_study_errors(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, f'checkpoint = "m"\n[workload]\ncount = 5\n{text}\n')
+    with pytest.raises(OfframpError) as info:
+        load_experiment(path)
+    assert str(path) in str(info.value) and message in str(info.value)
+
+
+def test_policies_expand_and_phases_follow_link_and_cloud_load() -> None:
+    from orchestrator.config import parse_rates
+    from orchestrator.study import phases, tail
+
+    config = load_experiment(EXPERIMENTS / "adaptive.toml")
+    points = expand(config)
+    assert [(p.policy, p.thresholds_label) for p in points] == [
+        ("fixed", "calibrated"), ("fixed", "0.8"), ("fixed", "0.99"), ("adaptive", "calibrated"),
+        ("adaptive_two_splits", "calibrated")]
+    found = phases(points[0].profile, 1, config.cloud_load.steps, 80.0)
+    assert [(p.key, p.start_s, p.end_s) for p in found] == [
+        ("p1_wifi", 0, 20), ("p2_3g", 20, 40), ("p3_lte+load", 40, 60), ("p4_wifi+load", 60, 80)]
+    assert parse_rates("40s:10") == ((0.0, 0.0), (40.0, 10.0))
+    assert tail([10.0] * 19 + [500.0]) == 10.0 and tail([10.0] * 18 + [math.nan, math.nan]) == math.inf
+
+
+def test_a_policy_study_runs_fixed_and_adaptive_edges_under_a_changing_link_and_cloud_load(
+        tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """The whole path on the tiny model: calibration, tables in the edges' configs, a two-split cloud, the
+    cloud load, GetPolicy polls and the study's summary and plot."""
+    from orchestrator.sweep import run_experiment
+
+    path = write(tmp_path, textwrap.dedent(f"""
+        name = "policies"
+        checkpoint = "{tiny_checkpoint}"
+        [edge]
+        latency_slo_ms = 200.0
+        split_blocks = [2, 4]
+        [workload]
+        rate = 20.0
+        duration_s = 3.0
+        warmup = 2
+        [sweep]
+        thresholds = ["calibrated"]
+        profiles = ["lan; 2s:lte"]
+        policies = ["fixed", "adaptive_two_splits"]   # "adaptive" differs only in its split_blocks
+        [cloud_load]
+        schedule = "0; 2s:30"
+        [study]
+        settle_s = 1.0
+        [baselines]
+        run = []
+    """))
+    result = run_experiment(load_experiment(path, out=str(tmp_path / "out")), progress=False)
+    out = result.out_dir
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["policies"]) == {"fixed", "adaptive_two_splits"}
+    for policy in summary["policies"].values():
+        assert set(policy["phases"]) == {"p1_lan", "p2_lte+load"}
+        assert all(0 <= ph["offload_share"] <= 1 and ph["p95_ms"] > 0 and 0 <= ph["accuracy_offline"] <= 1
+                   for ph in policy["phases"].values())
+        assert 0 <= policy["p95_within_target_share"] <= 1
+    assert summary["machine"]["torch"] and len(summary["points"]) == 2
+    polls = json.loads((out / "policy.json").read_text())
+    assert {p["point"] for p in polls} == {0, 1}
+    assert {p["split_block"] for p in polls if p["point"] == 0} == {4}  # fixed: the checkpoint's split
+    assert all(p["adaptive"] for p in polls if p["point"] > 0)
+    load = json.loads((out / "cloud_load.json").read_text())
+    assert load and all(r["sent_s"] >= 2.0 for r in load) and {r["status"] for r in load} == {"OK"}
+    tables = json.loads((out / "calibration.json").read_text())["tables"]
+    assert [t["split_block"] for t in tables] == [2, 4]
+    assert (out / "plots" / "policy_timeline.png").stat().st_size > 10_000
