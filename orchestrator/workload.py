@@ -275,11 +275,12 @@ def policy_sample(t_s: float, policy: pb.Policy) -> dict[str, Any]:
         return getattr(s, name) if s.HasField(name) else math.nan
 
     split = policy.split_block if policy.HasField("split_block") else (s.split_block or -1)
+    decided = bool(s.latency_slo_ms) and bool(s.reason)  # before its first decision the controller expects nothing
     return {"t_s": t_s, "thresholds": [float(t) for t in policy.thresholds], "offload_enabled": policy.offload_enabled,
             "adaptive": policy.adaptive, "split_block": int(split),
-            "expected_accuracy": s.expected_accuracy if s.latency_slo_ms else math.nan,
-            "expected_offload": s.expected_offload if s.latency_slo_ms else math.nan,
-            "predicted_p95_ms": s.predicted_p95_ms if s.latency_slo_ms else math.nan,
+            "expected_accuracy": s.expected_accuracy if decided else math.nan,
+            "expected_offload": s.expected_offload if decided else math.nan,
+            "predicted_p95_ms": s.predicted_p95_ms if decided else math.nan,
             "target_met": s.target_met, "changes": s.changes, "reason": s.reason,
             "rtt_ms": opt("rtt_ms"), "transfer_ms": opt("transfer_ms"), "cloud_ms": opt("cloud_ms"),
             "request_rate": s.request_rate}
