@@ -60,8 +60,8 @@ def _columns(rows: Sequence[Row]) -> list[str]:
     return sorted(keys, key=lambda key: key.startswith("stage_"))
 
 
-def write_records(records: Sequence[Record], out: Path) -> Path | None:
-    """``records.parquet`` where pyarrow is installed, ``records.csv`` otherwise; None when there are none."""
+def write_records(records: Sequence[Record], out: Path, name: str = "records") -> Path | None:
+    """``NAME.parquet`` where pyarrow is installed, ``NAME.csv`` otherwise; None when there are none."""
     if not records:
         return None
     columns = _columns(records)
@@ -69,13 +69,13 @@ def write_records(records: Sequence[Record], out: Path) -> Path | None:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
-        path = out / "records.csv"
+        path = out / f"{name}.csv"
         with path.open("w", newline="") as fh:
             writer = csv.DictWriter(fh, columns)
             writer.writeheader()
             writer.writerows(records)
         return path
-    path = out / "records.parquet"
+    path = out / f"{name}.parquet"
     pq.write_table(pa.table({c: [r.get(c) for r in records] for c in columns}), path)
     return path
 

@@ -344,7 +344,7 @@ def run_experiment(config: ExperimentConfig, address: str | None = None, progres
             records_path = report.write_records(records, out)
             if timelines:
                 report.write_json(out / "policy.json", policy)
-                report.write_json(out / "cloud_load.json", cloud_load)
+                report.write_records(cloud_load, out, "cloud_load")  # one row per request: a table, not JSON
     summary = report.summarize(records)
     wall_s = time.perf_counter() - started
     if timelines:

@@ -333,7 +333,9 @@ def test_a_policy_study_runs_fixed_and_adaptive_edges_under_a_changing_link_and_
     assert {p["point"] for p in polls} == {0, 1}
     assert {p["split_block"] for p in polls if p["point"] == 0} == {4}  # fixed: the checkpoint's split
     assert all(p["adaptive"] for p in polls if p["point"] > 0)
-    load = json.loads((out / "cloud_load.json").read_text())
+    import pyarrow.parquet as pq
+
+    load = pq.read_table(out / "cloud_load.parquet").to_pylist()
     assert load and all(r["sent_s"] >= 2.0 for r in load) and {r["status"] for r in load} == {"OK"}
     tables = json.loads((out / "calibration.json").read_text())["tables"]
     assert [t["split_block"] for t in tables] == [2, 4]
