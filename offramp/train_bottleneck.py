@@ -101,10 +101,11 @@ def add_bottleneck(job: BottleneckJob, channels: list[int] | None = None) -> lis
         train_s = train(model, cache, dataclasses.replace(job, channels=width), position) if job.epochs else 0.0
         model = attach_dictionary(model, train_dictionary(model, cache.feats[position][0], job.dictionary_bytes))
         metrics = measure(model, splits.val, position, job.zstd_level)
-        metrics.update(id=bottleneck_id(model), train_wall_s=round(train_s, 1),
-                       epochs=job.epochs or card.metrics.get("bottleneck", {}).get("epochs"),
-                       rate_weight=job.rate_weight if job.epochs else card.metrics.get("bottleneck", {}).get(
-                           "rate_weight"), train_samples=len(splits.train), wall_s=round(time.perf_counter() - start, 1))
+        trained = ({"train_wall_s": round(train_s, 1), "epochs": job.epochs, "rate_weight": job.rate_weight}
+                   if job.epochs else {k: card.metrics.get("bottleneck", {}).get(k)  # kept: how it was trained
+                                       for k in ("train_wall_s", "epochs", "rate_weight")})
+        metrics.update(id=bottleneck_id(model), **trained, train_samples=len(splits.train),
+                       wall_s=round(time.perf_counter() - start, 1))
         out = Card(config=model.config, label_names=card.label_names, modality=card.modality,
                    input_shape=card.input_shape, split_block=position, data=card.data,
                    metrics={**card.metrics, "bottleneck": metrics})
@@ -251,5 +252,6 @@ def describe(metrics: dict[str, Any]) -> str:
                    f"without ({metrics['accuracy_loss_points']:+.2f} points lost)")
     else:
         quality = f"MAE {metrics['mae']:.3f} through it vs {metrics['mae_without']:.3f} without"
+    trained = "" if metrics.get("train_wall_s") is None else f"; trained in {metrics['train_wall_s']:.0f} s"
     return (f"{head}\n  {quality}, {metrics['bytes_per_offload']:.0f} bytes per offload on "
-            f"{metrics['samples']} validation samples; trained in {metrics['train_wall_s']:.0f} s")
+            f"{metrics['samples']} validation samples{trained}")
