@@ -13,6 +13,16 @@ if TYPE_CHECKING:
     from cloud_node.server import CloudServer
 
 
+@pytest.fixture(autouse=True)
+def torch_threads() -> Iterator[None]:
+    """In-process daemons set torch's thread count for the whole process; each test starts from the same."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The folder of development data archives (cifar10-train.zip, fsdd-train.zip).

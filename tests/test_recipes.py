@@ -150,7 +150,9 @@ def test_cached_features_are_the_backbones_own() -> None:
     assert torch.allclose(cache.final[0], final, atol=1e-4)
     assert not torch.equal(cache.feats[2][1], cache.feats[2][0])  # view 1: an augmented copy
     before = evaluate(model, data.val)[0].summary()["accuracy"]
-    train_exits(model, data.train, TrainConfig(exit_epochs=3, batch_size=64, precision="fp32", progress=False),
+    # 6 epochs: at 3 the SL-ViT exit on this CNN reaches 0.24-0.46 depending on torch's thread count, too
+    # close to the bar; at 6, 0.49-0.54.
+    train_exits(model, data.train, TrainConfig(exit_epochs=6, batch_size=64, precision="fp32", progress=False),
                 cache=cache)
     after = evaluate(model, data.val)
     assert after[0].summary()["accuracy"] > before + 0.2 and after[1].summary()["accuracy"] > 0.5
