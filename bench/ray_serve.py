@@ -43,6 +43,7 @@ from cloud_node.metrics import CloudMetrics
 from offramp.checkpoint import load_checkpoint
 from offramp.codec import CodecConfig, decode, encode
 from offramp.config import CloudConfig
+from offramp.daemon_proc import pin_threads as pin_process
 from offramp.errors import OfframpError
 from offramp.models import MultiExitModel
 from offramp.pipeline import load_validation
@@ -159,16 +160,6 @@ def parse_cores(text: str) -> list[int]:
         first, _, last = part.strip().partition("-")
         cores.update(range(int(first), int(last or first) + 1))
     return sorted(cores)
-
-
-def pin_process(pid: int, cores: Sequence[int]) -> None:
-    """Pin every thread of ``pid``: ``sched_setaffinity(pid)`` alone moves only its main thread.
-
-    Threads started later inherit the mask of the thread that starts them.
-    """
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with suppress(ProcessLookupError):  # a thread that just ended
-            os.sched_setaffinity(int(tid), cores)
 
 
 def descendants(pid: int) -> list[int]:

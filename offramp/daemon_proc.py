@@ -11,7 +11,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from contextlib import suppress
 from pathlib import Path
 from types import TracebackType
 
@@ -22,6 +23,16 @@ from .config import CloudConfig, EdgeConfig
 from .config_text import settings_toml
 from .errors import OfframpError
 from .security import channel_credentials
+
+
+def pin_threads(pid: int, cores: Collection[int]) -> None:
+    """Pin every thread of ``pid`` to ``cores``: ``sched_setaffinity(pid)`` alone moves only its main thread.
+
+    Threads and processes started later inherit the mask of the thread that starts them.
+    """
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with suppress(ProcessLookupError):  # a thread that just ended
+            os.sched_setaffinity(int(tid), cores)
 
 
 class DaemonProcess:
@@ -75,6 +86,8 @@ class DaemonProcess:
             if self.port_file.is_file() and self.port_file.read_text().strip():
                 self.port = int(self.port_file.read_text())
                 if self._serving(deadline - time.monotonic()):
+                    if self.cores is not None:  # any thread the child started before the line above
+                        pin_threads(self.proc.pid, self.cores)
                     return self
             time.sleep(0.05)
         self.stop()

@@ -13,6 +13,11 @@ The actors are thin: the daemons are the real ``offramp cloud`` / ``offramp
 edge`` processes (:class:`~offramp.daemon_proc.DaemonProcess`), the link is
 the real :class:`~offramp.netem.LinkProxy`; each actor reports the Ray node it
 ran on, so every record says where its request was served.
+
+With ``[nodes] edge_cores`` / ``cloud_cores`` every actor of a slot pins its
+own process, all its threads, to that slot's cores before it starts anything:
+the daemons, proxies and load generators it starts inherit the mask. So one
+machine can host an edge and a cloud that do not take each other's CPU.
 """
 from __future__ import annotations
 
@@ -30,11 +35,11 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from offramp.config import CloudConfig, EdgeConfig
-from offramp.daemon_proc import DaemonProcess
+from offramp.daemon_proc import DaemonProcess, pin_threads
 from offramp.errors import OfframpError
 from offramp.netem import LinkProxy, ProxyThread, Schedule
 
-from .config import NodesConfig
+from .config import NodesConfig, check_cores
 from .workload import Dataset, EdgeLoad, PolicyPoller, Record, drive, drive_cloud, warm_up
 
 if TYPE_CHECKING:
@@ -59,13 +64,29 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
+def _threads() -> int:
+    """One per core this process may run on: the slot's cores where it is pinned."""
+    return len(os.sched_getaffinity(0)) or 1
+
+
+class Pinned:
+    """What every actor can do: pin its own process to cores (before it starts daemons, threads or load)."""
+
+    def pin(self, cores: tuple[int, ...], name: str) -> None:
+        try:
+            check_cores(cores, name)  # checked on the head already; this node may have fewer cores
+        except ValueError as e:
+            raise OfframpError(f"[nodes] {e} (node {ray.util.get_node_ip_address()})") from None
+        pin_threads(os.getpid(), cores)
+
+
 def _bind_host(host: str | None) -> str:
     """``host``, or this node's IP where the head asked for each node's own (a real cluster)."""
     return host if host is not None else ray.util.get_node_ip_address()
 
 
 @ray.remote(num_cpus=0)
-class DaemonActor:
+class DaemonActor(Pinned):
     """Runs one ``offramp cloud`` or ``offramp edge`` process on this actor's node, one at a time."""
 
     def __init__(self) -> None:
@@ -73,9 +94,9 @@ class DaemonActor:
         self._files = contextlib.ExitStack()  # leaving it removes the daemon's port file and log
 
     def start(self, config: CloudConfig | EdgeConfig, host: str | None) -> Started:
-        """Start the daemon ``config`` describes and wait until it serves; unset threads: one per core of this node."""
+        """Start the daemon ``config`` describes and wait until it serves; unset threads: one per core it may use."""
         command = "edge" if isinstance(config, EdgeConfig) else "cloud"
-        env = {"OMP_NUM_THREADS": str(config.threads or os.cpu_count() or 1)}
+        env = {"OMP_NUM_THREADS": str(config.threads or _threads())}
         self._daemon = DaemonProcess(command, config=config, host=_bind_host(host), env=env)
         self._files.enter_context(self._daemon)
         return Started(self._daemon.address, _node_id())
@@ -95,7 +116,7 @@ class DaemonActor:
 
 
 @ray.remote(num_cpus=0)
-class LinkActor:
+class LinkActor(Pinned):
     """The emulated link of one edge: a shaping proxy on the edge's node, edge → proxy → upstream."""
 
     def __init__(self) -> None:
@@ -136,7 +157,7 @@ class LinkActor:
 
 
 @ray.remote(num_cpus=0)
-class FullModelActor:
+class FullModelActor(Pinned):
     """Hosts a :class:`~orchestrator.baselines.FullModelServer` (edge-only or cloud-only baseline)."""
 
     def __init__(self) -> None:
@@ -148,7 +169,7 @@ class FullModelActor:
 
         from .baselines import FullModelServer
 
-        torch.set_num_threads(threads or os.cpu_count() or 1)
+        torch.set_num_threads(threads or _threads())
         self._server = FullModelServer(checkpoint, where, _bind_host(host), slowdown, max_batch, max_wait_ms, device)
         return Started(self._server.start(), _node_id())
 
@@ -159,7 +180,7 @@ class FullModelActor:
 
 
 @ray.remote(num_cpus=0)
-class DriverActor:
+class DriverActor(Pinned):
     """The load generator of one edge, on that edge's node, so the local API is reached on loopback."""
 
     def __init__(self, dataset: Dataset) -> None:
@@ -180,7 +201,7 @@ class DriverActor:
 
 
 @ray.remote(num_cpus=0)
-class CloudLoadActor:
+class CloudLoadActor(Pinned):
     """The other edges' offloads, sent straight to the cloud on a rate schedule (``drive_cloud``)."""
 
     def drive(self, address: str, steps: tuple[tuple[float, float], ...], duration_s: float, seed: int,
@@ -207,11 +228,14 @@ class Placement:
     """
 
     def __init__(self, edges: int, dataset: ray.ObjectRef, *, edge_only: bool, cloud_only: bool,
-                 cloud_load: bool = False, ready_timeout_s: float = 120.0) -> None:
+                 cloud_load: bool = False, cores: dict[str, tuple[int, ...] | None] | None = None,
+                 ready_timeout_s: float = 120.0) -> None:
         self.num_edges = edges
         self.dataset = dataset
         self.edge_only, self.cloud_only, self.with_cloud_load = edge_only, cloud_only, cloud_load
         self.ready_timeout_s = ready_timeout_s
+        self.cores = cores or {}  # slot resource ("edge", "cloud") -> the cores its actors pin to
+        self._pinned: list[ray.ObjectRef] = []
         self._pg: PlacementGroup | None = None
         self._actors: list[Any] = []
 
@@ -242,6 +266,7 @@ class Placement:
             slots.append((self._actor(DaemonActor, i, "edge"), self._actor(LinkActor, i, "edge"),
                           self._actor(DriverActor, i, "edge", self.dataset),
                           self._actor(FullModelActor, i, "edge") if self.edge_only else None))
+        ray.get(self._pinned)  # every actor pinned before anything starts a daemon or sends load
         node_ids = ray.get([driver.node_id.remote() for _, _, driver, _ in slots])
         self.edges = [EdgeSlot(*slot, node_id=node) for slot, node in zip(slots, node_ids)]
 
@@ -261,6 +286,8 @@ class Placement:
             scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=bundle),
         ).remote(*args)
         self._actors.append(actor)
+        if self.cores.get(resource) is not None:
+            self._pinned.append(actor.pin.remote(self.cores[resource], f"{resource}_cores"))
         return actor
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from pathlib import Path
 from typing import Literal
@@ -42,7 +43,7 @@ from offramp.errors import OfframpError
 from offramp.netem import Schedule
 
 __all__ = ["BASELINES", "BaselinesConfig", "CloudLoadConfig", "ExperimentConfig", "NodesConfig", "POLICIES",
-           "StudyConfig", "SweepConfig", "WorkloadConfig", "load_experiment", "parse_rates"]
+           "StudyConfig", "SweepConfig", "WorkloadConfig", "check_cores", "load_experiment", "parse_rates"]
 
 Baseline = Literal["edge_only", "cloud_only", "fixed_split"]
 BASELINES: tuple[Baseline, ...] = typing.get_args(Baseline)
@@ -65,10 +66,30 @@ class NodesConfig:
     # CPUs of the Ray instance started locally (without --address); daemons and
     # actors reserve none, so this only bounds Ray's own workers.
     cpus: int = 2
+    # CPU cores (per node, as taskset numbers them) for everything in an edge slot (edge daemon, link proxy,
+    # load driver, edge-only baseline) and in the cloud slot (cloud daemon, cloud-load sender, cloud-only
+    # baseline); unset: no pinning. On one machine, disjoint sets keep the emulated edge's compute off the
+    # cores that serve the cloud and its load.
+    edge_cores: tuple[int, ...] | None = None
+    cloud_cores: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         require(bool(self.host), "host must not be empty")
         require(self.cpus >= 1, "cpus must be at least 1")
+        for name in ("edge_cores", "cloud_cores"):
+            check_cores(getattr(self, name), name)
+
+
+def check_cores(cores: tuple[int, ...] | None, name: str) -> None:
+    """``cores`` (None: no pinning) must be distinct cores that this machine lets this process use."""
+    if cores is None:
+        return
+    require(len(cores) > 0, f"{name} must list at least one core (or be unset: no pinning)")
+    require(len(set(cores)) == len(cores), f"{name} lists a core twice")
+    have = os.sched_getaffinity(0)
+    missing = sorted(set(cores) - have)
+    require(not missing, f"{name}: core(s) {', '.join(map(str, missing))} do not exist here; "
+                         f"this machine offers cores {', '.join(map(str, sorted(have)))}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -329,7 +329,9 @@ def run_experiment(config: ExperimentConfig, address: str | None = None, progres
                 for edges, group in itertools.groupby(points, key=lambda p: p.edges):
                     with Placement(edges, data_ref, edge_only="edge_only" in variants,
                                    cloud_only="cloud_only" in variants,
-                                   cloud_load=config.cloud_load.active) as placement:
+                                   cloud_load=config.cloud_load.active,
+                                   cores={"cloud": config.nodes.cloud_cores, "edge": config.nodes.edge_cores}
+                                   ) as placement:
                         for point in group:
                             bar.set_postfix_str(point.describe())
                             result = _run_logged(point, placement, ctx, out)

@@ -64,6 +64,9 @@ def test_paths_are_relative_to_the_file_and_flags_override_them(tmp_path: Path) 
     ('checkpoint = "m"\n[edge]\nslowdown = 0.5', "edge.slowdown must be at least 1"),
     ('checkpoint = "m"\nedge = 3', "'edge' must be a table"),
     ('checkpoint = "m"\n[baselines]\nrun = ["edge_only", "oracle"]', "'baselines.run[1]' must be one of"),
+    ('checkpoint = "m"\n[nodes]\nedge_cores = [4096]', "nodes.edge_cores: core(s) 4096 do not exist here"),
+    ('checkpoint = "m"\n[nodes]\ncloud_cores = []', "nodes.cloud_cores must list at least one core"),
+    ('checkpoint = "m"\n[nodes]\ncloud_cores = [0, 0]', "nodes.cloud_cores lists a core twice"),
 ])
 def test_errors_name_the_file_and_the_key(tmp_path: Path, text: str, message: str) -> None:
     path = write(tmp_path, text)
@@ -120,6 +123,43 @@ def test_summary_counts_every_request() -> None:
     assert row["requests"] == 4 and row["errors"] == 1
     assert row["accuracy"] == 0.5 and row["offload_rate"] == 0.5
     assert row["latency_mean_ms"] == 30.0 and row["bytes_per_request"] == 500 and row["bytes_per_offload"] == 1000
+
+
+# -- pinning ------------------------------------------------------------------------------------------------------
+
+def _thread_cores(pid: int) -> set[frozenset[int]]:
+    """The distinct core sets the threads of ``pid`` may run on."""
+    import os
+
+    return {frozenset(os.sched_getaffinity(int(tid))) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+def test_pinned_daemons_run_on_their_cores_only(tiny_checkpoint: Path) -> None:
+    """DaemonProcess(cores=...) and an orchestrator actor's pin (the daemon inherits it) hold every daemon thread."""
+    import os
+
+    from offramp.daemon_proc import DaemonProcess
+    from orchestrator.actors import Pinned
+
+    have = sorted(os.sched_getaffinity(0))
+    if len(have) < 2:
+        pytest.skip("pinning apart needs two cores")
+    core = have[-1]  # not the first: an unpinned process would also be allowed on it
+    with DaemonProcess("cloud", ["--checkpoint", str(tiny_checkpoint)], cores={core}) as cloud:
+        assert cloud.proc is not None and _thread_cores(cloud.proc.pid) == {frozenset({core})}
+
+    try:  # the actors' way: pin the starting process, and what it starts inherits the mask
+        Pinned().pin((core,), "cloud_cores")
+        assert _thread_cores(os.getpid()) == {frozenset({core})}
+        with DaemonProcess("cloud", ["--checkpoint", str(tiny_checkpoint)]) as cloud:
+            assert cloud.proc is not None and _thread_cores(cloud.proc.pid) == {frozenset({core})}
+        with pytest.raises(OfframpError, match="cloud_cores: core.*4096 do not exist here"):
+            Pinned().pin((4096,), "cloud_cores")
+    finally:
+        from offramp.daemon_proc import pin_threads
+
+        pin_threads(os.getpid(), have)
+    assert _thread_cores(os.getpid()) == {frozenset(have)}
 
 
 # -- whole sweeps on Ray --------------------------------------------------------------------------------------------
