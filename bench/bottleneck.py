@@ -36,6 +36,7 @@ from offramp.checkpoint import bottleneck_id, load_checkpoint
 from offramp.codec import DecodeLimits, decode, encode_code
 from offramp.exit_policy import never_leave
 from offramp.pipeline import load_validation
+from offramp.plots import pyplot
 from offramp.report import format_table
 from offramp.split import CloudHalf, EdgeHalf
 
@@ -190,12 +191,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib not installed; no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     styles = {"tokens": ("o", "token codecs"), "bottleneck": ("s", "learned bottleneck"),

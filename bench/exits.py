@@ -38,6 +38,7 @@ from offramp.data import load_data
 from offramp.models import ExitConfig, ModelConfig, MultiExitModel
 from offramp.models.cost import count_macs, count_params
 from offramp.pipeline import TrainJob, build_model, data_settings
+from offramp.plots import pyplot
 from offramp.report import format_table
 from offramp.train import TrainConfig, cache_features, evaluate, train_backbone, train_exits
 
@@ -228,12 +229,8 @@ def print_result(result: dict[str, Any]) -> None:
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib not installed; no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False)
     style = {"MLP": ("s", "tab:gray"), "CNN": ("^", "tab:orange"), "CNN (SL-ViT's MACs)": ("v", "tab:orange"),

@@ -77,6 +77,7 @@ from offramp.exit_policy import always_leave, answer_costs, walk
 from offramp.models import MultiExitModel
 from offramp.models.cost import count_macs, count_params
 from offramp.pipeline import TrainJob, build_model
+from offramp.plots import pyplot
 from offramp.report import format_table
 from offramp.split import CloudHalf, EdgeHalf
 from offramp.train import HeadResult, TrainConfig, evaluate, train_backbone, train_exits
@@ -464,12 +465,8 @@ def print_tables(result: dict[str, Any]) -> None:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib not installed; no plot")
+    plt = pyplot()
+    if plt is None:
         return
     names = result["lighting_names"]
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from offramp.netem import Schedule
+from offramp.plots import pyplot
 
 from .config import ExperimentConfig, LinkSpec
 from .workload import Record
@@ -232,13 +233,9 @@ class Study:
     def plot(self, folder: Path) -> list[Path]:
         """``policy_timeline.png``: per second, p95 against the target, accuracy, offload share, and the
         thresholds and split in force, one line per point, phases marked."""
-        try:
-            import matplotlib
-        except ImportError:
+        plt = pyplot()
+        if plt is None:
             return []
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         from .report import _save
 
         if not self.points:
