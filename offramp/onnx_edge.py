@@ -44,8 +44,7 @@ from torch import nn
 from .checkpoint import CARD, Card, load_checkpoint
 from .errors import OfframpError
 from .exit_policy import never_leave
-from .models import FeatureSpec
-from .pipeline import create_backbone_depth
+from .models import FeatureSpec, create_backbone_depth
 from .split import EdgeHalf, EdgeWalk
 
 MANIFEST = "onnx.json"

@@ -15,7 +15,7 @@ from .config import DEFAULT_THRESHOLDS
 from .data import DataSplits, load_data
 from .errors import OfframpError
 from .exit_policy import edge_exit_ids
-from .models import AudioConfig, ModelConfig, MultiExitModel, create_backbone, parse_exits, variant_names
+from .models import AudioConfig, ModelConfig, MultiExitModel, create_backbone_depth, parse_exits, variant_names
 from .report import evaluation_report
 from .scores import check_score, default_score
 from .train import HeadResult, TrainConfig, cache_features, evaluate, train_backbone, train_exits, unpack
@@ -98,12 +98,6 @@ def build_model(job: TrainJob, data: DataSplits) -> tuple[MultiExitModel, int]:
         return MultiExitModel(config), split
     except (ValueError, ImportError) as e:
         raise OfframpError(str(e)) from None
-
-
-def create_backbone_depth(variant: str) -> int:
-    """Number of blocks of a variant (built once on the meta device: no memory, no init)."""
-    with torch.device("meta"):
-        return create_backbone(variant).num_blocks
 
 
 def target_stats(data: DataSplits) -> tuple[float, float]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
+
 from .airbench import AirbenchCNN
 from .backbone import SplittableBackbone
 from .resnet import ResNet
@@ -32,6 +34,12 @@ def create_backbone(name: str, **kwargs) -> SplittableBackbone:
     except KeyError:
         raise ValueError(f"unknown model variant {name!r}; choose from {', '.join(variant_names())}") from None
     return factory(**kwargs)
+
+
+def create_backbone_depth(variant: str) -> int:
+    """Number of blocks of a variant (built once on the meta device: no memory, no init)."""
+    with torch.device("meta"):
+        return create_backbone(variant).num_blocks
 
 
 @register
