@@ -55,9 +55,10 @@ class Adaptive:
     """The controller's state on one edge: ``tick`` once per batch, ``settings`` for the policy in force."""
 
     def __init__(self, options: Sequence[Option], slo_ms: float, measurements: Measurements, score: str,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 window_s: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.options = list(options)
         self.slo_ms = slo_ms
+        self.window_s = window_s
         self.measurements = measurements
         self.score = score
         self._clock = clock
@@ -80,7 +81,7 @@ class Adaptive:
                 self.measured = measured
                 return
             before = self._state.current
-            decision = step(self.options, measured.conditions(), self.slo_ms, self._state, now)
+            decision = step(self.options, measured.conditions(), self.slo_ms, self._state, now, self.window_s)
             self._state, self.decision, self.measured = decision.state, decision, measured
         if decision.state.current != before:
             o = decision.option

@@ -14,9 +14,14 @@ Latency model of one option (an operating point at a split):
   M/M/1 queue's, ``P(W > t) = rho * exp(-(1 - rho) * t / serialise)`` with utilisation
   ``rho = rate * offload share * serialise``: conservative for fixed-size payloads, and it is what makes
   a higher offload share cost latency on a slow link.
-* the p95 is that of the mixture: the smallest ``t`` with ``sum_k share_k * P(L_k > t) <= 5 %``. Offloads
-  slower than the target still fit when at most 5 % of the samples take them; that is how a slow link is
-  met: the exits answer more.
+* the p95 is that of the mixture: the smallest ``t`` with ``sum_k share_k * P(L_k > t) <= tail``. Over all
+  requests ``tail`` is 5 %: offloads slower than the target still fit when at most 5 % of the samples take
+  them; that is how a slow link is met: the exits answer more.
+* the target is judged per window (``slo_window_s``, one second by default): the p95 of each window must meet
+  it in 95 % of windows. A window of ``n`` requests tolerates few slow ones (for ``n <= 20`` its p95 is its
+  slowest request), so ``tail`` shrinks to what keeps a window's count of slow requests within its allowance
+  in 95 % of windows (``window_tail``): at 10 requests a window, 0.5 %. A link where one offload alone takes
+  longer than the target then means not offloading, rather than one miss in every window holding an offload.
 
 Stability (fast down, slow up): an option that stops meeting the target is left at once, for the best one
 predicted to meet it with ``HEADROOM`` to spare; a better option is taken only once it has been predicted to
@@ -31,8 +36,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 TAIL = 0.05  # p95
+WINDOWS_MET = 0.95  # the share of windows whose p95 must meet the target
+MAX_WINDOW_REQUESTS = 2000  # beyond this the window's tail is within a few % of its limit: not worth the sums
 HEADROOM = 0.1  # a new option must be predicted this fraction below the target: noise must not flip it back
 MIN_GAIN = 0.001  # expected accuracy an upgrade must add (0.1 point): no moves for nothing
 MAX_UTILISATION = 0.9  # beyond this the uplink's queue grows without bound in practice: never plan for it
@@ -81,8 +89,34 @@ class Conditions:
         return self.request_rate * offload * self.serialise_ms / 1000
 
 
-def predict_p95(option: Option, c: Conditions) -> float:
-    """The option's p95 latency (ms) under ``c``; ``inf`` when the uplink could not carry its offloads."""
+@lru_cache(maxsize=256)
+def _window_tail(n: int) -> float:
+    allowed = n - math.ceil(round((1 - TAIL) * n, 9))  # slow requests a window of n holds with its nearest-rank p95 intact
+
+    def windows_met(q: float) -> float:  # P(Binomial(n, q) <= allowed)
+        if q <= 0.0:
+            return 1.0
+        return sum(math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+                            + k * math.log(q) + (n - k) * math.log1p(-q)) for k in range(allowed + 1))
+
+    lo, hi = 0.0, TAIL
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if windows_met(mid) >= WINDOWS_MET else (lo, mid)
+    return lo
+
+
+def window_tail(request_rate: float, window_s: float) -> float:
+    """The share of requests that may exceed the target so that the p95 of a ``window_s`` window (holding
+    ``request_rate * window_s`` requests) meets it in ``WINDOWS_MET`` of windows; ``TAIL`` when the target is
+    judged over all requests (``window_s`` 0) or nothing is known of the rate."""
+    n = min(MAX_WINDOW_REQUESTS, round(request_rate * window_s))
+    return TAIL if n <= 1 else _window_tail(n)
+
+
+def predict_p95(option: Option, c: Conditions, tail: float = TAIL) -> float:
+    """The option's p95 latency (ms) under ``c``: the latency that only ``tail`` of the samples exceed (see
+    ``window_tail``); ``inf`` when the uplink could not carry its offloads."""
     compute = c.compute_ms[option.split_block]
     local = [(share, c.edge_queue_ms + compute[k]) for k, share in enumerate(option.shares[:-1]) if share > 0]
     f = option.shares[-1] if not option.local_only else 0.0
@@ -102,12 +136,12 @@ def predict_p95(option: Option, c: Conditions) -> float:
     # P(latency > t) falls in steps at the local times and at d, then smoothly in the wait's tail.
     steps = sorted({ms for _, ms in local} | ({d} if f > 0 else set()))
     for t in [0.0, *steps]:
-        if beyond(t) <= TAIL + 1e-12:
+        if beyond(t) <= tail + 1e-12:
             return t
-    lo, hi = steps[-1], steps[-1] + wait_scale * 50  # beyond(steps[-1]) > TAIL: only the wait's tail is left
+    lo, hi = steps[-1], steps[-1] + wait_scale * 50  # beyond(steps[-1]) > tail: only the wait's tail is left
     for _ in range(60):
         mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if beyond(mid) <= TAIL else (mid, hi)
+        lo, hi = (lo, mid) if beyond(mid) <= tail else (mid, hi)
     return hi
 
 
@@ -135,11 +169,14 @@ class Decision:
     predictions: tuple[float, ...] = field(repr=False, default=())
 
 
-def step(options: Sequence[Option], c: Conditions, slo_ms: float, state: State, now: float) -> Decision:
-    """One decision at time ``now`` (seconds, any origin): keep the current option or move (see the module)."""
+def step(options: Sequence[Option], c: Conditions, slo_ms: float, state: State, now: float,
+         window_s: float = 0.0) -> Decision:
+    """One decision at time ``now`` (seconds, any origin): keep the current option or move (see the module).
+    ``window_s``: the target holds for the p95 of windows this long (0: of all requests)."""
     if not options:
         raise ValueError("the controller needs at least one option")
-    p95 = tuple(predict_p95(o, c) for o in options)
+    tail = window_tail(c.request_rate, window_s)
+    p95 = tuple(predict_p95(o, c, tail) for o in options)
     cur = state.current
     limit = slo_ms * (1 - HEADROOM)
     before = state.good_since if len(state.good_since) == len(options) else (math.inf,) * len(options)

@@ -114,8 +114,9 @@ class EdgeEngine:
         """Per split block, its compute stages: its exits, then the split itself."""
         return {split: [*names, "split"] for split, names in self.split_exit_names.items()}
 
-    def adapt(self, slo_ms: float, tables: Sequence[CalibrationTable]) -> None:
-        """Let a controller choose the thresholds to meet a p95 of ``slo_ms`` from the calibration ``tables``.
+    def adapt(self, slo_ms: float, tables: Sequence[CalibrationTable], window_s: float = 0.0) -> None:
+        """Let a controller choose the thresholds to meet a p95 of ``slo_ms`` (over windows of ``window_s``, 0:
+        over all requests) from the calibration ``tables``.
 
         ``ValueError`` when the tables are not this edge's, or when the target is below the time the edge's
         fastest exit takes here (profiled now): no choice could meet it.
@@ -129,7 +130,7 @@ class EdgeEngine:
             fastest = min(exit_times, key=exit_times.__getitem__)
             raise ValueError(f"latency_slo_ms {slo_ms:g} is below what this edge needs to answer at all: its "
                              f"fastest exit, {fastest}, takes {exit_times[fastest]:.1f} ms here")
-        self.adaptive = Adaptive(options, slo_ms, self.measurements, score)
+        self.adaptive = Adaptive(options, slo_ms, self.measurements, score, window_s)
         self.policy.follow(self.adaptive.settings)
 
     def profile(self, split: int, repeats: int = 5) -> list[float]:

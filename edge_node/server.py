@@ -169,7 +169,7 @@ def build_engine(config: EdgeConfig) -> EdgeEngine:
         raise OfframpError(f"cannot serve '{config.checkpoint}': {e}") from None
     if config.latency_slo_ms is not None:
         try:
-            engine.adapt(config.latency_slo_ms, config.calibration)
+            engine.adapt(config.latency_slo_ms, config.calibration, config.slo_window_s)
         except ValueError as e:
             raise OfframpError(str(e)) from None
     return engine

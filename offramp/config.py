@@ -241,6 +241,10 @@ class EdgeConfig:
         "when none does it answers locally (not degraded) and says so in its metrics. Needs the calibration "
         "table `offramp calibrate` writes; `offramp policy set` pins thresholds. Unset: thresholds stay as set.",
         None, metavar="P95_MS", example=100)
+    slo_window_s: float = setting(
+        "How the latency target is judged: the p95 of each window this long must meet it in 95% of windows, so "
+        "the controller allows fewer slow answers when a window holds few requests (at 10 per window, 0.5%). "
+        "0: the p95 over all requests.", 1.0, metavar="S")
     reconnect_initial_s: float = setting("First back-off after losing the cloud: short, so a blip costs little.",
                                          0.1, metavar="S")
     reconnect_max_s: float = setting("Longest back-off: it doubles up to this, so a dead cloud is not hammered.",
@@ -342,6 +346,7 @@ class EdgeConfig:
             require(self.onnx_dir is None, "onnx_dir is read by runtime onnxruntime only: set runtime = "
                     "\"onnxruntime\" (--runtime onnxruntime) or leave onnx_dir unset")
         require(self.latency_slo_ms is None or self.latency_slo_ms > 0, "latency_slo_ms must be positive")
+        require(self.slo_window_s >= 0, "slo_window_s must be 0 (all requests) or positive")
         require(self.latency_slo_ms is None or self.offload_enabled,
                 "latency_slo_ms chooses how much to offload: it needs offload on")
         splits = [t.split_block for t in self.calibration]

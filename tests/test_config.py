@@ -163,6 +163,8 @@ def test_calibration_tables_read_back_and_are_checked(tmp_path: Path) -> None:
             {**dataclasses.asdict(TABLE), "exits": ["slvit@2"]}]})
     with pytest.raises(OfframpError, match="latency_slo_ms chooses how much to offload: it needs offload on"):
         load_config(EdgeConfig, None, {"checkpoint": "c", "latency_slo_ms": 50, "offload_enabled": False})
+    with pytest.raises(OfframpError, match="slo_window_s must be 0"):
+        load_config(EdgeConfig, None, {"checkpoint": "c", "latency_slo_ms": 50, "slo_window_s": -1})
     with pytest.raises(OfframpError, match="several split_blocks need latency_slo_ms"):
         load_config(EdgeConfig, None, {"checkpoint": "c", "split_blocks": [2, 4]})
     with pytest.raises(OfframpError, match="split_block must be one of split_blocks"):

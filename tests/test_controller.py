@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from edge_node.controller import BASE_HOLD_S, Conditions, Option, State, predict_p95, step
+from edge_node.controller import BASE_HOLD_S, TAIL, Conditions, Option, State, predict_p95, step, window_tail
 from edge_node.measure import Measurements
 
 SPLIT = 4
@@ -170,3 +170,25 @@ def test_a_changed_rtt_starts_the_link_afresh() -> None:
     probes(160.0, 4)  # jitter is not a change
     probes(6.0, 3)
     assert m.snapshot().rtt_ms == 6.0 and m.link_changes == 2
+
+
+def test_window_tail_keeps_95_percent_of_windows() -> None:
+    # Over all requests, or with no rate known: the plain 5 %.
+    assert window_tail(10, 0.0) == TAIL and window_tail(0, 1.0) == TAIL
+    # 10 requests a window: its p95 is its slowest request, so a slow one may come in 1 window of 20 at most.
+    q = window_tail(10, 1.0)
+    assert (1 - q) ** 10 == pytest.approx(0.95, abs=1e-6)
+    # Longer windows hold more requests and tolerate some slow ones: the allowance grows back towards 5 %.
+    assert q < window_tail(100, 1.0) < window_tail(1000, 1.0) < TAIL
+
+
+def test_a_window_target_stops_offloads_that_alone_miss_it() -> None:
+    # 3G at 10 requests a second: an offload takes longer than 100 ms. Over all requests 4 % of them fit under
+    # the p95; judged per one-second window, every window holding one would miss: answer locally instead.
+    slow = Conditions(COMPUTE, rtt_ms=150, transfer_ms=35, serialise_ms=25, cloud_ms=5, request_rate=10)
+    assert step(OPTIONS, slow, SLO, State(), now=0.0).option == OPTIONS[1]
+    windowed = step(OPTIONS, slow, SLO, State(), now=0.0, window_s=1.0)
+    assert windowed.option == OPTIONS[0] and windowed.target_met
+    # A fast link keeps its offloads: each one meets the target on its own.
+    fast = Conditions(COMPUTE, rtt_ms=6, transfer_ms=3, serialise_ms=2, cloud_ms=5, request_rate=10)
+    assert step(OPTIONS, fast, SLO, State(), now=0.0, window_s=1.0).option == OPTIONS[4]
