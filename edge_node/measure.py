@@ -25,8 +25,8 @@ vanish and leave the link looking free. Offloads that ran into their deadline co
 as their network time, so a link too slow to answer at all is not mistaken for one without samples.
 
 The probes go on while nothing is offloaded, so they are what notices that the link changed: when every
-probe of the last ``RTT_CONFIRM_S`` differs from the rtt before them in the same direction by more than ``RTT_SHIFT``
-(half of it, and at least ``RTT_SHIFT_MS``), the link changed there; the rtt is measured afresh from those
+probe of the last ``RTT_CONFIRM_S`` is slower than the rtt before them by more than ``RTT_SHIFT`` (half of it,
+and at least ``RTT_SHIFT_MS``), or two of them are that much faster, the link changed there; the rtt is measured afresh from those
 probes on, and the offloads measured before no longer count for the link (the cloud's timings stay). A link
 whose bandwidth changes without its delay is noticed through offloads only, which the calibration table's
 small offload shares keep going even while the link is slow (at most 5 % of samples never reach the p95);
@@ -163,9 +163,12 @@ class Measurements:
             since = [(t, v) for t, v in self._probes.items(now) if t >= self._link_since]
             recent = [(t, v) for t, v in since if t >= now - RTT_CONFIRM_S]
             ref = min((v for t, v in since if t < now - RTT_CONFIRM_S), default=self._link_rtt)
+            shift = max(RTT_SHIFT_MS, RTT_SHIFT * ref) if ref is not None else 0.0
+            # Slower: every recent probe (one may have queued behind a payload or a busy loop). Faster: two
+            # will do, as no probe beats the link's own delay; a late one among them must not hide the change.
             if ref is not None and len(recent) >= 2 and (
-                    all(v > ref + max(RTT_SHIFT_MS, RTT_SHIFT * ref) for _, v in recent)
-                    or all(v < ref - max(RTT_SHIFT_MS, RTT_SHIFT * ref) for _, v in recent)):
+                    all(v > ref + shift for _, v in recent)
+                    or sum(v < ref - shift for _, v in recent) >= 2):
                 self._link_since, since = recent[0][0], recent
                 self.link_changes += 1
             self._link_rtt = min(v for _, v in since)
