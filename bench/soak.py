@@ -200,6 +200,13 @@ def cpu_by_part(cpu: list[tuple[float, ...]], part: float) -> list[dict[str, flo
     return out
 
 
+def trend(p99s: list[float]) -> dict[str, float]:
+    """A drift against the spread: the least-squares slope of p99 over the tenths (as a share of their mean,
+    per tenth), and their lowest and highest. Two tenths can differ by chance; a drift keeps going."""
+    slope = float(np.polyfit(np.arange(len(p99s)), p99s, 1)[0])
+    return {"slope_per_part": slope / float(np.mean(p99s)), "min": min(p99s), "max": max(p99s)}
+
+
 def rss_growth(memory: list[tuple[float, float, float]], part: float) -> dict[str, dict[str, float]]:
     """RSS of each process after warm-up (median over the second tenth) and at the end (median over the
     last tenth): the cloud's swings by tens of MB with the batches in flight, so single samples mislead."""
@@ -280,16 +287,19 @@ def main(argv: list[str] | None = None) -> int:
          for k, (p, b, c) in enumerate(zip(parts, result["breakdown_ms_by_part"], result["cpu_cores_by_part"]))]))
     rss = result["rss_mb"]
     p99_change = parts[-1]["p99"] / parts[0]["p99"] - 1
+    drift = trend([p["p99"] for p in parts])
     if result["errors_by_kind"]:
         print("errors:", result["errors_by_kind"])
     print(f"{result['requests']} requests, {result['errors']} errors; RSS cloud {rss['cloud']['after_warmup']:.0f} -> "
           f"{rss['cloud']['end']:.0f} MB ({rss['cloud']['growth']:+.1%}), edge {rss['edge']['after_warmup']:.0f} -> "
           f"{rss['edge']['end']:.0f} MB ({rss['edge']['growth']:+.1%}); p99 last vs first part "
-          f"{p99_change:+.1%}")
+          f"{p99_change:+.1%}; p99 trend {drift['slope_per_part']:+.1%} per tenth, tenths spread "
+          f"{drift['min']:.0f}-{drift['max']:.0f} ms")
     result.update({
         "command": "python -m bench.soak " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(), "checkpoint": args.checkpoint, "minutes": args.minutes,
         "method": METHOD,
+        "p99_trend": drift,
         "targets": {"cloud_rss_growth": rss["cloud"]["growth"], "edge_rss_growth": rss["edge"]["growth"],
                     "errors": result["errors"], "p99_last_vs_first": p99_change},
         "wall_s": time.perf_counter() - started})
