@@ -6,7 +6,11 @@ One cloud (pinned to core 0, one torch thread) serves 32 edge streams at
 32nd is a real edge daemon (every request offloaded) fed through its
 InferStream, so an edge's memory is watched too. Reported: the RSS of the
 cloud and of the edge after warm-up (the first tenth of the run) and at the
-end, errors, and p50/p99 latency per tenth of the run; a plot of both.
+end, errors, and p50/p99 latency per tenth of the run; a plot of both. Per
+tenth too, to tell a slower cloud from a busier host: where the time went
+(the cloud's queue and compute as it reports them, the rest of the round
+trip, the load generator's lag) and the cores used by the cloud, by the
+clients and by everything else on the machine.
 
     python -m bench.soak --checkpoint runs/bench-exits/cifar10-vit --minutes 10
 """
@@ -28,6 +32,7 @@ from bench.load import offload_tokens, percentiles, write_result
 from bench.offload import SERVER_CORES, client_cores, drive_streams, machine
 from bench.overload import connected_clients
 from edge_node.offload import OffloadError
+from offramp.daemon import freeze_heap
 from offramp.daemon_proc import DaemonProcess
 from offramp.exit_policy import edge_exit_ids
 from offramp.report import format_table
@@ -36,6 +41,14 @@ from offramp.wire import pb, pb_grpc
 RESULTS = Path(__file__).parent / "results"
 STREAMS = 32
 PARTS = 10  # the run is judged in tenths: the first is warm-up
+PROBES = 3  # capacity probes, of --probe-seconds each: their median sets the load
+RECORD = ("sent_s", "ms", "ok", "cloud_ms", "cloud_queue_ms", "cloud_compute_ms", "late_ms")  # one per request
+NAN = float("nan")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+METHOD = ("capacity: the median of PROBES closed-loop probes (16 streams x 4 in flight); latency: from the "
+          "moment a request is issued to its answer, per tenth of the run by send time; every process's "
+          "start-up heap frozen out of the garbage collector (offramp.daemon.freeze_heap), the load generator's "
+          "too; cpu_cores_by_part from /proc: 'others' is whatever else ran on the machine")
 
 
 def rss_mb(pid: int) -> float:
@@ -52,24 +65,26 @@ async def soak(cloud: DaemonProcess, edge: DaemonProcess, fingerprint: str, spli
     clients = await connected_clients(cloud.address, fingerprint, split)
     clients = clients[:STREAMS - 1]
     requests = [pb.OffloadRequest(model_fingerprint=fingerprint, split_block=split, tokens=t) for t in tokens]
-    records: list[tuple[float, float, bool]] = []  # (sent at, ms, ok)
+    freeze_heap()  # the load generator's own full collections would stall every request in flight, as the daemons'
+    records: list[tuple[float, ...]] = []  # one per request, fields as in RECORD
     errors: dict[str, int] = {}  # what went wrong, by kind
     memory: list[tuple[float, float, float]] = []  # (t, cloud MB, edge MB)
+    cpu: list[tuple[float, ...]] = []  # (t, CPU seconds: all cores busy, cloud, edge, this process)
     edge_queue: asyncio.Queue[pb.InferRequest | None] = asyncio.Queue()
-    sent_at: dict[int, float] = {}
+    sent_at: dict[int, tuple[float, float]] = {}  # request id -> (sent, late ms)
     start = time.perf_counter()
 
-    async def direct(i: int) -> None:
+    async def direct(i: int, late_ms: float) -> None:
         t0 = time.perf_counter()
         try:
             request = pb.OffloadRequest()
             request.CopyFrom(requests[i % len(requests)])  # infer() sets the id: one message per call
-            await clients[i % len(clients)].infer(request, timeout_s=10)
-            ok = True
+            reply = await clients[i % len(clients)].infer(request, timeout_s=10)
+            ok, timings = True, (reply.timings.total_ms, reply.timings.queue_ms, reply.timings.compute_ms)
         except OffloadError as e:
-            ok = False
+            ok, timings = False, (NAN, NAN, NAN)
             errors[f"offload: {str(e)[:60]}"] = errors.get(f"offload: {str(e)[:60]}", 0) + 1
-        records.append((t0 - start, (time.perf_counter() - t0) * 1e3, ok))
+        records.append((t0 - start, (time.perf_counter() - t0) * 1e3, ok, *timings, late_ms))
 
     async def edge_requests():
         while (item := await edge_queue.get()) is not None:
@@ -78,20 +93,27 @@ async def soak(cloud: DaemonProcess, edge: DaemonProcess, fingerprint: str, spli
     async def through_edge() -> None:
         async with grpc.aio.insecure_channel(edge.address) as channel:
             async for reply in pb_grpc.EdgeStub(channel).InferStream(edge_requests()):
-                t0 = sent_at.pop(reply.request_id)
+                t0, late_ms = sent_at.pop(reply.request_id)
                 ok = reply.status.code == 0 and reply.decided_by == "cloud" and not reply.degraded
                 if not ok:
                     kind = f"edge: {reply.status.message or reply.degraded_reason}"[:70]
                     errors[kind] = errors.get(kind, 0) + 1
-                records.append((t0 - start, (time.perf_counter() - t0) * 1e3, ok))
+                stage = reply.stage_ms
+                records.append((t0 - start, (time.perf_counter() - t0) * 1e3, ok, stage.get("cloud", NAN),
+                                stage.get("cloud_queue", NAN), stage.get("cloud_compute", NAN), late_ms))
 
-    async def watch_memory() -> None:
+    def sample() -> None:
+        t = time.perf_counter() - start
+        memory.append((t, rss_mb(cloud.proc.pid), rss_mb(edge.proc.pid)))
+        cpu.append((t, busy_cpu_s(), cpu_s(cloud.proc.pid), cpu_s(edge.proc.pid), cpu_s(os.getpid())))
+
+    async def watch() -> None:
         while True:
-            memory.append((time.perf_counter() - start, rss_mb(cloud.proc.pid), rss_mb(edge.proc.pid)))
+            sample()
             await asyncio.sleep(max(0.5, seconds / 200))
 
     edge_task = asyncio.create_task(through_edge())
-    watcher = asyncio.create_task(watch_memory())
+    watcher = asyncio.create_task(watch())
     tasks: set[asyncio.Task[None]] = set()
     rng = random.Random(0)
     i, next_at = 0, start
@@ -99,14 +121,15 @@ async def soak(cloud: DaemonProcess, edge: DaemonProcess, fingerprint: str, spli
         now = time.perf_counter()
         if next_at > now:
             await asyncio.sleep(next_at - now)
+        late_ms = (time.perf_counter() - next_at) * 1e3  # how far the load generator lags its schedule
         if i % STREAMS == STREAMS - 1:  # every 32nd request goes through the edge daemon
             request = pb.InferRequest()
             request.CopyFrom(images[i % len(images)])
             request.request_id = i
-            sent_at[i] = time.perf_counter()
+            sent_at[i] = time.perf_counter(), late_ms
             edge_queue.put_nowait(request)
         else:
-            task = asyncio.create_task(direct(i))
+            task = asyncio.create_task(direct(i, late_ms))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         i += 1
@@ -115,18 +138,73 @@ async def soak(cloud: DaemonProcess, edge: DaemonProcess, fingerprint: str, spli
     edge_queue.put_nowait(None)
     await edge_task
     watcher.cancel()
-    memory.append((time.perf_counter() - start, rss_mb(cloud.proc.pid), rss_mb(edge.proc.pid)))
+    sample()
     await asyncio.gather(*(c.close() for c in clients))
 
     part = seconds / PARTS
-    parts = [[ms for t, ms, ok in records if k * part <= t < (k + 1) * part] for k in range(PARTS)]
+    table = np.asarray(records, dtype=float).reshape(-1, len(RECORD))
+    in_part = [(k * part <= table[:, 0]) & (table[:, 0] < (k + 1) * part) for k in range(PARTS)]
     return {
-        "requests": len(records), "errors": sum(not ok for _, _, ok in records), "errors_by_kind": errors,
+        "requests": len(records), "errors": int((table[:, 2] == 0).sum()), "errors_by_kind": errors,
         "offered_rps": len(records) / seconds,
-        "latency_ms_by_part": [percentiles(p) for p in parts], "part_s": part,
+        "latency_ms_by_part": [percentiles(table[m, 1]) for m in in_part], "part_s": part,
+        "breakdown_ms_by_part": [breakdown(table[m]) for m in in_part],
+        "cpu_cores_by_part": cpu_by_part(cpu, part),
         "memory_mb": [list(m) for m in memory],
         "rss_mb": rss_growth(memory, part),
     }
+
+
+def breakdown(rows: np.ndarray) -> dict[str, float]:
+    """Where one part's time went: the cloud's own time (its queue and its compute, as it reports them), the
+    rest of the round trip (network, gRPC and the client's event loop; for the edge daemon's share, its half
+    of the model too), and how late the load generator sent (late: a busy client core, not a slow cloud)."""
+    cloud, rest = rows[:, 3], rows[:, 1] - rows[:, 3]
+
+    def q(a: np.ndarray, p: float) -> float:
+        return float(np.nanpercentile(a, p)) if np.isfinite(a).any() else NAN
+
+    return {"cloud_p50": q(cloud, 50), "cloud_p99": q(cloud, 99), "queue_p50": q(rows[:, 4], 50),
+            "queue_p99": q(rows[:, 4], 99), "compute_p50": q(rows[:, 5], 50), "compute_p99": q(rows[:, 5], 99),
+            "rest_p50": q(rest, 50), "rest_p99": q(rest, 99), "late_p50": q(rows[:, 6], 50),
+            "late_p99": q(rows[:, 6], 99)}
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds a process (all its threads) has used, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def busy_cpu_s() -> float:
+    """CPU seconds every core of the machine has been busy, whoever used them, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / CLOCK_TICKS  # all but idle and iowait
+
+
+def cpu_by_part(cpu: list[tuple[float, ...]], part: float) -> list[dict[str, float]]:
+    """Cores busy per part: the cloud, the clients (this process and the edge daemon), and everything else
+    on the machine, which a shared host adds as noise."""
+    samples = np.asarray(cpu)
+    out = []
+    for k in range(PARTS):
+        a = samples[np.abs(samples[:, 0] - k * part).argmin()]
+        b = samples[np.abs(samples[:, 0] - (k + 1) * part).argmin()]
+        dt = b[0] - a[0]
+        if dt <= 0:
+            out.append({"cloud": NAN, "clients": NAN, "others": NAN})
+            continue
+        busy, cloud, edge, here = (b - a)[1:] / dt
+        out.append({"cloud": float(cloud), "clients": float(edge + here),
+                    "others": float(max(0.0, busy - cloud - edge - here))})
+    return out
+
+
+def trend(p99s: list[float]) -> dict[str, float]:
+    """A drift against the spread: the least-squares slope of p99 over the tenths (as a share of their mean,
+    per tenth), and their lowest and highest. Two tenths can differ by chance; a drift keeps going."""
+    slope = float(np.polyfit(np.arange(len(p99s)), p99s, 1)[0])
+    return {"slope_per_part": slope / float(np.mean(p99s)), "min": min(p99s), "max": max(p99s)}
 
 
 def rss_growth(memory: list[tuple[float, float, float]], part: float) -> dict[str, dict[str, float]]:
@@ -156,6 +234,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     mid = [(k + 0.5) * part for k in range(len(result["latency_ms_by_part"]))]
     for q in ("p50", "p99"):
         bottom.plot(mid, [p[q] for p in result["latency_ms_by_part"]], marker="o", label=q)
+    bottom.plot(mid, [b["cloud_p99"] for b in result["breakdown_ms_by_part"]], ls="--", label="p99 at the cloud")
     bottom.set_ylabel("latency (ms)")
     bottom.set_xlabel("seconds")
     bottom.legend()
@@ -170,11 +249,14 @@ async def run(args: argparse.Namespace, checkpoint: str, fingerprint: str, split
     with DaemonProcess("cloud", ["--checkpoint", checkpoint, "--threads", "1"], cores=SERVER_CORES) as cloud, \
             DaemonProcess("edge", ["--checkpoint", checkpoint, "--cloud", cloud.address, "--thresholds",
                                    ",".join(["2"] * args.exits)], cores=client_cores()) as edge:
-        probe = await drive_streams(cloud.address, fingerprint, split, tokens, 16, 4, args.probe_seconds)
-        capacity = probe["throughput_rps"]
-        print(f"capacity {capacity:.0f} req/s; soaking at {args.load:.0%} for {args.minutes:g} min", flush=True)
+        # One probe of a few seconds on a shared host misjudged the capacity by up to a fifth between runs
+        # (861 and 1,033 req/s): the median of several sets the load less by chance.
+        probes = [(await drive_streams(cloud.address, fingerprint, split, tokens, 16, 4, args.probe_seconds))
+                  ["throughput_rps"] for _ in range(PROBES)]
+        capacity = float(np.median(probes))
+        print(f"capacity {capacity:.0f} req/s (probes {', '.join(f'{p:.0f}' for p in probes)}); soaking at {args.load:.0%} for {args.minutes:g} min", flush=True)
         result = await soak(cloud, edge, fingerprint, split, tokens, images, args.load * capacity, args.minutes * 60)
-    return {"capacity_rps": capacity, "load": args.load, **result}
+    return {"capacity_rps": capacity, "capacity_probes_rps": probes, "load": args.load, **result}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,18 +279,27 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         os.sched_setaffinity(0, cores)
     parts = result["latency_ms_by_part"]
-    print(format_table(["part", "p50 ms", "p99 ms"], [[k + 1, p["p50"], p["p99"]] for k, p in enumerate(parts)]))
+    print(format_table(
+        ["part", "p50 ms", "p99 ms", "cloud p99", "queue p99", "rest p99", "late p99", "cores: cloud", "clients",
+         "others"],
+        [[k + 1, p["p50"], p["p99"], b["cloud_p99"], b["queue_p99"], b["rest_p99"], b["late_p99"], c["cloud"],
+          c["clients"], c["others"]]
+         for k, (p, b, c) in enumerate(zip(parts, result["breakdown_ms_by_part"], result["cpu_cores_by_part"]))]))
     rss = result["rss_mb"]
     p99_change = parts[-1]["p99"] / parts[0]["p99"] - 1
+    drift = trend([p["p99"] for p in parts])
     if result["errors_by_kind"]:
         print("errors:", result["errors_by_kind"])
     print(f"{result['requests']} requests, {result['errors']} errors; RSS cloud {rss['cloud']['after_warmup']:.0f} -> "
           f"{rss['cloud']['end']:.0f} MB ({rss['cloud']['growth']:+.1%}), edge {rss['edge']['after_warmup']:.0f} -> "
           f"{rss['edge']['end']:.0f} MB ({rss['edge']['growth']:+.1%}); p99 last vs first part "
-          f"{p99_change:+.1%}")
+          f"{p99_change:+.1%}; p99 trend {drift['slope_per_part']:+.1%} per tenth, tenths spread "
+          f"{drift['min']:.0f}-{drift['max']:.0f} ms")
     result.update({
         "command": "python -m bench.soak " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(), "checkpoint": args.checkpoint, "minutes": args.minutes,
+        "method": METHOD,
+        "p99_trend": drift,
         "targets": {"cloud_rss_growth": rss["cloud"]["growth"], "edge_rss_growth": rss["edge"]["growth"],
                     "errors": result["errors"], "p99_last_vs_first": p99_change},
         "wall_s": time.perf_counter() - started})

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import logging
 import os
@@ -134,6 +135,19 @@ class DaemonServer:
         await self.stop()
 
 
+def freeze_heap() -> None:
+    """Exempt everything made so far from Python's cyclic garbage collector (call once start-up is done).
+
+    Start-up leaves 200,000-300,000 long-lived objects (modules, torch, gRPC, the model), and every full
+    collection walks all of them with the event loop stopped: 75-130 ms per collection on the soak
+    benchmark's host, one every minute or two under its load, and every request in flight waits it out.
+    Frozen, they are never walked again; a full collection then sees only what serving made since
+    (a few thousand objects: as quick as a young-generation collection, 1-2 ms at most there).
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def run_until_signalled(serve: Callable[[], Awaitable[S]], log_level: str,
                         ready: Callable[[S], None] | None = None) -> int:
     """Serve until SIGTERM or SIGINT, then leave the server's context (which drains it)."""
@@ -145,6 +159,7 @@ def run_until_signalled(serve: Callable[[], Awaitable[S]], log_level: str,
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda s=sig: received.done() or received.set_result(s))
         async with await serve() as server:
+            freeze_heap()
             if ready is not None:
                 ready(server)
             log.info("%s received", (await received).name)
