@@ -212,7 +212,8 @@ def describe_policy(policy: pb.Policy) -> list[str]:
              f"offload:    {'on' if policy.offload_enabled else 'off'}"]
     s = policy.state
     if s.latency_slo_ms:
-        mode = (f"adaptive, p95 target {s.latency_slo_ms:g} ms" if policy.adaptive
+        judged = f" per {s.slo_window_s:g} s window" if s.slo_window_s else " over all requests"
+        mode = (f"adaptive, p95 target {s.latency_slo_ms:g} ms{judged}" if policy.adaptive
                 else f"pinned by 'offramp policy set' ('offramp policy unpin' resumes the p95 target "
                      f"{s.latency_slo_ms:g} ms)")
         lines.append(f"mode:       {mode}")
@@ -220,7 +221,8 @@ def describe_policy(policy: pb.Policy) -> list[str]:
             met = "target met" if s.target_met else "NO OPTION MEETS THE TARGET: answering locally"
             lines.append(f"controller: thresholds {', '.join(f'{t:g}' for t in s.chosen_thresholds)} at split "
                          f"{s.split_block}, expected accuracy {s.expected_accuracy:.4f}, offload "
-                         f"{s.expected_offload:.1%}, predicted p95 {ms(s.predicted_p95_ms)}, {met} ({s.reason}; "
+                         f"{s.expected_offload:.1%}, predicted p95 {ms(s.predicted_p95_ms)} (planned as the "
+                         f"{100 * (1 - s.planned_tail):.3g}th percentile of answers), {met} ({s.reason}; "
                          f"{s.changes} changes)")
         else:
             lines.append("controller: waiting for the first measurement of the link")

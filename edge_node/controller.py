@@ -167,6 +167,7 @@ class Decision:
     target_met: bool  # False: no option meets the target; the edge answers locally with its best exits
     reason: str
     predictions: tuple[float, ...] = field(repr=False, default=())
+    tail: float = TAIL  # the share of answers planned to exceed the target (``window_tail``)
 
 
 def step(options: Sequence[Option], c: Conditions, slo_ms: float, state: State, now: float,
@@ -197,9 +198,9 @@ def step(options: Sequence[Option], c: Conditions, slo_ms: float, state: State, 
 
     def moved(to: int, why: str, **changes: float) -> Decision:
         if to == cur:
-            return Decision(replace(state, **changes), options[to], p95[to], p95[to] <= slo_ms, why, p95)
+            return Decision(replace(state, **changes), options[to], p95[to], p95[to] <= slo_ms, why, p95, tail)
         new = replace(state, current=to, since=now, changes=state.changes + (cur is not None), **changes)
-        return Decision(new, options[to], p95[to], p95[to] <= slo_ms, why, p95)
+        return Decision(new, options[to], p95[to], p95[to] <= slo_ms, why, p95, tail)
 
     safe = best(limit)
     if cur is None:

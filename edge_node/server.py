@@ -125,10 +125,11 @@ def policy_reply(engine: EdgeEngine) -> pb.Policy:
                                  for name, ms in zip(stages, m.compute_ms[split]) if not math.isnan(ms)})
     adaptive = engine.adaptive
     if adaptive is not None:
-        state.latency_slo_ms = adaptive.slo_ms
+        state.latency_slo_ms, state.slo_window_s = adaptive.slo_ms, adaptive.window_s
         decision = adaptive.decision
         if decision is not None:
             o = decision.option
+            state.planned_tail = decision.tail
             state.predicted_p95_ms, state.target_met, state.reason = (decision.predicted_p95_ms,
                                                                       decision.target_met, decision.reason)
             state.expected_accuracy, state.expected_offload, state.split_block = o.accuracy, o.offload, o.split_block

@@ -214,7 +214,7 @@ class Policy(_message.Message):
     def __init__(self, thresholds: _Optional[_Iterable[float]] = ..., score: _Optional[str] = ..., offload_enabled: _Optional[bool] = ..., adaptive: _Optional[bool] = ..., state: _Optional[_Union[PolicyState, _Mapping]] = ..., split_block: _Optional[int] = ...) -> None: ...
 
 class PolicyState(_message.Message):
-    __slots__ = ("rtt_ms", "transfer_ms", "uplink_bytes_per_s", "offload_bytes", "cloud_ms", "cloud_queue_ms", "cloud_compute_ms", "edge_queue_ms", "request_rate", "compute_ms", "latency_slo_ms", "predicted_p95_ms", "target_met", "expected_accuracy", "expected_offload", "split_block", "reason", "changes", "chosen_thresholds")
+    __slots__ = ("rtt_ms", "transfer_ms", "uplink_bytes_per_s", "offload_bytes", "cloud_ms", "cloud_queue_ms", "cloud_compute_ms", "edge_queue_ms", "request_rate", "compute_ms", "latency_slo_ms", "predicted_p95_ms", "target_met", "expected_accuracy", "expected_offload", "split_block", "reason", "changes", "chosen_thresholds", "slo_window_s", "planned_tail")
     class ComputeMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -241,6 +241,8 @@ class PolicyState(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     CHANGES_FIELD_NUMBER: _ClassVar[int]
     CHOSEN_THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
+    SLO_WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_TAIL_FIELD_NUMBER: _ClassVar[int]
     rtt_ms: float
     transfer_ms: float
     uplink_bytes_per_s: float
@@ -260,4 +262,6 @@ class PolicyState(_message.Message):
     reason: str
     changes: int
     chosen_thresholds: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, rtt_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ..., uplink_bytes_per_s: _Optional[float] = ..., offload_bytes: _Optional[float] = ..., cloud_ms: _Optional[float] = ..., cloud_queue_ms: _Optional[float] = ..., cloud_compute_ms: _Optional[float] = ..., edge_queue_ms: _Optional[float] = ..., request_rate: _Optional[float] = ..., compute_ms: _Optional[_Mapping[str, float]] = ..., latency_slo_ms: _Optional[float] = ..., predicted_p95_ms: _Optional[float] = ..., target_met: _Optional[bool] = ..., expected_accuracy: _Optional[float] = ..., expected_offload: _Optional[float] = ..., split_block: _Optional[int] = ..., reason: _Optional[str] = ..., changes: _Optional[int] = ..., chosen_thresholds: _Optional[_Iterable[float]] = ...) -> None: ...
+    slo_window_s: float
+    planned_tail: float
+    def __init__(self, rtt_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ..., uplink_bytes_per_s: _Optional[float] = ..., offload_bytes: _Optional[float] = ..., cloud_ms: _Optional[float] = ..., cloud_queue_ms: _Optional[float] = ..., cloud_compute_ms: _Optional[float] = ..., edge_queue_ms: _Optional[float] = ..., request_rate: _Optional[float] = ..., compute_ms: _Optional[_Mapping[str, float]] = ..., latency_slo_ms: _Optional[float] = ..., predicted_p95_ms: _Optional[float] = ..., target_met: _Optional[bool] = ..., expected_accuracy: _Optional[float] = ..., expected_offload: _Optional[float] = ..., split_block: _Optional[int] = ..., reason: _Optional[str] = ..., changes: _Optional[int] = ..., chosen_thresholds: _Optional[_Iterable[float]] = ..., slo_window_s: _Optional[float] = ..., planned_tail: _Optional[float] = ...) -> None: ...
