@@ -104,14 +104,14 @@ class OffloadHandler:
             self._fill(reply, result, decoded - received)
         total_s = time.perf_counter() - received
         reply.timings.total_ms = total_s * 1e3
-        self._metrics.stage_seconds.labels("total").observe(total_s)
-        self._metrics.requests.labels(status_code(reply.status).name).inc()
+        self._metrics.stage("total").observe(total_s)
+        self._metrics.requests_by(status_code(reply.status).name).inc()
         return reply
 
     def refuse(self, request: pb.OffloadRequest, code: grpc.StatusCode, message: str) -> pb.OffloadReply:
         """The reply to a request the stream refuses before any work, counted like any other."""
         self._metrics.received_bytes.inc(request.ByteSize())
-        self._metrics.requests.labels(code.name).inc()
+        self._metrics.requests_by(code.name).inc()
         return pb.OffloadReply(request_id=request.request_id, status=make_status(code, message))
 
     def _check(self, request: pb.OffloadRequest) -> None:
@@ -178,4 +178,4 @@ class OffloadHandler:
         reply.timings.queue_ms = result.queue_s * 1e3
         reply.timings.compute_ms = result.compute_s * 1e3
         for stage, seconds in (("decode", decode_s), ("queue", result.queue_s), ("compute", result.compute_s)):
-            self._metrics.stage_seconds.labels(stage).observe(seconds)
+            self._metrics.stage(stage).observe(seconds)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from offramp.serving.labels import Children
+
 # Stage latencies span sub-millisecond decodes to multi-second overloads.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -36,5 +38,6 @@ class CloudMetrics:
             "offramp_cloud_stage_seconds", "Time per request in each cloud stage (decode, queue, compute, total).",
             ["stage"], buckets=_LATENCY_BUCKETS, registry=self.registry,
         )
+        self.requests_by, self.stage = Children(self.requests), Children(self.stage_seconds)
         # The server binds this to its batcher's count (set_function), so it is never stale.
         self.queue_depth = Gauge("offramp_cloud_queue_depth", "Samples waiting for a batch.", registry=self.registry)

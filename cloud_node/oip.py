@@ -250,8 +250,8 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         except Exception as e:  # a bug: fail this request, keep serving
             log.exception("ModelInfer failed")
             code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}"
-        self._metrics.requests.labels(code.name).inc()
-        self._metrics.stage_seconds.labels("total").observe(time.perf_counter() - received)
+        self._metrics.requests_by(code.name).inc()
+        self._metrics.stage("total").observe(time.perf_counter() - received)
         if code != grpc.StatusCode.OK:
             await context.abort(code, message)
         return reply

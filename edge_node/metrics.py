@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from offramp.serving.labels import Children
 from offramp.wire import pb
 
 if TYPE_CHECKING:
@@ -52,6 +53,9 @@ class EdgeMetrics:
         self.slo_unmet_answers = Counter(
             "offramp_edge_slo_unmet_answers",
             "Answers given while no option met the latency target (the edge answers locally then)", registry=r)
+        self._answers, self._degraded, self._stages = (Children(self.answers), Children(self.degraded),
+                                                       Children(self.stage_seconds))
+        self.rejected_by = Children(self.rejected)
 
     def watch_queue(self, depth: Callable[[], float]) -> None:
         """Report ``depth()`` as the queue depth whenever metrics are scraped."""
@@ -65,11 +69,11 @@ class EdgeMetrics:
 
     def record(self, reply: pb.InferReply, degraded_kind: str | None) -> None:
         """Count one answer sent back to a caller."""
-        self.answers.labels(reply.decided_by).inc()
+        self._answers(reply.decided_by).inc()
         if degraded_kind is not None:
-            self.degraded.labels(degraded_kind).inc()
+            self._degraded(degraded_kind).inc()
         for stage, ms in reply.stage_ms.items():
-            self.stage_seconds.labels(stage).observe(ms / 1000)
+            self._stages(stage).observe(ms / 1000)
 
 
 class _Measured(Collector):

@@ -52,6 +52,12 @@ class CloudError(OffloadError):
     kind = "cloud_error"
 
 
+def _expire(future: asyncio.Future, timeout_s: float) -> None:
+    """The deadline timer of one offloaded request."""
+    if not future.done():
+        future.set_exception(DeadlineExceeded(f"deadline exceeded after {timeout_s * 1000:.0f} ms"))
+
+
 @dataclass(frozen=True)
 class OffloadSettings:
     """Connection behaviour; ``EdgeConfig`` fills it in."""
@@ -173,14 +179,17 @@ class OffloadClient:
             raise OffloadError(f"offload request of {size} bytes exceeds the {stream.max_request_bytes}-byte "
                                f"message limit of {stream.address}")
         request.request_id = next(self._ids)
-        future: asyncio.Future[pb.OffloadReply] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[pb.OffloadReply] = loop.create_future()
         self._pending[request.request_id] = future
         stream.outbox.put_nowait((request, future))
+        # A timer fails the future itself at the deadline (a done future is never written), rather than
+        # asyncio.wait_for wrapping it: that costs a second future and an extra pass of the event loop per reply.
+        deadline = loop.call_later(timeout_s, _expire, future, timeout_s)
         try:
-            return await asyncio.wait_for(future, timeout_s)  # on timeout the future is cancelled: never written
-        except TimeoutError:
-            raise DeadlineExceeded(f"deadline exceeded after {timeout_s * 1000:.0f} ms") from None
+            return await future
         finally:
+            deadline.cancel()
             self._pending.pop(request.request_id, None)
 
     async def _run(self) -> None:

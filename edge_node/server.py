@@ -103,7 +103,7 @@ class EdgeServicer(pb_grpc.EdgeServicer):
             reply = pb.InferReply(request_id=request.request_id,
                                   status=make_status(grpc.StatusCode.INTERNAL, "internal error; see the edge's log"))
         if reply.status.code != grpc.StatusCode.OK.value[0]:
-            self.engine.metrics.rejected.labels(status_code(reply.status).name).inc()
+            self.engine.metrics.rejected_by(status_code(reply.status).name).inc()
         return reply
 
 

@@ -23,14 +23,26 @@ async def unordered_map(
     their results are yielded, then StreamStopped is raised if the input was
     still open, so the caller can tell the peer why its stream ended.
     """
-    finished: asyncio.Queue[asyncio.Task[R] | None] = asyncio.Queue()  # None: reading ended
-    running: set[asyncio.Task[R]] = set()
+    # Each handler hands in its own outcome as it returns: a done callback would do it one pass of the
+    # event loop later, on every item. None: reading ended.
+    finished: asyncio.Queue[tuple[asyncio.Task[None], R | None, BaseException | None] | None] = asyncio.Queue()
+    running: set[asyncio.Task[None]] = set()
+
+    async def run(item: T) -> None:
+        task = asyncio.current_task()
+        try:
+            result = await handle(item)
+        except asyncio.CancelledError as e:
+            finished.put_nowait((task, None, e))
+            raise
+        except Exception as e:  # the consumer raises it, as a failed task's result() would
+            finished.put_nowait((task, None, e))
+        else:
+            finished.put_nowait((task, result, None))
 
     async def read() -> None:
         async for item in items:
-            task = asyncio.ensure_future(handle(item))
-            running.add(task)
-            task.add_done_callback(finished.put_nowait)
+            running.add(asyncio.ensure_future(run(item)))
 
     reader = asyncio.create_task(read())
     reader.add_done_callback(lambda _: finished.put_nowait(None))
@@ -38,10 +50,13 @@ async def unordered_map(
     stopper.add_done_callback(lambda _: reader.cancel())
     try:
         while not reader.done() or running:
-            task = await finished.get()
-            if task is not None:
+            outcome = await finished.get()
+            if outcome is not None:
+                task, result, error = outcome
                 running.discard(task)
-                yield task.result()
+                if error is not None:
+                    raise error
+                yield result
         if not reader.cancelled():
             reader.result()  # a broken stream raises here
         elif stop is not None and stop.is_set():
