@@ -91,7 +91,7 @@ class Conditions:
 
 @lru_cache(maxsize=256)
 def _window_tail(n: int) -> float:
-    allowed = n - math.ceil(round((1 - TAIL) * n, 9))  # slow requests a window of n holds with its nearest-rank p95 intact
+    allowed = n - math.ceil(round((1 - TAIL) * n, 9))  # slow answers a window holds with its nearest-rank p95 met
 
     def windows_met(q: float) -> float:  # P(Binomial(n, q) <= allowed)
         if q <= 0.0:

@@ -25,12 +25,12 @@ vanish and leave the link looking free. Offloads that ran into their deadline co
 as their network time, so a link too slow to answer at all is not mistaken for one without samples.
 
 The probes go on while nothing is offloaded, so they are what notices that the link changed: when every
-probe of the last ``RTT_CONFIRM_S`` is slower than the rtt before them by more than ``RTT_SHIFT`` (half of it,
-and at least ``RTT_SHIFT_MS``), or two of them are that much faster, the link changed there; the rtt is measured afresh from those
-probes on, and the offloads measured before no longer count for the link (the cloud's timings stay). A link
-whose bandwidth changes without its delay is noticed through offloads only, which the calibration table's
-small offload shares keep going even while the link is slow (at most 5 % of samples never reach the p95);
-failing those, link samples older than ``LINK_STALE_S`` are forgotten, so the controller tries again.
+probe of the last ``RTT_CONFIRM_S`` is slower than the rtt before them by more than ``RTT_SHIFT`` (half of
+it, and at least ``RTT_SHIFT_MS``), or two of them are that much faster, the link changed there; the rtt is
+measured afresh from those probes on, and the offloads measured before no longer count for the link (the
+cloud's timings stay). A link whose bandwidth changes without its delay is noticed through offloads only;
+once a slow link has made the controller stop offloading, its samples are forgotten after ``LINK_STALE_S``,
+so the controller tries again.
 """
 from __future__ import annotations
 
