@@ -5,8 +5,9 @@ A phase is a stretch of constant conditions: it ends where any edge's link sched
 ``accuracy`` of the answered requests (with its 95 % interval: a few hundred requests do not resolve a
 point), ``accuracy_offline`` (what the policy in force is worth on the whole validation split: the
 calibration's cascade of fixed thresholds, or the controller's expected accuracy polled once a second,
-per request) and ``offload_share``. Per point, ``p95_within_target_share`` is the share of one-second
-windows, those starting within ``settle_s`` of a change left out, whose p95 met ``edge.latency_slo_ms``;
+per request) and ``offload_share``. Per point, ``p95_within_target_share`` is the share of windows of
+``edge.slo_window_s`` (one second by default: as the edge judges its target), those starting within
+``settle_s`` of a change left out, whose p95 met ``edge.latency_slo_ms``;
 a request never answered counts as infinitely slow. ``plot`` draws the per-second timelines.
 
 Every number comes from ``records.parquet``, ``policy.json`` and ``calibration.json``, so it can be
@@ -34,7 +35,7 @@ from offramp.plots import pyplot
 from .config import ExperimentConfig, LinkSpec
 from .workload import Record
 
-WINDOW_S = 1.0
+WINDOW_S = 1.0  # the timelines' window when the edge judges its target over all requests (slo_window_s 0)
 TAIL = 0.95
 
 
@@ -89,6 +90,7 @@ class Study:
                  policy: Sequence[dict[str, Any]], cloud_load: Sequence[Record], calibration: Any) -> None:
         self.config = config
         self.target = config.edge.latency_slo_ms
+        self.window_s = config.edge.slo_window_s or WINDOW_S
         self.points = [p for p in points if p.variant == "system"]
         self.records: dict[int, list[Record]] = defaultdict(list)
         for r in records:
@@ -160,9 +162,9 @@ class Study:
         changes = [ph.start_s for ph in self.phases(point)]
         settle = self.config.study.settle_s
         out = []
-        for k in range(int(self.end_s // WINDOW_S)):
-            start = k * WINDOW_S
-            mine = [r for r in rows if start <= r["sent_s"] < start + WINDOW_S]
+        for k in range(int(self.end_s // self.window_s)):
+            start = k * self.window_s
+            mine = [r for r in rows if start <= r["sent_s"] < start + self.window_s]
             if not mine:
                 continue
             answered = [r for r in mine if r["status"] == "OK"]
@@ -205,7 +207,7 @@ class Study:
         point = self.points[0] if self.points else None
         cal = self.calibration
         return {
-            "target_p95_ms": self.target, "settle_s": self.config.study.settle_s, "window_s": WINDOW_S,
+            "target_p95_ms": self.target, "settle_s": self.config.study.settle_s, "window_s": self.window_s,
             "phases": [vars(ph) for ph in self.phases(point)] if point else [],
             "cloud_load": self.config.cloud_load.schedule,
             "calibration": None if cal is None else {
@@ -245,7 +247,7 @@ class Study:
         for point in self.points:
             name = self.names[point.index]
             windows = self.windows(point)
-            t = [w["t_s"] + WINDOW_S / 2 for w in windows]
+            t = [w["t_s"] + self.window_s / 2 for w in windows]
             line, = axes[0].plot(t, [min(w["p95_ms"], 1e5) for w in windows], marker=".", label=name)
             color = line.get_color()
             axes[1].plot(t, [w["accuracy_offline"] for w in windows], color=color, label=f"{name} (validation)")
