@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import struct
 import tracemalloc
+import zlib
 from collections.abc import Callable
 
 import grpc
@@ -308,6 +309,22 @@ def test_bad_int8_scales(edit: Callable[[pb.EncodedTensor], object], match: str)
     msg = sample(dtype="int8")
     edit(msg)
     expect_error(msg, INVALID, match)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_non_finite_float_payload(dtype: str) -> None:
+    x = np.ones((1, 3, 4), dtype=np.float32)
+    x[0, 1, 2] = np.nan
+    msg = encode(np.ones((1, 3, 4), dtype=np.float32), CodecConfig(dtype=dtype, zstd_level=0))
+    raw = x.astype(dtype).tobytes()
+    msg.payload, msg.crc32 = raw, zlib.crc32(raw)
+    expect_error(msg, INVALID, "decoded values contain NaN or infinity")
+
+
+def test_int8_scale_that_overflows() -> None:
+    msg = sample(dtype="int8")
+    msg.scales[0] = 3e38  # finite, but 3e38 x 127 is not
+    expect_error(msg, INVALID, "decoded values contain NaN or infinity")
 
 
 def test_scales_on_a_float_payload() -> None:

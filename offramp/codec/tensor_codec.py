@@ -277,9 +277,13 @@ def decode(msg: pb.EncodedTensor, limits: DecodeLimits = DecodeLimits(),
 
     values = np.frombuffer(raw, dtype=dtype).reshape(sent_shape)
     if scales is None:
-        return values.astype(np.float32)  # a writable copy, also for float32
-    rows = values.reshape(len(scales), -1).astype(np.float32) * scales[:, None]
-    return rows.reshape(sent_shape)
+        out = values.astype(np.float32)  # a writable copy, also for float32
+    else:
+        with np.errstate(over="ignore"):  # a finite but huge scale overflows: refused just below
+            out = (values.reshape(len(scales), -1).astype(np.float32) * scales[:, None]).reshape(sent_shape)
+    if not np.isfinite(out).all():  # tokens no encoder makes: they would only turn the tail's answer into NaN
+        raise CodecError("decoded values contain NaN or infinity")
+    return out
 
 
 def decode_indices(msg: pb.EncodedTensor) -> np.ndarray | None:
