@@ -6,7 +6,9 @@
     every sample offloaded; framework overhead = end to end minus the edge
     half's and the cloud half's compute measured alone, in a plain loop at
     batch 1 on the daemons' core (compute the daemons inflate counts as
-    overhead); the daemons' torch threads (1 vs 2) compared;
+    overhead); the daemons' torch threads (1 vs 2) compared; and the
+    two-hop floor: the same client through an edge and a cloud that do no
+    work (a relay and an echo server), what two Python gRPC hops cost;
 (c) the offload leg alone at 1 stream (light load: does batching add
     latency?) and 16 streams x 4 in flight (heavy load: does it fill
     batches?), adaptive batching (no timer) vs a fixed 2 ms window vs no
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -30,7 +33,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import grpc
 import numpy as np
@@ -95,10 +98,29 @@ def compute_alone(edge: EdgeHalf, cloud: CloudHalf, x: torch.Tensor, tokens: tor
     return out
 
 
-def end_to_end(checkpoint: str, x: torch.Tensor, n: int, threads: int, cores: set[int] | None) -> dict[str, Any]:
-    """Client -> edge daemon -> cloud daemon, one request at a time, every sample offloaded."""
+def sequential_infer(address: str, x: torch.Tensor, n: int) -> tuple[list[float], dict[str, list[float]]]:
+    """``n`` Infer calls one at a time (after 20 warm-ups) from a plain gRPC client: client milliseconds of
+    the cloud-answered ones, and the stage times the edge reported."""
     stages: dict[str, list[float]] = {}
     client_ms: list[float] = []
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.EdgeStub(channel)
+        for i in range(n + 20):
+            sample = x[i % len(x)].numpy()
+            t0 = time.perf_counter()
+            reply = stub.Infer(pb.InferRequest(request_id=i, tensor=pb.RawTensor(
+                shape=list(sample.shape), data=sample.tobytes())), timeout=30)
+            elapsed = (time.perf_counter() - t0) * 1e3
+            if i < 20 or reply.decided_by != "cloud":
+                continue  # warm-up, or not offloaded
+            client_ms.append(elapsed)
+            for k, v in reply.stage_ms.items():
+                stages.setdefault(k, []).append(v)
+    return client_ms, stages
+
+
+def end_to_end(checkpoint: str, x: torch.Tensor, n: int, threads: int, cores: set[int] | None) -> dict[str, Any]:
+    """Client -> edge daemon -> cloud daemon, one request at a time, every sample offloaded."""
     common = ["--checkpoint", checkpoint, "--threads", str(threads)]
     with DaemonProcess("cloud", common, cores=cores) as cloud, \
             DaemonProcess("edge", [*common, "--cloud", cloud.address, "--codec", CODEC.dtype], cores=cores) as edge:
@@ -107,17 +129,7 @@ def end_to_end(checkpoint: str, x: torch.Tensor, n: int, threads: int, cores: se
             exits = len(stub.GetPolicy(pb.GetPolicyRequest(), timeout=10).thresholds)
             stub.SetPolicy(pb.Policy(thresholds=[never_leave("max_prob")] * exits, score="max_prob",
                                      offload_enabled=True))
-            for i in range(n + 20):
-                sample = x[i % len(x)].numpy()
-                t0 = time.perf_counter()
-                reply = stub.Infer(pb.InferRequest(request_id=i, tensor=pb.RawTensor(
-                    shape=list(sample.shape), data=sample.tobytes())), timeout=30)
-                elapsed = (time.perf_counter() - t0) * 1e3
-                if i < 20 or reply.decided_by != "cloud":
-                    continue  # warm-up, or not offloaded
-                client_ms.append(elapsed)
-                for k, v in reply.stage_ms.items():
-                    stages.setdefault(k, []).append(v)
+        client_ms, stages = sequential_infer(edge.address, x, n)
     return {"threads": threads, "pinned": sorted(cores) if cores else None, "requests": len(client_ms),
             "client_ms": percentiles(client_ms), "stages_ms": {k: percentiles(v) for k, v in stages.items()}}
 
@@ -188,21 +200,74 @@ def serve_echo(fingerprint: str, split: int, port: Any) -> None:
     asyncio.run(run())
 
 
-async def grpc_floor(fingerprint: str, split: int, tokens: list[pb.EncodedTensor], seconds: float) -> list[dict]:
-    """The same clients and load against the echo server: what any Python gRPC server costs here."""
+class _RelayEdge(pb_grpc.EdgeServicer):
+    """The two-hop floor's edge: computes nothing; per request it sends one fixed token message to the echo
+    server over the edge's own offload client and answers "cloud" when the echo comes back."""
+
+    def __init__(self, client: OffloadClient, request: pb.OffloadRequest) -> None:
+        self._client, self._request = client, request
+
+    async def Infer(self, request, context):
+        await self._client.infer(self._request, timeout_s=30)
+        return pb.InferReply(request_id=request.request_id, decided_by="cloud", exit_index=-1)
+
+
+def serve_relay(echo_port: int, request: bytes, port: Any) -> None:
+    """Child process: the relay edge pinned to the servers' core, in front of the echo server."""
+    os.sched_setaffinity(0, SERVER_CORES)
+    offload = pb.OffloadRequest.FromString(request)
+
+    async def run() -> None:
+        client = OffloadClient([f"127.0.0.1:{echo_port}"], offload.model_fingerprint, offload.split_block,
+                               OffloadSettings())
+        client.start()
+        while not client.connected_to:
+            await asyncio.sleep(0.01)
+        server = grpc_server(64 << 20)
+        pb_grpc.add_EdgeServicer_to_server(_RelayEdge(client, offload), server)
+        port.value = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(run())
+
+
+@contextlib.contextmanager
+def child_server(target, *args: Any) -> Iterator[int]:
+    """A server in a spawned child process (``target(*args, port)``); yields its port once it listens."""
     ctx = multiprocessing.get_context("spawn")
     port = ctx.Value("i", 0)
-    child = ctx.Process(target=serve_echo, args=(fingerprint, split, port), daemon=True)
+    child = ctx.Process(target=target, args=(*args, port), daemon=True)
     child.start()
     try:
+        deadline = time.monotonic() + 60
         while not port.value:
-            await asyncio.sleep(0.05)
-        return [{"batching": "gRPC floor (no work)", **await drive_streams(
-            f"127.0.0.1:{port.value}", fingerprint, split, tokens, edges, window, seconds)}
-            for edges, window in ((1, 1), (16, 4))]
+            if not child.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"{target.__name__} did not start")
+            time.sleep(0.05)
+        yield port.value
     finally:
         child.kill()
         child.join()
+
+
+def two_hop_floor(fingerprint: str, split: int, x: torch.Tensor, tokens: pb.EncodedTensor, n: int
+                  ) -> dict[str, Any]:
+    """The same client and requests as (b) through an edge and a cloud that do no work (both on the servers'
+    core): what two Python gRPC hops cost here, the floor under the framework overhead."""
+    request = pb.OffloadRequest(model_fingerprint=fingerprint, split_block=split, tokens=tokens)
+    with child_server(serve_echo, fingerprint, split) as echo_port, \
+            child_server(serve_relay, echo_port, request.SerializeToString()) as relay_port:
+        client_ms, _ = sequential_infer(f"127.0.0.1:{relay_port}", x, n)
+    return {"requests": len(client_ms), "client_ms": percentiles(client_ms)}
+
+
+async def grpc_floor(fingerprint: str, split: int, tokens: list[pb.EncodedTensor], seconds: float) -> list[dict]:
+    """The same clients and load against the echo server: what any Python gRPC server costs here."""
+    with child_server(serve_echo, fingerprint, split) as port:
+        return [{"batching": "gRPC floor (no work)", **await drive_streams(
+            f"127.0.0.1:{port}", fingerprint, split, tokens, edges, window, seconds)}
+            for edges, window in ((1, 1), (16, 4))]
 
 
 # (name, cloud flags): adaptive batching (the default), a fixed window, and no batching at all.
@@ -284,6 +349,8 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> int:
         r["framework_overhead_p50_ms"] = r["client_ms"]["p50"] - alone["edge_half_ms"] - alone["cloud_half_ms"]
     e2e = runs[0]
     result["end_to_end"] = e2e
+    tokens = [encode(res.tokens[i:i + 1], CODEC) for i in range(len(res.tokens))]
+    result["two_hop_floor"] = floor2 = two_hop_floor(card.fingerprint, card.split_block, x, tokens[0], args.requests)
     result["end_to_end_by_threads"] = runs
     print(f"\n(b) latency through the daemons (pinned to core 0, 1 thread), {e2e['requests']} sequential "
           f"offloaded requests, tokens {result['token_shape']} (ms):")
@@ -293,7 +360,9 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> int:
     rows += [["client end to end", e2e["client_ms"]["p50"], e2e["client_ms"]["p95"]],
              ["edge half alone (batch 1)", alone["edge_half_ms"], None],
              ["cloud half alone (batch 1)", alone["cloud_half_ms"], None],
-             ["framework overhead", e2e["framework_overhead_p50_ms"], None]]
+             ["framework overhead", e2e["framework_overhead_p50_ms"], None],
+             ["two-hop floor: the same through an edge and a cloud that do no work", floor2["client_ms"]["p50"],
+              floor2["client_ms"]["p95"]]]
     print(format_table(["stage", "p50", "p95"], rows))
     print(f"batch-1 compute alone with 2 threads: edge half {alone['two_threads']['edge_half_ms']:.2f} ms, "
           f"cloud half {alone['two_threads']['cloud_half_ms']:.2f} ms")
@@ -301,7 +370,6 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> int:
                        [[r["threads"], "core 0" if r["pinned"] else "no", r["client_ms"]["p50"],
                          r["framework_overhead_p50_ms"]] for r in runs]))
 
-    tokens = [encode(res.tokens[i:i + 1], CODEC) for i in range(len(res.tokens))]
     streams = asyncio.run(offload_runs(args.checkpoint, card.fingerprint, card.split_block, tokens, args.seconds))
     result["offload_runs"] = streams
     best = max(alone["tail_samples_per_s"].values())
@@ -322,6 +390,7 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> int:
         "int8_zstd_accuracy_change_points": next(r["accuracy_change_points"] for r in codec["rows"]
                                                  if r["codec"] == "int8+zstd"),
         "framework_overhead_p50_ms": e2e["framework_overhead_p50_ms"],
+        "two_hop_floor_p50_ms": floor2["client_ms"]["p50"],
         "leg_p50_minus_compute_ms": light["latency_ms"]["p50"] - alone["cloud_half_ms"],
         "share_of_tail_best_pinned": ours["throughput_rps"] / best,
         # The most any server can reach when each request also costs the floor's time: 1 / (1/best + 1/floor).

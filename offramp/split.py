@@ -135,7 +135,7 @@ class EdgeWalk(ABC):
         """The context the stages compute in (autocast for reduced precision)."""
         return contextlib.nullcontext()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def run(self, x: torch.Tensor, thresholds: list[float], score: str, with_scores: bool = False,
             audio: torch.Tensor | None = None) -> EdgeResult:
         """Walk the exits cheapest first; a sample leaves at the first exit confident enough.
@@ -200,7 +200,7 @@ class EdgeHalf(EdgeWalk):
         self.bottleneck_id = _bottleneck_at(model, split_block)
         self.code_dictionary = zstd_dictionary(model.bottleneck.dictionary()) if self.bottleneck_id else None
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def to_code(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, N, D) tokens at the split -> the bottleneck's (B, N, channels) int8 code."""
         if not self.bottleneck_id:
@@ -310,7 +310,7 @@ class CloudHalf:
             return None
         return (self.num_audio_tokens, self.model.audio_encoder.dim)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def run(self, tokens: torch.Tensor, audio: torch.Tensor | None = None) -> torch.Tensor:
         """(B, *token_shape) tokens [and (B, audio tokens, width) for audiovisual models] -> (B, num_outputs)
         float32 on the CPU."""
@@ -320,7 +320,7 @@ class CloudHalf:
             return self.model.tail(tokens.to(self.device), self.split_block,
                                    None if audio is None else audio.to(self.device)).float().cpu()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def from_code(self, code: torch.Tensor) -> torch.Tensor:
         """A (B, N, channels) bottleneck code, as decoded from the wire -> (B, N, D) tokens for ``run``.
 
