@@ -33,7 +33,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import grpc
 import numpy as np
@@ -186,18 +186,20 @@ class _EchoOffload(pb_grpc.OffloadServicer):
         return self._description
 
 
+async def serve_until_killed(add_servicer: Callable[[grpc.aio.Server], None], port: Any) -> None:
+    """A server on a free loopback port, written to ``port`` (a shared value) once it listens."""
+    server = grpc_server(64 << 20)
+    add_servicer(server)
+    port.value = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    await server.wait_for_termination()
+
+
 def serve_echo(fingerprint: str, split: int, port: Any) -> None:
-    """Child process: the echo server pinned to the servers' core; puts its port in ``port`` (a shared value)."""
+    """Child process: the echo server pinned to the servers' core."""
     os.sched_setaffinity(0, SERVER_CORES)
-
-    async def run() -> None:
-        server = grpc_server(64 << 20)
-        pb_grpc.add_OffloadServicer_to_server(_EchoOffload(fingerprint, split), server)
-        port.value = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        await server.wait_for_termination()
-
-    asyncio.run(run())
+    echo = _EchoOffload(fingerprint, split)
+    asyncio.run(serve_until_killed(lambda server: pb_grpc.add_OffloadServicer_to_server(echo, server), port))
 
 
 class _RelayEdge(pb_grpc.EdgeServicer):
@@ -223,11 +225,8 @@ def serve_relay(echo_port: int, request: bytes, port: Any) -> None:
         client.start()
         while not client.connected_to:
             await asyncio.sleep(0.01)
-        server = grpc_server(64 << 20)
-        pb_grpc.add_EdgeServicer_to_server(_RelayEdge(client, offload), server)
-        port.value = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        await server.wait_for_termination()
+        relay = _RelayEdge(client, offload)
+        await serve_until_killed(lambda server: pb_grpc.add_EdgeServicer_to_server(relay, server), port)
 
     asyncio.run(run())
 
