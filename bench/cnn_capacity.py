@@ -36,17 +36,34 @@ from offramp.models.airbench import AirbenchCNN
 from offramp.pipeline import TrainJob, build_model, data_settings
 from offramp.precision import resolve_precision
 from offramp.recipes import RECIPES
-from offramp.train import _tta_views, train_backbone, unpack
+from offramp.train import TrainConfig, _tta_views, train_backbone, unpack
 
 
-def parse_point(text: str) -> tuple[tuple[int, ...], int | None, dict[str, float]]:
-    """``64,256,256:16:lr=0.3/seed=1`` -> ((64, 256, 256), 16, {"lr": 0.3, "seed": 1}): widths, then
-    optionally epochs and recipe settings changed for this point alone (a factor ``x`` prefix scales:
-    ``lr=x1.5``)."""
+def parse_point(text: str) -> tuple[tuple[int, ...], int | None, dict[str, str]]:
+    """``64,256,256:16:lr=x1.5/seed=1`` -> ((64, 256, 256), 16, {"lr": "x1.5", "seed": "1"}): widths, then
+    optionally epochs and recipe settings changed for this point alone (see ``point_settings``)."""
     widths, _, rest = text.partition(":")
     epochs, _, settings = rest.partition(":")
     changes = dict(item.split("=", 1) for item in settings.split("/") if item)
     return tuple(int(w) for w in widths.split(",")), int(epochs) if epochs else None, changes
+
+
+def point_settings(recipe: TrainConfig, changes: dict[str, str]) -> dict[str, Any]:
+    """Typed recipe settings from a point's ``SETTING=VALUE`` strings; ``xF`` scales the recipe's value."""
+    settings = {}
+    for key, text in changes.items():
+        if key not in recipe.__dataclass_fields__:
+            raise ValueError(f"unknown setting '{key}' (settings are TrainConfig's fields)")
+        current = getattr(recipe, key)
+        kind = type(current) if current is not None else float
+        if kind not in (int, float, bool):
+            raise ValueError(f"setting '{key}' is not a number; only numeric settings vary in a grid")
+        try:
+            value = float(text[1:]) * current if text.startswith("x") else float(text)
+            settings[key] = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"setting {key}={text}: expected a number or xFACTOR") from None
+    return settings
 
 
 def variant_for(widths: tuple[int, ...]) -> str:
@@ -148,7 +165,8 @@ def combine(runs: list[Path], cpu_speed_file: Path, out: Path, target: float, bu
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench.cnn_capacity", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--grid", nargs="+", help="points WIDTHS[:EPOCHS[:SETTING=VALUE/...]], e.g. 128,384,384:9 or "
                    "64,256,256:16:lr=x1.4/seed=1 (xF scales the recipe's value)")
     p.add_argument("--data", help="the CIFAR-10 archive, as imagefolder:PATH (not needed with --speed-only)")
@@ -172,9 +190,18 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--grid is needed (or --combine)")
     args.out = args.out or Path("cnn_capacity.json")
     started = time.time()
-    points = [parse_point(t) for t in args.grid]
-    prec = resolve_precision("auto", args.device)
     recipe = RECIPES["airbench_c10"].config(device=args.device, progress=False)
+    points = []
+    for text in args.grid:
+        try:
+            points.append(parse_point(text))
+        except ValueError:
+            p.error(f"grid point {text!r}: expected WIDTHS[:EPOCHS[:SETTING=VALUE/...]], e.g. 96,384,384:11:seed=1")
+        try:
+            point_settings(recipe, points[-1][2])
+        except ValueError as e:
+            p.error(f"grid point {text!r}: {e}")
+    prec = resolve_precision("auto", args.device)
     machine = {"platform": platform.platform(), "torch": torch.__version__, "cpus": torch.get_num_threads(),
                "gpu": torch.cuda.get_device_name() if prec.device.type == "cuda" else None}
     result: dict[str, Any] = {"command": "python -m bench.cnn_capacity " + " ".join(sys.argv[1:]),
@@ -198,8 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     x_val, _, y_val = unpack(data.val)
     for widths, epochs, changes in points:
         job = TrainJob(data=args.data, model=variant_for(widths), exits="none")
-        settings = {k: type(getattr(recipe, k))(float(v[1:]) * getattr(recipe, k) if v.startswith("x") else float(v))
-                    for k, v in changes.items()}
+        settings = point_settings(recipe, changes)
         cfg = data_settings(job, data, dataclasses.replace(recipe, **settings, **({"epochs": epochs} if epochs else {})))
         torch.manual_seed(cfg.seed)
         model, _ = build_model(job, data)

@@ -30,7 +30,21 @@ def test_grid_trains_and_combines_with_cpu_speed(tmp_path: Path, capsys: pytest.
     assert "CPU train s" in capsys.readouterr().out
 
 
-def test_combine_without_cpu_speed_is_a_usage_error() -> None:
+@pytest.mark.parametrize("argv, message", [
+    (["--combine", "run.json"], "--combine needs --cpu-speed"),
+    (["--speed-only", "--grid", "64,x,256"], "expected WIDTHS[:EPOCHS"),
+    (["--speed-only", "--grid", "64,256,256:3:lrr=2"], "unknown setting 'lrr'"),
+    (["--speed-only", "--grid", "64,256,256:3:lr=fast"], "expected a number or xFACTOR"),
+    (["--speed-only", "--grid", "64,256,256:3:optimizer=2"], "not a number"),
+])
+def test_bad_arguments_are_one_line_usage_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as e:
-        cnn_capacity.main(["--combine", "run.json"])
-    assert e.value.code == 2
+        cnn_capacity.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_point_settings_scale_or_set_the_recipe() -> None:
+    recipe = cnn_capacity.RECIPES["airbench_c10"].config()
+    settings = cnn_capacity.point_settings(recipe, {"lr": "x2", "seed": "3", "label_smoothing": "0.1"})
+    assert settings == {"lr": pytest.approx(2 * recipe.lr), "seed": 3, "label_smoothing": 0.1}
+    assert isinstance(settings["seed"], int)
