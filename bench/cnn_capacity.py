@@ -36,7 +36,7 @@ from offramp.models.airbench import AirbenchCNN
 from offramp.pipeline import TrainJob, build_model, data_settings
 from offramp.precision import resolve_precision
 from offramp.recipes import RECIPES
-from offramp.train import TrainConfig, _tta_views, train_backbone, unpack
+from offramp.train import TrainConfig, evaluate, train_backbone
 
 
 def parse_point(text: str) -> tuple[tuple[int, ...], int | None, dict[str, str]]:
@@ -75,21 +75,6 @@ def variant_for(widths: tuple[int, ...]) -> str:
         factory.__name__ = name
         registry.register(factory)
     return name
-
-
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, device: torch.device,
-             tta: bool) -> float:
-    """Final-head accuracy in float32 on ``device`` (TTA: airbench's mirrored and shifted views)."""
-    model.to(device).eval()
-    correct = 0
-    for start in range(0, len(x_all), 500):
-        x, y = x_all[start:start + 500], y_all[start:start + 500].to(device)
-        views = _tta_views(x) if tta else [(1.0, x)]
-        logits = sum(w * model.final(v.to(device), None).float() for w, v in views)
-        correct += int((logits.argmax(-1) == y).sum())
-    model.cpu()
-    return correct / len(x_all)
 
 
 def train_speed(widths: tuple[int, ...], batch: int, device: torch.device, steps: int = 4) -> float:
@@ -222,7 +207,6 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--data is needed unless --speed-only")
     from offramp.data import load_data
     data = load_data(args.data, val_fraction=0.1, seed=0, limit=args.limit)
-    x_val, _, y_val = unpack(data.val)
     for widths, epochs, changes in points:
         job = TrainJob(data=args.data, model=variant_for(widths), exits="none")
         settings = point_settings(recipe, changes)
@@ -230,9 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(cfg.seed)
         model, _ = build_model(job, data)
         timing = train_backbone(model, data.train, cfg)
-        entry = {"widths": list(widths), "epochs": cfg.epochs, "changed": changes, "params": sum(p.numel() for p in model.parameters()),
-                 "val_accuracy": accuracy(model, x_val, y_val, prec.device, tta=False),
-                 "val_accuracy_tta": accuracy(model, x_val, y_val, prec.device, tta=True),
+        plain, tta = (evaluate(model, data.val, tta=t, device=prec.device.type)[-1].summary()["accuracy"]
+                      for t in (False, True))
+        entry = {"widths": list(widths), "epochs": cfg.epochs, "changed": changes,
+                 "params": sum(p.numel() for p in model.parameters()), "val_accuracy": plain, "val_accuracy_tta": tta,
                  "train_wall_s": round(timing["wall_s"], 1), "img_per_s": round(timing["img_per_s"], 1),
                  "dtype": timing["dtype"], "device": timing["device"]}
         result["points"].append(entry)

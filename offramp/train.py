@@ -542,17 +542,19 @@ def _tta_views(x: torch.Tensor) -> list[tuple[float, torch.Tensor]]:
 
 @torch.no_grad()
 def evaluate(model: MultiExitModel, data: TensorDataset, batch_size: int = 256, score: str | None = None,
-             tta: bool = False, precision: str = "fp32") -> list[HeadResult]:
+             tta: bool = False, precision: str = "fp32", device: str = "cpu") -> list[HeadResult]:
     """Every exit and the final head on ``data``: predictions, confidences, correctness.
 
-    Runs in float32 by default, as the daemons serve; ``precision="bf16"``
-    evaluates as training computed. ``tta`` averages the outputs over
-    mirrored and shifted copies (images only).
+    Runs in float32 on the CPU by default, as the daemons serve;
+    ``precision="bf16"`` evaluates as training computed, ``device="cuda"``
+    on a GPU (the model comes back to the CPU). ``tta`` averages the outputs
+    over mirrored and shifted copies (images only).
     """
     model.eval()
     task = model.config.task
     score = score or default_score(task)
-    prec = resolve_precision(precision, "cpu")
+    prec = resolve_precision(precision, device)
+    model.to(prec.device)
     x_all, a_all, y_all = unpack(data)
     outs: list[list[torch.Tensor]] = [[] for _ in range(len(model.exits) + 1)]
     for idx in batches(len(x_all), batch_size, None):
@@ -561,11 +563,12 @@ def evaluate(model: MultiExitModel, data: TensorDataset, batch_size: int = 256, 
         summed: list[torch.Tensor] | None = None
         for weight, view in views:
             with prec.autocast():
-                exit_outs, final = model(view, a)
-            heads = [o.float() * weight for o in [*exit_outs, final]]
+                exit_outs, final = model(view.to(prec.device), None if a is None else a.to(prec.device))
+            heads = [o.float().cpu() * weight for o in [*exit_outs, final]]
             summed = heads if summed is None else [s_ + h for s_, h in zip(summed, heads)]
         for i, o in enumerate(summed):
             outs[i].append(o)
+    model.cpu()
     names = [*model.exit_names, "final"]
     results = []
     for name, chunks in zip(names, outs):
