@@ -56,6 +56,33 @@ def test_a_lone_request_on_an_idle_server_runs_at_once_without_a_thread_hop() ->
     assert waited < 0.5
 
 
+def test_a_lone_request_computes_in_its_callers_own_task_and_a_caller_gone_before_leaves_nothing_queued() -> None:
+    model = Recorder()
+    tasks: list[str] = []
+
+    def traced(x: torch.Tensor, audio: torch.Tensor | None = None) -> torch.Tensor:
+        tasks.append(asyncio.current_task().get_name())
+        return model(x, audio)
+
+    async def go():
+        batcher = Batcher(traced, 8, lone_on_loop=True, name="t")
+        batcher.start()
+        result = await asyncio.create_task(batcher.submit(torch.ones(1, 3)), name="caller")
+        gone = asyncio.create_task(batcher.submit(torch.ones(1, 3)))
+        await asyncio.sleep(0)  # it is queued and waits one pass for company
+        gone.cancel()
+        await asyncio.sleep(0.01)
+        depth = batcher.depth()
+        after = await batcher.submit(torch.full((1, 3), 2.0))
+        await batcher.close()
+        return result, depth, after
+
+    result, depth, after = run(go())
+    assert tasks[0] == "caller" and "t" not in tasks  # no hand-off to the batching task ("t") and back
+    assert result.rows.tolist() == [[6.0]] and depth == 0
+    assert after.rows.tolist() == [[12.0]] and len(model.batches) == 2  # the cancelled one was never computed
+
+
 def test_requests_arriving_together_share_a_batch_even_with_lone_requests_on_the_loop() -> None:
     model = Recorder()
 
