@@ -13,6 +13,9 @@
     latency?) and 16 streams x 4 in flight (heavy load: does it fill
     batches?), adaptive batching (no timer) vs a fixed 2 ms window vs no
     batching, against the tail's best batched throughput on the same core;
+    and their floors: an echo server (no work), and for one stream the echo
+    server running the tail inline on every request (the least a leg with
+    compute costs: the model's compute also slows what runs after it);
 (d) Ray Serve serving the same tail (``@serve.batch``, its gRPC proxy) under
     the same load, in the same run, when ``offramp[serve]`` is installed.
 
@@ -169,14 +172,23 @@ async def drive_streams(address: str, fingerprint: str, split: int, tokens: list
 
 
 class _EchoOffload(pb_grpc.OffloadServicer):
-    """The gRPC floor: answers every request at once, with no decoding, batching or model."""
+    """The gRPC floor: answers every request at once, with no decoding, batching or model.
 
-    def __init__(self, fingerprint: str, split: int) -> None:
+    Given the model's ``tail``, it also runs it on one fixed sample per request, inline as the cloud runs a
+    lone request: the floor of a leg with compute in it, which the model's compute slows down for everything
+    after it (caches) without any work of ours.
+    """
+
+    def __init__(self, fingerprint: str, split: int, tail: CloudHalf | None = None) -> None:
         self._description = pb.DescribeReply(fingerprint=fingerprint, split_block=split, max_batch_size=1,
                                              max_message_bytes=64 << 20)
+        self._tail = tail
+        self._sample = None if tail is None else torch.zeros(1, *tail.spec.shape)
 
     async def Infer(self, requests, context):
         async def answer(request: pb.OffloadRequest) -> pb.OffloadReply:
+            if self._tail is not None:
+                self._tail.run(self._sample)
             return pb.OffloadReply(request_id=request.request_id, status=make_status(), batch_size=1)
 
         async for reply in unordered_map(requests, answer):
@@ -195,10 +207,16 @@ async def serve_until_killed(add_servicer: Callable[[grpc.aio.Server], None], po
     await server.wait_for_termination()
 
 
-def serve_echo(fingerprint: str, split: int, port: Any) -> None:
-    """Child process: the echo server pinned to the servers' core."""
+def serve_echo(fingerprint: str, split: int, checkpoint: str | None, port: Any) -> None:
+    """Child process: the echo server pinned to the servers' core; with ``checkpoint``, running its tail
+    with one torch thread, as the cloud daemon does in (c)."""
     os.sched_setaffinity(0, SERVER_CORES)
-    echo = _EchoOffload(fingerprint, split)
+    tail = None
+    if checkpoint is not None:
+        torch.set_num_threads(1)
+        model, card = load_checkpoint(checkpoint)
+        tail = CloudHalf(model, card.split_block)
+    echo = _EchoOffload(fingerprint, split, tail)
     asyncio.run(serve_until_killed(lambda server: pb_grpc.add_OffloadServicer_to_server(echo, server), port))
 
 
@@ -255,18 +273,28 @@ def two_hop_floor(fingerprint: str, split: int, x: torch.Tensor, tokens: pb.Enco
     """The same client and requests as (b) through an edge and a cloud that do no work (both on the servers'
     core): what two Python gRPC hops cost here, the floor under the framework overhead."""
     request = pb.OffloadRequest(model_fingerprint=fingerprint, split_block=split, tokens=tokens)
-    with child_server(serve_echo, fingerprint, split) as echo_port, \
+    with child_server(serve_echo, fingerprint, split, None) as echo_port, \
             child_server(serve_relay, echo_port, request.SerializeToString()) as relay_port:
         client_ms, _ = sequential_infer(f"127.0.0.1:{relay_port}", x, n)
     return {"requests": len(client_ms), "client_ms": percentiles(client_ms)}
 
 
-async def grpc_floor(fingerprint: str, split: int, tokens: list[pb.EncodedTensor], seconds: float) -> list[dict]:
-    """The same clients and load against the echo server: what any Python gRPC server costs here."""
-    with child_server(serve_echo, fingerprint, split) as port:
-        return [{"batching": "gRPC floor (no work)", **await drive_streams(
-            f"127.0.0.1:{port}", fingerprint, split, tokens, edges, window, seconds)}
-            for edges, window in ((1, 1), (16, 4))]
+FLOOR, FLOOR_WITH_TAIL = "gRPC floor (no work)", "gRPC floor + the tail inline (no decoding or batching)"
+
+
+async def grpc_floor(checkpoint: str, fingerprint: str, split: int, tokens: list[pb.EncodedTensor],
+                     seconds: float) -> list[dict]:
+    """The same clients and load against the echo server: what any Python gRPC server costs here; and one
+    stream against the echo server running the tail on every request: what a leg with compute costs at least."""
+    runs = []
+    with child_server(serve_echo, fingerprint, split, None) as port:
+        for edges, window in ((1, 1), (16, 4)):
+            run = await drive_streams(f"127.0.0.1:{port}", fingerprint, split, tokens, edges, window, seconds)
+            runs.append({"batching": FLOOR, **run})
+    with child_server(serve_echo, fingerprint, split, checkpoint) as port:
+        run = await drive_streams(f"127.0.0.1:{port}", fingerprint, split, tokens, 1, 1, seconds)
+        runs.append({"batching": FLOOR_WITH_TAIL, **run})
+    return runs
 
 
 # (name, cloud flags): adaptive batching (the default), a fixed window, and no batching at all.
@@ -280,7 +308,7 @@ async def offload_runs(checkpoint: str, fingerprint: str, split: int, tokens: li
 
     All runs share this event loop (grpc.aio binds to the first loop it meets).
     """
-    runs = await grpc_floor(fingerprint, split, tokens, seconds)
+    runs = await grpc_floor(checkpoint, fingerprint, split, tokens, seconds)
     for name, flags in BATCHING:
         with DaemonProcess("cloud", ["--checkpoint", checkpoint, "--threads", "1", *flags],
                            cores=SERVER_CORES) as cloud:
@@ -383,7 +411,8 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> int:
     ours = next(r for r in streams if r["batching"] == "adaptive" and r["edges"] == 16)
     light = next(r for r in streams if r["batching"] == "adaptive" and r["edges"] == 1)
     single = next(r for r in streams if r["batching"] == "batch 1")
-    floor = next(r for r in streams if r["batching"].startswith("gRPC floor") and r["edges"] == 16)
+    floor = next(r for r in streams if r["batching"] == FLOOR and r["edges"] == 16)
+    leg_floor = next(r for r in streams if r["batching"] == FLOOR_WITH_TAIL)
     result["targets"] = {
         "int8_zstd_x_smaller": next(r["x_smaller_than_float32"] for r in codec["rows"] if r["codec"] == "int8+zstd"),
         "int8_zstd_accuracy_change_points": next(r["accuracy_change_points"] for r in codec["rows"]
@@ -391,6 +420,9 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> int:
         "framework_overhead_p50_ms": e2e["framework_overhead_p50_ms"],
         "two_hop_floor_p50_ms": floor2["client_ms"]["p50"],
         "leg_p50_minus_compute_ms": light["latency_ms"]["p50"] - alone["cloud_half_ms"],
+        # The same for a server that only runs the tail inline: gRPC, and the compute slowed by what runs
+        # between requests, with no work of ours.
+        "leg_floor_minus_compute_ms": leg_floor["latency_ms"]["p50"] - alone["cloud_half_ms"],
         "share_of_tail_best_pinned": ours["throughput_rps"] / best,
         # The most any server can reach when each request also costs the floor's time: 1 / (1/best + 1/floor).
         "share_bound_by_grpc_floor": 1 / (1 + best / floor["throughput_rps"]),
