@@ -168,12 +168,9 @@ class Batcher(Generic[R]):
             return None
         self._pending.popleft()
         formed = time.perf_counter()
-        if not self._live([job], formed + self._per_sample_s * job.size):
-            return await job.future  # raises DEADLINE_EXCEEDED
-        result = self._run(job.inputs, job.size)  # a failure raises RequestError to this caller
-        compute_s = time.perf_counter() - formed
-        self._note_speed(compute_s, job.size)
-        return Batched(result, formed - job.submitted, compute_s, job.size)
+        if self._live([job], formed + self._per_sample_s * job.size):
+            await self._compute([job], formed)  # alone on an idle batcher: on this thread, with no pass
+        return await job.future  # answered by now (or refused), so no pass either
 
     async def _work(self) -> None:
         while True:
@@ -255,18 +252,14 @@ class Batcher(Generic[R]):
                     job.future.set_exception(e)
             return
         compute_s = time.perf_counter() - started
-        self._note_speed(compute_s, size)
+        per_sample = compute_s / size
+        self._per_sample_s = per_sample if not self._per_sample_s else 0.8 * self._per_sample_s + 0.2 * per_sample
         offset = 0
         for job in batch:
             if not job.future.done():
                 rows = result if len(batch) == 1 else result[offset:offset + job.size]
                 job.future.set_result(Batched(rows, formed - job.submitted, compute_s, size))
             offset += job.size
-
-    def _note_speed(self, compute_s: float, size: int) -> None:
-        """Update the moving average of compute time per sample, by which deadlines are judged."""
-        per_sample = compute_s / size
-        self._per_sample_s = per_sample if not self._per_sample_s else 0.8 * self._per_sample_s + 0.2 * per_sample
 
     def _run(self, inputs: Inputs, size: int) -> R:
         """The model on one batch; a failure becomes INTERNAL for every caller in it, so none hangs."""
