@@ -34,8 +34,10 @@ _NUMPY_DTYPE: dict[int, np.dtype] = {
 }
 _COMPRESSIONS = (_ET.COMPRESSION_NONE, _ET.COMPRESSION_ZSTD)
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_FLOAT32_TINIEST = np.float32(np.finfo(np.float32).smallest_subnormal)
 _INT8_LEVELS = 127  # symmetric: [-127, 127], so -x always has a code too
-_MAX_INT8_SCALE = float(np.finfo(np.float32).max) / _INT8_LEVELS  # beyond it, 127 x scale is not a float32
+_MAX_INT8_SCALE = _FLOAT32_MAX / _INT8_LEVELS  # beyond it, 127 x scale is not a float32
 MAX_RANK = 8  # far above (B, C, H, W); only here to bound work on hostile shapes
 
 
@@ -225,17 +227,18 @@ def _quantize(x: np.ndarray, dtype: str) -> tuple[bytes, np.ndarray | None]:
         if peak > _FLOAT16_MAX:
             raise ValueError(f"values up to {peak:g} overflow float16 (max {_FLOAT16_MAX:g}); use int8 or float32")
         return x.astype("<f2").tobytes(), None
+    # Few numpy calls: on the edge this runs right after the model, when each call costs several times more.
     rows = x.reshape(x.shape[0] * x.shape[1], -1)  # one row per token (or channel) of each sample
     absmax = np.abs(rows).max(axis=1)
-    if not np.isfinite(absmax).all():
+    if not absmax.max() <= _FLOAT32_MAX:  # NaN fails the comparison too
         raise ValueError("cannot quantize NaN or infinity to int8")
-    scales = (absmax / np.float32(_INT8_LEVELS)).astype(np.float32)
+    scales = absmax / np.float32(_INT8_LEVELS)
     # Round the scale up where float32 rounded it down, so |x| / scale never exceeds 127.
-    low = scales.astype(np.float64) * _INT8_LEVELS < absmax
-    scales[low] = np.nextafter(scales[low], np.float32(np.inf))
-    divisor = np.where(scales > 0, scales, np.float32(1))[:, None]
-    q = np.clip(np.rint(rows / divisor), -_INT8_LEVELS, _INT8_LEVELS).astype(np.int8)
-    return q.tobytes(), scales
+    np.nextafter(scales, np.float32(np.inf), out=scales, where=scales * np.float64(_INT8_LEVELS) < absmax)
+    # So |x| / scale rounds to at most 127 with no clipping. An all-zero row (scale 0) divides by the
+    # smallest float32 instead, which every other scale is at least, and stays 0.
+    q = np.divide(rows, np.maximum(scales, _FLOAT32_TINIEST)[:, None])
+    return np.rint(q, out=q).astype(np.int8).tobytes(), scales
 
 
 # --------------------------------------------------------------------------- decode
