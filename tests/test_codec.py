@@ -84,6 +84,20 @@ def test_int8_error_is_at_most_half_a_step(x: np.ndarray, level: int) -> None:
     assert (error <= scales[:, None] * (0.5 + 1e-4) + 1e-30).all()
 
 
+@PROPERTY
+@given(x=shapes.flatmap(lambda shape: hnp.arrays(np.float32, shape, elements=st.floats(
+    width=32, allow_nan=False, allow_infinity=False, allow_subnormal=True))))
+def test_int8_codes_stay_within_127_over_all_of_float32(x: np.ndarray) -> None:
+    # Scales are rounded up rather than codes clipped: a code of 128 would wrap to -128 silently.
+    msg = encode(x, CodecConfig(dtype="int8", zstd_level=0))
+    codes = np.frombuffer(msg.payload, dtype=np.int8)
+    assert codes.min() >= -127 and codes.max() <= 127
+    y = decode(msg)
+    rows = x.shape[0] * x.shape[1]
+    error = np.abs(y.astype(np.float64) - x).reshape(rows, -1)
+    assert (error <= np.asarray(msg.scales, dtype=np.float64)[:, None] * (0.5 + 1e-4) + 1e-44).all()
+
+
 @st.composite
 def selections(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, int, int]:
     batch = draw(st.integers(1, 4))

@@ -37,7 +37,19 @@ _FLOAT16_MAX = float(np.finfo(np.float16).max)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _FLOAT32_TINIEST = np.float32(np.finfo(np.float32).smallest_subnormal)
 _INT8_LEVELS = 127  # symmetric: [-127, 127], so -x always has a code too
-_MAX_INT8_SCALE = _FLOAT32_MAX / _INT8_LEVELS  # beyond it, 127 x scale is not a float32
+
+
+def _largest_int8_scale() -> np.float32:
+    """The largest float32 scale whose 127 multiple is still a finite float32 (rounded down, not to nearest:
+    numpy compares a float32 with a Python float in float32)."""
+    scale = np.float32(_FLOAT32_MAX / _INT8_LEVELS)
+    while float(scale) * _INT8_LEVELS > _FLOAT32_MAX:
+        scale = np.nextafter(scale, np.float32(0))
+    return scale
+
+
+_MAX_INT8_SCALE = _largest_int8_scale()
+_MAX_INT8_PEAK = float(_MAX_INT8_SCALE) * _INT8_LEVELS  # |x| above it needs the largest scale, clamped
 MAX_RANK = 8  # far above (B, C, H, W); only here to bound work on hostile shapes
 
 
@@ -230,11 +242,14 @@ def _quantize(x: np.ndarray, dtype: str) -> tuple[bytes, np.ndarray | None]:
     # Few numpy calls: on the edge this runs right after the model, when each call costs several times more.
     rows = x.reshape(x.shape[0] * x.shape[1], -1)  # one row per token (or channel) of each sample
     absmax = np.abs(rows).max(axis=1)
-    if not absmax.max() <= _FLOAT32_MAX:  # NaN fails the comparison too
+    peak = float(absmax.max())  # compared in float64: numpy would round the bounds to float32
+    if not peak <= _FLOAT32_MAX:  # NaN fails the comparison too
         raise ValueError("cannot quantize NaN or infinity to int8")
     scales = absmax / np.float32(_INT8_LEVELS)
     # Round the scale up where float32 rounded it down, so |x| / scale never exceeds 127.
     np.nextafter(scales, np.float32(np.inf), out=scales, where=scales * np.float64(_INT8_LEVELS) < absmax)
+    if peak > _MAX_INT8_PEAK:  # within an ulp of float32's max: the largest scale, whose quotients still round to 127
+        np.minimum(scales, _MAX_INT8_SCALE, out=scales)
     # So |x| / scale rounds to at most 127 with no clipping. An all-zero row (scale 0) divides by the
     # smallest float32 instead, which every other scale is at least, and stays 0.
     q = np.divide(rows, np.maximum(scales, _FLOAT32_TINIEST)[:, None])
