@@ -270,9 +270,15 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
                         help="fewest offloads with accuracy at most POINTS percentage points below the full model")
     target.add_argument("--target-offload", type=float, metavar="FRACTION",
                         help="best accuracy with at most FRACTION (0..1) of the samples sent to the cloud")
+    target.add_argument("--target-speedup", type=float, metavar="FACTOR",
+                        help="best accuracy with mean MACs per input at least FACTOR times below the full model's "
+                             "(every exit tried on the way counted, as 'offramp eval' reports)")
     p.add_argument("--score", choices=choices(EdgeConfig, "score"),
                    help="confidence score (default: the one --out names, else max_prob; std for regression)")
     p.add_argument("--data", help="calibrate on all of this data spec instead of the card's validation split")
+    p.add_argument("--on", choices=["validation", "selection"], default="validation",
+                   help="which of the checkpoint's splits to choose on: 'selection' is held out of training and "
+                        "validation ('offramp train --selection-fraction'), so validation then reports honestly")
     p.add_argument("--out", required=True, metavar="TOML", help="edge config to create or update")
     p.set_defaults(run=_run_calibrate)
 
@@ -284,10 +290,11 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     from .edge_toml import calibrate_into
 
     try:
-        target = Target(accuracy_drop=args.target_accuracy_drop, max_offload=args.target_offload)
+        target = Target(accuracy_drop=args.target_accuracy_drop, max_offload=args.target_offload,
+                        min_speedup=args.target_speedup)
     except ValueError as e:
         raise OfframpError(str(e)) from None
-    result, created = calibrate_into(args.out, args.checkpoint, target, score=args.score, data=args.data)
+    result, created = calibrate_into(args.out, args.checkpoint, target, score=args.score, data=args.data, on=args.on)
     print(result.summary())
     print(f"{'created' if created else 'updated'} {args.out}")
     return 0

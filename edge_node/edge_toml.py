@@ -38,7 +38,7 @@ def thresholds_line(thresholds: tuple[float, ...]) -> str:
 
 
 def calibrate_into(path: str | Path, checkpoint: str | Path, target: Target, score: str | None = None,
-                   data: str | None = None) -> tuple[Calibration, bool]:
+                   data: str | None = None, on: str = "validation") -> tuple[Calibration, bool]:
     """Calibrate ``checkpoint``'s edge exits and write the thresholds into the edge config at ``path``.
 
     Returns the calibration and whether the file was created.
@@ -46,7 +46,7 @@ def calibrate_into(path: str | Path, checkpoint: str | Path, target: Target, sco
     from .calibrate import calibrate_checkpoint
 
     check_checkpoint(path, checkpoint)  # before the evaluation, not after it
-    result = calibrate_checkpoint(checkpoint, target, score=score, data=data, edge_toml=path)
+    result = calibrate_checkpoint(checkpoint, target, score=score, data=data, edge_toml=path, on=on)
     return result, write_thresholds(path, checkpoint, result.chosen.thresholds, result.score, result.tables)
 
 

@@ -66,7 +66,13 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pretrained", action="store_true",
                    help="timm_* variants: start from timm's pretrained weights (needs timm's model hub)")
     p.add_argument("--limit", type=int, default=None, help="use at most this many samples (quick runs)")
+    p.add_argument("--exit-loss-weight", type=float, default=None, metavar="W",
+                   help="train the exits with the backbone in phase 1, adding W x their mean loss to the final "
+                        "head's (exit-aware backbone; edge_c10's recipe: 1); 0: exits train on the frozen backbone only")
     p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--selection-fraction", type=float, default=0.0,
+                   help="hold this share of the data out of training as well, for choosing thresholds on "
+                        "('offramp calibrate --on selection'); validation stays the same split")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(run=_run_train)
@@ -85,14 +91,14 @@ def _run_train(args: argparse.Namespace) -> int:
     job = TrainJob(
         data=args.data, model=args.model, exits=args.exits, out=args.out, split_block=args.split_block,
         limit=args.limit, val_fraction=args.val_fraction, seed=args.seed, teacher=args.teacher, init=args.init,
-        pretrained=args.pretrained,
+        pretrained=args.pretrained, selection_fraction=args.selection_fraction,
     )
     variant = args.model or default_variant_for(args.data)
     name, recipe = recipe_for(variant, args.recipe)
     cfg = recipe.config(
         epochs=args.epochs, exit_epochs=args.exit_epochs, copycat=args.copycat, copycat_epochs=args.copycat_epochs,
         temperature=args.temperature, batch_size=args.batch_size, lr=args.lr, exit_lr=args.exit_lr,
-        tokenizer_lr_scale=args.tokenizer_lr_scale, precision=args.precision, device=args.device, tta=args.tta, seed=args.seed,
+        tokenizer_lr_scale=args.tokenizer_lr_scale, exit_loss_weight=args.exit_loss_weight, precision=args.precision, device=args.device, tta=args.tta, seed=args.seed,
         progress=False if args.no_progress else None,
     )
     logging.getLogger(__name__).info("recipe %s: %s", name, recipe.description)

@@ -34,6 +34,7 @@ class TrainJob:
     split_block: int | None = None  # None: after the last exit
     limit: int | None = None
     val_fraction: float = 0.1
+    selection_fraction: float = 0.0  # held out of training for choosing thresholds (``offramp calibrate``)
     seed: int = 0
     teacher: str | None = None  # a checkpoint to distill from; None: the recipe's teacher, trained first
     init: str | None = None  # a safetensors state dict loaded into the backbone before training
@@ -164,7 +165,8 @@ def run_training(job: TrainJob, cfg: TrainConfig, data: DataSplits | None = None
     """All training phases, checkpoint saved after them; returns the evaluation report."""
     from .initial import load_initial_weights, load_tokenizer_from
 
-    data = data or load_data(job.data, val_fraction=job.val_fraction, seed=job.seed, limit=job.limit)
+    data = data or load_data(job.data, val_fraction=job.val_fraction, seed=job.seed, limit=job.limit,
+                             selection_fraction=job.selection_fraction)
     cfg = data_settings(job, data, cfg)
     torch.manual_seed(job.seed)
     model, split = build_model(job, data)
@@ -202,7 +204,8 @@ def run_training(job: TrainJob, cfg: TrainConfig, data: DataSplits | None = None
     card = Card(
         config=model.config, label_names=data.label_names, modality=data.modality, input_shape=data.input_shape,
         split_block=split, metrics=metrics,
-        data={"spec": job.data, "seed": job.seed, "val_fraction": job.val_fraction, "limit": job.limit},
+        data={"spec": job.data, "seed": job.seed, "val_fraction": job.val_fraction, "limit": job.limit,
+              **({"selection_fraction": job.selection_fraction} if job.selection_fraction else {})},
     )
     save_checkpoint(job.out, model, card)
     results = evaluate(model, data.val)
@@ -218,8 +221,19 @@ def load_validation(card: Card, data: str | None = None) -> tuple[TensorDataset,
     d = card.data
     if not d.get("spec"):
         raise OfframpError("the checkpoint's card names no data; pass --data")
-    splits = load_data(d["spec"], val_fraction=d.get("val_fraction", 0.1), seed=d.get("seed", 0), limit=d.get("limit"))
+    splits = load_data(d["spec"], val_fraction=d.get("val_fraction", 0.1), seed=d.get("seed", 0), limit=d.get("limit"),
+                       selection_fraction=d.get("selection_fraction", 0.0))
     return splits.val, splits.input_shape
+
+
+def load_selection(card: Card) -> TensorDataset:
+    """The card's selection split: held out of training and of validation, for choosing thresholds."""
+    d = card.data
+    if not d.get("spec") or not d.get("selection_fraction"):
+        raise OfframpError("the checkpoint was trained without a selection split (offramp train "
+                           "--selection-fraction); choose on --data instead")
+    return load_data(d["spec"], val_fraction=d.get("val_fraction", 0.1), seed=d.get("seed", 0), limit=d.get("limit"),
+                     selection_fraction=d["selection_fraction"]).selection
 
 
 def evaluate_checkpoint(directory: str | Path, data: str | None = None, score: str | None = None,

@@ -55,6 +55,13 @@ RECIPES: dict[str, Recipe] = {
                               label_smoothing=0.1, translate=2, tta=True, distill_weight=0.5, teacher_views=4,
                               tokenizer_from_teacher=True, tokenizer_lr_scale=0.1, **_EXITS),
                          teacher="airbench_c10"),
+    "edge_c10": Recipe("edge-first hybrid ViT on CIFAR-10: hybrid_c10's recipe, the exits trained with the backbone "
+                       "(a joint loss), then copycat on its answers",
+                       dict(epochs=18, batch_size=128, optimizer="adamw", lr=1e-3, weight_decay=0.05, warmup=0.05,
+                            label_smoothing=0.1, translate=2, tta=True, distill_weight=0.5, teacher_views=4,
+                            tokenizer_from_teacher=True, tokenizer_lr_scale=0.3, exit_loss_weight=1.0,
+                            exit_epochs=0, copycat="hard", copycat_epochs=5, exit_lr=1e-3, exit_views=1),
+                       teacher="airbench_c10"),
     "vit_tiny_spec": Recipe("FSDD spectrogram ViT: AdamW + cosine, longer, random shifts in time",
                             dict(epochs=60, batch_size=64, lr=1e-3, weight_decay=0.05, translate=6,
                                  translate_vertical=False, flip=False, label_smoothing=0.1, exit_epochs=30,

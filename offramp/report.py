@@ -35,11 +35,14 @@ def head_costs(model: MultiExitModel, input_shape: tuple[int, ...],
     return costs
 
 
-def cascade(results: list[HeadResult], score: str, thresholds: list[float]) -> list[dict[str, Any]]:
+def cascade(results: list[HeadResult], score: str, thresholds: list[float],
+            costs: list[dict[str, int]] | None = None) -> list[dict[str, Any]]:
     """For each threshold (shared by the exits), the share of samples each head answers, and the overall quality.
 
     Samples no exit is confident enough about reach the final head (on a
-    split deployment: the cloud).
+    split deployment: the cloud). With ``costs`` (``head_costs``), each row
+    also gives the mean MACs per input, counting every exit evaluated on the
+    way as the edge runs them, and the speed-up over the full model alone.
     """
     exits, final = results[:-1], results[-1]
     confidences = np.reshape([r.confidence for r in exits], (len(exits), len(final.pred)))
@@ -48,7 +51,11 @@ def cascade(results: list[HeadResult], score: str, thresholds: list[float]) -> l
     rows = []
     for t in thresholds:
         walked = walk(confidences, [t] * len(exits), score)
-        rows.append({"threshold": t, "shares": walked.shares(), quality: float(walked.answers(per_head).mean())})
+        row = {"threshold": t, "shares": walked.shares(), quality: float(walked.answers(per_head).mean())}
+        if costs is not None:
+            row["mean_macs"] = walked.mean_cost([c["macs_to_answer"] for c in costs])
+            row["macs_speedup"] = costs[-1]["macs"] / row["mean_macs"]
+        rows.append(row)
     return rows
 
 
@@ -83,7 +90,7 @@ def evaluation_report(model: MultiExitModel, results: list[HeadResult], input_sh
     (``results`` holds those exits' results, then the final head's)."""
     costs = head_costs(model, input_shape, exit_ids)
     heads = [{"name": r.name, **r.summary(), **c} for r, c in zip(results, costs)]
-    return {"score": score, "heads": heads, "cascade": cascade(results, score, thresholds)}
+    return {"score": score, "heads": heads, "cascade": cascade(results, score, thresholds, costs)}
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -93,6 +100,10 @@ def format_report(report: dict[str, Any]) -> str:
     t1 = format_table(["head", *cols, "params", "MACs", "MACs to answer"],
                       [[h["name"], *[h[c] for c in cols], h["params"], h["macs"], h["macs_to_answer"]] for h in heads])
     names = [h["name"] for h in heads[:-1]] + ["final/cloud"]
-    t2 = format_table([f"{report['score']} thr", *names, quality],
-                      [[r["threshold"], *[f"{s:.1%}" for s in r["shares"]], r[quality]] for r in report["cascade"]])
-    return f"{t1}\n\nShare of validation samples answered by each head (first confident exit wins):\n{t2}"
+    costed = all("mean_macs" in r for r in report["cascade"])
+    t2 = format_table([f"{report['score']} thr", *names, quality, *(["mean MACs", "speed-up"] if costed else [])],
+                      [[r["threshold"], *[f"{s:.1%}" for s in r["shares"]], r[quality],
+                        *([round(r["mean_macs"]), f"{r['macs_speedup']:.2f}x"] if costed else [])]
+                       for r in report["cascade"]])
+    return (f"{t1}\n\nShare of validation samples answered by each head (first confident exit wins), and the mean "
+            f"MACs per input (every exit tried on the way counted) against the full model's:\n{t2}")

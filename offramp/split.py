@@ -216,7 +216,7 @@ class EdgeHalf(EdgeWalk):
         return self.model.run_exit(index, feats, audio_tokens)
 
     def split_attention(self, feats: torch.Tensor) -> torch.Tensor:
-        return cls_attention(self.backbone.blocks[self.split_block - 1], feats, self.spec.num_prefix)
+        return cls_attention(self.backbone.transformer_block(self.split_block - 1), feats, self.spec.num_prefix)
 
     def encode_audio(self, audio: torch.Tensor) -> torch.Tensor:
         return self.model.encode_audio(audio.to(self.device))

@@ -15,6 +15,7 @@ per augmented view and reused every epoch.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -29,6 +30,7 @@ from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from .models import MultiExitModel
+from .models.cost import StepFlops, count_macs
 from .precision import Precision, resolve_precision
 from .scores import confidence, default_score, prediction
 
@@ -70,6 +72,10 @@ class TrainConfig:
     teacher_views: int = 8  # augmented views whose teacher answers are computed once and cycled through
     tokenizer_from_teacher: bool = False  # hybrid ViTs: the tokenizer starts as the teacher CNN's first layers
     tokenizer_lr_scale: float = 1.0  # learning-rate factor for the ViT's tokenizer; 0 freezes it (BN statistics too)
+    # Phase 1 trains the exits with the backbone when > 0: the loss adds this weight times the exits' mean
+    # loss (each on the same targets as the final head), so early layers learn to answer early (multi-exit
+    # networks' joint training). Phases 2-3 may still refine the exits on the frozen result.
+    exit_loss_weight: float = 0.0
     exit_views: int = 2  # augmented views of the frozen backbone's features cached for phases 2-3
     tta: bool = False  # evaluate on flipped and shifted copies too and average (reported beside the plain score)
     precision: str = "auto"  # auto | bf16 | fp32: bf16 autocast where the hardware runs it fast
@@ -163,6 +169,15 @@ def copycat_loss(output: torch.Tensor, teacher: torch.Tensor, task: str, mode: T
         return F.cross_entropy(output, teacher.argmax(dim=-1))
     t = temperature
     return F.kl_div(F.log_softmax(output / t, -1), F.softmax(teacher / t, -1), reduction="batchmean") * t * t
+
+
+def _head_loss(out: torch.Tensor, y: torch.Tensor, teacher_hard: torch.Tensor | None, task: str,
+               cfg: TrainConfig) -> torch.Tensor:
+    """Phase 1's loss of one head: the labels, mixed with a teacher's hard labels when there is one (DeiT)."""
+    loss = task_loss(out, y, task, cfg.label_smoothing)
+    if teacher_hard is None:
+        return loss
+    return (1 - cfg.distill_weight) * loss + cfg.distill_weight * F.cross_entropy(out.float(), teacher_hard)
 
 
 def lr_factor(step: int, steps: int, schedule: str, warmup: float) -> float:
@@ -319,7 +334,8 @@ def train_backbone(model: MultiExitModel, data: TensorDataset, cfg: TrainConfig,
     _prepare(model, prec)
     if init_from_data:
         model.backbone.init_from_data(x_all[:5000].to(prec.device))
-    trunk = [m for name, m in model.named_children() if name != "exits"]
+    joint = cfg.exit_loss_weight > 0 and len(model.exits) > 0
+    trunk = [m for name, m in model.named_children() if joint or name != "exits"]
     groups = norm_aware_groups(trunk, cfg, cfg.lr)
     tokenizer = getattr(model.backbone, "patch_embed", None) if cfg.tokenizer_lr_scale != 1.0 else None
     if tokenizer is not None:
@@ -328,7 +344,8 @@ def train_backbone(model: MultiExitModel, data: TensorDataset, cfg: TrainConfig,
     params = [p for g_ in opt.param_groups for p in g_["params"]]
     averaging = Lookahead(model, steps) if cfg.averaging == "lookahead" else None
     model.train()
-    model.exits.eval()
+    if not joint:
+        model.exits.eval()
     if tokenizer is not None and cfg.tokenizer_lr_scale == 0:
         tokenizer.eval()  # frozen: its BatchNorms keep the statistics it came with
     meter = Throughput(f"backbone ({prec.name})", cfg.epochs * n, cfg.progress)
@@ -342,14 +359,22 @@ def train_backbone(model: MultiExitModel, data: TensorDataset, cfg: TrainConfig,
             y = y_all[idx].to(prec.device)
             drop = a_all is not None and torch.rand((), generator=g).item() < cfg.modality_dropout
             audio = None if a_all is None else a_all[idx].to(prec.device)
-            with prec.autocast():
-                out = model.final(x, audio, drop_audio=drop)
-            loss = task_loss(out, y, task, cfg.label_smoothing)
-            if taught:
-                hard = teacher_labels[epoch % cfg.teacher_views, idx].to(prec.device)
-                loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * F.cross_entropy(out.float(), hard)
+            counting = StepFlops() if step == 0 else contextlib.nullcontext()
+            with counting, prec.autocast():
+                if joint:
+                    exit_outs, out = model(x, None if drop else audio)
+                else:
+                    exit_outs, out = [], model.final(x, audio, drop_audio=drop)
+            hard = teacher_labels[epoch % cfg.teacher_views, idx].to(prec.device) if taught else None
+            loss = _head_loss(out, y, hard, task, cfg)
+            if exit_outs:
+                loss = loss + cfg.exit_loss_weight * torch.stack([_head_loss(o, y, hard, task, cfg)
+                                                                  for o in exit_outs]).mean()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            with counting:
+                loss.backward()
+            if step == 0:
+                step_flops = counting.per_sample(len(idx))
             if cfg.grad_clip:
                 nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
@@ -367,7 +392,10 @@ def train_backbone(model: MultiExitModel, data: TensorDataset, cfg: TrainConfig,
     model.eval()
     _release(model)
     log.info("backbone trained in %.1f s (%.0f img/s, %s on %s)", wall, meter.count / wall, prec.name, prec.device)
-    return {"wall_s": wall, "img_per_s": meter.count / wall, "dtype": prec.name, "device": str(prec.device)}
+    flops = {"flops": step_flops * meter.count, "flops_per_sample_step": step_flops}
+    if teacher_labels is not None:
+        flops["teacher_answer_flops"] = 2 * count_macs(teacher, x_all[:2]) * teacher_labels.numel()
+    return {"wall_s": wall, "img_per_s": meter.count / wall, "dtype": prec.name, "device": str(prec.device), **flops}
 
 
 @dataclass

@@ -29,6 +29,9 @@ class DataSplits:
     spec: str                           # the spec string it was loaded from
     task: str = "classification"        # or "regression"
     audio_shape: tuple[int, int, int] | None = None  # audiovisual: the log-mel's (1, mels, frames)
+    # Held out of training, apart from validation: where thresholds and settings are chosen,
+    # so that the validation split reports on data nothing was chosen on. Empty unless asked for.
+    selection: TensorDataset | None = None
 
 
 def _list(spec: str) -> Listing:
@@ -44,14 +47,21 @@ def _list(spec: str) -> Listing:
     raise DataError(f"unknown data spec '{spec}'; use one of: {', '.join(SPEC_KINDS)}")
 
 
-def load_data(spec: str, *, val_fraction: float = 0.1, seed: int = 0, limit: int | None = None) -> DataSplits:
+def load_data(spec: str, *, val_fraction: float = 0.1, seed: int = 0, limit: int | None = None,
+              selection_fraction: float = 0.0) -> DataSplits:
     """Load a dataset and split it into train and validation, deterministically from ``seed``.
+
+    ``selection_fraction`` holds a further share out of training (the
+    selection split); the validation split is the same with or without it.
 
     ``limit`` keeps a random subset of at most that many samples before the
     split (for quick runs); only that subset is decoded.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"validation fraction must be in [0, 1), not {val_fraction}")
+    if not 0.0 <= selection_fraction < 1.0 - val_fraction:
+        raise DataError(f"selection fraction must be in [0, {1.0 - val_fraction:g}) beside a validation fraction "
+                        f"of {val_fraction:g}, not {selection_fraction}")
     if limit is not None and limit < 1:
         raise DataError(f"limit must be at least 1, not {limit}")
     if spec.partition(":")[0].strip().lower() == CROWD_SPEC:
@@ -67,10 +77,12 @@ def load_data(spec: str, *, val_fraction: float = 0.1, seed: int = 0, limit: int
     if val_fraction > 0 and n > 1:
         n_val = min(max(n_val, 1), n - 1)  # both sides non-empty whenever a split was asked for
     order = torch.from_numpy(rng.permutation(n))
-    val, train = order[:n_val], order[n_val:]
+    n_sel = min(round(n * selection_fraction), n - n_val - 1)
+    val, selection, train = order[:n_val], order[n_val:n_val + n_sel], order[n_val + n_sel:]
     return DataSplits(
         train=TensorDataset(x[train], y[train]),
         val=TensorDataset(x[val], y[val]),
+        selection=TensorDataset(x[selection], y[selection]) if n_sel > 0 else None,
         label_names=list(listing.label_names),
         input_shape=listing.input_shape,
         modality=listing.modality,

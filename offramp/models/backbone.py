@@ -62,6 +62,10 @@ class SplittableBackbone(nn.Module, ABC):
     def run_block(self, i: int, feats: torch.Tensor) -> torch.Tensor:
         return self.blocks[i](feats)
 
+    def transformer_block(self, i: int) -> nn.Module:
+        """The module block ``i`` runs (top-k token selection reads a transformer block's attention)."""
+        return self.blocks[i]
+
     @abstractmethod
     def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
         """Output stage: representation after the last block to logits / (mean, log-var)."""

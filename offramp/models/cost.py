@@ -29,3 +29,25 @@ def count_macs(fn: Callable[..., object], *inputs: torch.Tensor) -> int:
         if was_training:
             fn.train()
     return counter.get_total_flops() // 2 // inputs[0].shape[0]
+
+
+class StepFlops:
+    """Counts the FLOPs of one training step (forward and backward) with FlopCounterMode, as PyTorch
+    sees them. Each ``with`` block adds to the count, so the forward and the backward pass may be
+    counted in two blocks; then ``per_sample(batch)``. Training budgets are compared in FLOPs because
+    wall time differs from one machine (and one day) to the next."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def __enter__(self) -> "StepFlops":
+        self._counter = FlopCounterMode(display=False)
+        self._counter.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._counter.__exit__(*exc)
+        self.total += self._counter.get_total_flops()
+
+    def per_sample(self, batch_size: int) -> float:
+        return self.total / batch_size

@@ -13,7 +13,7 @@ from .airbench import AirbenchCNN
 from .backbone import SplittableBackbone
 from .resnet import ResNet
 from .timm_vit import TimmViT
-from .vit import VisionTransformer
+from .vit import StagedHybridViT, VisionTransformer
 
 BackboneFactory = Callable[..., SplittableBackbone]
 _VARIANTS: dict[str, BackboneFactory] = {}
@@ -90,6 +90,15 @@ def hybrid_c10(**kw) -> SplittableBackbone:
     width 192. Its recipe starts the tokenizer from the airbench teacher's weights."""
     args = dict(img_size=(32, 32), airbench_tokenizer=(64, 256), embed_dim=192, depth=4, num_heads=3, mlp_ratio=2.0)
     return VisionTransformer(**{**args, **kw})
+
+
+@register
+def edge_c10(**kw) -> SplittableBackbone:
+    """Edge-first hybrid ViT: hybrid_c10's conv tokenizer with each conv layer a block of its own (exits after
+    2 of them cost 13% of the model), then 6 transformer blocks of width 192. Its recipe trains the exits with
+    the backbone."""
+    args = dict(img_size=(32, 32), airbench_tokenizer=(64, 256), embed_dim=192, depth=6, num_heads=3, mlp_ratio=2.0)
+    return StagedHybridViT(**{**args, **kw})
 
 
 @register

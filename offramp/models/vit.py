@@ -72,3 +72,56 @@ class VisionTransformer(SplittableBackbone):
     def feature_spec(self, position: int) -> FeatureSpec:
         self.check_position(position)
         return FeatureSpec("tokens", self.embed_dim, self.patch_embed.grid_size, num_prefix=1)
+
+
+class StagedHybridViT(VisionTransformer):
+    """A hybrid ViT whose tokenizer's conv layers are blocks of their own, so exits and splits can sit
+    inside the tokenizer: early in *compute*, not only early in transformer depth.
+
+    Blocks ``0 .. C-1`` are the airbench conv layers (feature maps), block ``C``
+    turns the last map into tokens (projection, class token, position
+    embedding) and runs the first transformer block, blocks ``C+1 ..`` are the
+    remaining transformer blocks. Parameter names are ``VisionTransformer``'s,
+    so the tokenizer still loads from an airbench teacher.
+    """
+
+    def __init__(self, airbench_tokenizer: tuple[int, ...] = (64, 256), **kwargs) -> None:
+        super().__init__(airbench_tokenizer=airbench_tokenizer, **kwargs)
+        tokenizer = self.patch_embed
+        self.num_conv = len(tokenizer.blocks)
+        self.num_blocks = self.num_conv + len(self.blocks)
+        h, w = tokenizer.img_size
+        specs = [FeatureSpec("map", tokenizer.whiten.out_channels, (h, w))]
+        for width in airbench_tokenizer:
+            h, w = h // 2, w // 2
+            specs += [FeatureSpec("map", width, (h, w))] * 2
+        self._map_specs = specs
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != self.patch_embed.img_size:
+            raise ValueError(f"expected input of size {self.patch_embed.img_size}, got {tuple(x.shape[-2:])}")
+        return self.patch_embed.whiten(x)  # (B, C, H, W)
+
+    def to_tokens(self, grid: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed.proj(grid.flatten(2).transpose(1, 2))  # (B, N, D)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return x + self.pos_embed  # (B, 1 + N, D)
+
+    def run_block(self, i: int, feats: torch.Tensor) -> torch.Tensor:
+        if i < self.num_conv:
+            return self.patch_embed.blocks[i](feats)
+        if i == self.num_conv:
+            feats = self.to_tokens(feats)
+        return self.blocks[i - self.num_conv](feats)
+
+    def transformer_block(self, i: int) -> torch.nn.Module:
+        """The transformer block that block index ``i`` runs (top-k selection reads its attention)."""
+        if i < self.num_conv:
+            raise ValueError(f"block {i} is a conv layer of the tokenizer, not a transformer block")
+        return self.blocks[i - self.num_conv]
+
+    def feature_spec(self, position: int) -> FeatureSpec:
+        self.check_position(position)
+        if position <= self.num_conv:
+            return self._map_specs[position]
+        return FeatureSpec("tokens", self.embed_dim, self.patch_embed.grid_size, num_prefix=1)

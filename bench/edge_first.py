@@ -1,0 +1,311 @@
+"""Edge-first cascades: accuracy against the mean compute per input, one curve per model.
+
+For each model (a checkpoint and the exits its edge walks), on the card's
+validation split:
+
+* the final head's accuracy, and each exit's accuracy and cumulative MACs
+  from the input (the stem and blocks up to its position, plus the exit);
+* per shared threshold: the share answered at each exit, the cascade's
+  accuracy, its mean MACs per input (every exit tried on the way counted, as
+  the edge runs them) and its *measured* mean edge time per input, at batch 1
+  on one pinned core, in PyTorch eager and in onnxruntime (the edge runs
+  everything itself: split after the last block, the final head included);
+* the cheapest setting within ``--max-drop`` points of the full model, chosen
+  on the card's selection split (held out of training and of validation) and
+  reported on validation, with the paired standard error of its loss.
+
+Writes ``bench/results/edge_first.json`` and a plot of accuracy against mean
+MACs per input (the full models as points).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edge_node.calibrate import cheapest_within, operating_point
+from offramp.checkpoint import Card, load_checkpoint
+from offramp.errors import OfframpError
+from offramp.exit_policy import edge_exit_ids, never_leave
+from offramp.hostinfo import machine
+from offramp.models import MultiExitModel
+from offramp.models.cost import count_macs
+from offramp.pipeline import load_selection, load_validation
+from offramp.report import format_table, head_costs
+from offramp.scores import default_score
+from offramp.split import EdgeHalf, EdgeWalk
+from offramp.train import HeadResult, evaluate
+
+RESULTS = Path(__file__).resolve().parent / "results"
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99)
+
+
+def parse_model(spec: str) -> tuple[str, str, list[str] | None]:
+    """``LABEL=CHECKPOINT[@EXIT,EXIT]`` (or just ``CHECKPOINT``) -> (label, checkpoint, exits or None: all)."""
+    label, sep, rest = spec.partition("=")
+    if not sep:
+        label, rest = "", spec
+    path, _, exits = rest.partition("@")
+    if not path:
+        raise OfframpError(f"--model {spec!r}: give LABEL=CHECKPOINT[@EXIT,EXIT]")
+    return label or Path(path).name, path, [e for e in exits.split(",") if e] or None
+
+
+def paired_se_points(a: np.ndarray, b: np.ndarray) -> float:
+    """Standard error, in points, of the mean of ``a - b`` (per-sample correctness on the same samples)."""
+    d = a.astype(np.float64) - b.astype(np.float64)
+    return float(d.std(ddof=1) / np.sqrt(len(d)) * 100) if len(d) > 1 else float("nan")
+
+
+def se_points(correct: np.ndarray) -> float:
+    p = float(np.mean(correct))
+    return float(np.sqrt(p * (1 - p) / len(correct)) * 100)
+
+
+class EdgeTimer:
+    """Mean edge time per input at batch 1: the exit walk, then the rest of the model for inputs no exit
+    answers (the edge answers everything itself)."""
+
+    def __init__(self, half: EdgeWalk, model: MultiExitModel, inputs: torch.Tensor, score: str) -> None:
+        self.half, self.model, self.inputs, self.score = half, model, inputs, score
+
+    @torch.inference_mode()
+    def mean_ms(self, thresholds: list[float]) -> float:
+        for x in self.inputs[:5]:  # warm-up
+            self._one(x[None], thresholds)
+        start = time.perf_counter()
+        for x in self.inputs:
+            self._one(x[None], thresholds)
+        return (time.perf_counter() - start) * 1e3 / len(self.inputs)
+
+    def _one(self, x: torch.Tensor, thresholds: list[float]) -> None:
+        result = self.half.run(x, thresholds, self.score)
+        if len(result.tokens):
+            self.model.backbone.forward_head(result.tokens)
+
+
+@torch.no_grad()
+def exit_table(model: MultiExitModel, ids: list[int], results: list[HeadResult],
+               input_shape: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Each walked exit: its accuracy and its cumulative MACs from the input (blocks up to it, plus itself)."""
+    x = torch.zeros(1, *input_shape)
+    rows = []
+    for i, r in zip(ids, results):
+        e = model.exit_configs[i]
+        blocks = count_macs(lambda t, p=e.position: model.backbone.head(t, p), x)
+        own = count_macs(lambda f, i=i: model.run_exit(i, f), model.backbone.head(x, e.position))
+        rows.append({"name": e.name, "position": e.position, "cumulative_macs": blocks + own, "exit_macs": own,
+                     "accuracy": float(r.correct.mean()), "accuracy_se_points": se_points(r.correct)})
+    return rows
+
+
+def training_compute(card: Card) -> dict[str, Any]:
+    """Training FLOPs and wall time from the card (and its teacher's card, when it names one)."""
+    t = card.metrics.get("training", {})
+    out: dict[str, Any] = {k: t[k] for k in ("wall_s", "epochs", "flops", "teacher_answer_flops", "dtype") if k in t}
+    teacher = t.get("teacher", {}).get("checkpoint")
+    if teacher and Path(teacher, "card.json").is_file():
+        tt = json.loads(Path(teacher, "card.json").read_text()).get("metrics", {}).get("training", {})
+        out["teacher"] = {"checkpoint": teacher, **{k: tt[k] for k in ("wall_s", "epochs", "flops") if k in tt}}
+    return out
+
+
+def measure_model(label: str, checkpoint: str, names: list[str] | None, args: argparse.Namespace,
+                  tmp: Path) -> dict[str, Any]:
+    model, card = load_checkpoint(checkpoint)
+    if card.config.task != "classification" or model.audiovisual:
+        raise OfframpError(f"{checkpoint}: this benchmark measures image classifiers")
+    score = default_score("classification")
+    try:
+        ids = edge_exit_ids(model.exit_configs, model.num_blocks, names)
+    except ValueError as e:
+        raise OfframpError(f"{checkpoint}: {e}") from None
+    if not ids:
+        raise OfframpError(f"{checkpoint} has no exits to walk")
+    val, input_shape = load_validation(card)
+    try:
+        selection, chosen_on = load_selection(card), "selection"
+    except OfframpError:
+        selection, chosen_on = val, "validation (the card has no selection split: the choice is not held out)"
+    print(f"[{label}] evaluating on {len(val)} validation and {len(selection)} selection images", flush=True)
+    r_val = evaluate(model, val, score=score)
+    r_sel = evaluate(model, selection, score=score) if selection is not val else r_val
+    exits_val, final_val = [r_val[i] for i in ids], r_val[-1]
+    exits_sel, final_sel = [r_sel[i] for i in ids], r_sel[-1]
+    costs = head_costs(model, input_shape, ids)
+    to_answer = [c["macs_to_answer"] for c in costs]
+    full_macs = costs[-1]["macs"]
+
+    best_sel = cheapest_within(exits_sel, final_sel, score, args.max_drop, to_answer)
+    settings = [((t,) * len(ids), False) for t in args.thresholds] + [(best_sel.thresholds, True)]
+
+    timers = {"eager": EdgeTimer(EdgeHalf(model, model.num_blocks, exits=[model.exit_configs[i].name for i in ids]),
+                                 model, val.tensors[0][:args.timing_samples], score)}
+    full_timers = {"eager": EdgeTimer(EdgeHalf(model, model.num_blocks, exits=[]), model,
+                                      val.tensors[0][:args.timing_samples], score)}
+    if not args.no_onnx:
+        from offramp.onnx_edge import OnnxEdgeHalf, export_onnx
+
+        out = tmp / label
+        print(f"[{label}] exporting the edge (split after block {model.num_blocks}) to ONNX", flush=True)
+        export_onnx(checkpoint, out, split_block=model.num_blocks)
+        names_walked = [model.exit_configs[i].name for i in ids]
+        timers["onnxruntime"] = EdgeTimer(OnnxEdgeHalf(out, card, exits=names_walked, threads=1), model,
+                                          val.tensors[0][:args.timing_samples], score)
+        full_timers["onnxruntime"] = EdgeTimer(OnnxEdgeHalf(out, card, exits=[], threads=1), model,
+                                               val.tensors[0][:args.timing_samples], score)
+
+    # Two rounds, the second in reverse order, so that a drift of the machine's speed evens out across rows.
+    times: dict[str, list[list[float]]] = {rt: [[] for _ in settings] for rt in timers}
+    full_times: dict[str, list[float]] = {rt: [] for rt in timers}
+    for order in (range(len(settings)), reversed(range(len(settings)))):
+        for rt in timers:
+            full_times[rt].append(full_timers[rt].mean_ms([]))
+            for k in order:
+                times[rt][k].append(timers[rt].mean_ms(list(settings[k][0])))
+    full_ms = {rt: float(np.mean(v)) for rt, v in full_times.items()}
+
+    rows = []
+    for (thresholds, chosen), k in zip(settings, range(len(settings))):
+        p = operating_point(exits_val, final_val, score, thresholds, to_answer)
+        walked_correct = _cascade_correct(exits_val, final_val, score, thresholds)
+        rows.append({
+            "thresholds": [float(t) for t in thresholds], "chosen_on_selection": chosen,
+            "accuracy": p.quality, "accuracy_loss_points": (float(final_val.correct.mean()) - p.quality) * 100,
+            "loss_se_points": paired_se_points(final_val.correct, walked_correct),
+            "mean_macs": p.mean_macs, "macs_speedup": full_macs / p.mean_macs,
+            "mean_edge_ms": {rt: float(np.mean(times[rt][k])) for rt in timers},
+            "time_speedup": {rt: full_ms[rt] / float(np.mean(times[rt][k])) for rt in timers},
+            "shares": dict(zip([*(model.exit_configs[i].name for i in ids), "final"], p.shares)),
+        })
+    best = rows[-1]
+    selection_point = operating_point(exits_sel, final_sel, score, best_sel.thresholds, to_answer)
+    return {
+        "variant": card.config.backbone, "label": label, "checkpoint": checkpoint, "fingerprint": card.fingerprint,
+        "val_accuracy": float(final_val.correct.mean()), "val_accuracy_se_points": se_points(final_val.correct),
+        "val_samples": len(val), "selection_samples": len(selection), "chosen_on": chosen_on,
+        "full_macs": full_macs, "full_edge_ms": full_ms,
+        "exits": exit_table(model, ids, exits_val, input_shape),
+        "cascade": rows,
+        "best_within_half_point" if args.max_drop == 0.5 else f"best_within_{args.max_drop:g}_points": {
+            "thresholds": best["thresholds"], "accuracy": best["accuracy"],
+            "accuracy_loss_points": best["accuracy_loss_points"], "loss_se_points": best["loss_se_points"],
+            "macs_speedup": best["macs_speedup"], "time_speedup": best["time_speedup"],
+            "shares": best["shares"],
+            "on_selection": {"accuracy_loss_points": (float(final_sel.correct.mean()) - selection_point.quality) * 100,
+                             "macs_speedup": full_macs / selection_point.mean_macs},
+        },
+        "training": training_compute(card),
+    }
+
+
+def _cascade_correct(exits: list[HeadResult], final: HeadResult, score: str, thresholds: tuple[float, ...]
+                     ) -> np.ndarray:
+    from offramp.exit_policy import walk
+
+    walked = walk(np.stack([r.confidence for r in exits]), list(thresholds), score)
+    return walked.answers(np.stack([*(r.correct for r in exits), final.correct]))
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, m in enumerate(result["models"]):
+        color = f"C{i}"
+        shared = [r for r in m["cascade"] if not r["chosen_on_selection"]]
+        shared.sort(key=lambda r: r["mean_macs"])
+        ax.plot([r["mean_macs"] / 1e6 for r in shared], [r["accuracy"] * 100 for r in shared], "o-", color=color,
+                ms=4, label=f"{m['label']} cascade (shared thresholds)")
+        b = [r for r in m["cascade"] if r["chosen_on_selection"]][0]
+        ax.plot(b["mean_macs"] / 1e6, b["accuracy"] * 100, "D", color=color, ms=8, mfc="none",
+                label=f"{m['label']}: chosen on selection ({b['macs_speedup']:.2f}x MACs)")
+        ax.plot(m["full_macs"] / 1e6, m["val_accuracy"] * 100, "*", color=color, ms=14,
+                label=f"{m['label']} full model")
+        ax.axhline((m["val_accuracy"] - 0.005) * 100, color=color, lw=0.6, ls=":")
+    ax.set_xlabel("mean MACs per input (millions; every exit tried counted)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title("Early-exit cascades: accuracy against mean compute per input")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bench.edge_first", description=__doc__.split("\n\n")[0],
+                                 epilog="example: python -m bench.edge_first --model edge_c10=runs/edge_c10 "
+                                        "--model hybrid_c10=runs/hybrid_c10@slvit@1,slvit@2",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", action="append", required=True, metavar="LABEL=CHECKPOINT[@EXIT,EXIT]",
+                    help="a model and the exits its edge walks (default: all of them); repeat for each curve")
+    ap.add_argument("--thresholds", type=lambda s: [float(v) for v in s.split(",")], default=list(THRESHOLDS),
+                    help="shared max-probability thresholds, one row each (default: %(default)s)")
+    ap.add_argument("--max-drop", type=float, default=0.5, help="accuracy points the chosen setting may lose")
+    ap.add_argument("--timing-samples", type=int, default=300, help="validation images timed per row and round")
+    ap.add_argument("--core", type=int, default=max(os.sched_getaffinity(0)), help="the one core timing runs on")
+    ap.add_argument("--no-onnx", action="store_true", help="time PyTorch eager only")
+    ap.add_argument("--out", default=str(RESULTS / "edge_first.json"))
+    args = ap.parse_args(argv)
+    if not 0 <= args.max_drop <= 100:
+        ap.error(f"--max-drop must be in 0..100 points, not {args.max_drop}")
+    started = time.perf_counter()
+    mask, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    try:
+        specs = [parse_model(s) for s in args.model]
+        os.sched_setaffinity(0, {args.core})
+        torch.set_num_threads(1)
+        with tempfile.TemporaryDirectory(prefix="offramp-edge-first-") as tmp:
+            models = [measure_model(label, ckpt, names, args, Path(tmp)) for label, ckpt, names in specs]
+    except OfframpError as e:
+        print(f"bench.edge_first: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        os.sched_setaffinity(0, mask)
+        torch.set_num_threads(threads)
+    result = {"command": "python -m bench.edge_first " + shlex.join(argv if argv is not None else sys.argv[1:]),
+              "machine": {**machine(), "timing_core": args.core}, "max_drop_points": args.max_drop,
+              "wall_s": time.perf_counter() - started, "models": models}
+    report(result)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png').name} ({result['wall_s']:.0f} s)")
+    return 0
+
+
+def report(result: dict[str, Any]) -> None:
+    for m in result["models"]:
+        runtimes = list(m["full_edge_ms"])
+        print(f"\n{m['label']} ({m['variant']}): full model {m['val_accuracy']:.2%} "
+              f"(+-{m['val_accuracy_se_points']:.2f}), {m['full_macs'] / 1e6:.1f}M MACs, edge "
+              + ", ".join(f"{rt} {m['full_edge_ms'][rt]:.2f} ms" for rt in runtimes))
+        print(format_table(["exit", "cumulative MACs", "accuracy"],
+                           [[e["name"], e["cumulative_macs"], e["accuracy"]] for e in m["exits"]]))
+        rows = []
+        for r in m["cascade"]:
+            label = "chosen" if r["chosen_on_selection"] else f"{r['thresholds'][0]:g}"
+            rows.append([label, *[f"{s:.1%}" for s in r["shares"].values()], r["accuracy"],
+                         f"{r['accuracy_loss_points']:+.2f}+-{r['loss_se_points']:.2f}", round(r["mean_macs"]),
+                         f"{r['macs_speedup']:.2f}x",
+                         *[f"{r['mean_edge_ms'][rt]:.2f} ({r['time_speedup'][rt]:.2f}x)" for rt in runtimes]])
+        print(format_table(["thr", *m["cascade"][0]["shares"], "accuracy", "loss (pts)", "mean MACs", "speed-up",
+                            *[f"{rt} ms" for rt in runtimes]], rows))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
