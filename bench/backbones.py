@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from offramp.checkpoint import read_card
-from offramp.report import format_table
+from offramp.core.checkpoint import read_card
+from offramp.core.tables import format_table
 
 RESULTS = Path(__file__).parent / "results"
 FAMILY = {"map": "cnn", "tokens": "vit"}
@@ -40,7 +40,7 @@ def cpu_name() -> str:
 
 def entry(directory: str) -> dict[str, Any]:
     """One backbone, as its card describes it."""
-    from offramp.models import create_backbone
+    from offramp.core.models import create_backbone
 
     card = read_card(directory)
     m, t = card.metrics, card.metrics.get("training", {})

@@ -32,13 +32,13 @@ from PIL import Image
 
 from bench.backbones import cpu_name
 from bench.codec import run as codec_rows
-from offramp.checkpoint import bottleneck_id, load_checkpoint
-from offramp.codec import DecodeLimits, decode, encode_code
-from offramp.exit_policy import never_leave
-from offramp.pipeline import load_validation
-from offramp.plots import pyplot
-from offramp.report import format_table
-from offramp.split import CloudHalf, EdgeHalf
+from offramp.core.checkpoint import bottleneck_id, load_checkpoint
+from offramp.core.codec import DecodeLimits, decode, encode_code, zstd_dictionary
+from offramp.core.exit_rule import never_leave
+from offramp.core.data.card_splits import load_validation
+from offramp.training.plots import pyplot
+from offramp.core.tables import format_table
+from offramp.core.halves import CloudHalf, EdgeHalf
 
 RESULTS = Path(__file__).parent / "results"
 TIMED = 300  # samples timed one by one at batch 1 (encode, decode, edge compute)
@@ -73,10 +73,10 @@ def bottleneck_row(directory: str, x: torch.Tensor, y: torch.Tensor, reference_a
     never = [never_leave("max_prob")] * edge.num_exits
     tokens = edge.run(x, never, "max_prob").tokens
     codes = edge.to_code(tokens)  # (S, N, C) int8
-    dictionary = edge.code_dictionary  # shipped in the checkpoint, if it has one
+    dictionary = zstd_dictionary(edge.code_dictionary)  # shipped in the checkpoint, if it has one
     messages = [encode_code(codes[i:i + 1], name, dictionary=dictionary) for i in range(len(x))]
     limits = DecodeLimits(expected_shape=(None, *cloud.code_shape))
-    decoded = torch.cat([cloud.from_code(torch.from_numpy(decode(m, limits, cloud.code_dictionary)))
+    decoded = torch.cat([cloud.from_code(torch.from_numpy(decode(m, limits, dictionary)))
                          for m in messages])
     pred = torch.cat([cloud.run(chunk).argmax(-1) for chunk in decoded.split(256)])
     acc = float((pred == y).float().mean())
@@ -92,7 +92,7 @@ def bottleneck_row(directory: str, x: torch.Tensor, y: torch.Tensor, reference_a
     }
     timed = min(TIMED, len(x))
     encode_ms = _ms(lambda i: encode_code(edge.to_code(tokens[i:i + 1]), name, dictionary=dictionary), timed)
-    decode_ms = _ms(lambda i: cloud.from_code(torch.from_numpy(decode(messages[i], limits, cloud.code_dictionary))),
+    decode_ms = _ms(lambda i: cloud.from_code(torch.from_numpy(decode(messages[i], limits, dictionary))),
                     timed)
     edge_ms = _ms(lambda i: edge.run(x[i:i + 1], never, "max_prob"), timed)
     c = card.config.bottleneck

@@ -31,14 +31,14 @@ import torch
 from bench.load import write_result
 from bench.offload import drive_streams
 from edge_node.offload import OffloadClient, OffloadSettings
-from offramp.checkpoint import load_checkpoint
-from offramp.codec import CodecConfig, decode, encode
-from offramp.daemon_proc import DaemonProcess
-from offramp.exit_policy import never_leave
-from offramp.pipeline import load_validation
-from offramp.report import format_table
-from offramp.split import CloudHalf, EdgeHalf
-from offramp.wire import pb
+from offramp.core.checkpoint import load_checkpoint
+from offramp.core.codec import CodecConfig, decode, encode
+from offramp.serving.daemon_proc import DaemonProcess
+from offramp.core.exit_rule import never_leave
+from offramp.core.data.card_splits import load_validation
+from offramp.core.tables import format_table
+from offramp.core.halves import CloudHalf, EdgeHalf
+from offramp.core.wire import pb
 
 RESULTS = Path(__file__).parent / "results"
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)

@@ -29,14 +29,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from offramp.models import registry
-from offramp.plots import pyplot
-from offramp.report import format_table
-from offramp.models.airbench import AirbenchCNN
-from offramp.pipeline import TrainJob, build_model, data_settings
-from offramp.precision import resolve_precision
-from offramp.recipes import RECIPES
-from offramp.train import TrainConfig, evaluate, train_backbone
+from offramp.core.models import registry
+from offramp.training.plots import pyplot
+from offramp.core.tables import format_table
+from offramp.core.models.airbench import AirbenchCNN
+from offramp.training.pipeline import TrainJob, build_model, data_settings
+from offramp.core.precision import resolve_precision
+from offramp.training.recipes import RECIPES
+from offramp.training.train import TrainConfig, evaluate, train_backbone
 
 
 def parse_point(text: str) -> tuple[tuple[int, ...], int | None, dict[str, str]]:
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.data:
         p.error("--data is needed unless --speed-only")
-    from offramp.data import load_data
+    from offramp.core.data import load_data
     data = load_data(args.data, val_fraction=0.1, seed=0, limit=args.limit)
     for widths, epochs, changes in points:
         job = TrainJob(data=args.data, model=variant_for(widths), exits="none")

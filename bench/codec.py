@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from offramp.checkpoint import load_checkpoint
-from offramp.codec import CodecConfig, DecodeLimits, decode, encode
-from offramp.exit_policy import never_leave
-from offramp.pipeline import load_validation
-from offramp.report import format_table
-from offramp.split import CloudHalf, EdgeHalf
+from offramp.core.checkpoint import load_checkpoint
+from offramp.core.codec import CodecConfig, DecodeLimits, decode, encode
+from offramp.core.exit_rule import never_leave
+from offramp.core.data.card_splits import load_validation
+from offramp.core.tables import format_table
+from offramp.core.halves import CloudHalf, EdgeHalf
 
 RESULTS = Path(__file__).parent / "results"
 CODECS: list[tuple[str, CodecConfig]] = [

@@ -32,18 +32,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from edge_node.calibrate import cheapest_within, operating_point
-from offramp.checkpoint import Card, load_checkpoint
-from offramp.errors import OfframpError
-from offramp.exit_policy import edge_exit_ids, never_leave
-from offramp.hostinfo import machine
-from offramp.models import MultiExitModel
-from offramp.models.cost import count_macs
-from offramp.pipeline import load_selection, load_validation
-from offramp.report import format_table, head_costs
-from offramp.scores import default_score
-from offramp.split import EdgeHalf, EdgeWalk
-from offramp.train import HeadResult, evaluate
+from offramp.training.calibrate import cheapest_within, operating_point
+from offramp.core.checkpoint import Card, load_checkpoint
+from offramp.core.errors import OfframpError
+from offramp.core.exit_rule import edge_exit_ids
+from offramp.core.hostinfo import machine
+from offramp.core.models import MultiExitModel
+from offramp.core.models.cost import count_macs
+from offramp.core.data.card_splits import load_selection, load_validation
+from offramp.core.tables import format_table
+from offramp.training.report import head_costs
+from offramp.core.scores import default_score
+from offramp.core.halves import EdgeHalf, EdgeWalk
+from offramp.training.train import HeadResult, evaluate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99)
@@ -153,7 +154,7 @@ def measure_model(label: str, checkpoint: str, names: list[str] | None, args: ar
     full_timers = {"eager": EdgeTimer(EdgeHalf(model, model.num_blocks, exits=[]), model,
                                       val.tensors[0][:args.timing_samples], score)}
     if not args.no_onnx:
-        from offramp.onnx_edge import OnnxEdgeHalf, export_onnx
+        from offramp.core.onnx_edge import OnnxEdgeHalf, export_onnx
 
         out = tmp / label
         print(f"[{label}] exporting the edge (split after block {model.num_blocks}) to ONNX", flush=True)
@@ -210,7 +211,7 @@ def measure_model(label: str, checkpoint: str, names: list[str] | None, args: ar
 
 def _cascade_correct(exits: list[HeadResult], final: HeadResult, score: str, thresholds: tuple[float, ...]
                      ) -> np.ndarray:
-    from offramp.exit_policy import walk
+    from offramp.core.exit_rule import walk
 
     walked = walk(np.stack([r.confidence for r in exits]), list(thresholds), score)
     return walked.answers(np.stack([*(r.correct for r in exits), final.correct]))

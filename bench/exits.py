@@ -33,14 +33,14 @@ from typing import Any
 
 import torch
 
-from offramp.checkpoint import Card, load_checkpoint, save_checkpoint
-from offramp.data import load_data
-from offramp.models import ExitConfig, ModelConfig, MultiExitModel
-from offramp.models.cost import count_macs, count_params
-from offramp.pipeline import TrainJob, build_model, data_settings
-from offramp.plots import pyplot
-from offramp.report import format_table
-from offramp.train import TrainConfig, cache_features, evaluate, train_backbone, train_exits
+from offramp.core.checkpoint import Card, load_checkpoint, save_checkpoint
+from offramp.core.data import load_data
+from offramp.core.models import ExitConfig, MultiExitModel
+from offramp.core.models.cost import count_macs, count_params
+from offramp.training.pipeline import TrainJob, build_model, data_settings
+from offramp.training.plots import pyplot
+from offramp.core.tables import format_table
+from offramp.training.train import TrainConfig, cache_features, evaluate, train_backbone, train_exits
 
 RESULTS = Path(__file__).parent / "results"
 log = logging.getLogger("bench.exits")
@@ -74,7 +74,7 @@ def parse_backbone(text: str) -> Backbone:
 
 def exit_cost(model: MultiExitModel, config: ExitConfig, input_shape: tuple[int, ...]) -> tuple[int, int]:
     """(params, MACs) of one exit design at its position, measured, not computed by hand."""
-    from offramp.models import create_exit, head_outputs
+    from offramp.core.models import create_exit, head_outputs
 
     spec = model.backbone.feature_spec(config.position)
     module = create_exit(config.type, spec, head_outputs(model.config.task, model.config.num_classes), **config.options)
@@ -195,7 +195,7 @@ def deploy(model: MultiExitModel, labels: list[str], cc_hard: dict[int, dict], c
 
 
 def load_validation_of(card: Card):
-    from offramp.pipeline import load_validation
+    from offramp.core.data.card_splits import load_validation
 
     return load_validation(card)[0]
 

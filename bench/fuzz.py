@@ -24,13 +24,13 @@ import numpy as np
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from offramp.checkpoint import load_checkpoint
-from offramp.codec import CodecConfig, encode
-from offramp.daemon_proc import DaemonProcess
-from offramp.exit_policy import never_leave
-from offramp.report import format_table
-from offramp.split import EdgeHalf
-from offramp.wire import pb, status_code
+from offramp.core.checkpoint import load_checkpoint
+from offramp.core.codec import CodecConfig, encode
+from offramp.serving.daemon_proc import DaemonProcess
+from offramp.core.exit_rule import never_leave
+from offramp.core.tables import format_table
+from offramp.core.halves import EdgeHalf
+from offramp.core.wire import pb, status_code
 
 RESULTS = Path(__file__).parent / "results"
 BAD = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}

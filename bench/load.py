@@ -50,11 +50,11 @@ def load_summary(edges: int, window: int, wall: float, latencies: Sequence[float
 def offload_tokens(checkpoint: str, samples: int, per_request: int = 1) -> tuple[Any, torch.Tensor, list[Any]]:
     """(card, inputs, encoded tokens): the edge half's split tokens for ``samples`` validation inputs, every
     exit told never to answer, int8 + zstd, ``per_request`` samples per message."""
-    from offramp.checkpoint import load_checkpoint
-    from offramp.codec import CodecConfig, encode
-    from offramp.exit_policy import never_leave
-    from offramp.pipeline import load_validation
-    from offramp.split import EdgeHalf
+    from offramp.core.checkpoint import load_checkpoint
+    from offramp.core.codec import CodecConfig, encode
+    from offramp.core.exit_rule import never_leave
+    from offramp.core.data.card_splits import load_validation
+    from offramp.core.halves import EdgeHalf
 
     model, card = load_checkpoint(checkpoint)
     x = load_validation(card)[0].tensors[0][:samples]

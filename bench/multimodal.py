@@ -70,17 +70,17 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from offramp.checkpoint import Card, load_checkpoint, save_checkpoint
-from offramp.data import DataSplits
-from offramp.data.crowd import CROWD_SPEC, CrowdSet, load_crowd
-from offramp.exit_policy import always_leave, answer_costs, walk
-from offramp.models import MultiExitModel
-from offramp.models.cost import count_macs, count_params
-from offramp.pipeline import TrainJob, build_model
-from offramp.plots import pyplot
-from offramp.report import format_table
-from offramp.split import CloudHalf, EdgeHalf
-from offramp.train import HeadResult, TrainConfig, evaluate, train_backbone, train_exits
+from offramp.core.checkpoint import Card, load_checkpoint, save_checkpoint
+from offramp.core.data import DataSplits
+from offramp.core.data.crowd import CROWD_SPEC, CrowdSet, load_crowd
+from offramp.core.exit_rule import always_leave, answer_costs, walk
+from offramp.core.models import MultiExitModel
+from offramp.core.models.cost import count_macs, count_params
+from offramp.training.pipeline import TrainJob, build_model
+from offramp.training.plots import pyplot
+from offramp.core.tables import format_table
+from offramp.core.halves import CloudHalf, EdgeHalf
+from offramp.training.train import HeadResult, TrainConfig, evaluate, train_backbone, train_exits
 
 RESULTS = Path(__file__).parent / "results"
 VARIANT = "vit_micro_32"

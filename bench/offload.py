@@ -45,16 +45,16 @@ import torch
 from bench import codec as codec_bench
 from bench.load import closed_loop, load_summary, percentiles
 from edge_node.offload import OffloadClient, OffloadSettings
-from offramp.checkpoint import load_checkpoint
-from offramp.codec import CodecConfig, encode
-from offramp.daemon import grpc_server
-from offramp.daemon_proc import DaemonProcess
-from offramp.exit_policy import never_leave
-from offramp.pipeline import load_validation
-from offramp.report import format_table
-from offramp.split import CloudHalf, EdgeHalf
+from offramp.core.checkpoint import load_checkpoint
+from offramp.core.codec import CodecConfig, encode
+from offramp.serving.daemon import grpc_server
+from offramp.serving.daemon_proc import DaemonProcess
+from offramp.core.exit_rule import never_leave
+from offramp.core.data.card_splits import load_validation
+from offramp.core.tables import format_table
+from offramp.core.halves import CloudHalf, EdgeHalf
 from offramp.serving.streams import unordered_map
-from offramp.wire import make_status, pb, pb_grpc
+from offramp.core.wire import make_status, pb, pb_grpc
 
 RESULTS = Path(__file__).parent / "results"
 CODEC = CodecConfig(dtype="int8", zstd_level=3)

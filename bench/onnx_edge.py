@@ -31,11 +31,11 @@ import torch
 
 from bench.backbones import cpu_name
 from bench.load import percentiles, write_result
-from offramp.checkpoint import load_checkpoint
-from offramp.exit_policy import always_leave, never_leave
-from offramp.onnx_edge import OnnxEdgeHalf, export_onnx, parity, read_manifest
-from offramp.report import format_table
-from offramp.split import EdgeHalf, EdgeWalk
+from offramp.core.checkpoint import load_checkpoint
+from offramp.core.exit_rule import always_leave, never_leave
+from offramp.core.onnx_edge import OnnxEdgeHalf, export_onnx, parity, read_manifest
+from offramp.core.tables import format_table
+from offramp.core.halves import EdgeHalf, EdgeWalk
 
 RESULTS = Path(__file__).parent / "results"
 SCORE = "max_prob"
@@ -43,8 +43,8 @@ SCORE = "max_prob"
 
 def small_checkpoint(directory: Path) -> str:
     """A vit_micro_32 on 300 digits with exits after blocks 2 and 4, split after 4 (what the tests use)."""
-    from offramp.pipeline import TrainJob, run_training
-    from offramp.train import TrainConfig
+    from offramp.training.pipeline import TrainJob, run_training
+    from offramp.training.train import TrainConfig
 
     out = directory / "checkpoint"
     run_training(TrainJob(data="digits", model="vit_micro_32", exits="slvit@2,slvit@4", out=str(out), limit=300),

@@ -36,9 +36,9 @@ import numpy as np
 from bench.load import offload_tokens, percentiles, write_result
 from bench.offload import SERVER_CORES, client_cores, drive_streams, machine
 from edge_node.offload import CloudError, DeadlineExceeded, OffloadClient, OffloadError, OffloadSettings
-from offramp.daemon_proc import DaemonProcess
-from offramp.report import format_table
-from offramp.wire import pb
+from offramp.serving.daemon_proc import DaemonProcess
+from offramp.core.tables import format_table
+from offramp.core.wire import pb
 
 RESULTS = Path(__file__).parent / "results"
 STREAMS, WINDOW = 16, 4

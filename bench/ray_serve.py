@@ -40,17 +40,17 @@ from bench.backbones import cpu_name
 from bench.load import closed_loop, load_summary
 from cloud_node.handler import OffloadHandler
 from cloud_node.metrics import CloudMetrics
-from offramp.checkpoint import load_checkpoint
-from offramp.codec import CodecConfig, decode, encode
-from offramp.config import CloudConfig
-from offramp.daemon_proc import pin_threads as pin_process
-from offramp.errors import OfframpError
-from offramp.models import MultiExitModel
-from offramp.pipeline import load_validation
-from offramp.report import format_table
+from offramp.core.checkpoint import load_checkpoint
+from offramp.core.codec import CodecConfig, decode, encode
+from offramp.serving.config import CloudConfig
+from offramp.serving.daemon_proc import pin_threads as pin_process
+from offramp.core.errors import OfframpError
+from offramp.core.models import MultiExitModel
+from offramp.core.data.card_splits import load_validation
+from offramp.core.tables import format_table
 from offramp.serving.batcher import Batched
-from offramp.split import CloudHalf, EdgeHalf
-from offramp.wire import pb
+from offramp.core.halves import CloudHalf, EdgeHalf
+from offramp.core.wire import pb
 
 RESULTS = Path(__file__).parent / "results"
 CODEC = CodecConfig(dtype="int8", zstd_level=3)  # what bench/offload.py sends

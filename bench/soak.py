@@ -32,11 +32,11 @@ from bench.load import offload_tokens, percentiles, write_result
 from bench.offload import SERVER_CORES, client_cores, drive_streams, machine
 from bench.overload import connected_clients
 from edge_node.offload import OffloadError
-from offramp.daemon import freeze_heap
-from offramp.daemon_proc import DaemonProcess
-from offramp.exit_policy import edge_exit_ids
-from offramp.report import format_table
-from offramp.wire import pb, pb_grpc
+from offramp.serving.daemon import freeze_heap
+from offramp.serving.daemon_proc import DaemonProcess
+from offramp.core.exit_rule import edge_exit_ids
+from offramp.core.tables import format_table
+from offramp.core.wire import pb, pb_grpc
 
 RESULTS = Path(__file__).parent / "results"
 STREAMS = 32
@@ -47,7 +47,7 @@ NAN = float("nan")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 METHOD = ("capacity: the median of PROBES closed-loop probes (16 streams x 4 in flight); latency: from the "
           "moment a request is issued to its answer, per tenth of the run by send time; every process's "
-          "start-up heap frozen out of the garbage collector (offramp.daemon.freeze_heap), the load generator's "
+          "start-up heap frozen out of the garbage collector (offramp.serving.daemon.freeze_heap), the load generator's "
           "too; cpu_cores_by_part from /proc: 'others' is whatever else ran on the machine")
 
 

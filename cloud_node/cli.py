@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from offramp.config import CloudConfig
-from offramp.flags import add_config_flags, config_from_args
+from offramp.serving.config import CloudConfig
+from offramp.serving.flags import add_config_flags, config_from_args
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -23,7 +23,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_cloud(args: argparse.Namespace) -> int:
-    from offramp.daemon import announce
+    from offramp.serving.daemon import announce
 
     from .server import run
 

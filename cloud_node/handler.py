@@ -15,10 +15,10 @@ import time
 import grpc
 import torch
 
-from offramp.checkpoint import Card
-from offramp.codec import CodecError, DecodeLimits, decode
-from offramp.split import CloudHalf
-from offramp.wire import make_status, pb, status_code
+from offramp.core.checkpoint import Card
+from offramp.core.codec import CodecError, DecodeLimits, decode, zstd_dictionary
+from offramp.core.halves import CloudHalf
+from offramp.core.wire import make_status, pb, status_code
 
 from offramp.serving.batcher import Batched, Batcher
 from offramp.serving.errors import RequestError
@@ -45,6 +45,7 @@ class OffloadHandler:
         max_message_bytes: int,
     ) -> None:
         self._half = half
+        self._code_dictionary = zstd_dictionary(half.code_dictionary)  # the bottleneck's, if it ships one
         self._fingerprint = card.fingerprint
         self._batcher = batcher
         self._metrics = metrics
@@ -153,7 +154,7 @@ class OffloadHandler:
         """(B, *token_shape) tokens (fewer after top-k), and (B, audio tokens, width) for audiovisual models."""
         if request.tokens.bottleneck:  # checked against ours in `_check`
             try:
-                code = decode(request.tokens, self._code_limits, self._half.code_dictionary)
+                code = decode(request.tokens, self._code_limits, self._code_dictionary)
                 tokens = self._half.from_code(torch.from_numpy(code))
             except ValueError as e:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None

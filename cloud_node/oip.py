@@ -34,7 +34,7 @@ from offramp import __version__
 from offramp.serving.batcher import Batched, Batcher
 from offramp.serving.errors import RequestError
 from offramp.serving.offloop import call_by_size
-from offramp.split import CloudHalf
+from offramp.core.halves import CloudHalf
 
 from .metrics import CloudMetrics
 

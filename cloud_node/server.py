@@ -27,18 +27,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2 as oip
 
-from offramp.checkpoint import Card, load_checkpoint
-from offramp.config import CloudConfig, non_defaults
-from offramp.daemon import DaemonServer, bind, grpc_server, listen_host, run_until_signalled, start_metrics
-from offramp.errors import OfframpError
-from offramp.security import PROTECTED_PREFIX, BearerTokenInterceptor, read_token, server_credentials
+from offramp.core.checkpoint import Card, load_checkpoint
+from offramp.serving.config import CloudConfig, non_defaults
+from offramp.serving.daemon import DaemonServer, bind, grpc_server, listen_host, run_until_signalled, start_metrics
+from offramp.core.errors import OfframpError
+from offramp.serving.security import PROTECTED_PREFIX, BearerTokenInterceptor, read_token, server_credentials
 from offramp.serving.batcher import Batcher, lone_on_loop
 from offramp.serving.guard import MalformedLog, add_service
-from offramp.split import CloudHalf
-from offramp.wire import OFFLOAD_SERVICE
+from offramp.core.halves import CloudHalf
+from offramp.core.wire import OFFLOAD_SERVICE
 
 from .handler import OffloadHandler
-from .splits import SplitRouter
+from .router import SplitRouter
 from .metrics import CloudMetrics
 from .oip import OIP_SERVICE, VERSION, InferenceServicer, ServedModel
 from .servicer import OffloadServicer

@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator
 import grpc
 
 from offramp.serving.streams import StreamStopped, unordered_map
-from offramp.wire import pb, pb_grpc
+from offramp.core.wire import pb, pb_grpc
 
 from .handler import OffloadHandler
-from .splits import SplitRouter
+from .router import SplitRouter
 
 
 class OffloadServicer(pb_grpc.OffloadServicer):

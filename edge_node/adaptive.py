@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from offramp.config import CalibrationTable
+from offramp.core.operating_points import CalibrationTable
 
 from .controller import Decision, Option, State, step
 from .measure import Measured, Measurements

@@ -11,13 +11,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from offramp.config import EdgeConfig
-from offramp.flags import add_config_flags, choices, config_from_args
+from offramp.serving.config import EdgeConfig
+from offramp.serving.flags import add_config_flags, choices, config_from_args
 
 if TYPE_CHECKING:
     import grpc
 
-    from offramp.wire import pb
+    from offramp.core.wire import pb
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -45,7 +45,7 @@ def _add_edge(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_edge(args: argparse.Namespace) -> int:
-    from offramp.daemon import announce
+    from offramp.serving.daemon import announce
 
     from .server import run
 
@@ -71,8 +71,8 @@ def _run_infer(args: argparse.Namespace) -> int:
     import grpc
     from google.protobuf.json_format import MessageToJson
 
-    from offramp.errors import OfframpError
-    from offramp.wire import pb, pb_grpc, status_code
+    from offramp.core.errors import OfframpError
+    from offramp.core.wire import pb, pb_grpc, status_code
 
     args.files = expand_folders(args.files)
     if args.audio is not None:
@@ -118,7 +118,7 @@ INPUT_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 def expand_folders(paths: list[str]) -> list[str]:
     """Each folder replaced by the image and WAV files directly in it, sorted by name."""
-    from offramp.errors import OfframpError
+    from offramp.core.errors import OfframpError
 
     out = []
     for name in paths:
@@ -165,9 +165,9 @@ def _add_policy(sub: argparse._SubParsersAction) -> None:
 def _run_policy(args: argparse.Namespace) -> int:
     import grpc
 
-    from offramp.errors import OfframpError
-    from offramp.security import bearer_metadata, read_token
-    from offramp.wire import pb, pb_grpc
+    from offramp.core.errors import OfframpError
+    from offramp.serving.security import bearer_metadata, read_token
+    from offramp.core.wire import pb, pb_grpc
 
     metadata = bearer_metadata(read_token(args.admin_token_file) if args.admin_token_file else None)
     with grpc.insecure_channel(args.edge) as channel:
@@ -249,7 +249,7 @@ def _rpc_error(address: str, error: grpc.RpcError) -> Exception:
     """A one-line user error from a failed call."""
     import grpc
 
-    from offramp.errors import OfframpError
+    from offramp.core.errors import OfframpError
 
     if error.code() is grpc.StatusCode.UNAVAILABLE:
         return OfframpError(f"cannot reach the edge at {address}: {error.details()}")
@@ -284,10 +284,10 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
-    from offramp.errors import OfframpError
+    from offramp.core.errors import OfframpError
 
-    from .calibrate import Target
-    from .edge_toml import calibrate_into
+    from offramp.training.calibrate import Target
+    from offramp.serving.edge_toml import calibrate_into
 
     try:
         target = Target(accuracy_drop=args.target_accuracy_drop, max_offload=args.target_offload,

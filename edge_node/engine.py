@@ -29,15 +29,15 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from offramp.checkpoint import Card
-from offramp.codec import CodecConfig, encode, encode_code
-from offramp.config import CalibrationTable
-from offramp.exit_policy import always_leave, never_leave
+from offramp.core.checkpoint import Card
+from offramp.core.codec import CodecConfig, encode, encode_code, zstd_dictionary
+from offramp.core.operating_points import CalibrationTable
+from offramp.core.exit_rule import always_leave, never_leave
 from offramp.netem.profiles import slowed
 from offramp.serving.batcher import Batcher, lone_on_loop
 from offramp.serving.replies import answer_reply
-from offramp.split import EdgeWalk
-from offramp.wire import make_status, pb
+from offramp.core.halves import EdgeWalk
+from offramp.core.wire import make_status, pb
 
 from .adaptive import Adaptive, options_for
 from .measure import Measurements
@@ -91,6 +91,9 @@ class EdgeEngine:
         self.deadline_ms = deadline_ms
         self.offload = offload
         self.halves = {h.split_block: h for h in (half, *other_halves)}
+        # The bottleneck's zstd dictionary (shipped in the checkpoint), loaded once per split.
+        self._code_dictionaries = {h.split_block: zstd_dictionary(h.code_dictionary)
+                                   for h in self.halves.values()}
         # Emulated weaker device: edge compute and encoding take `slowdown` times as long.
         self._run_halves = {split: slowed(h.run, slowdown) for split, h in self.halves.items()}
         self._encode, self._encode_visual = slowed(encode, slowdown), slowed(self._encode_tokens, slowdown)
@@ -283,10 +286,10 @@ class EdgeEngine:
         self.measurements.batch(half.split_block, deepest, _ms(time.perf_counter() - started))
         return outcomes
 
-    @staticmethod
-    def _encode_tokens(half: EdgeWalk, tokens: torch.Tensor, codec: CodecConfig, scores: torch.Tensor | None
+    def _encode_tokens(self, half: EdgeWalk, tokens: torch.Tensor, codec: CodecConfig, scores: torch.Tensor | None
                        ) -> pb.EncodedTensor:
         """One sample's tokens at ``half``'s split as the wire carries them: quantized, or the bottleneck's code."""
         if codec.dtype == "bottleneck":
-            return encode_code(half.to_code(tokens), half.bottleneck_id, codec.zstd_level, half.code_dictionary)
+            return encode_code(half.to_code(tokens), half.bottleneck_id, codec.zstd_level,
+                               self._code_dictionaries[half.split_block])
         return encode(tokens, codec, scores, half.spec.num_prefix)

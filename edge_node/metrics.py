@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from offramp.serving.labels import Children
-from offramp.wire import pb
+from offramp.core.wire import pb
 
 if TYPE_CHECKING:
     from .adaptive import Adaptive

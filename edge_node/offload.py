@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from offramp.security import bearer_metadata
-from offramp.wire import pb, pb_grpc, status_code
+from offramp.serving.security import bearer_metadata
+from offramp.core.wire import pb, pb_grpc, status_code
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from offramp.errors import OfframpError
-from offramp.exit_policy import thresholds_to_run
-from offramp.scores import check_score
-from offramp.wire import pb
+from offramp.core.errors import OfframpError
+from offramp.core.exit_rule import thresholds_to_run
+from offramp.core.scores import check_score
+from offramp.core.wire import pb
 
 # A threshold per score that an uncalibrated edge starts from. max_prob, margin
 # and entropy are bounded and these values let only clearly confident samples

@@ -23,21 +23,21 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from offramp.checkpoint import Card, load_checkpoint, read_card
-from offramp.codec import CodecConfig
-from offramp.config import EdgeConfig, non_defaults
-from offramp.daemon import (DaemonServer, bind, grpc_server, listen_host, on_loopback, run_until_signalled,
+from offramp.core.checkpoint import Card, load_checkpoint, read_card
+from offramp.core.codec import CodecConfig
+from offramp.serving.config import EdgeConfig, non_defaults
+from offramp.serving.daemon import (DaemonServer, bind, grpc_server, listen_host, on_loopback, run_until_signalled,
                             start_metrics)
-from offramp.errors import OfframpError
-from offramp.exit_policy import exits_up_to
-from offramp.scores import default_score
-from offramp.security import ADMIN_METHODS, BearerTokenInterceptor, channel_credentials, read_token
+from offramp.core.errors import OfframpError
+from offramp.core.exit_rule import exits_up_to
+from offramp.core.scores import default_score
+from offramp.serving.security import ADMIN_METHODS, BearerTokenInterceptor, channel_credentials, read_token
 from offramp.serving.guard import MalformedLog, add_service
 from offramp.serving.inputs import InputError, request_inputs
 from offramp.serving.offloop import call_by_size
 from offramp.serving.streams import unordered_map
-from offramp.split import EdgeHalf, EdgeWalk
-from offramp.wire import EDGE_SERVICE, make_status, pb, pb_grpc, status_code
+from offramp.core.halves import EdgeHalf, EdgeWalk
+from offramp.core.wire import EDGE_SERVICE, make_status, pb, pb_grpc, status_code
 
 from .engine import EdgeEngine
 from .offload import OffloadClient, OffloadSettings
@@ -180,7 +180,7 @@ def edge_halves(config: EdgeConfig) -> tuple[EdgeWalk, list[EdgeWalk], Card]:
     """The edge half the config asks for (to its split block), the halves to its further split blocks (a latency
     controller may choose them), and the card of its checkpoint."""
     if config.runtime == "onnxruntime":
-        from offramp.onnx_edge import OnnxEdgeHalf
+        from offramp.core.onnx_edge import OnnxEdgeHalf
 
         card = read_card(config.checkpoint)  # the graphs hold the weights: only the card (and its fingerprint)
         half = OnnxEdgeHalf(config.onnx_dir, card, config.split_block, config.exits, config.threads)

@@ -10,7 +10,7 @@ bundle: the edge daemon, its link proxy, its load driver and its edge-only
 baseline all land on that edge's node, by construction rather than by luck.
 
 The actors are thin: the daemons are the real ``offramp cloud`` / ``offramp
-edge`` processes (:class:`~offramp.daemon_proc.DaemonProcess`), the link is
+edge`` processes (:class:`~offramp.serving.daemon_proc.DaemonProcess`), the link is
 the real :class:`~offramp.netem.LinkProxy`; each actor reports the Ray node it
 ran on, so every record says where its request was served.
 
@@ -34,9 +34,9 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from offramp.config import CloudConfig, EdgeConfig
-from offramp.daemon_proc import DaemonProcess, pin_threads
-from offramp.errors import OfframpError
+from offramp.serving.config import CloudConfig, EdgeConfig
+from offramp.serving.daemon_proc import DaemonProcess, pin_threads
+from offramp.core.errors import OfframpError
 from offramp.netem import LinkProxy, ProxyThread, Schedule
 
 from .config import NodesConfig, check_cores

@@ -37,17 +37,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from offramp.checkpoint import load_checkpoint
-from offramp.daemon import grpc_server
+from offramp.core.checkpoint import load_checkpoint
+from offramp.serving.daemon import grpc_server
 from offramp.netem import slowed
-from offramp.scores import default_score
+from offramp.core.scores import default_score
 from offramp.serving.batcher import Batcher, lone_on_loop
 from offramp.serving.errors import RequestError
 from offramp.serving.inputs import InputError, request_inputs
 from offramp.serving.offloop import call_by_size
 from offramp.serving.replies import answer_reply
 from offramp.serving.streams import unordered_map
-from offramp.wire import make_status, pb, pb_grpc
+from offramp.core.wire import make_status, pb, pb_grpc
 
 from .workload import MAX_MESSAGE_BYTES
 

@@ -52,7 +52,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from offramp.report import format_table
+    from offramp.core.tables import format_table
 
     from .config import load_experiment
     from .sweep import expand

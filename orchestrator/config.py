@@ -38,8 +38,8 @@ import typing
 from pathlib import Path
 from typing import Literal
 
-from offramp.config import CloudConfig, CodecName, EdgeConfig, build, read_toml, require, setting
-from offramp.errors import OfframpError
+from offramp.serving.config import CloudConfig, CodecName, EdgeConfig, build, read_toml, require, setting
+from offramp.core.errors import OfframpError
 from offramp.netem import Schedule
 
 __all__ = ["BASELINES", "BaselinesConfig", "CloudLoadConfig", "ExperimentConfig", "NodesConfig", "POLICIES",

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from offramp.report import format_table
+from offramp.core.tables import format_table
 
 from .workload import Record
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from offramp.netem import Schedule
-from offramp.plots import pyplot
+from offramp.training.plots import pyplot
 
 from .config import ExperimentConfig, LinkSpec
 from .workload import Record

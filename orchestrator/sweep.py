@@ -24,7 +24,7 @@ schedule) or the edge chooses for itself (adaptive policies), the drivers
 also poll each edge's ``GetPolicy`` once a second, and the cloud load
 starts with the edges' load: ``orchestrator.study`` reads the timelines.
 Thresholds "calibrated" and adaptive policies need the checkpoint calibrated
-once (``edge_node.calibrate``) before the first point.
+once (``offramp.training.calibrate``) before the first point.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from offramp.config import CloudConfig, EdgeConfig
+from offramp.serving.config import CloudConfig, EdgeConfig
 
 from .config import ExperimentConfig, LinkSpec, Policy, Threshold
 from .workload import EdgeLoad, Record
@@ -133,13 +133,13 @@ class Context:
     score: str
     host: str | None  # where cloud-side servers bind (None: each node's IP)
     num_inputs: int
-    calibration: Any = None  # edge_node.calibrate.Calibration, where the sweep needs one
+    calibration: Any = None  # offramp.training.calibrate.Calibration, where the sweep needs one
     timelines: bool = False  # conditions change during a point, or edges choose: poll their policy
     split_block: int | None = None  # the edge's own split (edge.split_block, else the checkpoint's)
 
     def edge_thresholds(self, point: Point) -> list[float]:
         """The point's thresholds, one per edge exit; "never" points the right way for the score."""
-        from offramp.exit_policy import never_leave
+        from offramp.core.exit_rule import never_leave
 
         if point.thresholds == NEVER:
             return [never_leave(self.score)] * self.num_exits
@@ -253,7 +253,7 @@ def _get(refs: Any) -> Any:
     """``ray.get``, with a user error raised inside an actor surfacing as itself rather than as a Ray traceback."""
     import ray
 
-    from offramp.errors import OfframpError
+    from offramp.core.errors import OfframpError
 
     try:
         return ray.get(refs)
@@ -292,8 +292,8 @@ def run_experiment(config: ExperimentConfig, address: str | None = None, progres
     import ray
     from tqdm import tqdm
 
-    from offramp.checkpoint import read_card
-    from offramp.scores import default_score
+    from offramp.core.checkpoint import read_card
+    from offramp.core.scores import default_score
 
     from . import report, study
     from .actors import Placement, node_resources, ray_session
@@ -367,7 +367,7 @@ def _calibrate(config: ExperimentConfig, points: list[Point], num_exits: int, sc
     """
     if not any(p.thresholds == "calibrated" or p.policy != "fixed" for p in points):
         return None
-    from edge_node.calibrate import Target, calibrate_checkpoint
+    from offramp.training.calibrate import Target, calibrate_checkpoint
 
     from . import report
 
@@ -404,8 +404,8 @@ def _run_logged(point: Point, placement: Any, ctx: Context, out: Path) -> PointR
 
 def _num_edge_exits(card: Any, names: tuple[str, ...] | None) -> int:
     """How many exits the edge will run: the named ones (checked against the card) or all up to the split."""
-    from offramp.errors import OfframpError
-    from offramp.exit_policy import edge_exit_ids
+    from offramp.core.errors import OfframpError
+    from offramp.core.exit_rule import edge_exit_ids
 
     try:
         return len(edge_exit_ids(card.config.exits, card.split_block, names))
@@ -414,7 +414,7 @@ def _num_edge_exits(card: Any, names: tuple[str, ...] | None) -> int:
 
 
 def _check_thresholds(config: ExperimentConfig, num_exits: int) -> None:
-    from offramp.errors import OfframpError
+    from offramp.core.errors import OfframpError
 
     for i, t in enumerate(config.sweep.thresholds):
         if isinstance(t, tuple) and len(t) != num_exits:

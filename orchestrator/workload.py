@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import numpy as np
 
-from offramp.errors import OfframpError
-from offramp.wire import pb, pb_grpc, status_code
+from offramp.core.errors import OfframpError
+from offramp.core.wire import pb, pb_grpc, status_code
 
 from .config import WorkloadConfig
 
 if TYPE_CHECKING:
-    from offramp.checkpoint import Card
+    from offramp.core.checkpoint import Card
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class Dataset:
 
 def load_dataset(card: Card, data: str | None) -> Dataset:
     """The checkpoint's validation split (or all of ``data``), checked against the model's input shape."""
-    from offramp.pipeline import load_validation  # torch: only the head needs it, not the drivers
+    from offramp.core.data.card_splits import load_validation  # torch: only the head needs it, not the drivers
 
     if card.config.task != "classification":
         raise OfframpError("experiments score classification models; this checkpoint predicts numbers "
@@ -306,7 +306,7 @@ def drive_cloud(address: str, steps: tuple[tuple[float, float], ...], duration_s
     Each carries random int8 tokens of the shape the cloud expects at its split (the tail's compute does
     not depend on the values); a record per request (arrival, latency, status) tells what the load got.
     """
-    from offramp.codec.tensor_codec import CodecConfig, encode
+    from offramp.core.codec.tensor_codec import CodecConfig, encode
 
     arrivals = cloud_load_arrivals(steps, duration_s, seed)
     with grpc.insecure_channel(address, options=_CHANNEL_OPTIONS) as channel:

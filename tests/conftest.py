@@ -47,8 +47,8 @@ def loop() -> Iterator[LoopThread]:
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small trained checkpoint, built once per session: vit_micro_32 on 200 digits,
     SL-ViT exits at blocks 2 and 4, split after block 4. Tests must not modify it."""
-    from offramp.pipeline import TrainJob, run_training
-    from offramp.train import TrainConfig
+    from offramp.training.pipeline import TrainJob, run_training
+    from offramp.training.train import TrainConfig
 
     out = tmp_path_factory.mktemp("tiny") / "checkpoint"
     job = TrainJob(data="digits", model="vit_micro_32", exits="slvit@2,slvit@4", out=str(out), limit=200)

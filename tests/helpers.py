@@ -100,7 +100,7 @@ class CloudFactory:
 
     def __call__(self, **settings: Any) -> tuple[str, CloudServer]:
         from cloud_node.server import serve
-        from offramp.config import CloudConfig
+        from offramp.serving.config import CloudConfig
 
         config = CloudConfig(checkpoint=str(self.checkpoint), **{**self.defaults, **settings})
         server = self.loop.run(serve(config))
@@ -117,7 +117,7 @@ def edge_servers(loop: LoopThread, checkpoint: Path, defaults: dict[str, Any]) -
     """``start(**settings)`` starts an in-process edge on ``loop`` serving ``checkpoint`` (settings are
     EdgeConfig fields over ``defaults``); leaving stops every edge started."""
     from edge_node.server import serve
-    from offramp.config import EdgeConfig
+    from offramp.serving.config import EdgeConfig
 
     servers: list[EdgeServer] = []
 

@@ -17,16 +17,16 @@ from helpers import CloudFactory, LoopThread, edge_servers, wait_for
 from test_faults import Traffic
 
 from edge_node.server import EdgeServer, build_engine
-from offramp.checkpoint import load_checkpoint, read_card
+from offramp.core.checkpoint import load_checkpoint, read_card
 from offramp.cli import main
-from offramp.codec import CodecConfig, encode
-from offramp.config import CalibrationPoint, CalibrationTable, EdgeConfig
-from offramp.config_text import settings_toml
-from offramp.errors import OfframpError
+from offramp.core.codec import CodecConfig, encode
+from offramp.serving.config import CalibrationPoint, CalibrationTable, EdgeConfig
+from offramp.serving.config_text import settings_toml
+from offramp.core.errors import OfframpError
 from offramp.netem import PROFILES, LinkProxy, ProxyThread
-from offramp.pipeline import load_validation
-from offramp.split import EdgeHalf
-from offramp.wire import pb, pb_grpc, status_code
+from offramp.core.data.card_splits import load_validation
+from offramp.core.halves import EdgeHalf
+from offramp.core.wire import pb, pb_grpc, status_code
 
 SLO_MS = 60.0  # Wi-Fi's offloads fit it, 3G's (150 ms round trip) do not
 EDGE_SETTINGS: dict[str, Any] = {"reconnect_initial_s": 0.05, "reconnect_max_s": 0.3, "grace_s": 2.0}

@@ -27,13 +27,13 @@ from helpers import CloudFactory, LoopThread, wait_for
 from PIL import Image
 
 from edge_node.server import EdgeServer, serve
-from offramp.checkpoint import load_checkpoint
+from offramp.core.checkpoint import load_checkpoint
 from offramp.cli import main
-from offramp.config import EdgeConfig
-from offramp.data import preprocess_bytes
-from offramp.pipeline import TrainJob, run_training
-from offramp.train import TrainConfig
-from offramp.wire import pb, pb_grpc
+from offramp.serving.config import EdgeConfig
+from offramp.core.data import preprocess_bytes
+from offramp.training.pipeline import TrainJob, run_training
+from offramp.training.train import TrainConfig
+from offramp.core.wire import pb, pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 NEVER, ALWAYS = [2.0, 2.0], [0.0, 0.0]  # max_prob thresholds: every sample to the cloud / the first exit answers
@@ -233,7 +233,7 @@ def test_demo_serves_the_audio_model(audio_checkpoint: Path, archive: Path, tmp_
 
 def test_demo_retrains_a_checkpoint_trained_on_other_data(audio_checkpoint: Path, archive: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from offramp import demo
+    from offramp.cli import demo
 
     spec = f"fsdd:{archive}"
     assert demo._stale_reason(audio_checkpoint, spec, None) is None

@@ -17,14 +17,14 @@ from helpers import CloudFactory, LoopThread, edge_servers, wait_for
 from PIL import Image
 
 from edge_node.server import EdgeServer
-from offramp.checkpoint import load_checkpoint, read_card
+from offramp.core.checkpoint import load_checkpoint, read_card
 from offramp.cli import main
-from offramp.codec import CodecConfig, encode
-from offramp.data.crowd import LIGHTING_NAMES, load_crowd, save_crowd_samples
-from offramp.models import AudioConfig, ModelConfig, MultiExitModel, parse_exits
-from offramp.split import CloudHalf, EdgeHalf
-from offramp.train import evaluate
-from offramp.wire import pb, pb_grpc
+from offramp.core.codec import CodecConfig, encode
+from offramp.core.data.crowd import LIGHTING_NAMES, load_crowd, save_crowd_samples
+from offramp.core.models import AudioConfig, ModelConfig, MultiExitModel, parse_exits
+from offramp.core.halves import CloudHalf, EdgeHalf
+from offramp.training.train import evaluate
+from offramp.core.wire import pb, pb_grpc
 
 LADDER = ["slvit@0:audio", "slvit@2", "slvit@2:fused", "slvit@4:fused"]
 NEVER, ALWAYS = -math.inf, math.inf  # std thresholds: an exit answers when its predicted std is at most this
@@ -34,8 +34,8 @@ SCENES = 1500
 @pytest.fixture(scope="module")
 def av_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small audiovisual counting model: the modality ladder on vit_micro_32, split (and fusion) after block 4."""
-    from offramp.pipeline import TrainJob, run_training
-    from offramp.train import TrainConfig
+    from offramp.training.pipeline import TrainJob, run_training
+    from offramp.training.train import TrainConfig
 
     out = tmp_path_factory.mktemp("av") / "checkpoint"
     job = TrainJob(data=f"crowd-av:{SCENES}", exits=",".join(LADDER), out=str(out))

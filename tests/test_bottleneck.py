@@ -12,16 +12,16 @@ from conftest import CLOUD_TEST_SETTINGS
 from helpers import CloudFactory, LoopThread, edge_servers, wait_for
 from safetensors.torch import load_file
 
-from offramp.checkpoint import Card, bottleneck_id, load_checkpoint, read_card
+from offramp.core.checkpoint import Card, bottleneck_id, load_checkpoint, read_card
 from offramp.cli import main
-from offramp.codec import CodecConfig, CodecError, DecodeLimits, decode, encode, encode_code, zstd_dictionary
-from offramp.config import EdgeConfig
-from offramp.errors import OfframpError
-from offramp.models.bottleneck import BottleneckConfig
-from offramp.pipeline import load_validation
-from offramp.split import CloudHalf, EdgeHalf
-from offramp.train_bottleneck import BottleneckJob, add_bottleneck
-from offramp.wire import pb, pb_grpc
+from offramp.core.codec import CodecConfig, CodecError, DecodeLimits, decode, encode, encode_code, zstd_dictionary
+from offramp.serving.config import EdgeConfig
+from offramp.core.errors import OfframpError
+from offramp.core.models.bottleneck import BottleneckConfig
+from offramp.core.data.card_splits import load_validation
+from offramp.core.halves import CloudHalf, EdgeHalf
+from offramp.training.train_bottleneck import BottleneckJob, add_bottleneck
+from offramp.core.wire import pb, pb_grpc
 
 NEVER = [2.0, 2.0]  # max_prob thresholds no exit meets: every sample goes to the cloud
 

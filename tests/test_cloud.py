@@ -26,11 +26,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cloud_node import server as cloud_server
 from cloud_node.server import CloudServer
-from offramp.checkpoint import Card, load_checkpoint
+from offramp.core.checkpoint import Card, load_checkpoint
 from offramp.cli import main
-from offramp.codec import CodecConfig, decode, encode
-from offramp.split import CloudHalf, EdgeHalf
-from offramp.wire import OFFLOAD_SERVICE, pb, pb_grpc, status_code
+from offramp.core.codec import CodecConfig, decode, encode
+from offramp.core.halves import CloudHalf, EdgeHalf
+from offramp.core.wire import OFFLOAD_SERVICE, pb, pb_grpc, status_code
 
 ROOT = Path(__file__).resolve().parent.parent
 OK = grpc.StatusCode.OK

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from google.protobuf.message import DecodeError
 from hypothesis import strategies as st
 
-from offramp.codec import CodecConfig, CodecError, DecodeLimits, decode, decode_indices, encode
-from offramp.wire import pb
+from offramp.core.codec import CodecConfig, CodecError, DecodeLimits, decode, decode_indices, encode
+from offramp.core.wire import pb
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -9,11 +9,11 @@ from typing import Any, Literal
 
 import pytest
 
-from offramp.config import (CalibrationPoint, CalibrationTable, CloudConfig, EdgeConfig, load_config, non_defaults,
+from offramp.serving.config import (CalibrationPoint, CalibrationTable, CloudConfig, EdgeConfig, load_config, non_defaults,
                             setting)
-from offramp.config_text import commented_toml, readme_tables, settings_toml
-from offramp.flags import config_from_args, flag_name
-from offramp.errors import OfframpError
+from offramp.serving.config_text import commented_toml, readme_tables, settings_toml
+from offramp.serving.flags import config_from_args, flag_name
+from offramp.core.errors import OfframpError
 
 
 @dataclass(frozen=True)
@@ -181,4 +181,4 @@ def test_the_commented_template_holds_every_setting_and_loads(tmp_path: Path) ->
 
 def test_readme_settings_tables_match_the_code() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert readme_tables() in readme, "README's settings tables are stale: paste `python -m offramp.config_text`"
+    assert readme_tables() in readme, "README's settings tables are stale: paste `python -m offramp.serving.config_text`"

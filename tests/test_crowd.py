@@ -8,8 +8,8 @@ import pytest
 import torch
 from scipy.stats import pearsonr, spearmanr
 
-from offramp.data.audio import log_mel, single_threaded
-from offramp.data.crowd import (
+from offramp.core.data.audio import log_mel, single_threaded
+from offramp.core.data.crowd import (
     LIGHTING_NAMES,
     CrowdSet,
     MAX_COUNT,
@@ -19,9 +19,9 @@ from offramp.data.crowd import (
     parse_crowd_spec,
     save_crowd_samples,
 )
-from offramp.data.images import pixels_to_tensor
-from offramp.data.preprocess import preprocess_file
-from offramp.errors import DataError
+from offramp.core.data.images import pixels_to_tensor
+from offramp.core.data.preprocess import preprocess_file
+from offramp.core.errors import DataError
 
 COUNTS = np.arange(0, MAX_COUNT + 1, 2)  # 31 counts, evenly spread
 

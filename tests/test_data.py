@@ -11,8 +11,8 @@ import scipy.io.wavfile
 import torch
 from PIL import Image
 
-from offramp.data import DataSplits, load_data, preprocess_bytes, preprocess_file
-from offramp.errors import DataError
+from offramp.core.data import DataSplits, load_data, preprocess_bytes, preprocess_file
+from offramp.core.errors import DataError
 
 COLOURS = {"blue": (0, 0, 255), "green": (0, 255, 0), "red": (255, 0, 0)}
 

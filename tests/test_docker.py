@@ -446,7 +446,7 @@ def test_throwaway_certificates_give_mutual_tls(tmp_path: Path, tiny_checkpoint:
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     import subprocess
 
-    from offramp.daemon_proc import DaemonProcess
+    from offramp.serving.daemon_proc import DaemonProcess
 
     certs = tmp_path / "certs"
     subprocess.run(["sh", str(DOCKER / "make-certs.sh"), str(certs)], check=True, capture_output=True)
@@ -500,5 +500,5 @@ def test_dockerignore_keeps_local_state_out() -> None:
     for path in (".venv/bin/python", "runs/demo/model", ".git/HEAD", "bench/results/link.json",
                  "offramp/__pycache__/cli.cpython-311.pyc"):
         assert is_ignored(path, rules), path
-    for path in ("pyproject.toml", "offramp/cli.py", "docker/healthcheck.py", "bench/exits.py"):
+    for path in ("pyproject.toml", "offramp/cli/main.py", "docker/healthcheck.py", "bench/exits.py"):
         assert not is_ignored(path, rules), path

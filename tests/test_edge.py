@@ -17,17 +17,17 @@ from helpers import LoopThread, edge_servers, wait_for
 from PIL import Image
 
 from cloud_node.server import serve as serve_cloud
-from edge_node.calibrate import Target, calibrate
+from offramp.training.calibrate import Target, calibrate
 from edge_node.offload import pairing_problem
 from edge_node.policy import ExitPolicy, PolicyError, PolicySettings
 from edge_node.server import EdgeServer
-from offramp.checkpoint import load_checkpoint, read_card, save_checkpoint
+from offramp.core.checkpoint import load_checkpoint, read_card, save_checkpoint
 from offramp.cli import main
-from offramp.config import CloudConfig, EdgeConfig, load_config
-from offramp.daemon_proc import DaemonProcess
-from offramp.pipeline import load_validation
-from offramp.train import HeadResult
-from offramp.wire import pb, pb_grpc
+from offramp.serving.config import CloudConfig, EdgeConfig, load_config
+from offramp.serving.daemon_proc import DaemonProcess
+from offramp.core.data.card_splits import load_validation
+from offramp.training.train import HeadResult
+from offramp.core.wire import pb, pb_grpc
 
 NEVER, ALWAYS = [2.0, 2.0], [0.0, 0.0]  # max_prob thresholds: no exit is ever / always confident enough
 # Fast reconnection and a short drain keep the tests quick; nothing else differs from the defaults.
@@ -352,7 +352,7 @@ def test_edge_runs_only_the_exits_it_is_told_to(
 
 
 def test_unknown_or_repeated_exit_names_are_refused(tiny_checkpoint: Path) -> None:
-    from offramp.exit_policy import edge_exit_ids
+    from offramp.core.exit_rule import edge_exit_ids
 
     exits = load_checkpoint(tiny_checkpoint)[0].exit_configs
     assert edge_exit_ids(exits, 4) == [0, 1]
@@ -367,7 +367,7 @@ def test_unknown_or_repeated_exit_names_are_refused(tiny_checkpoint: Path) -> No
 
 
 def test_calibration_follows_the_exits_the_edge_config_names(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    from edge_node.calibrate import calibrate_checkpoint
+    from offramp.training.calibrate import calibrate_checkpoint
 
     config = tmp_path / "edge.toml"
     config.write_text(f'checkpoint = "{tiny_checkpoint}"\nexits = ["slvit@4"]\n')

@@ -11,15 +11,15 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from edge_node.calibrate import Target, calibrate, cheapest_within
+from offramp.training.calibrate import Target, calibrate, cheapest_within
 from offramp.cli import main
-from offramp.data import load_data
-from offramp.errors import DataError
-from offramp.initial import load_tokenizer_from
-from offramp.models import ModelConfig, MultiExitModel, create_backbone, parse_exits
-from offramp.models.cost import StepFlops, count_macs
-from offramp.report import cascade, head_costs
-from offramp.train import HeadResult, TrainConfig, train_backbone
+from offramp.core.data import load_data
+from offramp.core.errors import DataError
+from offramp.training.initial import load_tokenizer_from
+from offramp.core.models import ModelConfig, MultiExitModel, create_backbone, parse_exits
+from offramp.core.models.cost import StepFlops, count_macs
+from offramp.training.report import cascade, head_costs
+from offramp.training.train import HeadResult, TrainConfig, train_backbone
 
 
 def head(name: str, confidence: list[float], correct: list[bool]) -> HeadResult:

@@ -10,13 +10,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from offramp.exit_policy import (
+from offramp.core.exit_rule import (
     HIGHER_IS_CONFIDENT, always_leave, answer_costs, edge_exit_ids, higher_is_confident, least_confident, never_leave,
     passes, thresholds_to_run, walk,
 )
-from offramp.models import ModelConfig, MultiExitModel, parse_exits
-from offramp.scores import SCORES, confidence
-from offramp.split import EdgeHalf
+from offramp.core.models import ModelConfig, MultiExitModel, parse_exits
+from offramp.core.scores import SCORES, confidence
+from offramp.core.halves import EdgeHalf
 
 # A sure and an unsure sample, as each kind of head puts them: peaked vs flat logits; small vs large log-variance.
 SURE_THEN_UNSURE = {"classification": torch.tensor([[8.0, 0.0, 0.0], [0.2, 0.1, 0.0]]),

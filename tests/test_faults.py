@@ -16,12 +16,12 @@ import torch
 from helpers import LoopThread, edge_servers, wait_for
 
 from edge_node.server import EdgeServer
-from offramp.checkpoint import read_card
-from offramp.daemon_proc import DaemonProcess
+from offramp.core.checkpoint import read_card
+from offramp.serving.daemon_proc import DaemonProcess
 from offramp.netem import PROFILES, LinkProxy, ProxyThread
 from offramp.netem.profiles import PARTITION
-from offramp.pipeline import load_validation
-from offramp.wire import pb, pb_grpc
+from offramp.core.data.card_splits import load_validation
+from offramp.core.wire import pb, pb_grpc
 
 NEVER = (2.0, 2.0)  # no exit is confident enough: every request is offloaded while a cloud answers
 EDGE_SETTINGS = {"thresholds": NEVER, "reconnect_initial_s": 0.05, "reconnect_max_s": 0.3, "grace_s": 2.0,

@@ -14,11 +14,11 @@ from helpers import IDENTITY, CloudFactory, LoopThread, edge_servers, serving
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from offramp.checkpoint import load_checkpoint
-from offramp.codec import CodecConfig, encode
-from offramp.exit_policy import never_leave
-from offramp.split import EdgeHalf
-from offramp.wire import pb, status_code
+from offramp.core.checkpoint import load_checkpoint
+from offramp.core.codec import CodecConfig, encode
+from offramp.core.exit_rule import never_leave
+from offramp.core.halves import EdgeHalf
+from offramp.core.wire import pb, status_code
 
 IMPRECISE = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 FUZZ = settings(max_examples=120, deadline=None, derandomize=True,

@@ -9,7 +9,7 @@ import grpc
 import pytest
 from helpers import IDENTITY, CloudFactory, LoopThread, edge_servers, serving
 
-from offramp.wire import pb
+from offramp.core.wire import pb
 
 # A truncated varint, a length-delimited field longer than the message, a field with wire type 7.
 MALFORMED = [b"\x08", b"\x0a\x05abc", b"\x0f\x00"]

@@ -5,10 +5,10 @@ import pytest
 import timm
 import torch
 
-from offramp.models import (EXIT_TYPES, ExitConfig, ModelConfig, MultiExitModel, create_backbone, create_exit,
+from offramp.core.models import (EXIT_TYPES, ExitConfig, ModelConfig, MultiExitModel, create_backbone, create_exit,
                             parse_exits, variant_names)
-from offramp.models.cost import count_macs, count_params
-from offramp.split import CloudHalf, EdgeHalf
+from offramp.core.models.cost import count_macs, count_params
+from offramp.core.halves import CloudHalf, EdgeHalf
 
 SHAPES = {"vit_tiny_spec": (1, 64, 64)}
 
@@ -99,8 +99,8 @@ def test_regression_exits_predict_value_and_uncertainty() -> None:
     model, x = make("vit_tiny_32", "slvit@2,cnn@3,mlp@4", task="regression")
     outs, final = model(x)
     assert all(o.shape == (3, 2) for o in [*outs, final])
-    from offramp.scores import confidence
-    from offramp.train import task_loss
+    from offramp.core.scores import confidence
+    from offramp.training.train import task_loss
 
     std = confidence(outs[0], "std")
     assert (std > 0).all()

@@ -20,7 +20,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from offramp.errors import OfframpError
+from offramp.core.errors import OfframpError
 from offramp.netem import DeviceProfile, LinkProxy, ProxyThread, Schedule, parse_profile, slowed
 from offramp.netem.cli import add_commands
 from offramp.netem.profiles import PROFILES, Direction

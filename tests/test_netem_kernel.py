@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from offramp.errors import OfframpError
+from offramp.core.errors import OfframpError
 from offramp.netem import parse_profile
 from offramp.netem.kernel import VethPair, kernel_capabilities, netns_argv, setup_veth_pair
 

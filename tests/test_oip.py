@@ -18,12 +18,12 @@ from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 from tritonclient.utils import InferenceServerException
 
-from offramp.checkpoint import Card, load_checkpoint, save_checkpoint
-from offramp.codec import CodecConfig, decode, encode
-from offramp.daemon_proc import DaemonProcess
-from offramp.models import AudioConfig, ModelConfig, MultiExitModel, parse_exits
-from offramp.split import CloudHalf, EdgeHalf
-from offramp.wire import pb, pb_grpc
+from offramp.core.checkpoint import Card, load_checkpoint, save_checkpoint
+from offramp.core.codec import CodecConfig, decode, encode
+from offramp.serving.daemon_proc import DaemonProcess
+from offramp.core.models import AudioConfig, ModelConfig, MultiExitModel, parse_exits
+from offramp.core.halves import CloudHalf, EdgeHalf
+from offramp.core.wire import pb, pb_grpc
 
 MODEL = "tiny"
 SETTINGS = {"max_batch": 8, "max_queue": 64, "max_message_mb": 1, "grace_s": 2.0, "model_name": MODEL}

@@ -15,15 +15,15 @@ import torch
 from helpers import LoopThread, edge_servers, wait_for
 
 from edge_node.server import EdgeServer
-from offramp.checkpoint import load_checkpoint, read_card, save_checkpoint
+from offramp.core.checkpoint import load_checkpoint, read_card, save_checkpoint
 from offramp.cli import main
-from offramp.daemon_proc import DaemonProcess
-from offramp.exit_policy import never_leave
-from offramp.onnx_edge import MANIFEST, OnnxEdgeHalf, parity, read_manifest
-from offramp.pipeline import load_validation
-from offramp.scores import confidence
-from offramp.split import EdgeHalf
-from offramp.wire import pb, pb_grpc
+from offramp.serving.daemon_proc import DaemonProcess
+from offramp.core.exit_rule import never_leave
+from offramp.core.onnx_edge import MANIFEST, OnnxEdgeHalf, parity, read_manifest
+from offramp.core.data.card_splits import load_validation
+from offramp.core.scores import confidence
+from offramp.core.halves import EdgeHalf
+from offramp.core.wire import pb, pb_grpc
 
 EDGE_TEST_SETTINGS: dict[str, Any] = {"reconnect_initial_s": 0.05, "reconnect_max_s": 0.5, "grace_s": 2.0}
 NEVER = never_leave("max_prob")
@@ -204,8 +204,8 @@ def test_bad_exports_are_one_line_errors(tiny_checkpoint: Path, tmp_path: Path, 
 
 
 def test_audiovisual_models_are_not_exported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from offramp.checkpoint import Card
-    from offramp.models import AudioConfig, ModelConfig, MultiExitModel, parse_exits
+    from offramp.core.checkpoint import Card
+    from offramp.core.models import AudioConfig, ModelConfig, MultiExitModel, parse_exits
 
     config = ModelConfig("vit_micro_32", (32, 32), 3, 1, task="regression", exits=parse_exits("slvit@2:fused"),
                          audio=AudioConfig((1, 64, 64), fuse_at=2))

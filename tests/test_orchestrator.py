@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from offramp.errors import OfframpError
+from offramp.core.errors import OfframpError
 from orchestrator.config import ExperimentConfig, SweepConfig, WorkloadConfig, load_experiment
 from orchestrator.report import summarize
 from orchestrator.sweep import NEVER, expand
@@ -138,7 +138,7 @@ def test_pinned_daemons_run_on_their_cores_only(tiny_checkpoint: Path) -> None:
     """DaemonProcess(cores=...) and an orchestrator actor's pin (the daemon inherits it) hold every daemon thread."""
     import os
 
-    from offramp.daemon_proc import DaemonProcess
+    from offramp.serving.daemon_proc import DaemonProcess
     from orchestrator.actors import Pinned
 
     have = sorted(os.sched_getaffinity(0))
@@ -156,7 +156,7 @@ def test_pinned_daemons_run_on_their_cores_only(tiny_checkpoint: Path) -> None:
         with pytest.raises(OfframpError, match="cloud_cores: core.*4096 do not exist here"):
             Pinned().pin((4096,), "cloud_cores")
     finally:
-        from offramp.daemon_proc import pin_threads
+        from offramp.serving.daemon_proc import pin_threads
 
         pin_threads(os.getpid(), have)
     assert _thread_cores(os.getpid()) == {frozenset(have)}
@@ -272,8 +272,8 @@ def test_edge_exits_must_be_the_checkpoints(tiny_checkpoint: Path, tmp_path: Pat
 
 
 def test_daemon_tables_hold_daemon_settings_and_each_point_completes_them(tmp_path: Path) -> None:
-    from offramp.config import EdgeConfig, load_config
-    from offramp.config_text import settings_toml
+    from offramp.serving.config import EdgeConfig, load_config
+    from offramp.serving.config_text import settings_toml
     from orchestrator.sweep import Context
 
     path = write(tmp_path, 'checkpoint = "model"\n[edge]\nslowdown = 4.0\nscore = "margin"\nexits = ["slvit@4"]\n'

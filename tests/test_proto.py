@@ -12,7 +12,7 @@ import grpc
 import pytest
 from google.protobuf.message import Message
 
-from offramp.wire import EDGE_SERVICE, OFFLOAD_SERVICE, make_status, pb, pb_grpc, status_code
+from offramp.core.wire import EDGE_SERVICE, OFFLOAD_SERVICE, make_status, pb, pb_grpc, status_code
 
 ROOT = Path(__file__).resolve().parent.parent
 

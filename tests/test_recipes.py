@@ -10,14 +10,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from offramp import precision
+from offramp.core import precision
 from offramp.cli import main
-from offramp.checkpoint import load_checkpoint
-from offramp.data import load_data
-from offramp.models import create_backbone
-from offramp.pipeline import TrainJob, build_model
-from offramp.recipes import RECIPES, recipe_for
-from offramp.train import (Lookahead, TrainConfig, apply_views, cache_features, epoch_views, evaluate,
+from offramp.core.checkpoint import load_checkpoint
+from offramp.core.data import load_data
+from offramp.core.models import create_backbone
+from offramp.training.pipeline import TrainJob, build_model
+from offramp.training.recipes import RECIPES, recipe_for
+from offramp.training.train import (Lookahead, TrainConfig, apply_views, cache_features, epoch_views, evaluate,
                            train_backbone, train_exits)
 
 def test_views_flip_and_shift_each_sample_its_own_way() -> None:

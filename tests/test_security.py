@@ -16,11 +16,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import CloudFactory, LoopThread, edge_servers, wait_for
 
 from edge_node.server import EdgeServer
-from offramp.checkpoint import read_card
-from offramp.config import CloudConfig, EdgeConfig
-from offramp.errors import OfframpError
-from offramp.pipeline import load_validation
-from offramp.wire import pb, pb_grpc
+from offramp.core.checkpoint import read_card
+from offramp.serving.config import CloudConfig, EdgeConfig
+from offramp.core.errors import OfframpError
+from offramp.core.data.card_splits import load_validation
+from offramp.core.wire import pb, pb_grpc
 
 NEVER = [2.0, 2.0]  # max_prob thresholds no exit reaches: everything goes to the cloud
 
@@ -220,7 +220,7 @@ def test_the_edge_policy_needs_the_admin_token_beyond_loopback(tiny_checkpoint: 
 
 
 def test_daemon_process_starts_and_health_checks_tls_daemons(tiny_checkpoint: Path, pki: dict[str, str]) -> None:
-    from offramp.daemon_proc import DaemonProcess
+    from offramp.serving.daemon_proc import DaemonProcess
 
     tls = ["--checkpoint", str(tiny_checkpoint), "--tls-cert", pki["cloud"], "--tls-key", pki["cloud_key"]]
     with DaemonProcess("cloud", [*tls, "--tls-client-ca", pki["ca"]], tls_ca=pki["ca"],

@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from offramp.checkpoint import CARD, WEIGHTS, load_checkpoint
+from offramp.core.checkpoint import CARD, WEIGHTS, load_checkpoint
 from offramp.cli import main
-from offramp.data import load_data
-from offramp.errors import CheckpointError
-from offramp.pipeline import TrainJob, build_model
-from offramp.train import TrainConfig, evaluate, train_backbone, train_exits
+from offramp.core.data import load_data
+from offramp.core.errors import CheckpointError
+from offramp.training.pipeline import TrainJob, build_model
+from offramp.training.train import TrainConfig, evaluate, train_backbone, train_exits
 
 ROOT = Path(__file__).resolve().parents[1]
 

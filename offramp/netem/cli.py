@@ -5,10 +5,10 @@ import argparse
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from ..errors import OfframpError
+from offramp.core.errors import OfframpError
 
 if TYPE_CHECKING:
-    from .profiles import LinkProfile
+    from offramp.netem.profiles import LinkProfile
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -33,8 +33,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_link(args: argparse.Namespace) -> int:
-    from .profiles import PROFILES, Schedule, parse_profile
-    from .proxy import LinkProxy
+    from offramp.netem.profiles import PROFILES, Schedule, parse_profile
+    from offramp.netem.proxy import LinkProxy
 
     if args.list:
         print(format_profiles(PROFILES.values()))

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from ..errors import OfframpError
-from .profiles import Direction, LinkProfile
+from offramp.core.errors import OfframpError
+from offramp.netem.profiles import Direction, LinkProfile
 
 log = logging.getLogger(__name__)
 

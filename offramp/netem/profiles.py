@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from functools import wraps
 from typing import ParamSpec, TypeVar
 
-from ..errors import OfframpError
+from offramp.core.errors import OfframpError
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
-from ..errors import OfframpError
-from .profiles import Direction, LinkProfile, Schedule
-from .shaper import Shaper
+from offramp.core.errors import OfframpError
+from offramp.netem.profiles import Direction, LinkProfile, Schedule
+from offramp.netem.shaper import Shaper
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .profiles import Direction
+from offramp.netem.profiles import Direction
 
 BURST_S = 0.001  # the bucket holds 1 ms of line rate: enough to absorb event-loop hiccups, too little to matter
 MIN_BURST_BYTES = 1500  # ... and at least one Ethernet frame

@@ -1,5 +1,6 @@
-"""Parts both daemons and the experiment baselines serve with: batching, streams, requests, replies.
+"""Parts both daemons and the experiment baselines serve with: settings and their config files, daemon
+plumbing and security, batching, streams, requests, replies.
 
-Layering: this package uses the core (models, codec, wire) and is used by
-``edge_node``, ``cloud_node`` and ``orchestrator``; it imports none of them.
+Layering: this package uses the core (models, codec, wire) and training (the calibration an edge config
+records); ``edge_node``, ``cloud_node`` and ``orchestrator`` use it, and it imports none of them.
 """

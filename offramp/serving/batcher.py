@@ -39,7 +39,7 @@ from typing import Generic, TypeVar
 import grpc
 import torch
 
-from .errors import RequestError
+from offramp.serving.errors import RequestError
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Sequence)  # the model's result: one row per sample (a tensor or a list)

@@ -28,7 +28,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from prometheus_client import CollectorRegistry, Counter
 
-from ..wire import pb
+from offramp.core.wire import pb
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import math
 import numpy as np
 import torch
 
-from ..data import preprocess_bytes
-from ..errors import DataError, OfframpError
-from ..wire import pb
+from offramp.core.data import preprocess_bytes
+from offramp.core.errors import DataError, OfframpError
+from offramp.core.wire import pb
 
 
 class InputError(OfframpError):

@@ -5,8 +5,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..scores import confidence, prediction
-from ..wire import make_status, pb
+from offramp.core.scores import confidence, prediction
+from offramp.core.wire import make_status, pb
 
 
 def answer_reply(output: torch.Tensor, score: str, task: str, label_names: Sequence[str], decided_by: str,

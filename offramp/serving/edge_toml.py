@@ -1,0 +1,146 @@
+"""Writing calibrated thresholds into an edge's TOML config.
+
+An existing file is edited in place, line by line: only ``thresholds`` and
+``score`` change (thresholds mean nothing without the score they apply to),
+and the user's comments, order and other keys stay as they were. A missing
+file is created as a complete config, each setting under its help as in
+``EdgeConfig``, that ``offramp edge`` loads. The calibration table of the
+split calibrated (``[[calibration]]``, for ``latency_slo_ms``) goes at the
+end, replacing the one of the same split; tables of other splits stay.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import stat
+import tempfile
+import tomllib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from offramp.serving.config import CalibrationTable, EdgeConfig
+from offramp.serving.config_text import commented_toml, toml_value
+from offramp.core.errors import OfframpError
+
+if TYPE_CHECKING:
+    from offramp.training.calibrate import Calibration, Target
+
+HEADER = """\
+Edge daemon settings for `offramp edge --config {name}`.
+Command-line flags override what is set here; relative paths are relative to this file.
+Written by `offramp calibrate`: re-running it updates `thresholds`, `score` and the [[calibration]] table of the
+split and leaves everything else alone."""
+
+
+def thresholds_line(thresholds: tuple[float, ...]) -> str:
+    return f"thresholds = {toml_value(thresholds)}"
+
+
+def calibrate_into(path: str | Path, checkpoint: str | Path, target: Target, score: str | None = None,
+                   data: str | None = None, on: str = "validation") -> tuple[Calibration, bool]:
+    """Calibrate ``checkpoint``'s edge exits and write the thresholds into the edge config at ``path``.
+
+    Returns the calibration and whether the file was created.
+    """
+    from offramp.training.calibrate import calibrate_checkpoint
+
+    check_checkpoint(path, checkpoint)  # before the evaluation, not after it
+    result = calibrate_checkpoint(checkpoint, target, score=score, data=data, edge_toml=path, on=on)
+    return result, write_thresholds(path, checkpoint, result.chosen.thresholds, result.score, result.tables)
+
+
+def write_thresholds(path: str | Path, checkpoint: str | Path, thresholds: tuple[float, ...], score: str,
+                     tables: tuple[CalibrationTable, ...] = ()) -> bool:
+    """Set ``thresholds`` and ``score`` (and calibration ``tables``) in the edge config at ``path``; True if the
+    file was created."""
+    path, thresholds = Path(path), tuple(float(t) for t in thresholds)  # numpy scalars are not TOML
+    lines = {"thresholds": thresholds_line(thresholds), "score": f"score = {toml_value(score)}"}
+    check_checkpoint(path, checkpoint)
+    if path.exists():
+        text = path.read_text()
+        for key, line in lines.items():
+            text = _set_key(text, key, line)
+        created = False
+    else:
+        checkpoint_rel = os.path.relpath(Path(checkpoint).resolve(), path.resolve().parent)
+        text = commented_toml(EdgeConfig, {"checkpoint": checkpoint_rel, "thresholds": thresholds, "score": score},
+                              HEADER.format(name=path.name))
+        created = True
+    text = _set_tables(text, tables)
+    parsed = tomllib.loads(text)  # never write a file the edge cannot read
+    if parsed.get("thresholds") != list(thresholds) or parsed.get("score") != score:
+        raise OfframpError(f"could not update {path}: keep thresholds and score as top-level keys")
+    written = {t["split_block"] for t in parsed.get("calibration", []) if isinstance(t, dict)}
+    if not written >= {t.split_block for t in tables}:
+        raise OfframpError(f"could not update {path}: keep calibration as [[calibration]] tables")
+    _atomic_write(path, text)
+    return created
+
+
+def table_text(table: CalibrationTable) -> str:
+    """One ``[[calibration]]`` table: a point per line, fewest offloads first."""
+    lines = ["[[calibration]]",
+             "# Operating points on the validation data, for latency_slo_ms; written by `offramp calibrate`.",
+             *(f"{f.name} = {toml_value(getattr(table, f.name))}" for f in dataclasses.fields(table)
+               if f.name != "points"),
+             "points = [", *(f"  {toml_value(p)}," for p in table.points), "]"]
+    return "\n".join(lines) + "\n"
+
+
+def _set_tables(text: str, tables: tuple[CalibrationTable, ...]) -> str:
+    """``text`` with each of ``tables`` replacing the ``[[calibration]]`` table of its split, at the end."""
+    if not tables:
+        return text
+    splits = {t.split_block for t in tables}
+    blocks = re.split(r"(?m)^(?=\[)", text)  # the top-level part, then one block per table header
+    kept = [b for b in blocks if not (b.startswith("[[calibration]]") and _split_of(b) in splits)]
+    body = "".join(kept).rstrip("\n") + "\n"
+    return body + "".join("\n" + table_text(t) for t in sorted(tables, key=lambda t: t.split_block))
+
+
+def _split_of(block: str) -> int | None:
+    try:
+        return tomllib.loads(block)["calibration"][0].get("split_block")
+    except (tomllib.TOMLDecodeError, KeyError, IndexError, AttributeError):
+        return None
+
+
+def _set_key(text: str, key: str, line: str) -> str:
+    """Replace the top-level ``key = ...`` (arrays may span lines), or add it before the first table."""
+    pattern = re.compile(rf"^{key}\s*=\s*(\[[^\]]*\]|[^\n]*)[^\n]*$", re.M)
+    if pattern.search(text):
+        return pattern.sub(lambda _: line, text, count=1)
+    table = re.search(r"^\[", text, re.M)
+    at = table.start() if table else len(text)
+    prefix = text[:at] if not text[:at] or text[:at].endswith("\n") else text[:at] + "\n"
+    return prefix + line + "\n" + text[at:]
+
+
+def check_checkpoint(path: str | Path, checkpoint: str | Path) -> None:
+    """Refuse to touch an existing edge config that serves another checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    try:
+        named = tomllib.loads(path.read_text()).get("checkpoint")
+    except tomllib.TOMLDecodeError as e:
+        raise OfframpError(f"{path} is not valid TOML: {e}") from None
+    if named is not None and (path.parent / named).resolve() != Path(checkpoint).resolve():
+        raise OfframpError(f"{path} configures checkpoint '{named}', not '{checkpoint}': thresholds calibrated for "
+                           "one model are meaningless for another (pass another --out)")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write beside the target and rename, so a running edge never reads half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,131 @@
+"""Command-line flags generated from a config dataclass, and the value parsers the CLIs share.
+
+Every setting of a config (see ``offramp.serving.config.setting``) becomes one flag:
+``--max-batch`` for ``max_batch``, explained by the field's help, with the
+choices of a ``Literal`` and the field's default in the help. A flag the user
+did not give stays None, so the config file's value or the field's default
+stands. This module sits below the daemons' CLIs and imports no serving code.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Iterable
+from typing import Any, Literal, TypeVar
+
+from offramp.serving.config import default_of, load_config
+
+C = TypeVar("C")
+
+
+def floats(text: str) -> list[float]:
+    """Comma-separated numbers; ``inf`` and ``-inf`` mean "never" and "always" leave."""
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if any(math.isnan(v) for v in values):
+        raise argparse.ArgumentTypeError("thresholds must be numbers, not NaN")
+    return values
+
+
+def ints(text: str) -> list[int]:
+    """Comma-separated whole numbers (split blocks 2,4; bottleneck widths 4,8)."""
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def exit_names(text: str) -> list[str]:
+    """Comma-separated exit names, as 'offramp eval' prints them (slvit@2,slvit@4:fused)."""
+    values = [t.strip() for t in text.split(",") if t.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("expected exit names such as slvit@2,slvit@4")
+    return values
+
+
+def on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+    return text == "on"
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    """``--max-batch`` for ``max_batch``, unless the setting names its flag."""
+    return "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
+
+
+def choices(cls: type, name: str) -> list[Any]:
+    """The values a ``Literal`` setting allows (``X | None`` included), for flags outside the config's own."""
+    return list(typing.get_args(_required_type(typing.get_type_hints(cls)[name])))
+
+
+def shown(value: Any, flag: bool = False) -> str:
+    """A default as a user types it: on/off for a flag's booleans, comma-separated lists."""
+    if isinstance(value, bool):
+        return ("on" if value else "off") if flag else str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, names: Iterable[str] | None = None,
+                     with_defaults: bool = True) -> None:
+    """One flag per setting of ``cls`` (or of those in ``names``) but file-only ones; ``with_defaults``: say the
+    default in the help."""
+    hints = typing.get_type_hints(cls)
+    wanted = None if names is None else set(names)
+    for f in dataclasses.fields(cls):
+        if (wanted is not None and f.name not in wanted) or f.metadata.get("file_only"):
+            continue
+        help_text = f.metadata.get("help", "")
+        default = default_of(f)
+        if default is dataclasses.MISSING:
+            help_text += " (required)"
+        elif with_defaults and default not in (None, ()):
+            help_text += f" (default: {shown(default, flag=True)})"
+        parser.add_argument(flag_name(f), dest=f.name, help=help_text.replace("%", "%%"),
+                            **_argument(f, hints[f.name]))
+
+
+def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
+    """``cls`` from ``--config`` and the generated flags; ``-v`` asks for debug logs."""
+    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}  # file-only: no flag
+    if getattr(args, "verbose", False) and "log_level" in overrides:
+        overrides["log_level"] = "DEBUG"
+    return load_config(cls, args.config, overrides)
+
+
+def _argument(f: dataclasses.Field, tp: Any) -> dict[str, Any]:
+    """``add_argument``'s keywords for a setting of type ``tp``."""
+    tp = _required_type(tp)
+    kwargs: dict[str, Any] = {}
+    if typing.get_origin(tp) is Literal:
+        kwargs["choices"] = list(typing.get_args(tp))
+    elif tp is bool:
+        kwargs.update(type=on_off, metavar="on|off")
+    elif typing.get_origin(tp) in (list, tuple):
+        if f.metadata.get("words"):
+            kwargs.update(nargs="+", action="extend")
+        else:
+            kwargs["type"] = {float: floats, int: ints}.get(typing.get_args(tp)[0], exit_names)
+    elif tp in (int, float):
+        kwargs["type"] = tp
+    if f.metadata.get("metavar"):
+        kwargs["metavar"] = f.metadata["metavar"]
+    return kwargs
+
+
+def _required_type(tp: Any) -> Any:
+    """``X`` for ``X | None``."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return tp
