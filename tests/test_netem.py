@@ -25,6 +25,7 @@ from offramp.netem import DeviceProfile, LinkProxy, ProxyThread, Schedule, parse
 from offramp.netem.cli import add_commands
 from offramp.netem.profiles import PROFILES, Direction
 from offramp.netem.shaper import MIN_BURST_BYTES, Shaper
+from offramp.netem.trace import TraceQueue, load_trace
 
 from helpers import LoopThread, wait_for
 
@@ -360,3 +361,78 @@ def test_bench_link_quick(tmp_path: Path) -> None:
         assert r["measured_delay_ms"] >= 0.9 * r["delay_ms"] - 1.0
         assert 0.7 < r["up_ratio"] < 1.3 and 0.7 < r["down_ratio"] < 1.3
     assert "within 10%" in result.stdout
+
+
+# -- recorded traces ------------------------------------------------------------------------------------------------
+
+def _trace_file(tmp_path: Path, lines: list[str], name: str = "t.up") -> str:
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("lines, message", [
+    ([], "is empty"),
+    (["0", "5", "3"], "line 3: time goes backwards"),
+    (["0", "1.5"], "line 2: '1.5' is not a whole number"),
+    (["0", "abc"], "line 2: 'abc' is not a whole number"),
+    (["-1", "4"], "negative time"),
+    (["0", "0"], "last time must be after 0 ms"),
+])
+def test_bad_traces_are_one_line_errors(tmp_path: Path, lines: list[str], message: str) -> None:
+    path = _trace_file(tmp_path, lines, f"bad{len(lines)}{hash(message) % 1000}.up")
+    with pytest.raises(OfframpError, match=message):
+        load_trace(path)
+    with pytest.raises(OfframpError, match="no such file"):
+        load_trace(str(tmp_path / "missing.up"))
+    with pytest.raises(OfframpError, match="no such file"):
+        parse_profile(f"trace={tmp_path / 'missing'}")
+
+
+def test_trace_profiles_parse(tmp_path: Path) -> None:
+    _trace_file(tmp_path, ["1", "1", "2"], "x.up")
+    _trace_file(tmp_path, ["4"], "x.down")
+    p = parse_profile(f"trace={tmp_path / 'x'},delay=20ms,queue=10")
+    assert p.uplink.trace.period_s == 0.002 and p.downlink.trace.period_s == 0.004
+    assert p.uplink.bandwidth_mbps is None and p.uplink.delay_ms == 20 and p.uplink.queue_bytes == 15_000
+    assert p.uplink.trace.mean_mbps == pytest.approx(3 * 1500 * 8 / 0.002 / 1e6)
+    with pytest.raises(OfframpError, match="not both"):
+        parse_profile(f"lte,uptrace={tmp_path / 'x.up'},up=5mbit")
+    with pytest.raises(OfframpError, match="bad queue"):
+        parse_profile(f"trace={tmp_path / 'x'},queue=0")
+
+
+def test_trace_queue_by_hand(tmp_path: Path) -> None:
+    """Opportunities at 0, 0, 10 and 20 ms (period 20 ms): 1,500 bytes each, unused capacity lost."""
+    queue = TraceQueue(load_trace(_trace_file(tmp_path, ["0", "0", "10", "20"])))
+    assert queue.send(0.0, 3000) == 0.0  # both opportunities at 0
+    assert queue.send(0.0, 100) == 0.010  # the next one
+    assert queue.send(0.015, 100) == 0.020  # 10 ms's leftover is gone; 20 ms carries it
+    assert queue.send(0.016, 1500) == 0.020  # the trace repeats: its 0 ms lines fall at 20 ms again
+    assert queue.send(0.021, 1) == 0.030
+    assert queue.backlog(0.025) == 1 and queue.backlog(0.030) == 0
+    assert queue.trace.capacity_bytes(0.0, 0.040) == 1500 * (4 + 3)
+
+
+def test_a_trace_link_delivers_its_capacity_and_holds_data_through_a_dead_stretch(
+        link: Callable[..., ProxyThread], tmp_path: Path) -> None:
+    """12 Mbit/s for 0.5 s, then nothing until 1 s: the echo comes back at the trace's pace."""
+    path = _trace_file(tmp_path, [str(ms) for ms in range(1, 501)] + ["1000"], "rate.up")
+    proxy = link(f"uptrace={path}")
+    host, port = proxy.address.rsplit(":", 1)
+    total, received, marks = 1_200_000, 0, {}
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        sender = threading.Thread(target=s.sendall, args=(bytes(total),), daemon=True)
+        t0 = time.perf_counter()
+        sender.start()
+        s.settimeout(5)
+        while received < total:
+            received += len(s.recv(1 << 16))
+            t = time.perf_counter() - t0
+            for mark in (0.45, 0.95):
+                if t < mark:
+                    marks[mark] = received
+        sender.join(5)
+    assert marks[0.45] == pytest.approx(449 * 1500, rel=0.12)
+    assert marks[0.95] == pytest.approx(500 * 1500, rel=0.05)  # nothing crossed in the dead stretch
+    assert t >= 1.0  # the rest waited for the trace's next lap

@@ -22,6 +22,7 @@ from functools import wraps
 from typing import ParamSpec, TypeVar
 
 from offramp.core.errors import OfframpError
+from offramp.netem.trace import PACKET_BYTES, Trace, load_trace
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -39,6 +40,10 @@ class Direction:
     proxy carries TCP, which would retransmit it) but stalled by ``stall_ms``.
     ``cut``: nothing crosses, and the connection stays open (a partition, or a
     half-open peer while it lasts); held bytes go on once the link is back.
+    ``trace``: recorded capacity (``offramp.netem.trace``) instead of a
+    bandwidth; ``delay_ms`` is then the propagation delay added after the
+    trace's queue, and ``queue_bytes`` caps what the link holds per connection
+    (the sender is held back beyond it, as TCP's flow control would).
     """
 
     delay_ms: float = 0.0
@@ -47,8 +52,14 @@ class Direction:
     loss: float = 0.0  # probability that a segment stalls
     stall_ms: float = DEFAULT_STALL_MS
     cut: bool = False
+    trace: Trace | None = None
+    queue_bytes: int | None = None  # None: the proxy's own bound
 
     def __post_init__(self) -> None:
+        if self.trace is not None and self.bandwidth_mbps is not None:
+            raise OfframpError("a trace sets the link's capacity: give a trace or a bandwidth, not both")
+        if self.queue_bytes is not None and self.queue_bytes < PACKET_BYTES:
+            raise OfframpError(f"a queue must hold at least one packet ({PACKET_BYTES} bytes), got {self.queue_bytes}")
         if self.delay_ms < 0 or self.jitter_ms < 0 or self.stall_ms < 0:
             raise OfframpError(f"link delays must be >= 0, got {self}")
         if self.bandwidth_mbps is not None and self.bandwidth_mbps <= 0:
@@ -136,7 +147,10 @@ def parse_profile(text: str) -> LinkProfile:
 
     Keys: ``delay``, ``jitter``, ``stall`` (durations, bare numbers in ms),
     ``bw`` (both directions), ``up``, ``down`` (rates, bare numbers in Mbit/s,
-    ``none`` for unlimited), ``loss`` (a probability).
+    ``none`` for unlimited), ``loss`` (a probability); recorded capacity:
+    ``trace=PREFIX`` (Mahimahi traces ``PREFIX.up`` and ``PREFIX.down``),
+    or ``uptrace=FILE`` and ``downtrace=FILE``, with ``queue=N`` packets
+    (of 1,500 bytes) per connection.
     """
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if not parts:
@@ -164,10 +178,25 @@ def parse_profile(text: str) -> LinkProfile:
             down["bandwidth_mbps"] = parse_mbps(value)
         elif key == "loss":
             up["loss"] = down["loss"] = _probability(value)
+        elif key == "trace":
+            up["trace"], down["trace"] = load_trace(f"{value.strip()}.up"), load_trace(f"{value.strip()}.down")
+            up["bandwidth_mbps"] = down["bandwidth_mbps"] = None
+        elif key in ("uptrace", "downtrace"):
+            side = up if key == "uptrace" else down
+            side["trace"], side["bandwidth_mbps"] = load_trace(value.strip()), None
+        elif key == "queue":
+            up["queue_bytes"] = down["queue_bytes"] = _packets(value) * PACKET_BYTES
         else:
             raise OfframpError(f"unknown link setting {key!r} in {text!r}; use delay, jitter, bw, up, down, "
-                               "loss, stall")
+                               "loss, stall, trace, uptrace, downtrace, queue")
     return replace(base, name=name, uplink=replace(base.uplink, **up), downlink=replace(base.downlink, **down))
+
+
+def _packets(text: str) -> int:
+    text = text.strip().lower().removesuffix("pkt").removesuffix("packets").strip()
+    if not text.isdigit() or int(text) < 1:
+        raise OfframpError(f"bad queue {text!r} (expected a number of packets, e.g. queue=100)")
+    return int(text)
 
 
 def _probability(text: str) -> float:

@@ -31,6 +31,7 @@ from typing import Any, Literal, TypeVar
 from offramp.core.errors import OfframpError
 from offramp.netem.profiles import Direction, LinkProfile, Schedule
 from offramp.netem.shaper import Shaper
+from offramp.netem.trace import Trace, TraceQueue
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -102,6 +103,7 @@ class LinkProxy:
         self._connections: set[asyncio.Task[None]] = set()
         self._t0 = 0.0
         self._current: LinkProfile | None = None
+        self._trace_queues: dict[tuple[bool, int], TraceQueue] = {}
         self.port = 0
 
     @property
@@ -139,6 +141,7 @@ class LinkProxy:
         """From now on the link is ``link`` (a schedule's clock starts now); open connections follow at once."""
         self.schedule = link if isinstance(link, Schedule) else Schedule.constant(link)
         self._t0 = asyncio.get_running_loop().time()
+        self._trace_queues.clear()  # a trace replays from its start with the new clock
 
     def run(self) -> None:
         """Serve until SIGINT or SIGTERM (the ``offramp link`` command)."""
@@ -155,6 +158,18 @@ class LinkProxy:
             log.info("stopping link %s: %s", self.address, self.stats())
         finally:
             await self.stop()
+
+    def trace_queue(self, uplink: bool, trace: Trace) -> TraceQueue:
+        """The one queue of a trace-driven direction, shared by every connection (the capacity is the link's)."""
+        key = (uplink, id(trace))
+        if key not in self._trace_queues:
+            self._trace_queues[key] = TraceQueue(trace)
+        return self._trace_queues[key]
+
+    @property
+    def clock0(self) -> float:
+        """Loop time at which the link's schedule (and a trace) started."""
+        return self._t0
 
     def direction(self, uplink: bool, now: float) -> Direction:
         """The direction's numbers at loop time ``now``, logging schedule steps as they happen."""
@@ -244,7 +259,9 @@ class _Pipe:
                 segment = data[i:i + SEGMENT_BYTES]
                 await self._room(len(segment), loop.time())
                 now = loop.time()
-                delivery = self.shaper.admit(now, len(segment), self.proxy.direction(self.uplink, now))
+                link = self.proxy.direction(self.uplink, now)
+                queue = None if link.trace is None else self.proxy.trace_queue(self.uplink, link.trace)
+                delivery = self.shaper.admit(now, len(segment), link, queue, self.proxy.clock0)
                 if delivery.lost and self.proxy.on_loss == "reset":
                     raise _Reset
                 self.queue.append((delivery.at, segment))
@@ -283,7 +300,7 @@ class _Pipe:
         """Wait until ``nbytes`` more fit in the backlog (a lone segment always fits)."""
         link = self.proxy.direction(self.uplink, now)
         bdp = (link.bytes_per_s or 0.0) * (link.delay_ms + link.jitter_ms) / 1e3
-        limit = max(self.proxy.max_inflight_bytes, 2 * bdp)
+        limit = link.queue_bytes or max(self.proxy.max_inflight_bytes, 2 * bdp)
         while self.inflight and self.inflight + nbytes > limit:
             self.drained.clear()
             await self.drained.wait()

@@ -9,6 +9,7 @@ import random
 from dataclasses import dataclass
 
 from offramp.netem.profiles import Direction
+from offramp.netem.trace import TraceQueue
 
 BURST_S = 0.001  # the bucket holds 1 ms of line rate: enough to absorb event-loop hiccups, too little to matter
 MIN_BURST_BYTES = 1500  # ... and at least one Ethernet frame
@@ -38,11 +39,16 @@ class Shaper:
         self._updated: float | None = None  # None: the bucket is full (start, or after an unlimited spell)
         self.last = float("-inf")  # delivery time of the latest segment
 
-    def admit(self, now: float, nbytes: int, link: Direction) -> Delivery:
+    def admit(self, now: float, nbytes: int, link: Direction, queue: TraceQueue | None = None,
+              clock0: float = 0.0) -> Delivery:
+        """``queue``: a trace-driven link's shared queue, whose clock starts at ``clock0``; it replaces the
+        token bucket (the trace is the capacity)."""
         u_jitter, u_loss = self._rng.random(), self._rng.random()
         lost = u_loss < link.loss
         travel_ms = link.delay_ms + u_jitter * link.jitter_ms + (link.stall_ms if lost else 0.0)
-        self.last = max(self._serialise(now, nbytes, link.bytes_per_s) + travel_ms / 1e3, self.last)
+        leaves = (queue.send(now - clock0, nbytes) + clock0 if queue is not None
+                  else self._serialise(now, nbytes, link.bytes_per_s))
+        self.last = max(leaves + travel_ms / 1e3, self.last)
         return Delivery(self.last, lost)
 
     def _serialise(self, now: float, nbytes: int, rate: float | None) -> float:
