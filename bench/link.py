@@ -8,8 +8,17 @@ jitter / 2, both directions averaged); throughput is a bulk transfer each way, t
 first to last byte, against the direction's bandwidth. Target: within 10 %.
 Prints a table and writes JSON to bench/results/link.json.
 
+Recorded traces (``--traces PREFIX,...``, Mahimahi files ``PREFIX.up`` and
+``PREFIX.down``) are validated over their first ``--trace-seconds``: each
+direction saturated by a bulk transfer, the bytes delivered in each second
+against the trace's capacity in that second (target: within 5 % over the
+window), and small probes on the otherwise idle uplink, whose added delay is
+set against the wait the trace predicts (the next delivery opportunity, long
+in a dead stretch).
+
     python -m bench.link             # every profile, under a minute
     python -m bench.link --quick     # smoke run, a few seconds per profile
+    python -m bench.link --profiles lte --traces DIR/ATT-LTE-driving-2016 --trace-seconds 60
 """
 from __future__ import annotations
 
@@ -29,10 +38,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from offramp.netem import PROFILES, LinkProfile, LinkProxy, ProxyThread
+from offramp.netem import PROFILES, LinkProfile, LinkProxy, ProxyThread, parse_profile
+from offramp.netem.trace import PACKET_BYTES, Trace, load_trace
 
 RESULTS = Path(__file__).parent / "results"
 TARGET = 0.10
+TRACE_TARGET = 0.05
+PROBE_BYTES, PROBE_EVERY_S = 1000, 0.1
 HEADER = struct.Struct("!cQ")  # command (E echo, S sink, O source), byte count
 BUF = 256 * 1024
 log = logging.getLogger("bench.link")
@@ -155,6 +167,121 @@ def measure(profile: LinkProfile, server: _Server, budget: Budget, seed: int, ba
     return row
 
 
+def _timed_receive(sock: socket.socket, n: int, t0: float, seconds: float) -> list[int]:
+    """Bytes received in each whole second after ``t0`` (perf_counter), for ``seconds`` seconds."""
+    buckets = [0] * int(seconds)
+    buf = memoryview(bytearray(BUF))
+    got = 0
+    sock.settimeout(5)
+    while got < n:
+        try:
+            k = sock.recv_into(buf)
+        except TimeoutError:  # a long dead stretch: keep waiting until the window ends
+            if time.perf_counter() - t0 >= seconds:
+                break
+            continue
+        if not k:
+            break
+        got += k
+        second = int(time.perf_counter() - t0)
+        if second >= len(buckets):
+            break
+        buckets[second] += k
+    return buckets
+
+
+def trace_rate(prefix: str, uplink: bool, server: _Server, seconds: float, seed: int) -> dict[str, Any]:
+    """Saturate one direction of a trace link for ``seconds``; delivered bytes per second against capacity."""
+    trace = load_trace(f"{prefix}.{'up' if uplink else 'down'}")
+    side = "uptrace" if uplink else "downtrace"
+    profile = parse_profile(f"{side}={trace.path}")
+    capacity = [trace.capacity_bytes(i, i + 1) for i in range(int(seconds))]
+    nbytes = int(sum(capacity) * 1.5) + (1 << 20)
+    sink = _Server(("127.0.0.1", 0), _BucketHandler)
+    sink.buckets, sink.seconds = [], seconds
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    try:
+        target = sink if uplink else server
+        with ProxyThread(LinkProxy("127.0.0.1:0", target.server_address[:2], profile, seed=seed)) as link:
+            t0 = time.perf_counter()  # the trace's clock started with the proxy, a moment earlier
+            if uplink:
+                sink.t0 = t0
+                with _connect(link.proxy.port, b"B", nbytes) as sock:
+                    sender = threading.Thread(target=_send_quietly, args=(sock, nbytes), daemon=True)
+                    sender.start()
+                    deadline = time.monotonic() + seconds + 10
+                    while not sink.buckets and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                delivered = sink.buckets.pop() if sink.buckets else []
+            else:
+                with _connect(link.proxy.port, b"O", nbytes) as sock:
+                    delivered = _timed_receive(sock, nbytes, t0, seconds)
+    finally:
+        sink.shutdown()
+        sink.server_close()
+    delivered = (delivered + [0] * len(capacity))[:len(capacity)]
+    total_ratio = sum(delivered) / max(1, sum(capacity))
+    err = [abs(d - c) for d, c in zip(delivered, capacity)]
+    return {"trace": Path(prefix).name, "direction": "up" if uplink else "down", "seconds": int(seconds),
+            "trace_mean_mbps": 8 * sum(capacity) / seconds / 1e6, "delivered_mean_mbps": 8 * sum(delivered) / seconds / 1e6,
+            "ratio": total_ratio, "within_target": abs(total_ratio - 1) <= TRACE_TARGET,
+            "per_second_mean_abs_error": sum(err) / max(1, sum(capacity)),
+            "capacity_bytes_per_s": capacity, "delivered_bytes_per_s": delivered}
+
+
+def _send_quietly(sock: socket.socket, n: int) -> None:
+    try:
+        sock.sendall(bytes(n))
+    except OSError:
+        pass  # the receiver stops at the end of its window
+
+
+class _BucketHandler(socketserver.BaseRequestHandler):
+    """B n: receive up to n bytes, counting them per second since the server's t0."""
+
+    server: Any
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        command, n = HEADER.unpack(_recv_exact(sock, HEADER.size))
+        self.server.buckets.append(_timed_receive(sock, n, self.server.t0, self.server.seconds))
+
+
+def trace_probes(prefix: str, server: _Server, seconds: float, seed: int, base_ms: float) -> dict[str, Any]:
+    """Small probes every 100 ms over the idle uplink trace: measured added delay against the trace's wait."""
+    trace = load_trace(f"{prefix}.up")
+    profile = parse_profile(f"uptrace={trace.path}")
+    rows = []
+    with ProxyThread(LinkProxy("127.0.0.1:0", server.server_address[:2], profile, seed=seed)) as link:
+        t0 = time.perf_counter()
+        with _connect(link.proxy.port, b"E") as sock:
+            sock.settimeout(seconds + 30)
+            while (sent := time.perf_counter() - t0) < seconds:
+                sock.sendall(bytes(PROBE_BYTES))
+                _recv_exact(sock, PROBE_BYTES)
+                rtt_ms = 1e3 * (time.perf_counter() - t0 - sent)
+                rows.append((sent, rtt_ms - 2 * base_ms, 1e3 * (_next_opportunity(trace, sent) - sent)))
+                time.sleep(max(0.0, PROBE_EVERY_S - (time.perf_counter() - t0 - sent)))
+    errors = sorted(abs(m - p) for _, m, p in rows)
+    waits = [p for _, _, p in rows]
+    long = [(m, p) for _, m, p in rows if p >= 50]
+    return {"trace": Path(prefix).name, "probes": len(rows), "median_abs_error_ms": errors[len(errors) // 2],
+            "p90_abs_error_ms": errors[int(0.9 * (len(errors) - 1))], "predicted_max_wait_ms": max(waits),
+            "long_waits": len(long), "long_waits_mean_measured_ms": sum(m for m, _ in long) / len(long) if long else None,
+            "long_waits_mean_predicted_ms": sum(p for _, p in long) / len(long) if long else None}
+
+
+def _next_opportunity(trace: Trace, t: float) -> float:
+    """Time of the first delivery opportunity at or after ``t`` (the trace repeating)."""
+    import bisect
+
+    laps, rest = divmod(t, trace.period_s)
+    i = bisect.bisect_left(trace.times_s, rest)
+    if i == len(trace.times_s):
+        return (laps + 1) * trace.period_s + float(trace.times_s[0])
+    return laps * trace.period_s + float(trace.times_s[i])
+
+
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """Configured vs measured, with ratios (1.00 is perfect)."""
     headers = ["profile", "delay ms", "added", "ratio", "up Mbit/s", "measured", "ratio", "down Mbit/s",
@@ -173,14 +300,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench.link", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few pings and short transfers per profile")
     ap.add_argument("--profiles", default=",".join(PROFILES), help="comma-separated named profiles (default: all)")
+    ap.add_argument("--traces", default="", metavar="PREFIX,...",
+                    help="Mahimahi traces to validate (files PREFIX.up and PREFIX.down)")
+    ap.add_argument("--trace-seconds", type=float, default=60.0, help="window of each trace replayed (default 60)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON output (default bench/results/link[-quick].json)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
-    unknown = [n for n in args.profiles.split(",") if n not in PROFILES]
+    unknown = [n for n in args.profiles.split(",") if n and n not in PROFILES]
     if unknown:
         ap.error(f"unknown profiles {unknown}; known: {', '.join(PROFILES)}")
-    out = Path(args.out) if args.out else RESULTS / ("link-quick.json" if args.quick else "link.json")
+    default = "link_traces.json" if args.traces and not args.profiles else "link.json"
+    out = Path(args.out) if args.out else RESULTS / ("link-quick.json" if args.quick else default)
     out.parent.mkdir(parents=True, exist_ok=True)
     budget = QUICK if args.quick else FULL
     server = _Server(("127.0.0.1", 0), _Handler)
@@ -190,20 +321,36 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         base_ms = one_way_ms(server.server_address[1], FULL.pings)
-        for name in args.profiles.split(","):
+        for name in filter(None, args.profiles.split(",")):
             rows.append(measure(PROFILES[name], server, budget, args.seed, base_ms))
             log.info("%s done", name)
+        trace_rows, probe_rows = [], []
+        for prefix in filter(None, args.traces.split(",")):
+            for uplink in (True, False):
+                trace_rows.append(trace_rate(prefix, uplink, server, args.trace_seconds, args.seed))
+            probe_rows.append(trace_probes(prefix, server, args.trace_seconds, args.seed, base_ms))
     finally:
         server.shutdown()
         server.server_close()
-    print(format_rows(rows))
+    if rows:
+        print(format_rows(rows))
+    for r in trace_rows:
+        print(f"trace {r['trace']} {r['direction']}: {r['trace_mean_mbps']:.2f} Mbit/s in the trace, "
+              f"{r['delivered_mean_mbps']:.2f} delivered (ratio {r['ratio']:.3f}, within {TRACE_TARGET:.0%}: "
+              f"{'yes' if r['within_target'] else 'NO'}), per-second error {r['per_second_mean_abs_error']:.1%}")
+    for r in probe_rows:
+        print(f"trace {r['trace']} probes: {r['probes']}, added delay vs the trace's wait: median error "
+              f"{r['median_abs_error_ms']:.1f} ms, p90 {r['p90_abs_error_ms']:.1f} ms; {r['long_waits']} probes "
+              f"predicted to wait >= 50 ms waited {r['long_waits_mean_measured_ms'] or 0:.0f} ms on average "
+              f"(predicted {r['long_waits_mean_predicted_ms'] or 0:.0f})")
     print(f"\nwithout the proxy: {base_ms:.3f} ms one way (subtracted from the measured delays)")
     command = " ".join(["python -m bench.link", *(argv if argv is not None else sys.argv[1:])])
     out.write_text(json.dumps({"command": command, "seconds": time.perf_counter() - t0, "target": TARGET,
                                "direct_one_way_ms": base_ms,
                                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                            "python": platform.python_version()},
-                               "results": rows}, indent=2) + "\n")
+                               "results": rows, "trace_target": TRACE_TARGET, "traces": trace_rows,
+                               "trace_probes": probe_rows}, indent=2) + "\n")
     print(f"\nwrote {out}")
     return 0
 

@@ -436,3 +436,18 @@ def test_a_trace_link_delivers_its_capacity_and_holds_data_through_a_dead_stretc
     assert marks[0.45] == pytest.approx(449 * 1500, rel=0.12)
     assert marks[0.95] == pytest.approx(500 * 1500, rel=0.05)  # nothing crossed in the dead stretch
     assert t >= 1.0  # the rest waited for the trace's next lap
+
+
+def test_bench_link_validates_a_trace(tmp_path: Path) -> None:
+    _trace_file(tmp_path, [str(ms) for ms in range(1, 501)] + ["1000"], "s.up")
+    _trace_file(tmp_path, [str(ms) for ms in range(0, 1000, 2)] + ["1000"], "s.down")
+    out = tmp_path / "traces.json"
+    result = subprocess.run([sys.executable, "-m", "bench.link", "--profiles", "", "--traces", str(tmp_path / "s"),
+                             "--trace-seconds", "2", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert [(r["trace"], r["direction"]) for r in report["traces"]] == [("s", "up"), ("s", "down")]
+    assert all(0.85 < r["ratio"] < 1.1 for r in report["traces"])
+    (probes,) = report["trace_probes"]
+    assert probes["long_waits"] >= 1 and probes["long_waits_mean_measured_ms"] >= 300  # the dead stretch

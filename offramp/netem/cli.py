@@ -21,7 +21,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--upstream", help="HOST:PORT of the cloud")
     p.add_argument("--profile", default="lan",
                    help="named profile (see --list), custom 'delay=20ms,jitter=5ms,bw=8mbit,loss=0.01', or a name "
-                        "with overrides 'lte,loss=0.01' (default: lan)")
+                        "with overrides 'lte,loss=0.01', or a recorded Mahimahi trace 'trace=DIR/ATT-LTE-driving,"
+                        "delay=20ms,queue=200' (files PREFIX.up and PREFIX.down) (default: lan)")
     p.add_argument("--schedule", default=None,
                    help="profile changes during the run, e.g. 'lte; 30s:3g; 60s:bw=1mbit' (steps after t=0 "
                         "start from --profile)")
