@@ -6,6 +6,7 @@ import math
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -373,3 +374,25 @@ def test_calibration_follows_the_exits_the_edge_config_names(tiny_checkpoint: Pa
     config.write_text(f'checkpoint = "{tiny_checkpoint}"\nexits = ["slvit@4"]\n')
     result = calibrate_checkpoint(tiny_checkpoint, Target(max_offload=0.5), edge_toml=config)
     assert result.exit_names == ("slvit@4",) and len(result.chosen.thresholds) == 1
+
+
+def test_calibration_edits_any_valid_toml_in_place(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Indented keys and arrays over several lines are valid TOML: the edit replaces them, keeps comments."""
+    from offramp.core.operating_points import CalibrationPoint, CalibrationTable
+    from offramp.serving.edge_toml import write_thresholds
+
+    config = tmp_path / "edge.toml"
+    config.write_text(f'# my edge\ncheckpoint = "{tiny_checkpoint}"\n  thresholds = [0.9,\n    0.8]  # old\n'
+                      'score = "max_prob"\n\n[[calibration]]\nsplit_block = 9\nfingerprint = "x"\nscore = "max_prob"\n'
+                      'exits = []\nsamples = 1\npoints = [{thresholds = [], accuracy = 1.0, offload = 1.0, '
+                      'shares = [1.0]}]\n')
+    table = CalibrationTable("ab", 4, "max_prob", ("slvit@2", "slvit@4"), 10,
+                             (CalibrationPoint((0.5, 0.6), 0.9, 0.1, (0.5, 0.4, 0.1)),))
+    assert write_thresholds(config, tiny_checkpoint, (0.7, 0.75), "max_prob", (table,)) is False
+    text = config.read_text()
+    parsed = tomllib.loads(text)
+    assert parsed["thresholds"] == [0.7, 0.75] and text.count("thresholds =") == 1 + 2  # + the tables' points
+    assert "# my edge" in text
+    assert sorted(t["split_block"] for t in parsed["calibration"]) == [4, 9]  # another split's table stays
+    assert write_thresholds(config, tiny_checkpoint, (0.8, 0.85), "margin", (table,)) is False
+    assert [t["split_block"] for t in tomllib.loads(config.read_text())["calibration"]].count(4) == 1

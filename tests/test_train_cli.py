@@ -132,3 +132,16 @@ def test_exits_benchmark_quick_runs(tmp_path: Path) -> None:
     assert {r["exit"] for r in rows} >= {"MLP", "CNN", "SL-ViT", "CC-SL-ViT"}
     assert "position" in result.stdout and "CC-SL-ViT" in result.stdout
     assert out.with_suffix(".png").is_file()
+
+
+def test_version_and_verbose_anywhere(capsys: pytest.CaptureFixture) -> None:
+    from offramp import __version__
+    from offramp.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["--version"])
+    assert e.value.code == 0 and __version__ in capsys.readouterr().out
+    assert build_parser().parse_args(["models", "-v"]).verbose is True
+    assert build_parser().parse_args(["-v", "models"]).verbose is True
+    assert build_parser().parse_args(["models"]).verbose is False
+    assert build_parser().parse_args(["policy", "get", "--edge", "h:1", "-v"]).verbose is True

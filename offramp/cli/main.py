@@ -16,6 +16,7 @@ import cloud_node.cli
 import edge_node.cli
 import orchestrator.cli
 
+from offramp import __version__
 from offramp.core.operating_points import DEFAULT_THRESHOLDS
 from offramp.serving.flags import exit_names, floats, ints, shown
 from offramp.netem import cli as netem_cli
@@ -305,10 +306,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Edge-cloud split inference for vision transformers with single-layer ViT early exits.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in COMMANDS:
         add(sub)
+    _verbose_everywhere(sub)
     return parser
+
+
+def _verbose_everywhere(sub: argparse._SubParsersAction) -> None:
+    """``-v`` after any subcommand too (``offramp edge -v``), as before it; SUPPRESS keeps an earlier -v."""
+    for parser in sub.choices.values():
+        parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _verbose_everywhere(action)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,8 @@
 """Writing calibrated thresholds into an edge's TOML config.
 
-An existing file is edited in place, line by line: only ``thresholds`` and
-``score`` change (thresholds mean nothing without the score they apply to),
-and the user's comments, order and other keys stay as they were. A missing
+An existing file is edited in place with tomlkit, which keeps the user's
+comments, order, layout and other keys as they were: only ``thresholds`` and
+``score`` change (thresholds mean nothing without the score they apply to). A missing
 file is created as a complete config, each setting under its help as in
 ``EdgeConfig``, that ``offramp edge`` loads. The calibration table of the
 split calibrated (``[[calibration]]``, for ``latency_slo_ms``) goes at the
@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import stat
 import tempfile
 import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import tomlkit
 
 from offramp.serving.config import CalibrationTable, EdgeConfig
 from offramp.serving.config_text import commented_toml, toml_value
@@ -31,10 +32,6 @@ Edge daemon settings for `offramp edge --config {name}`.
 Command-line flags override what is set here; relative paths are relative to this file.
 Written by `offramp calibrate`: re-running it updates `thresholds`, `score` and the [[calibration]] table of the
 split and leaves everything else alone."""
-
-
-def thresholds_line(thresholds: tuple[float, ...]) -> str:
-    return f"thresholds = {toml_value(thresholds)}"
 
 
 def calibrate_into(path: str | Path, checkpoint: str | Path, target: Target, score: str | None = None,
@@ -55,19 +52,14 @@ def write_thresholds(path: str | Path, checkpoint: str | Path, thresholds: tuple
     """Set ``thresholds`` and ``score`` (and calibration ``tables``) in the edge config at ``path``; True if the
     file was created."""
     path, thresholds = Path(path), tuple(float(t) for t in thresholds)  # numpy scalars are not TOML
-    lines = {"thresholds": thresholds_line(thresholds), "score": f"score = {toml_value(score)}"}
     check_checkpoint(path, checkpoint)
     if path.exists():
-        text = path.read_text()
-        for key, line in lines.items():
-            text = _set_key(text, key, line)
-        created = False
+        text, created = _edited(path.read_text(), thresholds, score, tables), False
     else:
         checkpoint_rel = os.path.relpath(Path(checkpoint).resolve(), path.resolve().parent)
         text = commented_toml(EdgeConfig, {"checkpoint": checkpoint_rel, "thresholds": thresholds, "score": score},
                               HEADER.format(name=path.name))
-        created = True
-    text = _set_tables(text, tables)
+        text, created = _with_tables(text, tables), True
     parsed = tomllib.loads(text)  # never write a file the edge cannot read
     if parsed.get("thresholds") != list(thresholds) or parsed.get("score") != score:
         raise OfframpError(f"could not update {path}: keep thresholds and score as top-level keys")
@@ -88,33 +80,31 @@ def table_text(table: CalibrationTable) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _set_tables(text: str, tables: tuple[CalibrationTable, ...]) -> str:
-    """``text`` with each of ``tables`` replacing the ``[[calibration]]`` table of its split, at the end."""
+def _edited(text: str, thresholds: tuple[float, ...], score: str, tables: tuple[CalibrationTable, ...]) -> str:
+    """``text`` with the new thresholds and score, and each of ``tables`` replacing its split's table."""
+    try:
+        doc = tomlkit.parse(text)
+    except tomlkit.exceptions.ParseError as e:
+        raise OfframpError(f"the edge config is not valid TOML: {e}") from None
+    doc["thresholds"] = list(thresholds)
+    doc["score"] = score
+    splits = {t.split_block for t in tables}
+    if splits and isinstance(doc.get("calibration"), list):
+        stored = doc["calibration"]
+        for i in reversed(range(len(stored))):
+            if isinstance(stored[i], dict) and stored[i].get("split_block") in splits:
+                del stored[i]
+        if not len(stored):
+            del doc["calibration"]
+    return _with_tables(tomlkit.dumps(doc), tables)
+
+
+def _with_tables(text: str, tables: tuple[CalibrationTable, ...]) -> str:
+    """``tables`` appended at the end of ``text``, one per split, as ``table_text`` writes them."""
     if not tables:
         return text
-    splits = {t.split_block for t in tables}
-    blocks = re.split(r"(?m)^(?=\[)", text)  # the top-level part, then one block per table header
-    kept = [b for b in blocks if not (b.startswith("[[calibration]]") and _split_of(b) in splits)]
-    body = "".join(kept).rstrip("\n") + "\n"
+    body = text.rstrip("\n") + "\n"
     return body + "".join("\n" + table_text(t) for t in sorted(tables, key=lambda t: t.split_block))
-
-
-def _split_of(block: str) -> int | None:
-    try:
-        return tomllib.loads(block)["calibration"][0].get("split_block")
-    except (tomllib.TOMLDecodeError, KeyError, IndexError, AttributeError):
-        return None
-
-
-def _set_key(text: str, key: str, line: str) -> str:
-    """Replace the top-level ``key = ...`` (arrays may span lines), or add it before the first table."""
-    pattern = re.compile(rf"^{key}\s*=\s*(\[[^\]]*\]|[^\n]*)[^\n]*$", re.M)
-    if pattern.search(text):
-        return pattern.sub(lambda _: line, text, count=1)
-    table = re.search(r"^\[", text, re.M)
-    at = table.start() if table else len(text)
-    prefix = text[:at] if not text[:at] or text[:at].endswith("\n") else text[:at] + "\n"
-    return prefix + line + "\n" + text[at:]
 
 
 def check_checkpoint(path: str | Path, checkpoint: str | Path) -> None:
