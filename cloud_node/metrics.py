@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from offramp.serving.process_metrics import add_process_metrics
+
 from offramp.serving.labels import Children
 
 # Stage latencies span sub-millisecond decodes to multi-second overloads.
@@ -20,6 +22,7 @@ class CloudMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        add_process_metrics(self.registry, "cloud")
         self.requests = Counter(
             "offramp_cloud_requests",
             "Requests answered (offramp.v1 offloads and OIP ModelInfer calls), by gRPC status code name.",

@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from offramp.serving.process_metrics import add_process_metrics
+
 from offramp.serving.labels import Children
 from offramp.core.wire import pb
 
@@ -33,6 +35,7 @@ class EdgeMetrics:
     def __init__(self, connected: Callable[[], float]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        add_process_metrics(r, "edge")
         self.answers = Counter("offramp_edge_answers", "Answers, by where they were decided (exit:NAME or cloud)",
                                ["decided_by"], registry=r)
         self.degraded = Counter("offramp_edge_degraded_answers",

@@ -216,3 +216,16 @@ def test_unordered_map_yields_answers_as_they_finish() -> None:
         return [r async for r in unordered_map(items(), handle)]
 
     assert run(go()) == [0.0, 0.02, 0.05]
+
+
+def test_both_daemons_report_their_build_and_process() -> None:
+    from prometheus_client import generate_latest
+
+    from cloud_node.metrics import CloudMetrics
+    from edge_node.metrics import EdgeMetrics
+    from offramp import __version__
+
+    for metrics, role in ((CloudMetrics(), "cloud"), (EdgeMetrics(lambda: 1.0), "edge")):
+        text = generate_latest(metrics.registry).decode()
+        assert f'role="{role}"' in text and f'version="{__version__}"' in text and "offramp_build_info{" in text
+        assert "process_resident_memory_bytes" in text and "python_info" in text
