@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from offramp.core.checkpoint import Card, load_checkpoint, save_checkpoint
@@ -137,6 +138,7 @@ def run_backbone(b: Backbone, cfg: TrainConfig, lrs: list[float], checkpoints: P
     train_exits(model, data.train, cfg, cache=cache, lr=rates)
     heads = evaluate(model, data.val)
     best = [(heads[i].summary()["accuracy"], rates[i], copy.deepcopy(model.exits[i].state_dict())) for i in range(n)]
+    correct = {(i, labels[i]): heads[i].correct for i in range(n)}  # per sample, for paired comparisons
     final_acc = heads[-1].summary()["accuracy"]
     slvit = [i for i in range(n) if labels[i] == "SL-ViT"]
     copycat: dict[str, dict[int, float]] = {}
@@ -149,6 +151,8 @@ def run_backbone(b: Backbone, cfg: TrainConfig, lrs: list[float], checkpoints: P
                         lr=best[i][1])
         res = evaluate(model, data.val)
         copycat[mode] = {i: res[i].summary()["accuracy"] for i in slvit}
+        for i in slvit:
+            correct[i, "CC-SL-ViT" if mode == "hard" else "CC-SL-ViT (soft)"] = res[i].correct
         tuned[mode] = {i: copy.deepcopy(model.exits[i].state_dict()) for i in slvit}
     del cache
 
@@ -161,7 +165,7 @@ def run_backbone(b: Backbone, cfg: TrainConfig, lrs: list[float], checkpoints: P
             entries += [("CC-SL-ViT", copycat["hard"][i]), ("CC-SL-ViT (soft)", copycat["soft"][i])]
         for label, acc in entries:
             rows.append({"position": e.position, "exit": label, "accuracy": acc, "params": params, "macs": macs,
-                         "lr": best[i][1], "options": e.options})
+                         "lr": best[i][1], "options": e.options, "correct": correct[i, label]})
     rows.sort(key=lambda r: (r["position"], r["macs"], r["exit"]))
     if checkpoints is not None:
         deploy(model, labels, tuned["hard"], card, checkpoints / b.name, b.positions)
@@ -200,21 +204,49 @@ def load_validation_of(card: Card):
     return load_validation(card)[0]
 
 
+def compare(a: dict[str, Any], b: dict[str, Any], n: int) -> dict[str, Any]:
+    """Is ``a`` more accurate than ``b`` on the same samples? The difference in points with its standard error
+    (paired, from per-sample correctness, when this run has it; else as two independent proportions), and a
+    verdict: "yes" or "no" beyond two standard errors, "tie" within them."""
+    diff = a["accuracy"] - b["accuracy"]
+    if a.get("correct") is not None and b.get("correct") is not None:
+        d = np.asarray(a["correct"], np.float64) - np.asarray(b["correct"], np.float64)
+        se, paired = float(d.std(ddof=1) / np.sqrt(len(d))), True
+    else:
+        se = float(np.sqrt((a["accuracy"] * (1 - a["accuracy"]) + b["accuracy"] * (1 - b["accuracy"])) / n))
+        paired = False
+    said = "yes" if diff > 2 * se else "no" if diff < -2 * se else "tie"
+    return {"verdict": said, "diff_points": round(100 * diff, 2), "se_points": round(100 * se, 2), "paired": paired}
+
+
 def verdict(result: dict[str, Any]) -> dict[str, Any]:
-    """The paper's claims, checked on this run's numbers, position by position."""
+    """The paper's claims, checked on this run's numbers position by position, each with its standard error.
+
+    Copycat is judged on the hard variant, the one deployed; the soft one is reported beside it, not pooled
+    with it (taking the better of two would give the claim two chances)."""
     by = {(r["position"], r["exit"]): r for r in result["rows"]}
+    n = result["val_samples"]
     out: dict[str, Any] = {}
     for p in sorted({r["position"] for r in result["rows"]}):
         sl, cnn, mlp = by[p, "SL-ViT"], by[p, "CNN"], by[p, "MLP"]
         out[str(p)] = {
-            "slvit_beats_cnn": sl["accuracy"] > cnn["accuracy"],
-            "slvit_beats_mlp": sl["accuracy"] > mlp["accuracy"],
+            "slvit_beats_cnn": compare(sl, cnn, n),
+            "slvit_beats_mlp": compare(sl, mlp, n),
             "slvit_fewer_macs_than_cnn": sl["macs"] < cnn["macs"],
-            "slvit_beats_cnn_at_cnn_macs": by[p, "SL-ViT (CNN's MACs)"]["accuracy"] > cnn["accuracy"],
-            "slvit_beats_cnn_at_slvit_macs": sl["accuracy"] > by[p, "CNN (SL-ViT's MACs)"]["accuracy"],
-            "copycat_helps": max(by[p, "CC-SL-ViT"]["accuracy"], by[p, "CC-SL-ViT (soft)"]["accuracy"]) > sl["accuracy"],
+            "slvit_beats_cnn_at_cnn_macs": compare(by[p, "SL-ViT (CNN's MACs)"], cnn, n),
+            "slvit_beats_cnn_at_slvit_macs": compare(sl, by[p, "CNN (SL-ViT's MACs)"], n),
+            "copycat_helps": compare(by[p, "CC-SL-ViT"], sl, n),
+            "soft_copycat_helps": compare(by[p, "CC-SL-ViT (soft)"], sl, n),
         }
     return out
+
+
+def _said(claim: Any) -> str:
+    if isinstance(claim, bool):
+        return "yes" if claim else "NO"
+    if isinstance(claim, dict):
+        return f"{claim['verdict']} ({claim['diff_points']:+.2f} +- {claim['se_points']:.2f} pts)"
+    return str(claim)
 
 
 def print_result(result: dict[str, Any]) -> None:
@@ -225,7 +257,7 @@ def print_result(result: dict[str, Any]) -> None:
                        [[r["position"], r["exit"], r["accuracy"], r["params"], r["macs"], r["lr"]]
                         for r in result["rows"]]))
     for p, claims in result["verdict"].items():
-        print(f"  @{p}: " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in claims.items()))
+        print(f"  @{p}: " + ", ".join(f"{k}={_said(v)}" for k, v in claims.items()))
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
@@ -314,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     for b in chosen:
         res = run_backbone(b, cfg, lrs, ckpt, search_epochs=args.search_epochs)
         res["verdict"] = verdict(res)
+        for row in res["rows"]:
+            row.pop("correct", None)  # per-sample data served the paired tests; the JSON keeps the summaries
         res["command"] = command
         print_result(res)
         results.append(res)

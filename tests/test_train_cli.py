@@ -132,6 +132,10 @@ def test_exits_benchmark_quick_runs(tmp_path: Path) -> None:
     assert {r["exit"] for r in rows} >= {"MLP", "CNN", "SL-ViT", "CC-SL-ViT"}
     assert "position" in result.stdout and "CC-SL-ViT" in result.stdout
     assert out.with_suffix(".png").is_file()
+    claims = next(iter(data["results"][0]["verdict"].values()))
+    beats = claims["slvit_beats_cnn"]  # a verdict with its paired standard error, not a bare comparison
+    assert beats["verdict"] in ("yes", "no", "tie") and beats["paired"] is True and beats["se_points"] >= 0
+    assert "soft_copycat_helps" in claims and "+-" in result.stdout
 
 
 def test_version_and_verbose_anywhere(capsys: pytest.CaptureFixture) -> None:
