@@ -79,7 +79,10 @@ class _Handler(socketserver.BaseRequestHandler):
         elif command == b"S":
             self.server.sink_rates.append(_receive_rate(sock, n))
         elif command == b"O":
-            sock.sendall(bytes(n))
+            try:
+                sock.sendall(bytes(n))
+            except (ConnectionResetError, BrokenPipeError):
+                pass  # a receiver timing a window stops reading when its window ends
 
 
 class _Server(socketserver.ThreadingTCPServer):
