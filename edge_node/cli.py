@@ -68,11 +68,10 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_infer(args: argparse.Namespace) -> int:
-    import grpc
     from google.protobuf.json_format import MessageToJson
 
     from offramp.core.errors import OfframpError
-    from offramp.core.wire import pb, pb_grpc, status_code
+    from offramp.serving.client import EdgeClient
 
     args.files = expand_folders(args.files)
     if args.audio is not None:
@@ -80,36 +79,19 @@ def _run_infer(args: argparse.Namespace) -> int:
     if args.audio is not None and len(args.audio) != len(args.files):
         raise OfframpError(f"--audio names {len(args.audio)} clips for {len(args.files)} files: give one per file")
 
-    def read(name: str) -> bytes:
-        try:
-            return Path(name).read_bytes()
-        except OSError as e:
-            raise OfframpError(f"cannot read '{name}': {e.strerror}") from None
-
-    requests = []
-    for i, name in enumerate(args.files):
-        request = pb.InferRequest(request_id=i, encoded_file=read(name))
-        if args.audio is not None:
-            request.audio = read(args.audio[i])
-        requests.append(request)
-    with grpc.insecure_channel(args.edge) as channel:
-        try:
-            replies = {r.request_id: r for r in pb_grpc.EdgeStub(channel).InferStream(iter(requests),
-                                                                                     timeout=args.timeout)}
-        except grpc.RpcError as e:
-            raise _rpc_error(args.edge, e) from None
+    with EdgeClient(args.edge, timeout_s=args.timeout) as edge:
+        answers = edge.infer(args.files, args.audio)
     failed = False
-    for i, name in enumerate(args.files):
-        reply = replies.get(i)
-        failed |= reply is None or reply.status.code != 0
-        if reply is None:
+    for name, answer in zip(args.files, answers):
+        failed |= not answer.ok
+        if answer.reply is None:
             print(f"{name}: no answer", file=sys.stderr)
         elif args.json:
-            print(MessageToJson(reply, indent=None))
-        elif reply.status.code:
-            print(f"{name}: error {status_code(reply.status).name}: {reply.status.message}")
+            print(MessageToJson(answer.reply, indent=None))
+        elif not answer.ok:
+            print(f"{name}: error {answer.error}")
         else:
-            print(f"{name}: {describe_reply(reply)}")
+            print(f"{name}: {describe_reply(answer.reply)}")
     return 1 if failed else 0
 
 

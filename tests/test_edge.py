@@ -18,6 +18,7 @@ from helpers import LoopThread, edge_servers, wait_for
 from PIL import Image
 
 from cloud_node.server import serve as serve_cloud
+from offramp.core.errors import OfframpError
 from offramp.training.calibrate import Target, calibrate
 from edge_node.offload import pairing_problem
 from edge_node.policy import ExitPolicy, PolicyError, PolicySettings
@@ -272,7 +273,15 @@ def test_edge_cli_infer_and_policy(tiny_checkpoint: Path, inputs: torch.Tensor, 
         assert main(["infer", "--edge", edge.address, str(junk), str(digit)]) == 1
         lines = capsys.readouterr().out.splitlines()
         assert lines[0].startswith(f"{junk}: error INVALID_ARGUMENT: cannot decode") and "by exit:" in lines[1]
+
+        from offramp.serving.client import EdgeClient  # what applications use: files, bytes and arrays alike
+        with EdgeClient(edge.address) as client:
+            answers = client.infer([digit, b"not a png", inputs[0].numpy()])
+        assert [a.ok for a in answers] == [True, False, True] and "INVALID_ARGUMENT" in answers[1].error
+        assert answers[0].decided_by.startswith("exit:") and answers[2].label and answers[0].latency_ms > 0
         assert edge.stop() == 0  # SIGTERM drains and exits cleanly
+    with pytest.raises(OfframpError, match="cannot reach the edge"), EdgeClient("127.0.0.1:9", timeout_s=2) as gone:
+        gone.infer([digit])
         assert f"offramp edge listening on {edge.address}" in edge.log_tail(100)
 
 

@@ -13,9 +13,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
 
-import grpc
 import numpy as np
 
 from offramp.core.checkpoint import CARD, read_card
@@ -26,7 +24,8 @@ from offramp.core.data.card_splits import load_validation
 from offramp.training.pipeline import TrainJob, run_training
 from offramp.core.tables import format_table
 from offramp.training.train import TrainConfig
-from offramp.core.wire import pb, pb_grpc
+from offramp.core.wire import pb
+from offramp.serving.client import EdgeClient, request
 
 DEMO_JOB = TrainJob(data="digits", model="vit_micro_32", exits="slvit@2,slvit@4")
 DEMO_TRAIN = TrainConfig(epochs=30, exit_epochs=10, copycat="hard", copycat_epochs=5, batch_size=64, lr=2e-3)
@@ -84,12 +83,6 @@ def calibrate(checkpoint: Path, edge_toml: Path) -> None:
     print(result.summary())
 
 
-def requests(x: np.ndarray) -> Iterator[pb.InferRequest]:
-    for i, sample in enumerate(x):
-        yield pb.InferRequest(request_id=i, tensor=pb.RawTensor(shape=list(sample.shape),
-                                                                data=sample.astype(np.float32).tobytes()))
-
-
 def run_demo(workdir: str, retrain: bool = False, data: str = "digits", model: str | None = None) -> int:
     work = Path(workdir)
     checkpoint = ensure_demo_model(work, retrain, data, model)
@@ -105,8 +98,8 @@ def run_demo(workdir: str, retrain: bool = False, data: str = "digits", model: s
                                     "--cloud", cloud.address], log_path=work / "edge.log") as edge:
             print(f"edge serving on {edge.address}; sending {len(x)} validation inputs...", flush=True)
             start = time.perf_counter()
-            with grpc.insecure_channel(edge.address) as channel:
-                replies = list(pb_grpc.EdgeStub(channel).InferStream(requests(x), timeout=120))
+            with EdgeClient(edge.address) as client:  # the raw stream: the summary checks one answer per request
+                replies = list(client.stream(request(i, sample) for i, sample in enumerate(x)))
             wall = time.perf_counter() - start
         print(f"edge stopped (status {edge.proc.returncode}); cloud stopped (status {cloud.stop()})")
     print_summary(card, replies, y, wall)
