@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import platform
 import socket
 import socketserver
@@ -38,8 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from offramp.core.hostinfo import machine
 from offramp.netem import PROFILES, LinkProfile, LinkProxy, ProxyThread, parse_profile
-from offramp.netem.trace import PACKET_BYTES, Trace, load_trace
+from offramp.netem.trace import Trace, load_trace
 
 RESULTS = Path(__file__).parent / "results"
 TARGET = 0.10
@@ -285,6 +285,29 @@ def _next_opportunity(trace: Trace, t: float) -> float:
     return laps * trace.period_s + float(trace.times_s[i])
 
 
+def plot_traces(trace_rows: list[dict[str, Any]], path: Path) -> None:
+    """Per trace and direction: the trace's capacity and the bytes delivered, second by second."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(trace_rows), 1, figsize=(9, 1.6 * len(trace_rows)), sharex=True, squeeze=False)
+    for ax, r in zip(axes[:, 0], trace_rows):
+        t = range(len(r["capacity_bytes_per_s"]))
+        ax.step(t, [8 * b / 1e6 for b in r["capacity_bytes_per_s"]], where="post", color="0.6", label="trace capacity")
+        ax.step(t, [8 * b / 1e6 for b in r["delivered_bytes_per_s"]], where="post", color="C0", lw=1,
+                label="delivered")
+        ax.set_ylabel("Mbit/s", fontsize=7)
+        ax.set_title(f"{r['trace']} {r['direction']}: ratio {r['ratio']:.3f}", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0, 0].legend(fontsize=7, loc="upper right")
+    axes[-1, 0].set_xlabel("seconds from the link's start")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """Configured vs measured, with ratios (1.00 is perfect)."""
     headers = ["profile", "delay ms", "added", "ratio", "up Mbit/s", "measured", "ratio", "down Mbit/s",
@@ -350,10 +373,11 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python -m bench.link", *(argv if argv is not None else sys.argv[1:])])
     out.write_text(json.dumps({"command": command, "seconds": time.perf_counter() - t0, "target": TARGET,
                                "direct_one_way_ms": base_ms,
-                               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                           "python": platform.python_version()},
+                               "machine": {**machine(), "platform": platform.platform()},
                                "results": rows, "trace_target": TRACE_TARGET, "traces": trace_rows,
                                "trace_probes": probe_rows}, indent=2) + "\n")
+    if trace_rows:
+        plot_traces(trace_rows, out.with_suffix(".png"))
     print(f"\nwrote {out}")
     return 0
 
