@@ -48,6 +48,7 @@ from offramp.training.train import HeadResult, evaluate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99)
+_EVALUATED: dict[tuple[str, str], tuple[list[HeadResult], list[HeadResult]]] = {}
 
 
 def parse_model(spec: str) -> tuple[str, str, list[str] | None]:
@@ -137,9 +138,12 @@ def measure_model(label: str, checkpoint: str, names: list[str] | None, args: ar
         selection, chosen_on = load_selection(card), "selection"
     except OfframpError:
         selection, chosen_on = val, "validation (the card has no selection split: the choice is not held out)"
-    print(f"[{label}] evaluating on {len(val)} validation and {len(selection)} selection images", flush=True)
-    r_val = evaluate(model, val, score=score)
-    r_sel = evaluate(model, selection, score=score) if selection is not val else r_val
+    key = (checkpoint, card.fingerprint)
+    if key not in _EVALUATED:  # several curves may walk different exits of one checkpoint: evaluate it once
+        print(f"[{label}] evaluating on {len(val)} validation and {len(selection)} selection images", flush=True)
+        r_val = evaluate(model, val, score=score)
+        _EVALUATED[key] = (r_val, evaluate(model, selection, score=score) if selection is not val else r_val)
+    r_val, r_sel = _EVALUATED[key]
     exits_val, final_val = [r_val[i] for i in ids], r_val[-1]
     exits_sel, final_sel = [r_sel[i] for i in ids], r_sel[-1]
     costs = head_costs(model, input_shape, ids)
