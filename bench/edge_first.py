@@ -117,7 +117,8 @@ def training_compute(card: Card) -> dict[str, Any]:
     teacher = t.get("teacher", {}).get("checkpoint")
     if teacher and Path(teacher, "card.json").is_file():
         tt = json.loads(Path(teacher, "card.json").read_text()).get("metrics", {}).get("training", {})
-        out["teacher"] = {"checkpoint": teacher, **{k: tt[k] for k in ("wall_s", "epochs", "flops") if k in tt}}
+        out["teacher"] = {"checkpoint": os.path.relpath(teacher), **{k: tt[k] for k in ("wall_s", "epochs", "flops")
+                                                                      if k in tt}}
     return out
 
 
