@@ -122,6 +122,46 @@ def training_compute(card: Card) -> dict[str, Any]:
     return out
 
 
+def step_flops(variant: str, exits: str = "none") -> tuple[float, float]:
+    """FLOPs of one training step per sample (forward and backward, every exit's loss included) and of one
+    forward pass, counted by FlopCounterMode on the variant as its recipe trains it."""
+    from offramp.core.models import ModelConfig, parse_exits
+    from offramp.core.models.cost import StepFlops
+
+    model = MultiExitModel(ModelConfig(variant, (32, 32), 3, 10, exits=parse_exits(exits)))
+    x, counter = torch.zeros(4, 3, 32, 32), StepFlops()
+    with counter:
+        outs, out = model(x)
+        loss = out.sum() + sum(o.sum() for o in outs)
+    with counter:
+        loss.backward()
+    return counter.per_sample(4), 2.0 * count_macs(model.backbone, x)
+
+
+def training_budget(card: Card) -> dict[str, Any]:
+    """This model's training FLOPs (its card's count, its teacher's training and answers) against the
+    reference: hybrid_c10 and its airbench_c10 teacher as their recipes train them on 45,000 images."""
+    from offramp.training.recipes import RECIPES
+
+    n_ref = 45_000
+    teacher_step, teacher_fwd = step_flops("airbench_c10")
+    hybrid_step, _ = step_flops("hybrid_c10")
+    teacher = teacher_step * n_ref * RECIPES["airbench_c10"].settings["epochs"]
+    hybrid = hybrid_step * n_ref * RECIPES["hybrid_c10"].settings["epochs"]
+    answers_ref = teacher_fwd * n_ref * RECIPES["hybrid_c10"].settings["teacher_views"]
+    reference = teacher + hybrid + answers_ref
+    t = card.metrics.get("training", {})
+    if "flops" not in t:
+        return {"reference_flops": reference, "note": "the card records no training FLOPs"}
+    own_teacher = teacher if t.get("teacher") else 0.0  # the same teacher recipe as the reference's
+    ours = t["flops"] + t.get("teacher_answer_flops", 0.0) + own_teacher
+    return {"reference_flops": reference, "reference": {"airbench_c10_teacher": teacher, "hybrid_c10": hybrid,
+                                                        "teacher_answers": answers_ref},
+            "flops": ours, "parts": {"student": t["flops"], "teacher_answers": t.get("teacher_answer_flops", 0.0),
+                                     "airbench_c10_teacher": own_teacher},
+            "ratio": ours / reference, "limit": 1.3}
+
+
 def measure_model(label: str, checkpoint: str, names: list[str] | None, args: argparse.Namespace,
                   tmp: Path) -> dict[str, Any]:
     model, card = load_checkpoint(checkpoint)
@@ -211,6 +251,7 @@ def measure_model(label: str, checkpoint: str, names: list[str] | None, args: ar
                              "macs_speedup": full_macs / selection_point.mean_macs},
         },
         "training": training_compute(card),
+        "training_budget": training_budget(card),
     }
 
 
