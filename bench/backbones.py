@@ -21,21 +21,12 @@ from typing import Any
 
 import torch
 
+from offramp.core.hostinfo import cpu_name
 from offramp.core.checkpoint import read_card
 from offramp.core.tables import format_table
 
 RESULTS = Path(__file__).parent / "results"
 FAMILY = {"map": "cnn", "tokens": "vit"}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def entry(directory: str) -> dict[str, Any]:

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.backbones import cpu_name
-from bench.codec import run as codec_rows
+from offramp.core.hostinfo import cpu_name
+from orchestrator.codec_table import run as codec_rows
 from offramp.core.checkpoint import bottleneck_id, load_checkpoint
 from offramp.core.codec import DecodeLimits, decode, encode_code, zstd_dictionary
 from offramp.core.exit_rule import never_leave

@@ -28,8 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.load import write_result
-from bench.offload import drive_streams
+from orchestrator.loadgen import drive_streams, write_result
 from edge_node.offload import OffloadClient, OffloadSettings
 from offramp.core.checkpoint import load_checkpoint
 from offramp.core.codec import CodecConfig, decode, encode

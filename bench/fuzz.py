@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(["rpc", "messages", "UNKNOWN/INTERNAL", "log bytes", "per refused", "serving", "statuses"],
                        rows))
     print("RSS (MB): " + ", ".join(f"{n} {r['before_mb']:.0f} -> {r['after_mb']:.0f}" for n, r in rss.items()))
-    from bench.offload import machine
+    from orchestrator.loadgen import machine
     out = {"command": "python -m bench.fuzz " + " ".join(argv if argv is not None else sys.argv[1:]),
            "machine": machine(),
            "count_per_rpc": args.count, "seed": args.seed, "results": results, "rss": rss,

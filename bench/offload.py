@@ -32,7 +32,6 @@ import contextlib
 import json
 import multiprocessing
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -42,8 +41,8 @@ import grpc
 import numpy as np
 import torch
 
-from bench import codec as codec_bench
-from bench.load import closed_loop, load_summary, percentiles
+from orchestrator import codec_table
+from orchestrator.loadgen import SERVER_CORES, client_cores, drive_streams, machine, percentiles
 from edge_node.offload import OffloadClient, OffloadSettings
 from offramp.core.checkpoint import load_checkpoint
 from offramp.core.codec import CodecConfig, encode
@@ -58,12 +57,6 @@ from offramp.core.wire import make_status, pb, pb_grpc
 
 RESULTS = Path(__file__).parent / "results"
 CODEC = CodecConfig(dtype="int8", zstd_level=3)
-SERVER_CORES = {0}
-
-
-def client_cores() -> set[int]:
-    """Every core but the servers' (all of them on a one-core machine)."""
-    return (set(os.sched_getaffinity(0)) - SERVER_CORES) or set(os.sched_getaffinity(0))
 
 
 def timed_p50(fn, seconds: float = 1.0) -> float:
@@ -135,40 +128,6 @@ def end_to_end(checkpoint: str, x: torch.Tensor, n: int, threads: int, cores: se
         client_ms, stages = sequential_infer(edge.address, x, n)
     return {"threads": threads, "pinned": sorted(cores) if cores else None, "requests": len(client_ms),
             "client_ms": percentiles(client_ms), "stages_ms": {k: percentiles(v) for k, v in stages.items()}}
-
-
-async def drive_streams(address: str, fingerprint: str, split: int, tokens: list[pb.EncodedTensor], edges: int,
-                        window: int, seconds: float) -> dict[str, Any]:
-    """``edges`` clients, one stream each, ``window`` requests in flight per stream, for ``seconds``."""
-    clients = [OffloadClient([address], fingerprint, split, OffloadSettings()) for _ in range(edges)]
-    for c in clients:
-        c.start()
-    connect_by = time.perf_counter() + 30
-    while not all(c.connected_to for c in clients):  # each client dials and checks the pairing first
-        if time.perf_counter() > connect_by:
-            raise RuntimeError("edge clients did not connect to the cloud within 30 s")
-        await asyncio.sleep(0.01)
-    latencies: list[float] = []
-    batch_sizes: list[int] = []
-    compute: list[float] = []
-
-    async def request(worker: int, i: int) -> None:
-        n = (worker + i * edges * window) % len(tokens)  # every worker its own share of the samples
-        req = pb.OffloadRequest(model_fingerprint=fingerprint, split_block=split, tokens=tokens[n])
-        t0 = time.perf_counter()
-        reply = await clients[worker // window].infer(req, timeout_s=30)
-        latencies.append((time.perf_counter() - t0) * 1e3)
-        batch_sizes.append(reply.batch_size)
-        compute.append(reply.timings.compute_ms)
-
-    try:
-        warm = pb.OffloadRequest(model_fingerprint=fingerprint, split_block=split, tokens=tokens[0])
-        for _ in range(20):
-            await asyncio.gather(*(c.infer(warm, timeout_s=30) for c in clients))
-        wall = await closed_loop(request, edges * window, seconds)
-    finally:
-        await asyncio.gather(*(c.close() for c in clients))
-    return load_summary(edges, window, wall, latencies, compute, batch_sizes)
 
 
 class _EchoOffload(pb_grpc.OffloadServicer):
@@ -320,12 +279,6 @@ async def offload_runs(checkpoint: str, fingerprint: str, split: int, tokens: li
     return runs
 
 
-def machine() -> dict[str, Any]:
-    from bench.backbones import cpu_name
-    return {"cpu": cpu_name(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "server_cores": sorted(SERVER_CORES), "client_cores": sorted(client_cores())}
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench.offload", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default="runs/bench-exits/cifar10-vit")
@@ -353,7 +306,7 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> int:
         "command": "python -m bench.offload " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine()}
 
-    result["codec"] = codec = codec_bench.run(args.checkpoint, args.samples)
+    result["codec"] = codec = codec_table.run(args.checkpoint, args.samples)
     print(f"(a) codec: {codec['samples']} samples, tokens {codec['token_shape']}, "
           f"input JPEG q90 {codec['jpeg_bytes']:.0f} B / PNG {codec['png_bytes']:.0f} B")
     print(format_table(["codec", "bytes", "x smaller", "vs JPEG", "encode ms", "decode ms", "accuracy", "change (pts)"],
@@ -446,7 +399,7 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> int:
 def ray_serve_comparison(args: argparse.Namespace, ours: dict[str, Any],
                          requests: list[pb.OffloadRequest]) -> dict[str, Any]:
     """Ray Serve on the same tail, requests, cores and load as ``ours``; the reason instead when it cannot run."""
-    from bench.ray_serve import RayServeMissing, run_ray_serve_baseline
+    from orchestrator.ray_serve import RayServeMissing, run_ray_serve_baseline
     try:
         run = run_ray_serve_baseline(args.checkpoint, requests=requests, edges=ours["edges"], window=ours["window"],
                                      seconds=args.seconds, server_cores=sorted(SERVER_CORES),

@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from bench.backbones import cpu_name
-from bench.load import percentiles, write_result
+from offramp.core.hostinfo import cpu_name
+from orchestrator.loadgen import percentiles, write_result
 from offramp.core.checkpoint import load_checkpoint
 from offramp.core.exit_rule import always_leave, never_leave
 from offramp.core.onnx_edge import OnnxEdgeHalf, export_onnx, parity, read_manifest

@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from bench.load import offload_tokens, percentiles, write_result
-from bench.offload import SERVER_CORES, client_cores, drive_streams, machine
-from edge_node.offload import CloudError, DeadlineExceeded, OffloadClient, OffloadError, OffloadSettings
+from orchestrator.loadgen import (SERVER_CORES, client_cores, connected_clients, drive_streams, machine, offload_tokens,
+                                  percentiles, write_result)
+from edge_node.offload import CloudError, DeadlineExceeded, OffloadClient, OffloadError
 from offramp.serving.daemon_proc import DaemonProcess
 from offramp.core.tables import format_table
 from offramp.core.wire import pb
@@ -58,18 +58,6 @@ def outcome(error: OffloadError | None) -> str:
             return "RESOURCE_EXHAUSTED (stream limit)" if "on this stream" in why else "RESOURCE_EXHAUSTED (queue)"
         return code
     return type(error).__name__
-
-
-async def connected_clients(address: str, fingerprint: str, split: int) -> list[OffloadClient]:
-    clients = [OffloadClient([address], fingerprint, split, OffloadSettings()) for _ in range(STREAMS)]
-    for c in clients:
-        c.start()
-    by = time.perf_counter() + 30
-    while not all(c.connected_to for c in clients):
-        if time.perf_counter() > by:
-            raise RuntimeError("clients did not connect within 30 s")
-        await asyncio.sleep(0.01)
-    return clients
 
 
 async def open_loop(clients: list[OffloadClient], requests: list[pb.OffloadRequest], rate: float, seconds: float,
@@ -152,7 +140,7 @@ async def run(args: argparse.Namespace, fingerprint: str, split: int, tokens: li
         capacity = probe["throughput_rps"]
         print(f"capacity: {capacity:.0f} req/s (closed loop {STREAMS} x {WINDOW}, mean batch {probe['mean_batch']:.1f})",
               flush=True)
-        clients = await connected_clients(cloud.address, fingerprint, split)
+        clients = await connected_clients(cloud.address, fingerprint, split, STREAMS)
         try:
             over = await open_loop(clients, requests, args.factor * capacity, args.seconds, args.deadline_ms)
             back = await recovery(clients, requests, args.recovery_seconds, capacity)

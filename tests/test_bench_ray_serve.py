@@ -10,7 +10,7 @@ pytest.importorskip("ray.serve", reason="Ray Serve is not installed (the 'serve'
 
 
 def test_ray_serve_baseline_answers_like_cloud_half(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from bench.ray_serve import run_ray_serve_baseline
+    from orchestrator.ray_serve import run_ray_serve_baseline
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a private cluster on this machine, for the test's length only
     cores = sorted(os.sched_getaffinity(0))

@@ -94,3 +94,10 @@ def test_a_climbing_import_is_caught(tmp_path: Path) -> None:
     assert layer_of("bench.exits") < layer_of("offramp.cli.demo")
     with pytest.raises(AssertionError, match="no layer"):
         layer_of("offramp.somewhere")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "bench").glob("*.py")), ids=lambda p: p.name)
+def test_benchmarks_import_the_project_not_each_other(path: Path) -> None:
+    """Shared benchmark machinery (load, core pinning, results files) lives in orchestrator/, not in a benchmark."""
+    others = sorted(n for n in imported(path) if n == "bench" or n.startswith("bench."))
+    assert not others, f"{path.name} imports {others}"

@@ -1,0 +1,139 @@
+"""Load on a cloud's offload stream, for the benchmarks: payloads, connected clients, closed loops, summaries.
+
+Every serving benchmark drives the cloud the same way, so the pieces live here once: the split tokens of
+validation inputs as an edge would send them (``offload_tokens``), edge clients that have dialled and
+checked the pairing (``connected_clients``), ``closed_loop`` workers, ``drive_streams`` (clients x requests
+in flight for some seconds), percentile summaries, the core split between servers and load generators, and
+the results file. ``orchestrator.workload`` drives an edge's own API the same way a camera would.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edge_node.offload import OffloadClient, OffloadSettings
+from offramp.core.hostinfo import machine as host_machine
+from offramp.core.wire import pb
+
+SERVER_CORES = {0}  # servers run here; load generators on the other cores
+
+
+def client_cores() -> set[int]:
+    """Every core but the servers' (all of them on a one-core machine)."""
+    return (set(os.sched_getaffinity(0)) - SERVER_CORES) or set(os.sched_getaffinity(0))
+
+
+def machine() -> dict[str, Any]:
+    """The host, and how the benchmark split its cores between servers and load."""
+    return {**host_machine(), "server_cores": sorted(SERVER_CORES), "client_cores": sorted(client_cores())}
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float]:
+    """p50, p95, p99 and mean of ``values`` (NaN when there are none)."""
+    a = np.asarray(values if len(values) else [float("nan")])
+    return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
+            "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
+
+
+async def closed_loop(request: Callable[[int, int], Awaitable[None]], workers: int, seconds: float) -> float:
+    """Run ``workers`` loops of ``await request(worker, i)`` (i counts that worker's requests) for ``seconds``.
+
+    Returns the wall time, from the start to the last answer: every worker
+    finishes the request it has in flight when time is up.
+    """
+    stop_at = time.perf_counter() + seconds
+
+    async def worker(k: int) -> None:
+        i = 0
+        while time.perf_counter() < stop_at:
+            await request(k, i)
+            i += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(k) for k in range(workers)))
+    return time.perf_counter() - start
+
+
+def load_summary(edges: int, window: int, wall: float, latencies: Sequence[float], compute: Sequence[float],
+                 batch_sizes: Sequence[int]) -> dict[str, float | int | dict[str, float]]:
+    """One row of a load run, the same keys for every server measured."""
+    return {"edges": edges, "window": window, "requests": len(latencies), "throughput_rps": len(latencies) / wall,
+            "latency_ms": percentiles(latencies), "cloud_compute_ms": percentiles(compute),
+            "mean_batch": float(np.mean(batch_sizes)) if len(batch_sizes) else 0.0}
+
+
+@torch.no_grad()
+def offload_tokens(checkpoint: str, samples: int, per_request: int = 1) -> tuple[Any, torch.Tensor, list[Any]]:
+    """(card, inputs, encoded tokens): the edge half's split tokens for ``samples`` validation inputs, every
+    exit told never to answer, int8 + zstd, ``per_request`` samples per message."""
+    from offramp.core.checkpoint import load_checkpoint
+    from offramp.core.codec import CodecConfig, encode
+    from offramp.core.data.card_splits import load_validation
+    from offramp.core.exit_rule import never_leave
+    from offramp.core.halves import EdgeHalf
+
+    model, card = load_checkpoint(checkpoint)
+    x = load_validation(card)[0].tensors[0][:samples]
+    edge = EdgeHalf(model, card.split_block)
+    tokens = edge.run(x, [never_leave("max_prob")] * edge.num_exits, "max_prob").tokens
+    codec = CodecConfig(dtype="int8", zstd_level=3)
+    return card, x, [encode(tokens[i:i + per_request], codec) for i in range(0, len(x) - per_request + 1, per_request)]
+
+
+async def connected_clients(address: str, fingerprint: str, split: int, count: int,
+                            timeout_s: float = 30.0) -> list[OffloadClient]:
+    """``count`` edge clients of the cloud at ``address``, each dialled and its pairing checked."""
+    clients = [OffloadClient([address], fingerprint, split, OffloadSettings()) for _ in range(count)]
+    for c in clients:
+        c.start()
+    by = time.perf_counter() + timeout_s
+    while not all(c.connected_to for c in clients):
+        if time.perf_counter() > by:
+            await asyncio.gather(*(c.close() for c in clients))
+            raise RuntimeError(f"edge clients did not connect to the cloud within {timeout_s:g} s")
+        await asyncio.sleep(0.01)
+    return clients
+
+
+async def drive_streams(address: str, fingerprint: str, split: int, tokens: list[pb.EncodedTensor], edges: int,
+                        window: int, seconds: float) -> dict[str, Any]:
+    """``edges`` clients, one stream each, ``window`` requests in flight per stream, for ``seconds``."""
+    clients = await connected_clients(address, fingerprint, split, edges)
+    latencies: list[float] = []
+    batch_sizes: list[int] = []
+    compute: list[float] = []
+
+    async def request(worker: int, i: int) -> None:
+        n = (worker + i * edges * window) % len(tokens)  # every worker its own share of the samples
+        req = pb.OffloadRequest(model_fingerprint=fingerprint, split_block=split, tokens=tokens[n])
+        t0 = time.perf_counter()
+        reply = await clients[worker // window].infer(req, timeout_s=30)
+        latencies.append((time.perf_counter() - t0) * 1e3)
+        batch_sizes.append(reply.batch_size)
+        compute.append(reply.timings.compute_ms)
+
+    try:
+        warm = pb.OffloadRequest(model_fingerprint=fingerprint, split_block=split, tokens=tokens[0])
+        for _ in range(20):
+            await asyncio.gather(*(c.infer(warm, timeout_s=30) for c in clients))
+        wall = await closed_loop(request, edges * window, seconds)
+    finally:
+        await asyncio.gather(*(c.close() for c in clients))
+    return load_summary(edges, window, wall, latencies, compute, batch_sizes)
+
+
+def write_result(result: dict[str, Any], out: str | Path) -> Path:
+    """The benchmark's JSON, its folder made if need be."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out} ({result.get('wall_s', 0):.0f} s)")
+    return out
