@@ -1,6 +1,6 @@
 """Offload path on loopback: codec bytes, framework overhead, and the cloud's batching at both ends of load.
 
-(a) codec table (see bench/codec.py): bytes per offloaded sample vs accuracy,
+(a) codec table (orchestrator/codec_table.py, alone: bench/codec.py): bytes per offloaded sample vs accuracy,
     with the input's own JPEG/PNG size as yardstick;
 (b) latency per stage through the real daemons (client -> edge -> cloud),
     every sample offloaded; framework overhead = end to end minus the edge
