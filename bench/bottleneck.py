@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import os
 import shlex
@@ -32,6 +31,7 @@ from PIL import Image
 
 from offramp.core.hostinfo import cpu_name
 from orchestrator.codec_table import run as codec_rows
+from orchestrator.loadgen import write_result
 from offramp.core.checkpoint import bottleneck_id, load_checkpoint
 from offramp.core.codec import DecodeLimits, decode, encode_code, zstd_dictionary
 from offramp.core.exit_rule import never_leave
@@ -182,11 +182,8 @@ def main(argv: list[str] | None = None) -> int:
               "wall_s": round(time.perf_counter() - start, 1), "checkpoint": args.checkpoint,
               "split_block": codecs["split_block"], "token_shape": codecs["token_shape"], "samples": samples,
               "float32_accuracy": reference, "jpeg_q90_bytes": jpeg90, "rows": rows, "best": best}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_result(result, args.out)
     plot(result, out.with_suffix(".png"))
-    print(f"wrote {out}")
     return 0
 
 

@@ -45,6 +45,7 @@ from offramp.training.report import head_costs
 from offramp.core.scores import default_score
 from offramp.core.halves import EdgeHalf, EdgeWalk
 from offramp.training.train import HeadResult, evaluate
+from orchestrator.loadgen import write_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99)
@@ -327,11 +328,8 @@ def main(argv: list[str] | None = None) -> int:
               "machine": {**machine(), "timing_core": args.core}, "max_drop_points": args.max_drop,
               "wall_s": time.perf_counter() - started, "models": models}
     report(result)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_result(result, args.out)
     plot(result, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png').name} ({result['wall_s']:.0f} s)")
     return 0
 
 
