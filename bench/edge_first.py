@@ -270,24 +270,28 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    drawn: set[str] = set()
     for i, m in enumerate(result["models"]):
         color = f"C{i}"
-        shared = [r for r in m["cascade"] if not r["chosen_on_selection"]]
-        shared.sort(key=lambda r: r["mean_macs"])
+        shared = sorted((r for r in m["cascade"] if not r["chosen_on_selection"]), key=lambda r: r["mean_macs"])
         ax.plot([r["mean_macs"] / 1e6 for r in shared], [r["accuracy"] * 100 for r in shared], "o-", color=color,
-                ms=4, label=f"{m['label']} cascade (shared thresholds)")
+                ms=4, lw=1.2, alpha=0.8, label=f"{m['label']}")
         b = [r for r in m["cascade"] if r["chosen_on_selection"]][0]
-        ax.plot(b["mean_macs"] / 1e6, b["accuracy"] * 100, "D", color=color, ms=8, mfc="none",
-                label=f"{m['label']}: chosen on selection ({b['macs_speedup']:.2f}x MACs)")
-        ax.plot(m["full_macs"] / 1e6, m["val_accuracy"] * 100, "*", color=color, ms=14,
-                label=f"{m['label']} full model")
-        ax.axhline((m["val_accuracy"] - 0.005) * 100, color=color, lw=0.6, ls=":")
+        ax.plot(b["mean_macs"] / 1e6, b["accuracy"] * 100, "D", color=color, ms=9, mfc="none")
+        if m["fingerprint"] not in drawn:  # several curves may walk one model: its full model once
+            drawn.add(m["fingerprint"])
+            ax.plot(m["full_macs"] / 1e6, m["val_accuracy"] * 100, "*", color="k", ms=14)
+            ax.annotate(f"{m['variant']} full model", (m["full_macs"] / 1e6, m["val_accuracy"] * 100),
+                        xytext=(-10, 8), textcoords="offset points", ha="right", fontsize=8)
+            ax.axhline((m["val_accuracy"] - 0.005) * 100, color="0.5", lw=0.7, ls=":")
+    ax.plot([], [], "D", color="0.3", mfc="none", label="chosen on the selection split (per-exit thresholds)")
+    ax.plot([], [], ":", color="0.5", label="0.5 points below the full model")
     ax.set_xlabel("mean MACs per input (millions; every exit tried counted)")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title("Early-exit cascades: accuracy against mean compute per input")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="lower right", title="cascades (shared thresholds)", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
