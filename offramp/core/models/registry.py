@@ -95,7 +95,7 @@ def hybrid_c10(**kw) -> SplittableBackbone:
 @register
 def edge_c10(**kw) -> SplittableBackbone:
     """Edge-first hybrid ViT: hybrid_c10's conv tokenizer with each conv layer a block of its own (exits after
-    2 of them cost 13% of the model), then 6 transformer blocks of width 192. Its recipe trains the exits with
+    2 of them cost 12% of the model), then 6 transformer blocks of width 192. Its recipe trains the exits with
     the backbone."""
     args = dict(img_size=(32, 32), airbench_tokenizer=(64, 256), embed_dim=192, depth=6, num_heads=3, mlp_ratio=2.0)
     return StagedHybridViT(**{**args, **kw})
