@@ -168,9 +168,17 @@ class Context:
                                    **policy)
 
     def cloud_config(self, point: Point) -> CloudConfig:
-        """The experiment's cloud settings, serving every split the point's edges may hand over after."""
-        two = point.variant == "system" and point.policy == "adaptive_two_splits"
-        return dataclasses.replace(self.config.cloud, split_blocks=self.config.edge.split_blocks if two else None)
+        """The experiment's cloud settings, serving every split the point's edges may hand over after: the
+        edge's split blocks (two-split policies), else its one split block where it sets one (a cloud left at
+        the checkpoint's split would refuse an edge that splits elsewhere), else the cloud's own setting."""
+        e = self.config.edge
+        if point.variant == "system" and point.policy == "adaptive_two_splits":
+            splits = e.split_blocks
+        elif e.split_block is not None:
+            splits = (e.split_block,)
+        else:
+            splits = self.config.cloud.split_blocks
+        return dataclasses.replace(self.config.cloud, split_blocks=splits)
 
     def load(self, edge: int) -> EdgeLoad:
         return EdgeLoad(self.config.workload, self.config.seed, edge, self.num_inputs)

@@ -288,6 +288,10 @@ def test_daemon_tables_hold_daemon_settings_and_each_point_completes_them(tmp_pa
     assert load_config(EdgeConfig, written) == edge == EdgeConfig(
         checkpoint=str(tmp_path / "model"), cloud=("127.0.0.1:7001",), thresholds=(math.inf,), score="margin",
         codec="int8", exits=("slvit@4",), slowdown=4.0, threads=1)
+    assert Context(config, 1, "margin", None, 10).cloud_config(point).split_blocks is None  # the checkpoint's
+    split = load_experiment(write(tmp_path, 'checkpoint = "model"\n[edge]\nsplit_block = 3\n'))
+    # an edge that splits elsewhere than the checkpoint finds its cloud resuming there, whatever the point
+    assert {Context(split, 1, "max_prob", None, 10).cloud_config(p).split_blocks for p in expand(split)} == {(3,)}
     for text, key in (('[edge]\ncodec = "int8"', "edge.codec"), ('[cloud]\ncheckpoint = "x"', "cloud.checkpoint")):
         with pytest.raises(OfframpError, match=f"{key} is set per point"):
             load_experiment(write(tmp_path, f'checkpoint = "m"\n{text}\n'))
