@@ -39,7 +39,7 @@ from typing import Any
 
 from offramp.core.hostinfo import machine
 from offramp.netem import PROFILES, LinkProfile, LinkProxy, ProxyThread, parse_profile
-from offramp.netem.trace import Trace, load_trace
+from offramp.netem.trace import load_trace
 
 RESULTS = Path(__file__).parent / "results"
 TARGET = 0.10
@@ -263,7 +263,7 @@ def trace_probes(prefix: str, server: _Server, seconds: float, seed: int, base_m
                 sock.sendall(bytes(PROBE_BYTES))
                 _recv_exact(sock, PROBE_BYTES)
                 rtt_ms = 1e3 * (time.perf_counter() - t0 - sent)
-                rows.append((sent, rtt_ms - 2 * base_ms, 1e3 * (_next_opportunity(trace, sent) - sent)))
+                rows.append((sent, rtt_ms - 2 * base_ms, 1e3 * (trace.next_opportunity(sent) - sent)))
                 time.sleep(max(0.0, PROBE_EVERY_S - (time.perf_counter() - t0 - sent)))
     errors = sorted(abs(m - p) for _, m, p in rows)
     waits = [p for _, _, p in rows]
@@ -272,17 +272,6 @@ def trace_probes(prefix: str, server: _Server, seconds: float, seed: int, base_m
             "p90_abs_error_ms": errors[int(0.9 * (len(errors) - 1))], "predicted_max_wait_ms": max(waits),
             "long_waits": len(long), "long_waits_mean_measured_ms": sum(m for m, _ in long) / len(long) if long else None,
             "long_waits_mean_predicted_ms": sum(p for _, p in long) / len(long) if long else None}
-
-
-def _next_opportunity(trace: Trace, t: float) -> float:
-    """Time of the first delivery opportunity at or after ``t`` (the trace repeating)."""
-    import bisect
-
-    laps, rest = divmod(t, trace.period_s)
-    i = bisect.bisect_left(trace.times_s, rest)
-    if i == len(trace.times_s):
-        return (laps + 1) * trace.period_s + float(trace.times_s[0])
-    return laps * trace.period_s + float(trace.times_s[i])
 
 
 def plot_traces(trace_rows: list[dict[str, Any]], path: Path) -> None:

@@ -44,6 +44,14 @@ class Trace:
         """Bytes the opportunities in ``[start_s, stop_s)`` can carry (the trace repeating as needed)."""
         return PACKET_BYTES * (self._count_before(stop_s) - self._count_before(start_s))
 
+    def next_opportunity(self, t: float) -> float:
+        """Time of the first delivery opportunity at or after ``t`` seconds (the trace repeating)."""
+        laps, rest = divmod(t, self.period_s)
+        i = bisect.bisect_left(self.times_s, rest)
+        if i == len(self.times_s):
+            return (laps + 1) * self.period_s + float(self.times_s[0])
+        return laps * self.period_s + float(self.times_s[i])
+
     def _count_before(self, t: float) -> int:
         """Opportunities strictly before ``t`` seconds, counted over the repeated trace."""
         laps, rest = divmod(t, self.period_s)
