@@ -113,11 +113,18 @@ def run_backbone(b: Backbone, cfg: TrainConfig, lrs: list[float], checkpoints: P
     trunk, card = load_checkpoint(b.checkpoint)
     d = card.data
     data = load_data(d["spec"], val_fraction=d.get("val_fraction", 0.1), seed=d.get("seed", 0),
-                     limit=limit if limit is not None else d.get("limit"))
+                     limit=limit if limit is not None else d.get("limit"),
+                     selection_fraction=d.get("selection_fraction", 0.0))
+    # Learning rates are chosen on the selection split when the backbone's training held one out, so the
+    # validation accuracies reported below were chosen on nothing; older cards choose on validation (said so).
+    probe_on, probe = ("selection", data.selection) if data.selection is not None and len(data.selection) else \
+        ("validation", data.val)
     cfg = data_settings(TrainJob(data=d["spec"]), data, cfg)
     labelled = [(label, e) for p in b.positions for label, e in designs(trunk, p, card.input_shape)]
     model = MultiExitModel(replace(card.config, exits=tuple(e for _, e in labelled)))
-    model.load_state_dict(trunk.state_dict(), strict=False)  # the backbone; exits start fresh
+    # The backbone (and any audio encoder or bottleneck); the trunk's own exits, if it has any, are left out
+    # and every design here starts fresh.
+    model.load_state_dict({k: v for k, v in trunk.state_dict().items() if not k.startswith("exits.")}, strict=False)
     order = sorted(range(len(labelled)), key=lambda i: labelled[i][1].position)  # the model sorts exits by position
     labels = [labelled[i][0] for i in order]
     n = len(labels)
@@ -130,8 +137,8 @@ def run_backbone(b: Backbone, cfg: TrainConfig, lrs: list[float], checkpoints: P
         torch.manual_seed(cfg.seed)
         model.exits.load_state_dict(fresh)
         train_exits(model, data.train, cfg, epochs=search_epochs, cache=cache, lr=lr)
-        search[lr] = [r.summary()["accuracy"] for r in evaluate(model, data.val)[:n]]
-        log.info("[%s] lr %g, %d epochs: %s", b.name, lr, search_epochs, ", ".join(f"{a:.3f}" for a in search[lr]))
+        search[lr] = [r.summary()["accuracy"] for r in evaluate(model, probe)[:n]]
+        log.info("[%s] lr %g, %d epochs, on %s: %s", b.name, lr, search_epochs, probe_on, ", ".join(f"{a:.3f}" for a in search[lr]))
     rates = {i: max(search, key=lambda lr: search[lr][i]) if search else lrs[0] for i in range(n)}
     torch.manual_seed(cfg.seed)
     model.exits.load_state_dict(fresh)
@@ -175,7 +182,7 @@ def run_backbone(b: Backbone, cfg: TrainConfig, lrs: list[float], checkpoints: P
         "backbone_params": count_params(trunk.backbone), "backbone_macs": count_macs(trunk.backbone,
                                                                                      torch.zeros(1, *card.input_shape)),
         "exit_training": {"epochs": cfg.exit_epochs, "copycat_epochs": cfg.copycat_epochs, "lrs": lrs,
-                          "lr_search": {"epochs": search_epochs, "accuracy": {str(k): v for k, v in search.items()}},
+                          "lr_search": {"epochs": search_epochs, "chosen_on": probe_on, "accuracy": {str(k): v for k, v in search.items()}},
                           "batch_size": cfg.batch_size, "views": cfg.exit_views if cfg.augment else 1,
                           "optimizer": "adamw, cosine"},
         "rows": rows, "seconds": round(time.time() - t0, 1),

@@ -102,7 +102,7 @@ class OffloadHandler:
             log.exception("request %d failed", request.request_id)
             reply.status.CopyFrom(make_status(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}"))
         else:
-            self._fill(reply, result, decoded - received)
+            fill_reply(reply, result, decoded - received, self._metrics)
         total_s = time.perf_counter() - received
         reply.timings.total_ms = total_s * 1e3
         self._metrics.stage("total").observe(total_s)
@@ -171,12 +171,14 @@ class OffloadHandler:
                                f"{tokens.shape[0]} samples of visual tokens but {audio.shape[0]} of audio tokens")
         return tokens, audio
 
-    def _fill(self, reply: pb.OffloadReply, result: Batched[torch.Tensor], decode_s: float) -> None:
-        reply.output.extend(result.rows.reshape(-1).tolist())
-        reply.output_shape.extend(result.rows.shape)
-        reply.batch_size = result.batch_size
-        reply.timings.decode_ms = decode_s * 1e3
-        reply.timings.queue_ms = result.queue_s * 1e3
-        reply.timings.compute_ms = result.compute_s * 1e3
-        for stage, seconds in (("decode", decode_s), ("queue", result.queue_s), ("compute", result.compute_s)):
-            self._metrics.stage(stage).observe(seconds)
+
+def fill_reply(reply: pb.OffloadReply, result: Batched[torch.Tensor], decode_s: float, metrics: CloudMetrics) -> None:
+    """The head's output of one answered request and its timings, into ``reply`` and the metrics."""
+    reply.output.extend(result.rows.reshape(-1).tolist())
+    reply.output_shape.extend(result.rows.shape)
+    reply.batch_size = result.batch_size
+    reply.timings.decode_ms = decode_s * 1e3
+    reply.timings.queue_ms = result.queue_s * 1e3
+    reply.timings.compute_ms = result.compute_s * 1e3
+    for stage, seconds in (("decode", decode_s), ("queue", result.queue_s), ("compute", result.compute_s)):
+        metrics.stage(stage).observe(seconds)

@@ -34,10 +34,11 @@ from offramp.core.errors import OfframpError
 from offramp.serving.security import PROTECTED_PREFIX, BearerTokenInterceptor, read_token, server_credentials
 from offramp.serving.batcher import Batcher, lone_on_loop
 from offramp.serving.guard import MalformedLog, add_service
-from offramp.core.halves import CloudHalf
+from offramp.core.halves import CloudHalf, WholeModel
 from offramp.core.wire import OFFLOAD_SERVICE
 
 from .handler import OffloadHandler
+from .input_route import InputHandler
 from .router import SplitRouter
 from .metrics import CloudMetrics
 from .oip import OIP_SERVICE, VERSION, InferenceServicer, ServedModel
@@ -66,7 +67,7 @@ class CloudServer(DaemonServer):
         super().__init__(config, server, port, health_servicer, metrics_http)
         self.card = card
         self.metrics = metrics
-        self._batchers = batchers  # one per split block served
+        self._batchers = batchers  # one per split block served, and the input route's
         self._draining = draining
 
     @property
@@ -99,10 +100,18 @@ async def serve(config: CloudConfig) -> CloudServer:
     batchers = {s: Batcher(h.run, config.max_batch, max_queue=config.max_queue, max_wait_s=config.max_wait_ms / 1e3,
                            lone_on_loop=lone_on_loop(h.device), on_batch=metrics.batch_size.observe,
                            name=f"cloud-tail-{s}") for s, h in halves.items()}
-    metrics.queue_depth.set_function(lambda: sum(b.depth() for b in batchers.values()))
-    handler = SplitRouter({s: OffloadHandler(h, card, batchers[s], metrics, config.max_batch,
-                                             config.max_message_bytes) for s, h in halves.items()}, primary)
+    inputs = None
+    if config.take_inputs:  # the input route: the whole model, batched on its own
+        whole = WholeModel(model, device=config.device, dtype=config.dtype)
+        whole_batcher = Batcher(whole.run, config.max_batch, max_queue=config.max_queue,
+                                max_wait_s=config.max_wait_ms / 1e3, lone_on_loop=lone_on_loop(whole.device),
+                                on_batch=metrics.batch_size.observe, name="cloud-whole")
+        inputs = InputHandler(whole, card, whole_batcher, metrics)
     half, batcher = halves[primary], batchers[primary]
+    all_batchers = [*batchers.values(), *([whole_batcher] if inputs is not None else [])]
+    metrics.queue_depth.set_function(lambda: sum(b.depth() for b in all_batchers))
+    handler = SplitRouter({s: OffloadHandler(h, card, batchers[s], metrics, config.max_batch,
+                                             config.max_message_bytes) for s, h in halves.items()}, primary, inputs)
     draining = asyncio.Event()
 
     credentials = (server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
@@ -128,15 +137,15 @@ async def serve(config: CloudConfig) -> CloudServer:
     port = bind(server, config.listen, credentials)
     metrics_http = start_metrics(config.metrics_port, config.listen, metrics.registry) if config.metrics_port is not None else None
 
-    for b in batchers.values():
+    for b in all_batchers:
         b.start()
     await server.start()
-    cloud = CloudServer(config, card, server, port, health_servicer, list(batchers.values()), metrics, metrics_http,
-                        draining)
+    cloud = CloudServer(config, card, server, port, health_servicer, all_batchers, metrics, metrics_http, draining)
     security = ("mutual TLS" if config.tls_client_ca else "TLS" if credentials else "plaintext") + (
         " + bearer token" if interceptors else "")
-    log.info("serving %s (split block%s %s, fingerprint %s) on %s (%s)", config.checkpoint,
-             "s" if len(splits) > 1 else "", ",".join(map(str, splits)), card.fingerprint[:12], cloud.address, security)
+    log.info("serving %s (split block%s %s%s, fingerprint %s) on %s (%s)", config.checkpoint,
+             "s" if len(splits) > 1 else "", ",".join(map(str, splits)), " and inputs" if inputs else "",
+             card.fingerprint[:12], cloud.address, security)
     log.info("Open Inference Protocol: model %r, version %s (%s)", served.name, VERSION, OIP_SERVICE)
     if cloud.metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", listen_host(config.listen), cloud.metrics_port)

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from offramp.core.operating_points import CalibrationTable
+from offramp.core.operating_points import CalibrationTable, InputRouteCalibration
 
 from .controller import Decision, Option, State, step
 from .measure import Measured, Measurements
@@ -25,11 +25,15 @@ DECIDE_EVERY_S = 0.1
 
 
 def options_for(tables: Sequence[CalibrationTable], fingerprint: str, exits: Mapping[int, Sequence[str]],
-                score: str) -> list[Option]:
-    """The options of the tables for the splits in ``exits`` (split -> the edge's exit names there).
+                score: str, input_route: InputRouteCalibration | None = None, route: str | None = None,
+                primary: int | None = None) -> list[Option]:
+    """The options of the tables for the splits in ``exits`` (split -> the edge's exit names there), points
+    that offload nothing as the local route, and the input route where it was calibrated; only ``route``'s
+    where one is fixed. ``primary``: the split whose most accurate local point is the input route's fallback.
 
     A ``ValueError`` when a split has no table or its table was made for another checkpoint, other exits or
-    another score: its numbers would describe some other edge.
+    another score: its numbers would describe some other edge; likewise an input route calibrated for
+    another checkpoint, or a fixed route no option takes.
     """
     by_split = {t.split_block: t for t in tables}
     options = []
@@ -47,7 +51,25 @@ def options_for(tables: Sequence[CalibrationTable], fingerprint: str, exits: Map
             raise ValueError(f"the calibration table of split block {split} is for exits {','.join(table.exits)} "
                              f"with score {table.score}; this edge runs {','.join(names)} with score {score}: "
                              "re-run `offramp calibrate`")
-        options += [Option(split, p.thresholds, p.accuracy, p.offload, p.shares) for p in table.points]
+        options += [Option(split, p.thresholds, p.accuracy, p.offload, p.shares,
+                           route="local" if p.offload == 0.0 else "split") for p in table.points]
+    if input_route is not None:
+        if input_route.fingerprint != fingerprint:
+            raise ValueError("the [input_route] calibration was made for another checkpoint (fingerprint "
+                             f"{input_route.fingerprint[:12]}..., this one is {fingerprint[:12]}...): re-run "
+                             "`offramp calibrate --input-route`")
+        primary = min(exits) if primary is None else primary
+        local = [o for o in options if o.split_block == primary and o.local_only] or \
+            [o for o in options if o.split_block == primary]
+        fallback = max(local, key=lambda o: o.accuracy)
+        options.append(Option(primary, fallback.thresholds, input_route.accuracy, 1.0, (1.0,), route="input",
+                              bytes=input_route.bytes_per_request))
+    if route is not None:
+        options = [o for o in options if o.route == route or (route == "split" and o.route == "local")]
+        if not options:
+            raise ValueError(f"route {route} has no calibrated option: "
+                             + ("run `offramp calibrate --input-route`" if route == "input" else
+                                "re-run `offramp calibrate`"))
     return options
 
 
@@ -85,8 +107,8 @@ class Adaptive:
             self._state, self.decision, self.measured = decision.state, decision, measured
         if decision.state.current != before:
             o = decision.option
-            log.info("controller: %s at split %d, expected accuracy %.4f, offload %.1f%%, predicted p95 %.1f ms "
-                     "(target %g ms%s): %s", "thresholds " + ", ".join(f"{t:g}" for t in o.thresholds),
+            log.info("controller: route %s, %s at split %d, expected accuracy %.4f, offload %.1f%%, predicted p95 "
+                     "%.1f ms (target %g ms%s): %s", o.route, "thresholds " + ", ".join(f"{t:g}" for t in o.thresholds),
                      o.split_block, o.accuracy, 100 * o.offload, decision.predicted_p95_ms, self.slo_ms,
                      "" if decision.target_met else ", NOT MET", decision.reason)
 
@@ -96,7 +118,8 @@ class Adaptive:
         if decision is None:
             return None
         o = decision.option
-        return PolicySettings(o.thresholds, self.score, offload_enabled=not o.local_only, split_block=o.split_block)
+        return PolicySettings(o.thresholds, self.score, offload_enabled=not o.local_only, split_block=o.split_block,
+                              route=o.route)
 
     @property
     def target_met(self) -> bool:

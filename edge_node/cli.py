@@ -140,7 +140,8 @@ def _add_policy(sub: argparse._SubParsersAction) -> None:
         action.add_argument("--admin-token-file", metavar="PATH",
                             help="file holding the edge's admin token (its admin_token_file)")
     get.set_defaults(run=_run_policy)
-    add_config_flags(put, EdgeConfig, ("thresholds", "score", "offload_enabled", "split_block"), with_defaults=False)
+    add_config_flags(put, EdgeConfig, ("thresholds", "score", "offload_enabled", "split_block", "route"),
+                     with_defaults=False)
     put.set_defaults(run=_run_policy)
 
 
@@ -160,8 +161,9 @@ def _run_policy(args: argparse.Namespace) -> int:
                 policy = stub.SetPolicy(pb.Policy(adaptive=True), timeout=10, metadata=metadata)
             if args.action == "set":
                 if (args.thresholds is None and args.score is None and args.offload_enabled is None
-                        and args.split_block is None):
-                    raise OfframpError("nothing to set: give --thresholds, --score, --offload or --split-block")
+                        and args.split_block is None and args.route is None):
+                    raise OfframpError("nothing to set: give --thresholds, --score, --offload, --split-block or "
+                                       "--route")
                 policy.ClearField("state")
                 policy.adaptive = False  # the given parts over the policy in force, pinned
                 if args.split_block is not None:
@@ -175,11 +177,20 @@ def _run_policy(args: argparse.Namespace) -> int:
                     policy.score = args.score
                 if args.offload_enabled is not None:
                     policy.offload_enabled = args.offload_enabled
+                    policy.route = "split" if args.offload_enabled else "local"
+                if args.route is not None:
+                    policy.route = args.route
+                    policy.offload_enabled = args.route != "local"
                 policy = stub.SetPolicy(policy, timeout=10, metadata=metadata)
         except grpc.RpcError as e:
             raise _rpc_error(args.edge, e) from None
     print("\n".join(describe_policy(policy)))
     return 0
+
+
+ROUTE_MEANING = {"split": "exits on the edge, tokens to the cloud for the rest",
+                 "input": "inputs to the cloud as they came; the exits answer only when it cannot",
+                 "local": "the edge's exits answer everything"}
 
 
 def describe_policy(policy: pb.Policy) -> list[str]:
@@ -190,8 +201,9 @@ def describe_policy(policy: pb.Policy) -> list[str]:
     thresholds = ", ".join(f"{t:g}" for t in policy.thresholds) or "(no exits)"
     if policy.HasField("split_block"):
         thresholds += f" (split block {policy.split_block})"
-    lines = [f"thresholds: {thresholds}", f"score:      {policy.score}",
-             f"offload:    {'on' if policy.offload_enabled else 'off'}"]
+    route = policy.route or ("split" if policy.offload_enabled else "local")
+    lines = [f"route:      {route} ({ROUTE_MEANING[route]})", f"thresholds: {thresholds}",
+             f"score:      {policy.score}", f"offload:    {'on' if policy.offload_enabled else 'off'}"]
     s = policy.state
     if s.latency_slo_ms:
         judged = f" per {s.slo_window_s:g} s window" if s.slo_window_s else " over all requests"
@@ -261,6 +273,13 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--on", choices=["validation", "selection"], default="validation",
                    help="which of the checkpoint's splits to choose on: 'selection' is held out of training and "
                         "validation ('offramp train --selection-fraction'), so validation then reports honestly")
+    p.add_argument("--input-route", action="store_true",
+                   help="also measure the input route (the whole model on the inputs as the cloud receives them, "
+                        "and the bytes each sends) and write it as [input_route], so the latency controller can "
+                        "choose to send inputs as they are")
+    p.add_argument("--input-quality", type=int, metavar="Q",
+                   help="JPEG quality images are sent at on the input route (default: the config's input_quality, "
+                        "else 90)")
     p.add_argument("--out", required=True, metavar="TOML", help="edge config to create or update")
     p.set_defaults(run=_run_calibrate)
 
@@ -276,7 +295,19 @@ def _run_calibrate(args: argparse.Namespace) -> int:
                         min_speedup=args.target_speedup)
     except ValueError as e:
         raise OfframpError(str(e)) from None
-    result, created = calibrate_into(args.out, args.checkpoint, target, score=args.score, data=args.data, on=args.on)
+    quality = None
+    if args.input_route or args.input_quality is not None:
+        from offramp.serving.config import read_toml
+
+        configured = read_toml(Path(args.out)) if Path(args.out).is_file() else {}
+        quality = args.input_quality if args.input_quality is not None else configured.get("input_quality", 90)
+        if not 1 <= quality <= 95:
+            raise OfframpError(f"--input-quality must be a JPEG quality in 1..95, not {quality}")
+    result, route, created = calibrate_into(args.out, args.checkpoint, target, score=args.score, data=args.data,
+                                            on=args.on, input_quality=quality)
     print(result.summary())
+    if route is not None:
+        print(f"  input route   accuracy {route.accuracy:.4f} on inputs as sent (JPEG quality {route.quality} for "
+              f"images), {route.bytes_per_request:.0f} bytes per request")
     print(f"{'created' if created else 'updated'} {args.out}")
     return 0

@@ -14,6 +14,11 @@ Latency model of one option (an operating point at a split):
   M/M/1 queue's, ``P(W > t) = rho * exp(-(1 - rho) * t / serialise)`` with utilisation
   ``rho = rate * offload share * serialise``: conservative for fixed-size payloads, and it is what makes
   a higher offload share cost latency on a slow link.
+* the input route (``Option.route == "input"``) sends every input itself: ``D = rtt + transfer + cloud`` with
+  the cloud's time for the whole model (``cloud_for(INPUT)``) and no edge compute;
+* an option's upload scales with its bytes: where the option's bytes per request (measured for its split or
+  route, else calibrated) differ from those of the offloads the link was measured with, ``transfer`` and
+  ``serialise`` scale by their ratio (jitter is taken to scale too: conservative for larger payloads);
 * the p95 is that of the mixture: the smallest ``t`` with ``sum_k share_k * P(L_k > t) <= tail``. Over all
   requests ``tail`` is 5 %: offloads slower than the target still fit when at most 5 % of the samples take
   them; that is how a slow link is met: the exits answer more.
@@ -48,20 +53,33 @@ BASE_HOLD_S = 3.0  # an option is kept at least this long before a better one re
 MAX_HOLD_S = 60.0
 
 
+INPUT = -1  # the input route's key among split blocks (measurements, cloud times): before block 0
+
+
 @dataclass(frozen=True)
 class Option:
-    """One choice: thresholds at a split, with what the calibration table expects of them."""
+    """One choice: a route, and for the split route thresholds at a split, with what calibration expects.
+
+    The input route's ``thresholds`` and ``split_block`` are the edge's fallback, used only when the cloud
+    cannot answer; its ``shares`` are ``(1.0,)``: the cloud answers all."""
 
     split_block: int
     thresholds: tuple[float, ...]
     accuracy: float  # expected quality (accuracy; -MAE for regression): higher is better
     offload: float  # expected share of samples sent to the cloud
     shares: tuple[float, ...]  # expected share answered by each edge exit, then by the cloud
+    route: str = "split"  # "split", "input" or "local" (see edge_node.policy.ROUTES)
+    bytes: float = 0.0  # expected bytes per offloaded request; 0: unknown
 
     @property
     def local_only(self) -> bool:
         """Nothing goes upstream: the edge runs it with offload off, and needs no cloud for it."""
-        return self.offload == 0.0
+        return self.route == "local" or self.offload == 0.0
+
+    @property
+    def link_key(self) -> int:
+        """Whose measurements describe its offloads: its split block, or ``INPUT``."""
+        return INPUT if self.route == "input" else self.split_block
 
 
 @dataclass(frozen=True)
@@ -80,13 +98,20 @@ class Conditions:
     cloud_ms: float = 0.0  # the cloud's own time per request (decode, queue, compute), high quantile
     request_rate: float = 0.0  # requests per second reaching the edge
     cloud_by_split: Mapping[int, float] = field(default_factory=dict)  # cloud_ms per split block, where known
+    offload_bytes: float = 0.0  # median bytes of the offloads transfer_ms was measured on; 0: none yet
+    bytes_by_split: Mapping[int, float] = field(default_factory=dict)  # median bytes per split block (or INPUT)
 
     def cloud_for(self, split: int) -> float:
         return self.cloud_by_split.get(split, self.cloud_ms)
 
-    def utilisation(self, offload: float) -> float:
-        """Share of the uplink's time offloads take at this offload share."""
-        return self.request_rate * offload * self.serialise_ms / 1000
+    def upload_scale(self, option: Option) -> float:
+        """How much longer than the measured offloads ``option``'s take on the uplink (by their bytes)."""
+        nbytes = self.bytes_by_split.get(option.link_key) or option.bytes
+        return nbytes / self.offload_bytes if nbytes and self.offload_bytes else 1.0
+
+    def utilisation(self, offload: float, scale: float = 1.0) -> float:
+        """Share of the uplink's time offloads take at this offload share (of ``scale`` times the bytes)."""
+        return self.request_rate * offload * self.serialise_ms * scale / 1000
 
 
 @lru_cache(maxsize=256)
@@ -117,14 +142,19 @@ def window_tail(request_rate: float, window_s: float) -> float:
 def predict_p95(option: Option, c: Conditions, tail: float = TAIL) -> float:
     """The option's p95 latency (ms) under ``c``: the latency that only ``tail`` of the samples exceed (see
     ``window_tail``); ``inf`` when the uplink could not carry its offloads."""
-    compute = c.compute_ms[option.split_block]
-    local = [(share, c.edge_queue_ms + compute[k]) for k, share in enumerate(option.shares[:-1]) if share > 0]
+    scale = c.upload_scale(option)
     f = option.shares[-1] if not option.local_only else 0.0
-    rho = c.utilisation(f)
+    rho = c.utilisation(f, scale)
     if f > 0 and rho >= MAX_UTILISATION:
         return math.inf
-    d = c.edge_queue_ms + compute[-1] + (c.rtt_ms or 0.0) + c.transfer_ms + c.cloud_for(option.split_block)
-    wait_scale = c.serialise_ms / (1 - rho) if rho > 0 else 0.0
+    network = (c.rtt_ms or 0.0) + c.transfer_ms * scale + c.cloud_for(option.link_key)
+    if option.route == "input":  # nothing computed on the edge
+        local, d = [], network
+    else:
+        compute = c.compute_ms[option.split_block]
+        local = [(share, c.edge_queue_ms + compute[k]) for k, share in enumerate(option.shares[:-1]) if share > 0]
+        d = c.edge_queue_ms + compute[-1] + network
+    wait_scale = c.serialise_ms * scale / (1 - rho) if rho > 0 else 0.0
 
     def beyond(t: float) -> float:
         """P(latency > t)."""

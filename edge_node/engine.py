@@ -7,8 +7,12 @@ Every request gets exactly one ``InferReply``:
   (``decided_by="cloud"``);
 * the cloud was wanted but is unreachable, refused, late or answered an error ->
   the sample's most confident exit answers with ``degraded=True`` and the reason;
-* offload switched off by policy -> the last exit takes whatever the earlier
-  ones did not. That is the operator's choice, not a failure: not degraded.
+* offload switched off by policy (the local route) -> the last exit takes
+  whatever the earlier ones did not. That is the operator's choice, not a
+  failure: not degraded;
+* the input route -> the input goes to the cloud as it came (an image tensor
+  as a JPEG) and the whole model answers (``decided_by="cloud"``); only when
+  the cloud cannot does the edge compute its exits on it, degraded.
 
 Stage timings (milliseconds) go into every reply: ``preprocess`` (by the
 caller), ``queue``, ``edge_compute`` (the whole local batch the sample ran in),
@@ -31,7 +35,8 @@ import torch
 
 from offramp.core.checkpoint import Card
 from offramp.core.codec import CodecConfig, encode, encode_code, zstd_dictionary
-from offramp.core.operating_points import CalibrationTable
+from offramp.core.data.preprocess import encode_images
+from offramp.core.operating_points import CalibrationTable, InputRouteCalibration
 from offramp.core.exit_rule import always_leave, never_leave
 from offramp.netem.profiles import slowed
 from offramp.serving.batcher import Batcher, lone_on_loop
@@ -40,6 +45,7 @@ from offramp.core.halves import EdgeWalk
 from offramp.core.wire import make_status, pb
 
 from .adaptive import Adaptive, options_for
+from .controller import INPUT
 from .measure import Measurements
 from .metrics import EdgeMetrics
 from .offload import CloudError, CloudUnavailable, DeadlineExceeded, OffloadClient, OffloadError
@@ -60,6 +66,7 @@ class _Outcome:
     raw_bytes: int  # the survivor's tokens as plain float32
     encode_ms: float | None  # survivors only
     split_block: int  # the split its batch ran to (exit indices count that split's exits)
+    route: str  # the route in force for its batch
 
 
 def _ms(seconds: float) -> float:
@@ -71,9 +78,9 @@ class EdgeEngine:
 
     def __init__(self, half: EdgeWalk, card: Card, policy: ExitPolicy, codec: CodecConfig, deadline_ms: int,
                  offload: OffloadClient | None, max_batch: int = 16, slowdown: float = 1.0,
-                 other_halves: Sequence[EdgeWalk] = ()) -> None:
+                 other_halves: Sequence[EdgeWalk] = (), input_quality: int = 90) -> None:
         """``half`` runs to the edge's split block; ``other_halves`` (sharing its model) to further split blocks
-        a latency controller may choose."""
+        a latency controller may choose; ``input_quality``: JPEG quality of image tensors the input route sends."""
         for h in (half, *other_halves):
             if codec.dtype == "bottleneck" and not h.bottleneck_id:
                 raise ValueError(f"codec 'bottleneck' needs a checkpoint with a bottleneck at split block "
@@ -90,6 +97,7 @@ class EdgeEngine:
         self.codec = codec
         self.deadline_ms = deadline_ms
         self.offload = offload
+        self.input_quality = input_quality
         self.halves = {h.split_block: h for h in (half, *other_halves)}
         # The bottleneck's zstd dictionary (shipped in the checkpoint), loaded once per split.
         self._code_dictionaries = {h.split_block: zstd_dictionary(h.code_dictionary)
@@ -105,8 +113,9 @@ class EdgeEngine:
             on_batch=self.metrics.batch_size.observe, name="edge-compute")
         self.metrics.watch_queue(self._batcher.depth)
         self.measurements = Measurements({split: (math.nan,) * (h.num_exits + 1) for split, h in self.halves.items()},
-                                         tail_blocks={split: h.num_blocks - split
-                                                      for split, h in self.halves.items()})
+                                         tail_blocks={INPUT: half.num_blocks,
+                                                      **{split: h.num_blocks - split
+                                                         for split, h in self.halves.items()}})
         self.adaptive: Adaptive | None = None
         if offload is not None:
             offload.on_rtt = self.measurements.probe
@@ -117,15 +126,18 @@ class EdgeEngine:
         """Per split block, its compute stages: its exits, then the split itself."""
         return {split: [*names, "split"] for split, names in self.split_exit_names.items()}
 
-    def adapt(self, slo_ms: float, tables: Sequence[CalibrationTable], window_s: float = 0.0) -> None:
-        """Let a controller choose the thresholds to meet a p95 of ``slo_ms`` (over windows of ``window_s``, 0:
-        over all requests) from the calibration ``tables``.
+    def adapt(self, slo_ms: float, tables: Sequence[CalibrationTable], window_s: float = 0.0,
+              input_route: InputRouteCalibration | None = None, route: str | None = None) -> None:
+        """Let a controller choose the route and thresholds to meet a p95 of ``slo_ms`` (over windows of
+        ``window_s``, 0: over all requests) from the calibration ``tables`` and ``input_route``; only among
+        ``route``'s options where one is fixed.
 
         ``ValueError`` when the tables are not this edge's, or when the target is below the time the edge's
         fastest exit takes here (profiled now): no choice could meet it.
         """
         score = self.policy.get().score
-        options = options_for(tables, self.card.fingerprint, self.split_exit_names, score)
+        options = options_for(tables, self.card.fingerprint, self.split_exit_names, score, input_route, route,
+                              primary=self.half.split_block)
         exit_times = {}  # (time, exit name) of every exit, on every split
         for split, names in self.split_exit_names.items():
             exit_times.update({name: ms for name, ms in zip(names, self.profile(split))})
@@ -167,20 +179,46 @@ class EdgeEngine:
             await self.offload.close()
 
     async def infer(self, x: torch.Tensor, request_id: int = 0, since: float | None = None,
-                    stage_ms: dict[str, float] | None = None, audio: torch.Tensor | None = None) -> pb.InferReply:
-        """The one answer for input ``x`` (C, H, W) (and ``audio``, audiovisual models);
-        ``since`` is when the request arrived (perf_counter)."""
+                    stage_ms: dict[str, float] | None = None, audio: torch.Tensor | None = None,
+                    source: pb.InferRequest | None = None) -> pb.InferReply:
+        """The one answer for input ``x`` (C, H, W) (and ``audio``, audiovisual models); ``since`` is when the
+        request arrived (perf_counter); ``source``: the request as the application sent it, which the input
+        route forwards as it is (without it, the route sends ``x``)."""
         since = time.perf_counter() if since is None else since
         if (audio is None) == self.half.audiovisual:
             raise ValueError("audiovisual models need the audio input, others must not get one")
         self.measurements.arrival()
+        stages = dict(stage_ms or {})
+        input_failed: OffloadError | None = None
+        if self.adaptive is not None:
+            self.adaptive.tick()
+        if self.policy.get().route == "input":
+            try:
+                reply = await self._send_input(x, audio, source, stages)
+            except OffloadError as e:  # the edge's own exits answer instead, degraded
+                input_failed = e
+            else:
+                return self._sent(reply, request_id, since, stages, None)
         batched = await self._batcher.submit(x[None], None if audio is None else audio[None])
         self.measurements.queued(_ms(batched.queue_s))
         outcome = batched.rows[0]
-        stages = {**(stage_ms or {}), "queue": _ms(batched.queue_s), "edge_compute": _ms(batched.compute_s)}
+        stages.update({"queue": _ms(batched.queue_s), "edge_compute": _ms(batched.compute_s)})
         if outcome.encode_ms is not None:
             stages["encode"] = outcome.encode_ms
+        if input_failed is not None:
+            k = outcome.exit_index if outcome.exit_index >= 0 else outcome.best_exit
+            if k < 0:
+                reply = pb.InferReply(status=make_status(grpc.StatusCode.UNAVAILABLE, str(input_failed)))
+                return self._sent(reply, request_id, since, stages, None)
+            reply = self._exit_reply(outcome, k, degraded_reason=str(input_failed))
+            reply.route = "input"
+            return self._sent(reply, request_id, since, stages, input_failed.kind)
         reply, degraded_kind = await self._decide(outcome, stages)
+        return self._sent(reply, request_id, since, stages, degraded_kind)
+
+    def _sent(self, reply: pb.InferReply, request_id: int, since: float, stages: dict[str, float],
+              degraded_kind: str | None) -> pb.InferReply:
+        """``reply`` finished (id, timings) and counted: what goes back to the caller."""
         reply.request_id = request_id
         stages["total"] = _ms(time.perf_counter() - since)
         reply.stage_ms.update(stages)
@@ -222,8 +260,14 @@ class EdgeEngine:
             raise
         finally:  # also when it fails: a degraded answer shows how long the cloud was waited for
             stages["offload_rtt"] = _ms(time.perf_counter() - sent)
-        self.measurements.offloaded(outcome.split_block, request.ByteSize(), stages["offload_rtt"],
-                                    cloud.timings.queue_ms, cloud.timings.compute_ms, cloud.timings.total_ms)
+        return self._cloud_reply(cloud, request, outcome.split_block, stages, outcome.score, outcome.raw_bytes)
+
+    def _cloud_reply(self, cloud: pb.OffloadReply, request: pb.OffloadRequest, key: int, stages: dict[str, float],
+                     score: str, raw_bytes: int) -> pb.InferReply:
+        """The caller's reply from the cloud's, measured and counted; ``key``: the split block, or ``INPUT``."""
+        size = request.ByteSize()
+        self.measurements.offloaded(key, size, stages["offload_rtt"], cloud.timings.queue_ms,
+                                    cloud.timings.compute_ms, cloud.timings.total_ms)
         stages["cloud"] = cloud.timings.total_ms
         stages["cloud_decode"], stages["cloud_queue"], stages["cloud_compute"] = (
             cloud.timings.decode_ms, cloud.timings.queue_ms, cloud.timings.compute_ms)
@@ -231,19 +275,56 @@ class EdgeEngine:
         if list(cloud.output_shape) != [1, self.half.num_outputs] or output.numel() != self.half.num_outputs:
             raise CloudError(f"cloud error: output of shape {list(cloud.output_shape)} for one sample with "
                              f"{self.half.num_outputs} outputs")
-        reply = answer_reply(output, outcome.score, self.task, self.card.label_names, "cloud", -1)
-        size = request.ByteSize()
+        reply = answer_reply(output, score, self.task, self.card.label_names, "cloud", -1)
+        reply.route = "input" if key == INPUT else "split"
         reply.bytes_sent = size
         self.metrics.offloads.inc()
         self.metrics.bytes_sent.inc(size)
-        self.metrics.bytes_saved.inc(max(0, outcome.raw_bytes - size))
+        self.metrics.bytes_saved.inc(max(0, raw_bytes - size))
         return reply
+
+    async def _send_input(self, x: torch.Tensor, audio: torch.Tensor | None, source: pb.InferRequest | None,
+                          stages: dict[str, float]) -> pb.InferReply:
+        """The input route: the cloud's answer from the whole model on the input itself, or an ``OffloadError``."""
+        if self.offload is None:
+            raise CloudUnavailable("cloud unavailable: no cloud address configured")
+        t0 = time.perf_counter()
+        request = pb.OffloadRequest(model_fingerprint=self.card.fingerprint, deadline_ms=self.deadline_ms,
+                                    input=self._input_message(x, source))
+        stages["input_encode"] = _ms(time.perf_counter() - t0)
+        sent = time.perf_counter()
+        try:
+            cloud = await self.offload.infer(request, self.deadline_ms / 1000)
+        except DeadlineExceeded:
+            self.measurements.timed_out(INPUT, request.ByteSize(), _ms(time.perf_counter() - sent))
+            raise
+        finally:
+            stages["offload_rtt"] = _ms(time.perf_counter() - sent)
+        return self._cloud_reply(cloud, request, INPUT, stages, self.policy.get().score, raw_bytes=0)
+
+    def _input_message(self, x: torch.Tensor, source: pb.InferRequest | None) -> pb.InferRequest:
+        """The input as the input route sends it: the application's file as it came; an image tensor as a
+        JPEG at ``input_quality``; any other tensor as it is."""
+        message = pb.InferRequest()
+        if source is not None and source.WhichOneof("input") == "encoded_file":
+            message.encoded_file = source.encoded_file
+        elif self.card.modality in ("image", "audiovisual"):
+            message.encoded_file = encode_images(x[None].numpy(), "jpeg", self.input_quality)[0]
+        else:
+            message.tensor.shape.extend(x.shape)
+            message.tensor.data = x.numpy().astype("<f4").tobytes()
+        if source is not None and source.HasField("audio"):
+            message.audio = source.audio
+        elif self.half.audiovisual:
+            raise OffloadError("the input route needs the audio clip as the application sent it (a WAV)")
+        return message
 
     def _exit_reply(self, outcome: _Outcome, exit_index: int, degraded_reason: str = "") -> pb.InferReply:
         reply = answer_reply(outcome.output, outcome.score, self.task, self.card.label_names,
                              f"exit:{self.split_exit_names[outcome.split_block][exit_index]}", exit_index)
         reply.degraded = bool(degraded_reason)
         reply.degraded_reason = degraded_reason
+        reply.route = outcome.route
         return reply
 
     def _run_batch(self, x: torch.Tensor, audio: torch.Tensor | None,
@@ -280,7 +361,7 @@ class EdgeEngine:
             outcomes.append(_Outcome(
                 exit_index=int(result.exit_index[i]), best_exit=int(result.best_exit[i]), output=result.output[i],
                 score=policy.score, tokens=tokens, audio_tokens=audio_tokens, encode_error=error, raw_bytes=raw,
-                encode_ms=encode_ms, split_block=half.split_block,
+                encode_ms=encode_ms, split_block=half.split_block, route=policy.route,
             ))
         deepest = half.num_exits if len(result.offload) else int(result.exit_index.max())
         self.measurements.batch(half.split_block, deepest, _ms(time.perf_counter() - started))

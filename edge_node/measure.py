@@ -14,8 +14,8 @@ Estimates:
   the upload plus jitter plus any wait behind other offloads; the controller plans with a high quantile
   (``transfer_ms``) and sizes the uplink's load with the median (``serialise_ms``). Effective bandwidth is
   the median bytes over the median transfer;
-* the cloud: quantiles of its reported decode + queue + compute, per split block (a split not offloaded
-  after lately borrows another's, scaled by the blocks its tail runs);
+* the cloud: quantiles of its reported decode + queue + compute, per split block and for the input route (one
+  not used lately borrows another's, scaled by the blocks its tail runs); bytes per request likewise;
 * edge compute: per split and per stage (an exit, or the split with encoding), the median time of the local
   batches whose deepest stage it was, seeded by a profile at start-up (a stage not yet seen still has a time).
 
@@ -107,6 +107,7 @@ class Measured:
     compute_ms: Mapping[int, tuple[float, ...]]  # per split: per exit, then to the split with encoding
     offloads: int  # offloads measured on the link as it is now
     cloud_by_split: Mapping[int, float] = field(default_factory=dict)  # cloud_ms per split block (estimated)
+    bytes_by_split: Mapping[int, float] = field(default_factory=dict)  # median bytes per split block (or INPUT)
 
     @property
     def uplink_bytes_per_s(self) -> float | None:
@@ -119,7 +120,8 @@ class Measured:
         return Conditions(self.compute_ms, edge_queue_ms=self.edge_queue_ms, rtt_ms=self.rtt_ms,
                           transfer_ms=self.transfer_ms or 0.0, serialise_ms=self.serialise_ms or 0.0,
                           cloud_ms=self.cloud_ms or 0.0, request_rate=self.request_rate,
-                          cloud_by_split=self.cloud_by_split)
+                          cloud_by_split=self.cloud_by_split, offload_bytes=self.offload_bytes or 0.0,
+                          bytes_by_split=self.bytes_by_split)
 
 
 class Measurements:
@@ -128,7 +130,7 @@ class Measurements:
     def __init__(self, profile: Mapping[int, Sequence[float]], clock: Callable[[], float] = time.monotonic,
                  tail_blocks: Mapping[int, int] | None = None) -> None:
         """``profile``: per split, the time of each stage (exits, then the split) until measured (NaN: unknown);
-        ``tail_blocks``: per split, the blocks the cloud runs after it."""
+        ``tail_blocks``: per split, the blocks the cloud runs after it (the input route, keyed ``INPUT``: all)."""
         self._clock = clock
         self._tail_blocks = dict(tail_blocks or {})
         self._lock = threading.Lock()
@@ -215,6 +217,8 @@ class Measurements:
             compute_ms=compute,
             offloads=len(link),
             cloud_by_split=self._cloud_by_split(answered),
+            bytes_by_split={key: statistics.median(o.bytes for o in link if o.split_block == key)
+                            for key in {o.split_block for o in link}},
         )
 
     def _cloud_by_split(self, answered: list[Offload]) -> dict[int, float]:
@@ -223,7 +227,7 @@ class Measurements:
         measured = {split: quantile([o.cloud_ms for o in answered if o.split_block == split], HIGH)
                     for split in {o.split_block for o in answered}}
         out = dict(measured)
-        for split in self._compute:
+        for split in set(self._compute) | set(self._tail_blocks):  # the input route's key among them
             if split in out or not measured:
                 continue
             near = min(measured, key=lambda m: abs(m - split))

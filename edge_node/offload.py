@@ -98,6 +98,7 @@ class _Stream:
 
     address: str
     max_request_bytes: int
+    takes_input: bool = False  # the cloud runs the whole model on inputs sent as they are
     outbox: asyncio.Queue[tuple[pb.OffloadRequest, asyncio.Future[pb.OffloadReply]] | None] = field(
         default_factory=asyncio.Queue)  # None: write no more (half-close; the cloud answers what it has)
 
@@ -151,6 +152,11 @@ class OffloadClient:
         self.on_rtt: Callable[[float], None] | None = None  # told each probe's round trip, in milliseconds
 
     @property
+    def takes_input(self) -> bool:
+        """The cloud in use now also takes inputs as they are (the input route)."""
+        return self._stream is not None and self._stream.takes_input
+
+    @property
     def connected_to(self) -> str | None:
         """The cloud requests go to now, or None."""
         return self._stream.address if self._stream else None
@@ -174,6 +180,9 @@ class OffloadClient:
         stream = self._stream
         if stream is None:
             raise CloudUnavailable(f"cloud unavailable: {self.unavailable_reason()}")
+        if request.HasField("input") and not stream.takes_input:
+            raise CloudUnavailable(f"cloud {stream.address} does not take inputs (the input route): it serves "
+                                   "tokens only")
         size = request.ByteSize()
         if size > stream.max_request_bytes:
             raise OffloadError(f"offload request of {size} bytes exceeds the {stream.max_request_bytes}-byte "
@@ -259,7 +268,7 @@ class OffloadClient:
             if cloud is None:
                 return None
             limit = min(self.settings.max_message_bytes, cloud.max_message_bytes or self.settings.max_message_bytes)
-            stream = _Stream(address, limit)
+            stream = _Stream(address, limit, cloud.takes_input)
             call = stub.Infer(stream.requests(), metadata=self._metadata)
             started = time.monotonic()
             self._stream = stream

@@ -26,35 +26,47 @@ from offramp.core.wire import pb
 DEFAULT_THRESHOLD: dict[str, float] = {"max_prob": 0.9, "margin": 0.8, "entropy": 0.3, "std": 0.0}
 
 
+# How a request is answered: exits on the edge and tokens to the cloud for the rest ("split"), the input
+# itself to the cloud, which runs the whole model ("input"), or the edge's exits alone ("local").
+ROUTES = ("split", "input", "local")
+
+
 class PolicyError(OfframpError):
     """A policy that does not fit the model: wrong threshold count, unknown score, ..."""
 
 
 @dataclass(frozen=True)
 class PolicySettings:
-    """One threshold per edge exit (cheapest first), the score they apply to, and whether to offload."""
+    """One threshold per edge exit (cheapest first), the score they apply to, whether to offload, and the
+    route (``ROUTES``). Offload off and the local route are the same choice: ``ExitPolicy.validate`` makes
+    each imply the other."""
 
     thresholds: tuple[float, ...]
     score: str
     offload_enabled: bool = True
     split_block: int | None = None  # which of the edge's split blocks; None: its split_block
+    route: str = "split"
 
     def run_thresholds(self) -> list[float]:
-        """The thresholds to run the exits with: without offload the last exit must take every sample."""
-        return thresholds_to_run(self.thresholds, self.score, self.offload_enabled)
+        """The thresholds to run the exits with: unless tokens may go to the cloud (the split route, offload
+        on) the last exit must take every sample; on the input route the edge computes only as a fallback."""
+        return thresholds_to_run(self.thresholds, self.score, self.offload_enabled and self.route == "split")
 
     def to_proto(self) -> pb.Policy:
         return pb.Policy(thresholds=self.thresholds, score=self.score, offload_enabled=self.offload_enabled,
-                         split_block=self.split_block)
+                         split_block=self.split_block, route=self.route)
 
     @classmethod
     def from_proto(cls, message: pb.Policy) -> "PolicySettings":
         split = message.split_block if message.HasField("split_block") else None
-        return cls(tuple(message.thresholds), message.score, message.offload_enabled, split)
+        # A route, where given, decides; older callers say offload_enabled only.
+        route = message.route or ("split" if message.offload_enabled else "local")
+        return cls(tuple(message.thresholds), message.score, route != "local", split, route)
 
 
-def default_settings(num_exits: int, score: str, offload_enabled: bool = True) -> PolicySettings:
-    return PolicySettings((DEFAULT_THRESHOLD[score],) * num_exits, score, offload_enabled)
+def default_settings(num_exits: int, score: str, offload_enabled: bool = True, route: str = "split"
+                     ) -> PolicySettings:
+    return PolicySettings((DEFAULT_THRESHOLD[score],) * num_exits, score, offload_enabled, route=route)
 
 
 class ExitPolicy:
@@ -112,10 +124,13 @@ class ExitPolicy:
                               f"(one threshold per exit, cheapest first)")
         if any(math.isnan(t) for t in settings.thresholds):
             raise PolicyError("thresholds must be numbers, not NaN")
-        if not settings.offload_enabled and num_exits == 0:
-            raise PolicyError("offload cannot be disabled: the edge has no exit to answer with")
-        return PolicySettings(tuple(float(t) for t in settings.thresholds), settings.score, settings.offload_enabled,
-                              settings.split_block)
+        if settings.route not in ROUTES:
+            raise PolicyError(f"unknown route {settings.route!r}; use one of: {', '.join(ROUTES)}")
+        local = settings.route == "local" or not settings.offload_enabled
+        if local and num_exits == 0:
+            raise PolicyError("offload cannot be disabled (route local): the edge has no exit to answer with")
+        return PolicySettings(tuple(float(t) for t in settings.thresholds), settings.score, not local,
+                              settings.split_block, "local" if local else settings.route)
 
     def get(self) -> PolicySettings:
         with self._lock:

@@ -80,8 +80,8 @@ class EdgeServicer(pb_grpc.EdgeServicer):
                 log.info("policy handed back to the latency controller")
             else:
                 settings = policy.set(PolicySettings.from_proto(request))
-                log.info("policy %s: thresholds %s, score %s, offload %s", "pinned" if policy.pinned else "changed",
-                         list(settings.thresholds), settings.score, "on" if settings.offload_enabled else "off")
+                log.info("policy %s: route %s, thresholds %s, score %s", "pinned" if policy.pinned else "changed",
+                         settings.route, list(settings.thresholds), settings.score)
         except PolicyError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return policy_reply(self.engine)
@@ -94,7 +94,7 @@ class EdgeServicer(pb_grpc.EdgeServicer):
                                           self.card.input_shape, self._audio_shape)
             preprocess_ms = (time.perf_counter() - arrived) * 1000
             reply = await self.engine.infer(x, request.request_id, since=arrived,
-                                            stage_ms={"preprocess": preprocess_ms}, audio=audio)
+                                            stage_ms={"preprocess": preprocess_ms}, audio=audio, source=request)
         except InputError as e:
             reply = pb.InferReply(request_id=request.request_id,
                                   status=make_status(grpc.StatusCode.INVALID_ARGUMENT, str(e)))
@@ -147,8 +147,9 @@ def build_engine(config: EdgeConfig) -> EdgeEngine:
         splits = tuple(h.split_block for h in (half, *others))
         task = card.config.task
         score = config.score or default_score(task)
-        settings = (default_settings(half.num_exits, score, config.offload_enabled) if config.thresholds is None
-                    else PolicySettings(config.thresholds, score, config.offload_enabled))
+        route = config.route or ("split" if config.offload_enabled else "local")
+        settings = (default_settings(half.num_exits, score, config.offload_enabled, route) if config.thresholds is None
+                    else PolicySettings(config.thresholds, score, config.offload_enabled, route=route))
         policy = ExitPolicy(settings, half.num_exits, task, {h.split_block: h.num_exits for h in (half, *others)})
         codec = CodecConfig(config.codec, config.top_k, config.zstd_level)
         offload = None
@@ -163,14 +164,15 @@ def build_engine(config: EdgeConfig) -> EdgeEngine:
                 max_message_bytes=config.max_message_bytes,
                 credentials=credentials, server_name=config.cloud_tls_server_name, token=token))
         engine = EdgeEngine(half, card, policy, codec, config.deadline_ms, offload, config.max_batch, config.slowdown,
-                            others)
+                            others, config.input_quality)
     except PolicyError as e:
         raise OfframpError(f"edge policy: {e}") from None
     except ValueError as e:
         raise OfframpError(f"cannot serve '{config.checkpoint}': {e}") from None
     if config.latency_slo_ms is not None:
         try:
-            engine.adapt(config.latency_slo_ms, config.calibration, config.slo_window_s)
+            engine.adapt(config.latency_slo_ms, config.calibration, config.slo_window_s, config.input_route,
+                         config.route)
         except ValueError as e:
             raise OfframpError(str(e)) from None
     return engine

@@ -25,7 +25,6 @@ driver measures the system and its baselines the same way.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import threading
 import time
@@ -33,10 +32,7 @@ from collections.abc import AsyncIterator
 from typing import Literal
 
 import grpc
-import numpy as np
 import torch
-from PIL import Image
-
 from offramp.core.checkpoint import load_checkpoint
 from offramp.serving.daemon import grpc_server
 from offramp.netem import slowed
@@ -56,18 +52,6 @@ log = logging.getLogger(__name__)
 Where = Literal["edge", "cloud"]
 # What the baselines put in decided_by: the cloud-only answer is the cloud's, as in the system.
 DECIDED_BY: dict[Where, str] = {"edge": "edge:full", "cloud": "cloud"}
-
-
-def encode_images(inputs: np.ndarray, image_format: Literal["jpeg", "png"], quality: int) -> tuple[bytes, ...]:
-    """Each (C, H, W) input in [-1, 1] as the image file a camera would send (the exact inverse of decoding)."""
-    pixels = np.clip(np.rint((inputs + 1.0) * 127.5), 0, 255).astype(np.uint8)  # (N, C, H, W)
-    files = []
-    for sample in pixels:
-        image = Image.fromarray(sample[0] if sample.shape[0] == 1 else sample.transpose(1, 2, 0))
-        buffer = io.BytesIO()
-        image.save(buffer, format=image_format.upper(), **({"quality": quality} if image_format == "jpeg" else {}))
-        files.append(buffer.getvalue())
-    return tuple(files)
 
 
 class FullModelServer:

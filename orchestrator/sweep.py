@@ -305,7 +305,7 @@ def run_experiment(config: ExperimentConfig, address: str | None = None, progres
 
     from . import report, study
     from .actors import Placement, node_resources, ray_session
-    from .baselines import encode_images
+    from offramp.core.data.preprocess import encode_images
     from .workload import load_dataset
 
     started = time.perf_counter()

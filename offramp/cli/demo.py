@@ -79,7 +79,7 @@ def calibrate(checkpoint: Path, edge_toml: Path) -> None:
     from offramp.training.calibrate import Target
     from offramp.serving.edge_toml import calibrate_into
 
-    result, _ = calibrate_into(edge_toml, checkpoint, Target(accuracy_drop=ACCURACY_DROP))
+    result, _, _ = calibrate_into(edge_toml, checkpoint, Target(accuracy_drop=ACCURACY_DROP))
     print(result.summary())
 
 

@@ -333,6 +333,25 @@ class CloudHalf:
             return self.model.bottleneck.decode(code.to(self.device)).float().cpu()
 
 
+class WholeModel:
+    """Every block and the final head, on the input itself: what the cloud runs for the input route, where
+    the edge sends the picture or clip rather than its tokens."""
+
+    def __init__(self, model: MultiExitModel, device: str = "cpu", dtype: str = "float32") -> None:
+        self.model = model.eval()
+        self.device = resolve_device(device)
+        self.dtype = dtype
+        compute_context(self.device, dtype)
+        self.model.to(self.device)
+        self.num_outputs = head_outputs(model.config.task, model.config.num_classes)
+
+    @torch.inference_mode()
+    def run(self, x: torch.Tensor, audio: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, W) inputs [and (B, 1, mels, frames) audio] -> (B, num_outputs) float32 on the CPU."""
+        with compute_context(self.device, self.dtype):
+            return self.model.final(x.to(self.device), None if audio is None else audio.to(self.device)).float().cpu()
+
+
 def _bottleneck_at(model: MultiExitModel, split_block: int) -> str:
     """The identity of the model's bottleneck if it sits at ``split_block``; "" otherwise."""
     b = model.config.bottleneck

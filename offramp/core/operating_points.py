@@ -41,3 +41,16 @@ class CalibrationTable:
             if len(p.thresholds) != len(self.exits) or len(p.shares) != len(self.exits) + 1:
                 raise ValueError(f"calibration points need one threshold per exit ({', '.join(self.exits)}) and "
                                  "one share per exit plus the cloud's")
+
+
+@dataclass(frozen=True)
+class InputRouteCalibration:
+    """The input route on one checkpoint, measured like the operating points: the whole model's accuracy on
+    inputs as the cloud receives them (images re-encoded as JPEG at ``quality``, so its loss is counted),
+    and the bytes each request sends. The edge's controller weighs it against the split and local routes."""
+
+    fingerprint: str
+    quality: int  # JPEG quality of images sent as tensors
+    accuracy: float
+    bytes_per_request: float  # mean size of the input as sent
+    samples: int

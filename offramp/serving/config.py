@@ -26,13 +26,13 @@ from typing import Any, Literal, TypeVar
 
 from offramp.core.codec.names import CodecName
 from offramp.core.errors import OfframpError
-from offramp.core.operating_points import CalibrationPoint, CalibrationTable
+from offramp.core.operating_points import CalibrationPoint, CalibrationTable, InputRouteCalibration
 
 # The shortest interval between a peer's keepalive pings that the daemons accept (edges ping their
 # cloud every ``keepalive_s``, which may not go below it).
 MIN_KEEPALIVE_S = 1
 
-__all__ = ["CalibrationPoint", "CalibrationTable", "CloudConfig", "CodecName", "EdgeConfig", "build",
+__all__ = ["CalibrationPoint", "CalibrationTable", "InputRouteCalibration", "CloudConfig", "CodecName", "EdgeConfig", "build",
            "load_config", "non_defaults", "read_toml", "require", "setting"]
 
 C = TypeVar("C")
@@ -93,6 +93,9 @@ class CloudConfig:
         "when the link is fast and the cloud idle, later when the link is slow. Each has its own batches (tokens "
         "of different blocks never share one). Unset: the checkpoint's split block.", None, metavar="K,K",
         example=[2, 4])
+    take_inputs: bool = setting(
+        "Also run the whole model on inputs edges send as they are (the input route: over a fast link with a "
+        "slow device, sending the picture beats computing on the edge). Their batches are their own.", True)
     device: str = setting('"cpu", "cuda" or "cuda:N".', "cpu")
     dtype: Dtype = setting("Compute precision of the tail; reduced precision only pays off on GPUs.", "float32")
     max_batch: int = setting("Samples per forward pass across all edges: larger batches raise throughput until "
@@ -179,6 +182,14 @@ class EdgeConfig:
         "(regression); unset: the task's default.", None, example="max_prob")
     offload_enabled: bool = setting("Off: the last exit answers whatever the earlier ones did not, and nothing "
                                     "goes upstream.", True, flag="offload")
+    route: Literal["split", "input", "local"] | None = setting(
+        "How requests are answered: split (exits on the edge, tokens to the cloud for the rest), input (every "
+        "input to the cloud as it came, which runs the whole model; the exits answer only when the cloud "
+        "cannot) or local (the exits answer everything). Unset: split, or with latency_slo_ms whichever route "
+        "the controller predicts best; set with latency_slo_ms, the controller keeps to that route.", None,
+        example="input")
+    input_quality: int = setting("JPEG quality at which the input route sends images given as tensors (files go "
+                                 "as they came).", 90, metavar="Q")
     split_block: int | None = setting("Block after which the edge hands over; unset: the checkpoint's. The cloud "
                                       "must resume there too.", None, metavar="K", example=4)
     split_blocks: tuple[int, ...] | None = setting(
@@ -270,6 +281,10 @@ class EdgeConfig:
         "Operating points per split block (thresholds, expected accuracy and offload share) that `offramp "
         "calibrate` measures and writes at the end of this file as [[calibration]] tables, for latency_slo_ms.",
         (), file_only=True)
+    input_route: InputRouteCalibration | None = setting(
+        "The input route's accuracy and bytes per request, which `offramp calibrate --input-route` measures and "
+        "writes as an [input_route] table: with it the controller can choose to send inputs as they are.",
+        None, file_only=True)
 
     def __post_init__(self) -> None:
         _check_address(self.listen, "listen")
@@ -315,6 +330,9 @@ class EdgeConfig:
         require(self.slo_window_s >= 0, "slo_window_s must be 0 (all requests) or positive")
         require(self.latency_slo_ms is None or self.offload_enabled,
                 "latency_slo_ms chooses how much to offload: it needs offload on")
+        require(self.route not in ("split", "input") or self.offload_enabled,
+                f"route {self.route} sends to the cloud: it needs offload on (or route local)")
+        require(1 <= self.input_quality <= 95, "input_quality must be a JPEG quality in 1..95")
         splits = [t.split_block for t in self.calibration]
         require(len(set(splits)) == len(splits), "one calibration table per split block")
 

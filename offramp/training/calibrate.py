@@ -38,9 +38,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from offramp.core.checkpoint import load_checkpoint
-from offramp.core.operating_points import CalibrationPoint, CalibrationTable
+from offramp.core.operating_points import CalibrationPoint, CalibrationTable, InputRouteCalibration
 from offramp.core.errors import OfframpError
 from offramp.core.data.card_splits import load_selection, load_validation
 from offramp.training.report import head_costs
@@ -332,3 +333,35 @@ def operating_point(exits: list[HeadResult], final: HeadResult, score: str, thre
                     costs: list[float] | None = None) -> OperatingPoint:
     """What ``thresholds`` do on these results: e.g. thresholds chosen on one split, judged on another."""
     return _Cascade(exits, final, score, costs).point(tuple(float(t) for t in thresholds))
+
+
+def calibrate_input_route(checkpoint: str | Path, quality: int = 90, data: str | None = None,
+                          on: str = "validation") -> InputRouteCalibration:
+    """The input route measured like the operating points, on the same samples: the whole model's quality on
+    the inputs as the cloud receives them (images through JPEG at ``quality``, so its loss is counted; other
+    inputs as raw float32 tensors) and the mean bytes of the request that carries each."""
+    from torch.utils.data import TensorDataset
+
+    from offramp.core.data.preprocess import encode_images, preprocess_bytes
+    from offramp.core.wire import pb
+
+    if on not in ("validation", "selection"):
+        raise OfframpError(f"calibrate on 'validation' or 'selection', not {on!r}")
+    model, card = load_checkpoint(checkpoint)
+    if card.modality not in ("image", "audio"):
+        raise OfframpError(f"the input route is calibrated for image and audio models, not {card.modality}")
+    val = load_selection(card) if on == "selection" else load_validation(card, data)[0]
+    x, y = val.tensors[0], val.tensors[-1]
+    envelope = pb.OffloadRequest(model_fingerprint=card.fingerprint, deadline_ms=1000)
+    if card.modality == "image":
+        files = encode_images(x.numpy(), "jpeg", quality)
+        sent = torch.stack([preprocess_bytes(f, "image", tuple(card.input_shape)) for f in files])
+        sizes = [pb.OffloadRequest(input=pb.InferRequest(encoded_file=f)).ByteSize() for f in files]
+    else:
+        sent = x
+        one = pb.InferRequest(tensor=pb.RawTensor(shape=list(x.shape[1:]), data=bytes(4 * x[0].numel())))
+        sizes = [pb.OffloadRequest(input=one).ByteSize()] * len(x)
+    final = evaluate(model, TensorDataset(sent, y))[-1]
+    quality_of = final.correct if final.correct is not None else -final.error
+    return InputRouteCalibration(card.fingerprint, quality, round(float(np.mean(quality_of)), 6),
+                                 round(float(np.mean(sizes)) + envelope.ByteSize(), 1), len(x))

@@ -1,7 +1,9 @@
 """Single inputs for serving, through the very transform used for training."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -37,3 +39,19 @@ def preprocess_file(path: str | Path, modality: str, input_shape: tuple[int, int
     except OSError as e:
         raise DataError(f"cannot read '{path}': {e}") from None
     return _preprocess(data, modality, input_shape, f"'{path}'")
+
+
+def encode_images(inputs: np.ndarray, image_format: Literal["jpeg", "png"] = "jpeg", quality: int = 90
+                  ) -> tuple[bytes, ...]:
+    """Each (C, H, W) image input in [-1, 1] as the file a camera would send: the exact inverse of decoding,
+    up to the format's own loss (none for PNG; JPEG's at ``quality``)."""
+    from PIL import Image
+
+    pixels = np.clip(np.rint((np.asarray(inputs, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    files = []
+    for sample in pixels:
+        image = Image.fromarray(sample[0] if sample.shape[0] == 1 else sample.transpose(1, 2, 0))
+        buffer = io.BytesIO()
+        image.save(buffer, format=image_format.upper(), **({"quality": quality} if image_format == "jpeg" else {}))
+        files.append(buffer.getvalue())
+    return tuple(files)

@@ -70,7 +70,7 @@ class Timings(_message.Message):
     def __init__(self, decode_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class OffloadRequest(_message.Message):
-    __slots__ = ("request_id", "model_fingerprint", "split_block", "tokens", "audio_tokens", "modalities", "deadline_ms", "edge_stage_ms")
+    __slots__ = ("request_id", "model_fingerprint", "split_block", "tokens", "audio_tokens", "modalities", "deadline_ms", "edge_stage_ms", "input")
     class EdgeStageMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,7 @@ class OffloadRequest(_message.Message):
     MODALITIES_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     EDGE_STAGE_MS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     model_fingerprint: str
     split_block: int
@@ -94,7 +95,8 @@ class OffloadRequest(_message.Message):
     modalities: _containers.RepeatedScalarFieldContainer[str]
     deadline_ms: int
     edge_stage_ms: _containers.ScalarMap[str, float]
-    def __init__(self, request_id: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., split_block: _Optional[int] = ..., tokens: _Optional[_Union[EncodedTensor, _Mapping]] = ..., audio_tokens: _Optional[_Union[EncodedTensor, _Mapping]] = ..., modalities: _Optional[_Iterable[str]] = ..., deadline_ms: _Optional[int] = ..., edge_stage_ms: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    input: InferRequest
+    def __init__(self, request_id: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., split_block: _Optional[int] = ..., tokens: _Optional[_Union[EncodedTensor, _Mapping]] = ..., audio_tokens: _Optional[_Union[EncodedTensor, _Mapping]] = ..., modalities: _Optional[_Iterable[str]] = ..., deadline_ms: _Optional[int] = ..., edge_stage_ms: _Optional[_Mapping[str, float]] = ..., input: _Optional[_Union[InferRequest, _Mapping]] = ...) -> None: ...
 
 class OffloadReply(_message.Message):
     __slots__ = ("request_id", "status", "output", "output_shape", "timings", "batch_size")
@@ -117,7 +119,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeReply(_message.Message):
-    __slots__ = ("card_json", "fingerprint", "split_block", "token_shape", "max_batch_size", "max_message_bytes", "modalities", "split_blocks")
+    __slots__ = ("card_json", "fingerprint", "split_block", "token_shape", "max_batch_size", "max_message_bytes", "modalities", "split_blocks", "takes_input")
     CARD_JSON_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SPLIT_BLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +128,7 @@ class DescribeReply(_message.Message):
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MODALITIES_FIELD_NUMBER: _ClassVar[int]
     SPLIT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    TAKES_INPUT_FIELD_NUMBER: _ClassVar[int]
     card_json: str
     fingerprint: str
     split_block: int
@@ -134,7 +137,8 @@ class DescribeReply(_message.Message):
     max_message_bytes: int
     modalities: _containers.RepeatedScalarFieldContainer[str]
     split_blocks: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, card_json: _Optional[str] = ..., fingerprint: _Optional[str] = ..., split_block: _Optional[int] = ..., token_shape: _Optional[_Iterable[int]] = ..., max_batch_size: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., modalities: _Optional[_Iterable[str]] = ..., split_blocks: _Optional[_Iterable[int]] = ...) -> None: ...
+    takes_input: bool
+    def __init__(self, card_json: _Optional[str] = ..., fingerprint: _Optional[str] = ..., split_block: _Optional[int] = ..., token_shape: _Optional[_Iterable[int]] = ..., max_batch_size: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., modalities: _Optional[_Iterable[str]] = ..., split_blocks: _Optional[_Iterable[int]] = ..., takes_input: _Optional[bool] = ...) -> None: ...
 
 class RawTensor(_message.Message):
     __slots__ = ("shape", "data")
@@ -157,7 +161,7 @@ class InferRequest(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., encoded_file: _Optional[bytes] = ..., tensor: _Optional[_Union[RawTensor, _Mapping]] = ..., audio: _Optional[bytes] = ...) -> None: ...
 
 class InferReply(_message.Message):
-    __slots__ = ("request_id", "prediction", "value", "confidence", "decided_by", "exit_index", "degraded", "degraded_reason", "output", "stage_ms", "bytes_sent", "status", "label")
+    __slots__ = ("request_id", "prediction", "value", "confidence", "decided_by", "exit_index", "degraded", "degraded_reason", "output", "stage_ms", "bytes_sent", "status", "label", "route")
     class StageMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +182,7 @@ class InferReply(_message.Message):
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     prediction: int
     value: float
@@ -191,27 +196,30 @@ class InferReply(_message.Message):
     bytes_sent: int
     status: Status
     label: str
-    def __init__(self, request_id: _Optional[int] = ..., prediction: _Optional[int] = ..., value: _Optional[float] = ..., confidence: _Optional[float] = ..., decided_by: _Optional[str] = ..., exit_index: _Optional[int] = ..., degraded: _Optional[bool] = ..., degraded_reason: _Optional[str] = ..., output: _Optional[_Iterable[float]] = ..., stage_ms: _Optional[_Mapping[str, float]] = ..., bytes_sent: _Optional[int] = ..., status: _Optional[_Union[Status, _Mapping]] = ..., label: _Optional[str] = ...) -> None: ...
+    route: str
+    def __init__(self, request_id: _Optional[int] = ..., prediction: _Optional[int] = ..., value: _Optional[float] = ..., confidence: _Optional[float] = ..., decided_by: _Optional[str] = ..., exit_index: _Optional[int] = ..., degraded: _Optional[bool] = ..., degraded_reason: _Optional[str] = ..., output: _Optional[_Iterable[float]] = ..., stage_ms: _Optional[_Mapping[str, float]] = ..., bytes_sent: _Optional[int] = ..., status: _Optional[_Union[Status, _Mapping]] = ..., label: _Optional[str] = ..., route: _Optional[str] = ...) -> None: ...
 
 class GetPolicyRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class Policy(_message.Message):
-    __slots__ = ("thresholds", "score", "offload_enabled", "adaptive", "state", "split_block")
+    __slots__ = ("thresholds", "score", "offload_enabled", "adaptive", "state", "split_block", "route")
     THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     OFFLOAD_ENABLED_FIELD_NUMBER: _ClassVar[int]
     ADAPTIVE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SPLIT_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
     thresholds: _containers.RepeatedScalarFieldContainer[float]
     score: str
     offload_enabled: bool
     adaptive: bool
     state: PolicyState
     split_block: int
-    def __init__(self, thresholds: _Optional[_Iterable[float]] = ..., score: _Optional[str] = ..., offload_enabled: _Optional[bool] = ..., adaptive: _Optional[bool] = ..., state: _Optional[_Union[PolicyState, _Mapping]] = ..., split_block: _Optional[int] = ...) -> None: ...
+    route: str
+    def __init__(self, thresholds: _Optional[_Iterable[float]] = ..., score: _Optional[str] = ..., offload_enabled: _Optional[bool] = ..., adaptive: _Optional[bool] = ..., state: _Optional[_Union[PolicyState, _Mapping]] = ..., split_block: _Optional[int] = ..., route: _Optional[str] = ...) -> None: ...
 
 class PolicyState(_message.Message):
     __slots__ = ("rtt_ms", "transfer_ms", "uplink_bytes_per_s", "offload_bytes", "cloud_ms", "cloud_queue_ms", "cloud_compute_ms", "edge_queue_ms", "request_rate", "compute_ms", "latency_slo_ms", "predicted_p95_ms", "target_met", "expected_accuracy", "expected_offload", "split_block", "reason", "changes", "chosen_thresholds", "slo_window_s", "planned_tail")

@@ -1,0 +1,82 @@
+"""The input route on the cloud: the edge sends the input itself and the cloud runs the whole model on it.
+
+Over a fast link with a slow device, sending the picture beats computing anything on the edge. The request
+comes on the same Offload stream as tokens, with the same fingerprint check, deadline and reply; its
+``input`` is an ``InferRequest`` exactly as an application gives one to an edge, decoded by the edge's own
+hardened decoder (``offramp.serving.inputs``), so a bad file gets the same precise error on either side.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+import torch
+
+from offramp.core.checkpoint import Card
+from offramp.core.halves import WholeModel
+from offramp.core.wire import make_status, pb, status_code
+from offramp.serving.batcher import Batcher
+from offramp.serving.errors import RequestError
+from offramp.serving.inputs import InputError, request_inputs
+from offramp.serving.offloop import call_by_size
+
+from .handler import fill_reply
+from .metrics import CloudMetrics
+
+log = logging.getLogger(__name__)
+
+
+class InputHandler:
+    """Answers OffloadRequests carrying an ``input`` with the whole model (``whole``), run in batches."""
+
+    def __init__(self, whole: WholeModel, card: Card, batcher: Batcher, metrics: CloudMetrics) -> None:
+        self._whole = whole
+        self._card = card
+        self._batcher = batcher
+        self._metrics = metrics
+        audio = card.config.audio
+        self._audio_shape = None if audio is None else tuple(audio.input_shape)
+
+    async def answer(self, request: pb.OffloadRequest) -> pb.OffloadReply:
+        """The reply to one input: head output and timings, or the reason in ``status``."""
+        received = time.perf_counter()
+        size = request.ByteSize()
+        self._metrics.received_bytes.inc(size)
+        reply = pb.OffloadReply(request_id=request.request_id, status=make_status())
+        try:
+            self._check(request)
+            self._batcher.check_room(1)  # a full queue refuses before any decoding
+            x, audio = await call_by_size(size, self._decode, request.input)
+            decoded = time.perf_counter()
+            deadline = received + request.deadline_ms / 1e3 if request.deadline_ms else None
+            result = await self._batcher.submit(x[None], None if audio is None else audio[None], deadline=deadline)
+        except RequestError as e:
+            reply.status.CopyFrom(make_status(e.code, str(e)))
+        except Exception as e:  # a bug: fail this request, keep the stream
+            log.exception("input request %d failed", request.request_id)
+            reply.status.CopyFrom(make_status(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}"))
+        else:
+            fill_reply(reply, result, decoded - received, self._metrics)
+        total_s = time.perf_counter() - received
+        reply.timings.total_ms = total_s * 1e3
+        self._metrics.stage("total").observe(total_s)
+        self._metrics.requests_by(status_code(reply.status).name).inc()
+        return reply
+
+    def _check(self, request: pb.OffloadRequest) -> None:
+        if request.model_fingerprint != self._card.fingerprint:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"model fingerprint {request.model_fingerprint[:12] or '(none)'} does not match the cloud's "
+                f"{self._card.fingerprint[:12]}: edge and cloud must load the same checkpoint",
+            )
+        if request.HasField("tokens") or request.HasField("audio_tokens"):
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               "a request carries either its input (the input route) or tokens, not both")
+
+    def _decode(self, message: pb.InferRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
+        try:
+            return request_inputs(message, self._card.modality, tuple(self._card.input_shape), self._audio_shape)
+        except InputError as e:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"input: {e}") from None
