@@ -81,14 +81,15 @@ class OffloadHandler:
     def describe(self) -> pb.DescribeReply:
         return self._description
 
-    async def answer(self, request: pb.OffloadRequest) -> pb.OffloadReply:
-        """The reply to one request: head output and timings, or the reason in ``status``."""
+    async def answer(self, request: pb.OffloadRequest, stream_fingerprint: str = "") -> pb.OffloadReply:
+        """The reply to one request: head output and timings, or the reason in ``status``; the request's
+        fingerprint, where it names none, is its stream's."""
         received = time.perf_counter()
         size = request.ByteSize()
         self._metrics.received_bytes.inc(size)
         reply = pb.OffloadReply(request_id=request.request_id, status=make_status())
         try:
-            self._check(request)
+            self._check(request, request.model_fingerprint or stream_fingerprint)
             declared = request.tokens.shape[0] if request.tokens.shape else 0
             if 0 < declared <= self._batcher.max_batch:  # a full queue refuses before any decoding
                 self._batcher.check_room(declared)
@@ -115,11 +116,11 @@ class OffloadHandler:
         self._metrics.requests_by(code.name).inc()
         return pb.OffloadReply(request_id=request.request_id, status=make_status(code, message))
 
-    def _check(self, request: pb.OffloadRequest) -> None:
-        if request.model_fingerprint != self._fingerprint:
+    def _check(self, request: pb.OffloadRequest, fingerprint: str) -> None:
+        if fingerprint != self._fingerprint:
             raise RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"model fingerprint {request.model_fingerprint[:12] or '(none)'} does not match the cloud's "
+                f"model fingerprint {fingerprint[:12] or '(none)'} does not match the cloud's "
                 f"{self._fingerprint[:12]}: edge and cloud must load the same checkpoint",
             )
         if request.split_block != self._half.split_block:

@@ -38,14 +38,15 @@ class InputHandler:
         audio = card.config.audio
         self._audio_shape = None if audio is None else tuple(audio.input_shape)
 
-    async def answer(self, request: pb.OffloadRequest) -> pb.OffloadReply:
-        """The reply to one input: head output and timings, or the reason in ``status``."""
+    async def answer(self, request: pb.OffloadRequest, stream_fingerprint: str = "") -> pb.OffloadReply:
+        """The reply to one input: head output and timings, or the reason in ``status``; the request's
+        fingerprint, where it names none, is its stream's."""
         received = time.perf_counter()
         size = request.ByteSize()
         self._metrics.received_bytes.inc(size)
         reply = pb.OffloadReply(request_id=request.request_id, status=make_status())
         try:
-            self._check(request)
+            self._check(request, request.model_fingerprint or stream_fingerprint)
             self._batcher.check_room(1)  # a full queue refuses before any decoding
             x, audio = await call_by_size(size, self._decode, request.input)
             decoded = time.perf_counter()
@@ -64,11 +65,11 @@ class InputHandler:
         self._metrics.requests_by(status_code(reply.status).name).inc()
         return reply
 
-    def _check(self, request: pb.OffloadRequest) -> None:
-        if request.model_fingerprint != self._card.fingerprint:
+    def _check(self, request: pb.OffloadRequest, fingerprint: str) -> None:
+        if fingerprint != self._card.fingerprint:
             raise RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"model fingerprint {request.model_fingerprint[:12] or '(none)'} does not match the cloud's "
+                f"model fingerprint {fingerprint[:12] or '(none)'} does not match the cloud's "
                 f"{self._card.fingerprint[:12]}: edge and cloud must load the same checkpoint",
             )
         if request.HasField("tokens") or request.HasField("audio_tokens"):

@@ -33,19 +33,19 @@ class SplitRouter:
     def describe(self) -> pb.DescribeReply:
         return self._description
 
-    async def answer(self, request: pb.OffloadRequest) -> pb.OffloadReply:
+    async def answer(self, request: pb.OffloadRequest, stream_fingerprint: str = "") -> pb.OffloadReply:
         if request.HasField("input"):
             if self._inputs is None:
                 return self.refuse(request, grpc.StatusCode.FAILED_PRECONDITION,
                                    "this cloud does not take inputs (take_inputs is off): send tokens")
-            return await self._inputs.answer(request)
+            return await self._inputs.answer(request, stream_fingerprint)
         handler = self._handlers.get(request.split_block)
         if handler is None:
             served = ", ".join(str(s) for s in sorted(self._handlers))
             return self.refuse(request, grpc.StatusCode.FAILED_PRECONDITION,
                                f"tokens are from split block {request.split_block}; this cloud resumes after "
                                f"blocks {served} only")
-        return await handler.answer(request)
+        return await handler.answer(request, stream_fingerprint)
 
     def refuse(self, request: pb.OffloadRequest, code: grpc.StatusCode, message: str) -> pb.OffloadReply:
         return self._primary.refuse(request, code, message)

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from offramp.serving.streams import StreamStopped, unordered_map
-from offramp.core.wire import pb, pb_grpc
+from offramp.core.wire import FINGERPRINT_METADATA, pb, pb_grpc
 
 from .handler import OffloadHandler
 from .router import SplitRouter
@@ -34,6 +34,9 @@ class OffloadServicer(pb_grpc.OffloadServicer):
         context: grpc.aio.ServicerContext[pb.OffloadRequest, pb.OffloadReply],
     ) -> AsyncIterator[pb.OffloadReply]:
         in_flight: set[int] = set()
+        # Said once for the stream (its metadata); a request may still name its own.
+        stream_fingerprint = next((str(v) for k, v in context.invocation_metadata() or ()
+                                   if k == FINGERPRINT_METADATA), "")
 
         async def answer(request: pb.OffloadRequest) -> pb.OffloadReply:
             request_id = request.request_id
@@ -46,7 +49,7 @@ class OffloadServicer(pb_grpc.OffloadServicer):
                                          "stream; wait for answers")
             in_flight.add(request_id)
             try:
-                return await self._handler.answer(request)
+                return await self._handler.answer(request, stream_fingerprint)
             finally:
                 in_flight.discard(request_id)
 

@@ -245,10 +245,10 @@ class EdgeEngine:
             raise CloudUnavailable("cloud unavailable: no cloud address configured")
         if outcome.tokens is None:
             raise OffloadError(f"cannot encode the tokens: {outcome.encode_error}")
-        request = pb.OffloadRequest(
-            model_fingerprint=self.card.fingerprint, split_block=outcome.split_block, tokens=outcome.tokens,
-            deadline_ms=self.deadline_ms, edge_stage_ms=stages,
-        )
+        # No fingerprint (the stream carries it) and no stage timings (the caller's reply has them): the
+        # envelope stays small beside a code of a few hundred bytes.
+        request = pb.OffloadRequest(split_block=outcome.split_block, tokens=outcome.tokens,
+                                    deadline_ms=self.deadline_ms)
         if outcome.audio_tokens is not None:
             request.audio_tokens.CopyFrom(outcome.audio_tokens)
             request.modalities.extend(("visual", "audio"))
@@ -289,8 +289,7 @@ class EdgeEngine:
         if self.offload is None:
             raise CloudUnavailable("cloud unavailable: no cloud address configured")
         t0 = time.perf_counter()
-        request = pb.OffloadRequest(model_fingerprint=self.card.fingerprint, deadline_ms=self.deadline_ms,
-                                    input=self._input_message(x, source))
+        request = pb.OffloadRequest(deadline_ms=self.deadline_ms, input=self._input_message(x, source))
         stages["input_encode"] = _ms(time.perf_counter() - t0)
         sent = time.perf_counter()
         try:

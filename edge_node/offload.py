@@ -27,7 +27,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from offramp.serving.security import bearer_metadata
-from offramp.core.wire import pb, pb_grpc, status_code
+from offramp.core.wire import FINGERPRINT_METADATA, pb, pb_grpc, status_code
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +269,8 @@ class OffloadClient:
                 return None
             limit = min(self.settings.max_message_bytes, cloud.max_message_bytes or self.settings.max_message_bytes)
             stream = _Stream(address, limit, cloud.takes_input)
-            call = stub.Infer(stream.requests(), metadata=self._metadata)
+            # The fingerprint goes once, with the stream: requests on it leave theirs empty.
+            call = stub.Infer(stream.requests(), metadata=(*self._metadata, (FINGERPRINT_METADATA, self.fingerprint)))
             started = time.monotonic()
             self._stream = stream
             self._problems.pop(address, None)

@@ -121,6 +121,13 @@ def test_edge_and_cloud_carry_the_code_and_answer_as_the_model_does(
     assert [r.prediction for r in replies] == expected.argmax(-1).tolist()
     raw = int(np.prod(edge.spec.shape)) * 4
     assert all(0 < r.bytes_sent < raw / 8 for r in replies)  # far below float32 tokens
+    # A small envelope: the stream carries the fingerprint once, and no stage timings ride along. With gRPC's
+    # 5-byte message prefix it adds at most 64 bytes to the code's own, so a code of 128 bytes or more (the
+    # hybrid's is ~200) travels in at most 1.5x its size; this toy model's codes are ~35 bytes.
+    dictionary = zstd_dictionary(edge.code_dictionary)
+    codes = [len(encode_code(edge.to_code(edge.run(x[None], NEVER, "max_prob").tokens), edge.bottleneck_id, 3,
+                             dictionary).payload) for x in inputs]
+    assert all(r.bytes_sent + 5 - code <= 64 for r, code in zip(replies, codes))
 
 
 def _request(card: Card, code: pb.EncodedTensor) -> pb.OffloadRequest:

@@ -19,6 +19,8 @@ __all__ = ["OFFLOAD_SERVICE", "EDGE_SERVICE", "make_status", "pb", "pb_grpc", "s
 
 # Full service names, as the health service and reflection know them.
 OFFLOAD_SERVICE: str = pb.DESCRIPTOR.services_by_name["Offload"].full_name
+# Stream metadata naming the model the edge runs: said once per stream, so that requests need not carry it.
+FINGERPRINT_METADATA = "offramp-model-fingerprint"
 EDGE_SERVICE: str = pb.DESCRIPTOR.services_by_name["Edge"].full_name
 
 _CODES_BY_VALUE: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}

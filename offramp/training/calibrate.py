@@ -352,7 +352,7 @@ def calibrate_input_route(checkpoint: str | Path, quality: int = 90, data: str |
         raise OfframpError(f"the input route is calibrated for image and audio models, not {card.modality}")
     val = load_selection(card) if on == "selection" else load_validation(card, data)[0]
     x, y = val.tensors[0], val.tensors[-1]
-    envelope = pb.OffloadRequest(model_fingerprint=card.fingerprint, deadline_ms=1000)
+    envelope = pb.OffloadRequest(request_id=1 << 20, deadline_ms=1000)  # as the edge sends it
     if card.modality == "image":
         files = encode_images(x.numpy(), "jpeg", quality)
         sent = torch.stack([preprocess_bytes(f, "image", tuple(card.input_shape)) for f in files])
