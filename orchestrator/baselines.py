@@ -125,6 +125,7 @@ class FullModelServer:
                              DECIDED_BY[self.where], -1)
         reply.request_id = request.request_id
         reply.bytes_sent = request.ByteSize() if self.where == "cloud" else 0
+        reply.route = "input" if self.where == "cloud" else "local"  # cloud-only sends the input itself
         reply.stage_ms.update({
             "preprocess": (decoded - arrived) * 1e3, "queue": batched.queue_s * 1e3,
             "edge_compute" if self.where == "edge" else "cloud": batched.compute_s * 1e3,

@@ -32,6 +32,7 @@ paths in the file are taken relative to the file.
 from __future__ import annotations
 
 import dataclasses
+import re
 import math
 import os
 import typing
@@ -49,7 +50,9 @@ Baseline = Literal["edge_only", "cloud_only", "fixed_split"]
 BASELINES: tuple[Baseline, ...] = typing.get_args(Baseline)
 # How the edge chooses its thresholds: as the sweep sets them, or by its latency controller (latency_slo_ms)
 # over the calibration table of the checkpoint's split, or of every block in edge.split_blocks.
-Policy = Literal["fixed", "adaptive", "adaptive_two_splits"]
+# "adaptive_routes" also weighs the input route (the cloud runs the whole model on the input as sent, at the
+# baselines' image format and quality) and the local route against the split.
+Policy = Literal["fixed", "adaptive", "adaptive_two_splits", "adaptive_routes"]
 POLICIES: tuple[Policy, ...] = typing.get_args(Policy)
 # "calibrated": the thresholds `offramp calibrate` picks for [study].accuracy_drop.
 Threshold = float | tuple[float, ...] | Literal["calibrated"]
@@ -287,4 +290,19 @@ def load_experiment(path: str | Path, *, checkpoint: str | None = None, out: str
                                    f"and codecs in [sweep], calibration tables and the cloud's splits by the "
                                    f"policy), not in [{daemon}]")
         section["checkpoint"] = table.get("checkpoint", "")  # a daemon's required setting, the experiment's
+    sweep = table.get("sweep")
+    if isinstance(sweep, dict) and isinstance(sweep.get("profiles"), list):
+        sweep["profiles"] = [[_traces_from(s, path.resolve().parent) for s in p] if isinstance(p, list)
+                             else _traces_from(p, path.resolve().parent) for p in sweep["profiles"]]
     return build(ExperimentConfig, table, str(path), path.resolve().parent)
+
+
+_TRACE_KEYS = re.compile(r"\b((?:up|down)?trace)=([^,;]+)")
+
+
+def _traces_from(spec: Any, base_dir: Path) -> Any:
+    """A link spec with its trace files (``trace=``, ``uptrace=``, ``downtrace=``) taken relative to the
+    experiment file, as the checkpoint is."""
+    if not isinstance(spec, str):
+        return spec
+    return _TRACE_KEYS.sub(lambda m: f"{m.group(1)}={(base_dir / m.group(2).strip()).resolve()}", spec)

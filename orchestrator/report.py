@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 Row = dict[str, Any]
 PARAMS = ("point", "variant", "edges", "profile", "codec", "thresholds", "threshold", "policy")
 METRICS = ("requests", "errors", "accuracy", "offload_rate", "degraded_rate", "latency_mean_ms", "latency_p50_ms",
-           "latency_p95_ms", "latency_p99_ms", "bytes_per_request", "bytes_per_offload", "throughput_rps")
+           "latency_p95_ms", "latency_p99_ms", "bytes_per_request", "bytes_per_offload", "throughput_rps",
+           "route_split", "route_input", "route_local")
+ROUTES = ("split", "input", "local")  # how each request was answered (the edge's Policy.route)
 MARKERS = {"system": "o", "fixed_split": "^", "cloud_only": "s", "edge_only": "*"}
 NAMES = {"system": "system", "fixed_split": "fixed split", "cloud_only": "cloud-only", "edge_only": "edge-only"}
 
@@ -111,7 +113,7 @@ def _summary_row(rows: list[Record]) -> Row:
         "bytes_per_request": float(np.mean([r["bytes_sent"] for r in rows])),
         "bytes_per_offload": float(np.mean(sent_bytes)) if sent_bytes else math.nan,
         "throughput_rps": len(answered) / span if span > 0 else math.nan,
-    }
+    } | {f"route_{route}": sum(r.get("route") == route for r in rows) / n for route in ROUTES}
 
 
 def write_summary(summary: Sequence[Row], out: Path, extra: dict[str, Any] | None = None) -> tuple[Path, Path]:

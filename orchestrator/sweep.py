@@ -33,6 +33,7 @@ import dataclasses
 import itertools
 import logging
 import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -71,9 +72,11 @@ class Point:
 
     @property
     def profile_label(self) -> str:
+        """The link spec as a reader names it: trace files by their names, not their folders."""
         if self.profile is None:
             return ""
-        return " | ".join(self.profile) if isinstance(self.profile, tuple) else self.profile
+        label = " | ".join(self.profile) if isinstance(self.profile, tuple) else self.profile
+        return re.sub(r"\b((?:up|down)?trace)=[^,;|]*/([^/,;|]+)", r"\1=\2", label)
 
     @property
     def thresholds_label(self) -> str:
@@ -136,6 +139,7 @@ class Context:
     calibration: Any = None  # offramp.training.calibrate.Calibration, where the sweep needs one
     timelines: bool = False  # conditions change during a point, or edges choose: poll their policy
     split_block: int | None = None  # the edge's own split (edge.split_block, else the checkpoint's)
+    input_route: Any = None  # offramp.core.operating_points.InputRouteCalibration, for adaptive_routes
 
     def edge_thresholds(self, point: Point) -> list[float]:
         """The point's thresholds, one per edge exit; "never" points the right way for the score."""
@@ -158,12 +162,15 @@ class Context:
         thresholds = tuple(self.edge_thresholds(point)) if self.num_exits else None
         e = self.config.edge
         if point.policy == "fixed" or point.variant != "system":
-            policy: dict[str, Any] = {"latency_slo_ms": None, "split_blocks": None, "calibration": ()}
+            policy: dict[str, Any] = {"latency_slo_ms": None, "split_blocks": None, "calibration": (),
+                                      "input_route": None}
         else:
             splits = e.split_blocks if point.policy == "adaptive_two_splits" else None
             keep = set(splits or (self.split_block,))
             policy = {"split_blocks": splits,
-                      "calibration": tuple(t for t in self.calibration.tables if t.split_block in keep)}
+                      "calibration": tuple(t for t in self.calibration.tables if t.split_block in keep),
+                      "input_route": self.input_route if point.policy == "adaptive_routes" else None,
+                      "input_quality": self.config.baselines.jpeg_quality}
         return dataclasses.replace(e, cloud=(cloud,), codec=point.codec, score=self.score, thresholds=thresholds,
                                    **policy)
 
@@ -322,6 +329,7 @@ def run_experiment(config: ExperimentConfig, address: str | None = None, progres
     out.mkdir(parents=True, exist_ok=True)
     report.write_json(out / "experiment.json", dataclasses.asdict(config))
     calibration = _calibrate(config, points, num_exits, score, out)
+    input_route = _calibrate_input_route(config, points, out)
     records: list[Record] = []
     infos: list[dict[str, Any]] = []
     policy: list[dict[str, Any]] = []
@@ -329,7 +337,7 @@ def run_experiment(config: ExperimentConfig, address: str | None = None, progres
     timelines = study.has_timelines(config)
     with ray_session(address, config.nodes, max(config.sweep.edges)) as host:
         split = config.edge.split_block if config.edge.split_block is not None else card.split_block
-        ctx = Context(config, num_exits, score, host, len(dataset), calibration, timelines, split)
+        ctx = Context(config, num_exits, score, host, len(dataset), calibration, timelines, split, input_route)
         data_ref = ray.put(dataset)
         variants = {p.variant for p in points}
         try:
@@ -394,6 +402,20 @@ def _calibrate(config: ExperimentConfig, points: list[Point], num_exits: int, sc
         "evaluated": [dataclasses.asdict(p) for p in calibration.evaluated],
         "tables": [dataclasses.asdict(t) for t in calibration.tables]})
     return calibration
+
+
+def _calibrate_input_route(config: ExperimentConfig, points: list[Point], out: Path) -> Any:
+    """The input route measured as `offramp calibrate --input-route` would, once, where a point weighs it (the
+    baselines' JPEG quality, the cloud-only baseline's); written to ``input_route.json``."""
+    if not any(p.policy == "adaptive_routes" for p in points):
+        return None
+    from offramp.training.calibrate import calibrate_input_route
+
+    from . import report
+
+    route = calibrate_input_route(config.checkpoint, config.baselines.jpeg_quality, data=config.workload.data)
+    report.write_json(out / "input_route.json", dataclasses.asdict(route))
+    return route
 
 
 def _run_logged(point: Point, placement: Any, ctx: Context, out: Path) -> PointResult:

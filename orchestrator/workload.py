@@ -212,7 +212,7 @@ def request_record(request_id: int, sample: int, label: int, sent_s: float, repl
             "error": (stream_error or "no answer") if reply is None else reply.status.message,
             "prediction": -1, "predicted_label": "", "correct": False, "confidence": math.nan,
             "decided_by": "", "exit_index": -1, "offloaded": False, "degraded": False, "degraded_reason": "",
-            "bytes_sent": 0, "latency_ms": math.nan,
+            "bytes_sent": 0, "latency_ms": math.nan, "route": "",
         }
     record |= {
         "status": "OK", "error": "",
@@ -222,6 +222,8 @@ def request_record(request_id: int, sample: int, label: int, sent_s: float, repl
         "offloaded": reply.decided_by == "cloud" or reply.degraded,
         "degraded": reply.degraded, "degraded_reason": reply.degraded_reason,
         "bytes_sent": reply.bytes_sent, "latency_ms": latency_ms,
+        # How it was answered: split, input or local (an older edge says nothing: split, or local without bytes).
+        "route": reply.route or ("split" if reply.bytes_sent else "local"),
     }
     record |= {f"stage_{name}_ms": value for name, value in sorted(reply.stage_ms.items())}
     return record
@@ -278,6 +280,7 @@ def policy_sample(t_s: float, policy: pb.Policy) -> dict[str, Any]:
     decided = bool(s.latency_slo_ms) and bool(s.reason)  # before its first decision the controller expects nothing
     return {"t_s": t_s, "thresholds": [float(t) for t in policy.thresholds], "offload_enabled": policy.offload_enabled,
             "adaptive": policy.adaptive, "split_block": int(split),
+            "route": policy.route or ("split" if policy.offload_enabled else "local"),
             "expected_accuracy": s.expected_accuracy if decided else math.nan,
             "expected_offload": s.expected_offload if decided else math.nan,
             "predicted_p95_ms": s.predicted_p95_ms if decided else math.nan,

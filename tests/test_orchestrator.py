@@ -37,7 +37,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 # -- experiment files ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["digits_smoke", "tradeoff", "bandwidth_drop"])
+@pytest.mark.parametrize("name", ["digits_smoke", "tradeoff", "bandwidth_drop", "routes"])
 def test_example_experiments_load(name: str) -> None:
     config = load_experiment(EXPERIMENTS / f"{name}.toml")
     assert Path(config.checkpoint).is_absolute()
@@ -49,6 +49,20 @@ def test_paths_are_relative_to_the_file_and_flags_override_them(tmp_path: Path) 
     assert load_experiment(path).checkpoint == str(tmp_path / "model")
     assert load_experiment(path, checkpoint="other").checkpoint == str(Path("other").resolve())
     assert load_experiment(path).out_dir == Path("runs/experiments/experiment")
+
+
+def test_trace_files_are_relative_to_the_experiment_and_labelled_by_name(tmp_path: Path) -> None:
+    (tmp_path / "traces").mkdir()
+    for side in ("up", "down"):
+        (tmp_path / "traces" / f"cell.{side}").write_text("0\n5\n10\n")
+    path = write(tmp_path, 'checkpoint = "m"\n[workload]\ncount = 5\n[sweep]\n'
+                           'profiles = ["trace=traces/cell,delay=20ms", ["lte", "uptrace=traces/cell.up"]]\n'
+                           'policies = ["fixed", "adaptive_routes"]\n[edge]\nlatency_slo_ms = 150\n')
+    config = load_experiment(path)
+    assert config.sweep.profiles[0] == f"trace={tmp_path / 'traces' / 'cell'},delay=20ms"
+    labels = {p.profile_label for p in expand(config) if p.profile is not None}
+    assert labels == {"trace=cell,delay=20ms", "lte | uptrace=cell.up"}
+    assert {p.policy for p in expand(config)} == {"fixed", "adaptive_routes"}
 
 
 @pytest.mark.parametrize("text, message", [
