@@ -23,8 +23,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_cloud(args: argparse.Namespace) -> int:
-    from offramp.serving.daemon import announce
+    from offramp.serving.daemon import StartupLog, announce
 
+    StartupLog("cloud").step("importing the serving code (torch, gRPC)")
     from .server import run
 
     config = config_from_args(CloudConfig, args)

@@ -29,7 +29,8 @@ from tritonclient.grpc import service_pb2 as oip
 
 from offramp.core.checkpoint import Card, load_checkpoint
 from offramp.serving.config import CloudConfig, non_defaults
-from offramp.serving.daemon import DaemonServer, bind, grpc_server, listen_host, run_until_signalled, start_metrics
+from offramp.serving.daemon import (DaemonServer, StartupLog, bind, grpc_server, listen_host, run_until_signalled,
+                                    start_metrics)
 from offramp.core.errors import OfframpError
 from offramp.serving.security import PROTECTED_PREFIX, BearerTokenInterceptor, read_token, server_credentials
 from offramp.serving.batcher import Batcher, lone_on_loop
@@ -87,9 +88,12 @@ class CloudServer(DaemonServer):
 
 async def serve(config: CloudConfig) -> CloudServer:
     """Load the checkpoint, bind, start; the returned server is answering (and SERVING)."""
+    startup = StartupLog("cloud")
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    startup.step(f"loading checkpoint {config.checkpoint}")
     model, card = await asyncio.to_thread(load_checkpoint, config.checkpoint)
+    startup.step("building the tails and batchers")
     splits = config.split_blocks or (card.split_block,)
     primary = card.split_block if card.split_block in splits else splits[0]  # what older edges pair with
     try:
@@ -134,6 +138,7 @@ async def serve(config: CloudConfig) -> CloudServer:
     if config.reflection:
         reflection.enable_server_reflection(
             [OFFLOAD_SERVICE, OIP_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    startup.step(f"binding {config.listen}")
     port = bind(server, config.listen, credentials)
     metrics_http = start_metrics(config.metrics_port, config.listen, metrics.registry) if config.metrics_port is not None else None
 

@@ -45,8 +45,9 @@ def _add_edge(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_edge(args: argparse.Namespace) -> int:
-    from offramp.serving.daemon import announce
+    from offramp.serving.daemon import StartupLog, announce
 
+    StartupLog("edge").step("importing the serving code (torch, gRPC)")
     from .server import run
 
     config = config_from_args(EdgeConfig, args)

@@ -26,8 +26,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from offramp.core.checkpoint import Card, load_checkpoint, read_card
 from offramp.core.codec import CodecConfig
 from offramp.serving.config import EdgeConfig, non_defaults
-from offramp.serving.daemon import (DaemonServer, bind, grpc_server, listen_host, on_loopback, run_until_signalled,
-                            start_metrics)
+from offramp.serving.daemon import (DaemonServer, StartupLog, bind, grpc_server, listen_host, on_loopback,
+                                    run_until_signalled, start_metrics)
 from offramp.core.errors import OfframpError
 from offramp.core.exit_rule import exits_up_to
 from offramp.core.scores import default_score
@@ -226,7 +226,10 @@ class EdgeServer(DaemonServer):
 
 async def serve(config: EdgeConfig) -> EdgeServer:
     """Load the checkpoint, bind, start; the returned server is answering (and SERVING)."""
+    startup = StartupLog("edge")
+    startup.step(f"loading checkpoint {config.checkpoint} and profiling its exits")
     engine = await asyncio.to_thread(build_engine, config)
+    startup.step(f"binding {config.listen}")
     server = grpc_server(config.max_message_bytes, admin_guard(config))
     add_service(server, EdgeServicer(engine), "Edge", MalformedLog(engine.metrics.registry, "offramp_edge"),
                 config.max_message_bytes)

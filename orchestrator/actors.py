@@ -93,11 +93,12 @@ class DaemonActor(Pinned):
         self._daemon: DaemonProcess | None = None
         self._files = contextlib.ExitStack()  # leaving it removes the daemon's port file and log
 
-    def start(self, config: CloudConfig | EdgeConfig, host: str | None) -> Started:
+    def start(self, config: CloudConfig | EdgeConfig, host: str | None, startup_timeout_s: float = 120.0) -> Started:
         """Start the daemon ``config`` describes and wait until it serves; unset threads: one per core it may use."""
         command = "edge" if isinstance(config, EdgeConfig) else "cloud"
         env = {"OMP_NUM_THREADS": str(config.threads or _threads())}
-        self._daemon = DaemonProcess(command, config=config, host=_bind_host(host), env=env)
+        self._daemon = DaemonProcess(command, config=config, host=_bind_host(host), env=env,
+                                     startup_timeout=startup_timeout_s)
         self._files.enter_context(self._daemon)
         return Started(self._daemon.address, _node_id())
 

@@ -75,9 +75,14 @@ class NodesConfig:
     # cores that serve the cloud and its load.
     edge_cores: tuple[int, ...] | None = None
     cloud_cores: tuple[int, ...] | None = None
+    # Seconds a daemon may take from its process starting to serving before the point fails (a timeout names
+    # the start-up step it was stuck in). Idle, a daemon starts in a few seconds; a machine busy with other
+    # work may need several times that.
+    startup_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         require(bool(self.host), "host must not be empty")
+        require(self.startup_timeout_s > 0, "startup_timeout_s must be positive")
         require(self.cpus >= 1, "cpus must be at least 1")
         for name in ("edge_cores", "cloud_cores"):
             check_cores(getattr(self, name), name)

@@ -215,7 +215,7 @@ def run_point(point: Point, placement: Any, ctx: Context, result: PointResult) -
         cloud = None
         if point.variant in DAEMON_VARIANTS:
             stack.callback(_stop_daemons, [placement.cloud], ["cloud"], result.logs)
-            cloud = _get(placement.cloud.start.remote(ctx.cloud_config(point), ctx.host))
+            cloud = _get(placement.cloud.start.remote(ctx.cloud_config(point), ctx.host, cfg.nodes.startup_timeout_s))
         elif point.variant == "cloud_only":
             stack.callback(_stop_all, [placement.cloud_full_model])
             cloud = _get(placement.cloud_full_model.start.remote(
@@ -229,7 +229,8 @@ def run_point(point: Point, placement: Any, ctx: Context, result: PointResult) -
         if point.variant in DAEMON_VARIANTS:
             names = [f"edge-{i}" for i in range(len(slots))]
             stack.callback(_stop_daemons, [s.daemon for s in slots], names, result.logs)
-            targets = _get([s.daemon.start.remote(ctx.edge_config(point, link.address), "127.0.0.1")
+            targets = _get([s.daemon.start.remote(ctx.edge_config(point, link.address), "127.0.0.1",
+                                                  cfg.nodes.startup_timeout_s)
                             for s, link in zip(slots, links)])
         elif point.variant == "cloud_only":
             targets = links  # the driver sends the input's file straight into the link

@@ -7,6 +7,7 @@ import time
 
 import grpc
 import pytest
+from pathlib import Path
 import torch
 
 from offramp.serving.batcher import Batcher
@@ -229,3 +230,17 @@ def test_both_daemons_report_their_build_and_process() -> None:
         text = generate_latest(metrics.registry).decode()
         assert f'role="{role}"' in text and f'version="{__version__}"' in text and "offramp_build_info{" in text
         assert "process_resident_memory_bytes" in text and "python_info" in text
+
+
+def test_a_daemon_logs_its_start_up_steps_and_a_timeout_names_the_step(tiny_checkpoint: Path) -> None:
+    from offramp.core.errors import OfframpError
+    from offramp.serving.config import CloudConfig
+    from offramp.serving.daemon_proc import DaemonProcess
+
+    with DaemonProcess("cloud", config=CloudConfig(checkpoint=str(tiny_checkpoint))) as cloud:
+        steps = [line for line in cloud.log_tail().splitlines() if "start-up:" in line]
+    assert [s.split("start-up: ", 1)[1].split(" (")[0].split(" ")[0] for s in steps] == \
+        ["importing", "loading", "building", "binding"]
+    assert all("s since the cloud daemon's process started" in s for s in steps)
+    with pytest.raises(OfframpError, match=r"did not become ready in 1 s, (stuck at \w+|before it logged)"):
+        DaemonProcess("cloud", config=CloudConfig(checkpoint=str(tiny_checkpoint)), startup_timeout=1.0).start()

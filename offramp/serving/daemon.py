@@ -168,6 +168,30 @@ def run_until_signalled(serve: Callable[[], Awaitable[S]], log_level: str,
     return 0
 
 
+STARTUP = "start-up:"  # what each start-up step's log line begins with (DaemonProcess names the last one)
+
+
+class StartupLog:
+    """One log line per start-up step as it begins, with the seconds since the process started: on a loaded
+    machine a slow start says where it is, and a timeout can name the step it was stuck in."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def step(self, what: str) -> None:
+        log.info("%s %s (%.1f s since the %s daemon's process started)", STARTUP, what, _process_age_s(), self.kind)
+
+
+def _process_age_s() -> float:
+    """Seconds since this process started (Linux; 0 where unknown)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def announce(kind: str, address: str, port: int, port_file: str | None) -> None:
     """The one line on stdout that scripts read, and the port file written by a rename
     (so a reader polling for it never sees it half-written)."""

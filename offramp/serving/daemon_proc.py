@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from offramp.serving.config import CloudConfig, EdgeConfig
 from offramp.serving.config_text import settings_toml
 from offramp.core.errors import OfframpError
+from offramp.serving.daemon import STARTUP
 from offramp.serving.security import channel_credentials
 
 
@@ -91,7 +92,11 @@ class DaemonProcess:
                     return self
             time.sleep(0.05)
         self.stop()
-        raise OfframpError(f"{self.command} daemon did not become ready in {self.startup_timeout:.0f} s:\n{self.log_tail()}")
+        tail = self.log_tail()
+        steps = [line.split(STARTUP, 1)[1].strip() for line in tail.splitlines() if STARTUP in line]
+        where = f"stuck at {steps[-1]}" if steps else "before it logged any start-up step (starting Python)"
+        raise OfframpError(f"{self.command} daemon did not become ready in {self.startup_timeout:.0f} s, {where}; "
+                           f"raise the start-up timeout on a loaded machine:\n{tail}")
 
     def channel(self) -> grpc.Channel:
         """A channel to the daemon: plaintext, or TLS when the daemon serves it."""
