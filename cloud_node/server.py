@@ -111,6 +111,8 @@ async def serve(config: CloudConfig) -> CloudServer:
                                 max_wait_s=config.max_wait_ms / 1e3, lone_on_loop=lone_on_loop(whole.device),
                                 on_batch=metrics.batch_size.observe, name="cloud-whole")
         inputs = InputHandler(whole, card, whole_batcher, metrics)
+    startup.step("warming up (one pass of each tail and of the whole model)")
+    await asyncio.to_thread(_warm_up, halves.values(), whole if inputs is not None else None, card)
     half, batcher = halves[primary], batchers[primary]
     all_batchers = [*batchers.values(), *([whole_batcher] if inputs is not None else [])]
     metrics.queue_depth.set_function(lambda: sum(b.depth() for b in all_batchers))
@@ -156,6 +158,17 @@ async def serve(config: CloudConfig) -> CloudServer:
         log.info("metrics on http://%s:%d/metrics", listen_host(config.listen), cloud.metrics_port)
     log.info("settings: %s", ", ".join(f"{k}={v!r}" for k, v in non_defaults(config).items()))
     return cloud
+
+
+def _warm_up(halves, whole: WholeModel | None, card: Card) -> None:
+    """One sample through each tail and the whole model before serving, so that the first edge's first
+    request does not pay for the kernels' and allocator's first use."""
+    for h in halves:
+        audio = None if h.audio_shape is None else torch.zeros(1, *h.audio_shape)
+        h.run(torch.zeros(1, *h.spec.shape), audio)
+    if whole is not None:
+        audio = card.config.audio
+        whole.run(torch.zeros(1, *card.input_shape), None if audio is None else torch.zeros(1, *audio.input_shape))
 
 
 def run(config: CloudConfig, ready: Callable[[CloudServer], None] | None = None) -> int:

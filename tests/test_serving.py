@@ -240,7 +240,7 @@ def test_a_daemon_logs_its_start_up_steps_and_a_timeout_names_the_step(tiny_chec
     with DaemonProcess("cloud", config=CloudConfig(checkpoint=str(tiny_checkpoint))) as cloud:
         steps = [line for line in cloud.log_tail().splitlines() if "start-up:" in line]
     assert [s.split("start-up: ", 1)[1].split(" (")[0].split(" ")[0] for s in steps] == \
-        ["importing", "loading", "building", "binding"]
+        ["importing", "loading", "building", "warming", "binding"]
     assert all("s since the cloud daemon's process started" in s for s in steps)
     with pytest.raises(OfframpError, match=r"did not become ready in 1 s, (stuck at \w+|before it logged)"):
         DaemonProcess("cloud", config=CloudConfig(checkpoint=str(tiny_checkpoint)), startup_timeout=1.0).start()

@@ -1,17 +1,23 @@
-"""The quick start, end to end: a cloud and an edge as separate processes on loopback.
+"""The quick start, end to end: the system's job, against what it replaces.
 
 Trains a small ViT with SL-ViT exits on the bundled digits, or on another data
 spec (``--data fsdd:PATH`` trains the spectrogram ViT on spoken digits), once:
 later runs reuse the checkpoint while its card names the same data. Then it
-calibrates the exit thresholds, starts ``offramp cloud`` and ``offramp edge``,
-pushes the validation set through the edge's streaming API and prints where
-each answer came from, accuracy, bytes and latency. Like the CLI, it sits on
-top of the serving code (it calibrates through the edge's own function).
+calibrates the exit thresholds (and the input route), starts ``offramp cloud``
+and, behind an emulated link (``lte``), ``offramp edge`` on an emulated slower
+device, and sends the validation set at a camera's pace three ways: the split
+with exits (confident exits answer, the rest cross the link as int8 tokens),
+cloud-only (the edge's input route: every picture crosses the link as a JPEG
+and the cloud runs the whole model) and edge-only (the whole model on the
+device). One table side by side, and a plot. Like the CLI, it sits on top of
+the serving code (it calibrates through the edge's own function).
 """
 from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +41,10 @@ OTHER_TRAIN = {
     "audio": TrainConfig(epochs=15, exit_epochs=5, copycat="hard", copycat_epochs=3, batch_size=64, lr=2e-3),
     "image": TrainConfig(epochs=4, exit_epochs=2, copycat="hard", copycat_epochs=1, batch_size=128, lr=2e-3),
 }
-ACCURACY_DROP = 0.5  # points of accuracy the exits may cost, as calibrated on validation data
+OFFLOAD_SHARE = 0.25  # of the validation inputs the demo's thresholds send to the cloud
+PROFILE = "lte"  # the emulated link between edge and cloud
+RATE = 40.0  # requests per second, as a camera sends them
+SLOWDOWN = 4.0  # the emulated edge device is this much slower than the machine the demo runs on
 
 
 def _stale_reason(checkpoint: Path, data: str, model: str | None) -> str | None:
@@ -73,17 +82,43 @@ def ensure_demo_model(workdir: Path, retrain: bool = False, data: str = "digits"
     return out
 
 
-def calibrate(checkpoint: Path, edge_toml: Path) -> None:
-    """Thresholds that cost at most ``ACCURACY_DROP`` points, written into the edge's config, as
-    ``offramp calibrate`` does."""
-    from offramp.training.calibrate import Target
-    from offramp.serving.edge_toml import calibrate_into
+def calibrate(checkpoint: Path, edge_toml: Path) -> tuple[float, ...]:
+    """Thresholds that send about ``OFFLOAD_SHARE`` of the inputs to the cloud, written into the edge's config
+    as ``offramp calibrate`` does, with the input route measured beside them. The digits exits are about as
+    accurate as the whole model, so an accuracy target would offload almost nothing and the demo would never
+    cross the link: it picks the most accurate operating point near that share instead, and says so."""
+    from offramp.training.calibrate import Target, calibrate_checkpoint, calibrate_input_route
+    from offramp.serving.edge_toml import write_thresholds
 
-    result, _, _ = calibrate_into(edge_toml, checkpoint, Target(accuracy_drop=ACCURACY_DROP))
-    print(result.summary())
+    shared = [round(1 - 10 ** -k, 6) for k in np.arange(0.5, 4.01, 0.25)]  # 0.68 ... 0.9999
+    card = read_card(checkpoint)
+    edge_exits = sum(e.position <= card.split_block for e in card.config.exits)
+    result = calibrate_checkpoint(checkpoint, Target(max_offload=OFFLOAD_SHARE), edge_toml=edge_toml,
+                                  evaluate_thresholds=tuple((t,) * edge_exits for t in shared))
+    near = min(result.evaluated, key=lambda p: (abs(p.offload - OFFLOAD_SHARE), -p.quality))
+    route = calibrate_input_route(checkpoint, 90)
+    write_thresholds(edge_toml, checkpoint, near.thresholds, result.score, result.tables, route)
+    print(f"thresholds {', '.join(f'{t:.3g}' for t in near.thresholds)} ({result.score}): on the validation "
+          f"split {near.offload:.0%} go to the cloud, accuracy {near.quality:.4f} (whole model "
+          f"{result.full_quality:.4f})")
+    return near.thresholds
 
 
-def run_demo(workdir: str, retrain: bool = False, data: str = "digits", model: str | None = None) -> int:
+@dataclass(frozen=True)
+class Run:
+    """One way of answering the same inputs, and what came back."""
+
+    name: str
+    replies: list[pb.InferReply]
+    wall_s: float
+
+
+def run_demo(workdir: str, retrain: bool = False, data: str = "digits", model: str | None = None,
+             profile: str = PROFILE, rate: float = RATE) -> int:
+    from offramp.netem import Schedule, parse_profile
+    from offramp.netem.proxy import LinkProxy, ProxyThread
+    from orchestrator.baselines import FullModelServer
+
     work = Path(workdir)
     checkpoint = ensure_demo_model(work, retrain, data, model)
     card = read_card(checkpoint)
@@ -91,47 +126,93 @@ def run_demo(workdir: str, retrain: bool = False, data: str = "digits", model: s
     x, y = val.tensors[0].numpy(), val.tensors[1].numpy()
     edge_toml = work / "edge.toml"
     calibrate(checkpoint, edge_toml)
-
+    link_profile = parse_profile(profile)
+    print(f"\nthe edge device is {SLOWDOWN:g}x slower than this machine; edge and cloud talk over an emulated "
+          f"'{profile}' link ({link_profile.uplink.delay_ms:g} ms each way); {len(x)} inputs at {rate:g} per "
+          "second, each way of answering in turn", flush=True)
+    runs: list[Run] = []
     with DaemonProcess("cloud", ["--checkpoint", str(checkpoint)], log_path=work / "cloud.log") as cloud:
-        print(f"cloud serving on {cloud.address}")
-        with DaemonProcess("edge", ["--config", str(edge_toml), "--checkpoint", str(checkpoint),
-                                    "--cloud", cloud.address], log_path=work / "edge.log") as edge:
-            print(f"edge serving on {edge.address}; sending {len(x)} validation inputs...", flush=True)
-            start = time.perf_counter()
-            with EdgeClient(edge.address) as client:  # the raw stream: the summary checks one answer per request
-                replies = list(client.stream(request(i, sample) for i, sample in enumerate(x)))
-            wall = time.perf_counter() - start
-        print(f"edge stopped (status {edge.proc.returncode}); cloud stopped (status {cloud.stop()})")
-    print_summary(card, replies, y, wall)
+        link = ProxyThread(LinkProxy("127.0.0.1:0", cloud.address, Schedule.constant(link_profile), seed=0))
+        link.start()
+        try:
+            for name, route in (("split with exits", "split"), ("cloud-only", "input")):
+                with DaemonProcess("edge", ["--config", str(edge_toml), "--checkpoint", str(checkpoint),
+                                            "--cloud", link.address, "--route", route, "--slowdown", str(SLOWDOWN)],
+                                   log_path=work / f"edge-{route}.log") as edge:
+                    runs.append(_paced(name, edge.address, x, rate))
+        finally:
+            link.stop()
+        print(f"cloud stopped (status {cloud.stop()})")
+    edge_only = FullModelServer(str(checkpoint), "edge", slowdown=SLOWDOWN)
+    edge_only.start()
+    try:
+        runs.insert(0, _paced("edge-only", edge_only.address, x, rate))
+    finally:
+        edge_only.stop()
+    print_summary(card, runs, y)
+    plot(runs, y, work / "demo.png", profile)
     return 0
 
 
-def print_summary(card, replies: list[pb.InferReply], y: np.ndarray, wall: float) -> None:
-    by_id = {r.request_id: r for r in replies}
-    if len(by_id) != len(y) or len(replies) != len(y):
-        raise OfframpError(f"expected exactly one answer per request: {len(y)} sent, {len(replies)} answered")
-    ordered = [by_id[i] for i in range(len(y))]
-    correct = np.array([r.prediction == t for r, t in zip(ordered, y)])
-    where = Counter(r.decided_by for r in ordered)
-    offloaded = [r for r in ordered if r.decided_by == "cloud"]
+def _paced(name: str, address: str, x: np.ndarray, rate: float) -> Run:
+    """Send every input at ``rate`` per second on one stream (as a camera would); the answers."""
+    def paced() -> Iterator[pb.InferRequest]:
+        start = time.perf_counter()
+        for i, sample in enumerate(x):
+            time.sleep(max(0.0, start + i / rate - time.perf_counter()))
+            yield request(i, sample)
+
+    print(f"  {name}...", flush=True)
+    start = time.perf_counter()
+    with EdgeClient(address) as client:  # the raw stream: the summary checks one answer per request
+        replies = list(client.stream(paced()))
+    return Run(name, replies, time.perf_counter() - start)
+
+
+def print_summary(card, runs: list[Run], y: np.ndarray) -> None:
     rows = []
-    for name, n in sorted(where.items(), key=lambda kv: (kv[0] == "cloud", kv[0])):
-        acc = np.mean([c for r, c in zip(ordered, correct) if r.decided_by == name])
-        rows.append([name, n, f"{n / len(y):.1%}", float(acc)])
-    print("\nanswers by where they were decided:")
-    print(format_table(["decided by", "answers", "share", "accuracy"], rows))
-    latency = np.array([r.stage_ms.get("total", 0.0) for r in ordered])
+    for run in runs:
+        by_id = {r.request_id: r for r in run.replies}
+        if len(by_id) != len(y) or len(run.replies) != len(y):
+            raise OfframpError(f"{run.name}: expected exactly one answer per request: {len(y)} sent, "
+                               f"{len(run.replies)} answered")
+        ordered = [by_id[i] for i in range(len(y))]
+        correct = np.array([r.prediction == t for r, t in zip(ordered, y)])
+        where = Counter("cloud" if r.decided_by == "cloud" else "edge" for r in ordered)
+        latency = np.array([r.stage_ms.get("total", 0.0) for r in ordered])
+        offloaded = [r for r in ordered if r.bytes_sent]
+        rows.append([run.name, where["edge"], where["cloud"], f"{where['cloud'] / len(y):.0%}",
+                     float(correct.mean()), float(np.percentile(latency, 50)), float(np.percentile(latency, 95)),
+                     np.mean([r.bytes_sent for r in ordered]),
+                     f"{np.mean([r.bytes_sent for r in offloaded]):.0f}" if offloaded else "n/a",
+                     sum(r.degraded for r in ordered)])
     full = card.metrics.get("copycat", card.metrics.get("exits", {})).get("final", {}).get("accuracy")
-    summary = [
-        ["requests / answers", f"{len(y)} / {len(replies)}"],
-        ["offload rate", f"{len(offloaded) / len(y):.1%}"],
-        ["accuracy (edge + cloud)", f"{correct.mean():.4f}"],
-        ["accuracy (full model)", f"{full:.4f}" if full is not None else "n/a"],
-        ["degraded answers", str(sum(r.degraded for r in ordered))],
-        ["bytes per offload", f"{np.mean([r.bytes_sent for r in offloaded]):.0f}" if offloaded else "n/a"],
-        [f"latency p50 / p95 (ms, all {len(y)} in flight)",
-         f"{np.percentile(latency, 50):.2f} / {np.percentile(latency, 95):.2f}"],
-        ["throughput (req/s)", f"{len(y) / wall:.0f}"],
-    ]
-    print("\nsummary:")
-    print(format_table(["", "value"], summary))
+    print(f"\n{len(y)} requests / {len(y)} answers each; whole model on validation: "
+          + (f"{full:.4f}" if full is not None else "n/a"))
+    print(format_table(["", "answered on the edge", "by the cloud", "offload rate", "accuracy", "p50 ms",
+                        "p95 ms", "bytes / request", "bytes per offload", "degraded"], rows))
+
+
+def plot(runs: list[Run], y: np.ndarray, path: Path, profile: str) -> None:
+    """Latency (p50, p95) and accuracy of each way of answering, side by side."""
+    from offramp.training.plots import pyplot
+
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for i, run in enumerate(runs):
+        by_id = {r.request_id: r for r in run.replies}
+        latency = np.array([by_id[k].stage_ms.get("total", 0.0) for k in range(len(y))])
+        accuracy = np.mean([by_id[k].prediction == t for k, t in enumerate(y)])
+        p50, p95 = np.percentile(latency, 50), np.percentile(latency, 95)
+        ax.bar(i, p50, color="tab:blue", label="p50" if i == 0 else None)
+        ax.bar(i, p95 - p50, bottom=p50, color="tab:blue", alpha=0.35, label="p95" if i == 0 else None)
+        ax.annotate(f"accuracy {accuracy:.3f}", (i, p95), ha="center", xytext=(0, 4), textcoords="offset points",
+                    fontsize=8)
+    ax.set_xticks(range(len(runs)), [r.name for r in runs])
+    ax.set(ylabel="latency at the edge (ms)", title=f"the same inputs three ways, over '{profile}'")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")

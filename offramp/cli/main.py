@@ -173,8 +173,8 @@ def _run_models(args: argparse.Namespace) -> int:
 
 
 def add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the quick start: train on digits (or --data), then run edge + cloud "
-                                    "over loopback gRPC")
+    p = sub.add_parser("demo", help="the quick start: train on digits (or --data), then the split with exits "
+                                    "over an emulated link, against cloud-only and edge-only")
     p.add_argument("--workdir", default="runs/demo", help="where the demo keeps its checkpoint (reused if present)")
     p.add_argument("--retrain", action="store_true", help="train again even if a checkpoint exists")
     p.add_argument("--data", default="digits",
@@ -182,13 +182,18 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
                         "data is retrained")
     p.add_argument("--model", default=None,
                    help="backbone variant (default: vit_micro_32 for 32x32 inputs, vit_tiny_spec for audio)")
+    p.add_argument("--profile", default="lte", help="emulated link between edge and cloud (default: lte; "
+                                                   "see 'offramp link --list')")
+    p.add_argument("--rate", type=float, default=40.0, help="requests per second, as a camera sends them "
+                                                           "(default: 40)")
     p.set_defaults(run=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from offramp.cli.demo import run_demo
 
-    return run_demo(args.workdir, retrain=args.retrain, data=args.data, model=args.model)
+    return run_demo(args.workdir, retrain=args.retrain, data=args.data, model=args.model, profile=args.profile,
+                    rate=args.rate)
 
 
 def add_bottleneck(sub: argparse._SubParsersAction) -> None:
