@@ -235,3 +235,26 @@ def test_calibrate_measures_the_input_route_and_an_adaptive_edge_loads_it(
     assert main(["calibrate", str(tiny_checkpoint), "--target-offload", "0", "--input-quality", "0",
                  "--out", str(toml)]) != 0
     assert "--input-quality must be a JPEG quality in 1..95, not 0" in capsys.readouterr().err
+
+
+# --- the study's arithmetic (bench/routes.py) ----------------------------------------------------------------
+
+
+def test_the_routes_study_counts_windows_compute_and_the_envelope() -> None:
+    from bench.routes import cloud_macs, envelope, windows
+
+    ok = {"status": "OK", "degraded": False}
+    records = ([{**ok, "sent_s": 0.1 * i, "latency_ms": 50.0, "route": "input", "decided_by": "cloud"}
+                for i in range(10)]
+               + [{**ok, "sent_s": 1.0 + 0.1 * i, "latency_ms": 50.0 if i else 400.0, "route": "local",
+                   "decided_by": "exit:slvit@2"} for i in range(10)]
+               + [{**ok, "sent_s": 2.5, "latency_ms": 10.0, "route": "split", "decided_by": "exit:slvit@2"}])
+    w = windows(records, slo_ms=150)
+    assert [(x["t_s"], x["judged"], x["met"]) for x in w] == [(0, True, True), (1, True, False), (2, False, True)]
+    assert w[0]["route_input"] == 1.0 and w[1]["route_local"] == 1.0
+    assert cloud_macs({**ok, "route": "input", "decided_by": "cloud"}, 100.0, 40.0) == 100.0
+    assert cloud_macs({**ok, "route": "split", "decided_by": "cloud"}, 100.0, 40.0) == 40.0
+    assert cloud_macs({**ok, "route": "split", "decided_by": "exit:a"}, 100.0, 40.0) == 0.0
+    assert cloud_macs({"status": "OK", "degraded": True, "route": "input", "decided_by": "exit:a"}, 100, 40) == 0.0
+    env = envelope()  # the edge's offload on the bottleneck codec, framing included
+    assert env["wire_bytes_per_offload"] <= 1.5 * env["code_bytes_per_offload"]
