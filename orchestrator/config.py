@@ -214,6 +214,10 @@ class StudyConfig:
     # One-second windows starting within this long after a change of the link or the cloud's load are
     # not judged against the target: the controller needs measurements of the new conditions.
     settle_s: float = 5.0
+    # Which of the checkpoint's splits the thresholds and the input route are chosen on: "selection" (held out
+    # of training and of validation: `offramp train --selection-fraction`) keeps the validation split, which
+    # the workload draws from, free of any choice.
+    calibrate_on: Literal["validation", "selection"] = "validation"
 
     def __post_init__(self) -> None:
         require(0 <= self.accuracy_drop <= 100, "accuracy_drop must be in 0..100 points")

@@ -393,10 +393,11 @@ def _calibrate(config: ExperimentConfig, points: list[Point], num_exits: int, sc
                                 for p in points if p.variant == "system" and p.thresholds != "calibrated"))
     log.info("calibrating %s for the policies (accuracy drop %g points)", config.checkpoint, config.study.accuracy_drop)
     calibration = calibrate_checkpoint(
-        config.checkpoint, Target(accuracy_drop=config.study.accuracy_drop), score=score, data=config.workload.data,
+        config.checkpoint, Target(accuracy_drop=config.study.accuracy_drop), score=score,
+        data=config.workload.data if config.study.calibrate_on == "validation" else None,
         edge={"split_block": e.split_block, "exits": list(e.exits) if e.exits else None,
               "split_blocks": list(e.split_blocks) if e.split_blocks else None},
-        evaluate_thresholds=fixed)
+        evaluate_thresholds=fixed, on=config.study.calibrate_on)
     report.write_json(out / "calibration.json", {
         "accuracy_drop": config.study.accuracy_drop, "samples": calibration.samples,
         "full_accuracy": calibration.full_quality, "chosen": dataclasses.asdict(calibration.chosen),
@@ -414,7 +415,9 @@ def _calibrate_input_route(config: ExperimentConfig, points: list[Point], out: P
 
     from . import report
 
-    route = calibrate_input_route(config.checkpoint, config.baselines.jpeg_quality, data=config.workload.data)
+    on = config.study.calibrate_on
+    route = calibrate_input_route(config.checkpoint, config.baselines.jpeg_quality,
+                                  data=config.workload.data if on == "validation" else None, on=on)
     report.write_json(out / "input_route.json", dataclasses.asdict(route))
     return route
 
