@@ -182,3 +182,29 @@ def test_the_commented_template_holds_every_setting_and_loads(tmp_path: Path) ->
 def test_readme_settings_tables_match_the_code() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert readme_tables() in readme, "README's settings tables are stale: paste `python -m offramp.serving.config_text`"
+
+
+def test_settings_come_from_flags_then_the_environment_then_the_file(tmp_path: Path) -> None:
+    import argparse
+
+    from offramp.serving.flags import add_config_flags, config_from_args
+
+    toml = tmp_path / "edge.toml"
+    toml.write_text('checkpoint = "model"\nmax_batch = 4\ndeadline_ms = 300\nzstd_level = 5\n')
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config")
+    add_config_flags(parser, EdgeConfig)
+    environ = {"OFFRAMP_EDGE_DEADLINE_MS": "700", "OFFRAMP_EDGE_ZSTD_LEVEL": "9", "OFFRAMP_EDGE_OFFLOAD_ENABLED": "off",
+               "OFFRAMP_EDGE_CLOUD": "a:1 b:2", "OFFRAMP_EDGE_THRESHOLDS": "0.8,0.9", "OFFRAMP_CLOUD_DEVICE": "cuda",
+               "PATH": "/bin"}
+    args = parser.parse_args(["--config", str(toml), "--zstd-level", "1"])
+    config = config_from_args(EdgeConfig, args, environ)
+    assert (config.max_batch, config.deadline_ms, config.zstd_level) == (4, 700, 1)  # file, environment, flag
+    assert not config.offload_enabled and config.cloud == ("a:1", "b:2") and config.thresholds == (0.8, 0.9)
+    assert Path(config.checkpoint) == tmp_path / "model"
+    with pytest.raises(OfframpError, match="unknown setting OFFRAMP_EDGE_MAX_BACH in the environment"):
+        config_from_args(EdgeConfig, args, {"OFFRAMP_EDGE_MAX_BACH": "8"})
+    with pytest.raises(OfframpError, match="OFFRAMP_EDGE_CODEC='int4': choose one of"):
+        config_from_args(EdgeConfig, args, {"OFFRAMP_EDGE_CODEC": "int4"})
+    with pytest.raises(OfframpError, match="the environment: .*max_batch must be at least 1|max_batch"):
+        config_from_args(EdgeConfig, args, {"OFFRAMP_EDGE_MAX_BATCH": "0"})

@@ -341,8 +341,11 @@ class EdgeConfig:
         return self.max_message_mb << 20
 
 
-def load_config(cls: type[C], path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> C:
-    """``cls`` from the TOML file at ``path`` (if any), then ``overrides`` (None values are skipped).
+def load_config(cls: type[C], path: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
+                environment: Mapping[str, Any] | None = None) -> C:
+    """``cls`` from the TOML file at ``path`` (if any), then ``environment`` (settings from environment
+    variables, already parsed), then ``overrides`` (None values are skipped): flags > environment > file >
+    defaults.
 
     Raises OfframpError naming the key and where it came from for unknown
     keys, wrong types, missing required keys and values out of range.
@@ -353,6 +356,9 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Mapping
         path = Path(path)
         sources.append(str(path))
         values.update(_checked(cls, read_toml(path), str(path), path.parent))
+    if environment:
+        sources.append("the environment")
+        values.update(_checked(cls, environment, "the environment", Path.cwd()))
     given = {key: value for key, value in (overrides or {}).items() if value is not None}
     if given:
         sources.append("the command line")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import types
 import typing
 from collections.abc import Iterable
@@ -95,12 +96,56 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, names: Iterable
                             **_argument(f, hints[f.name]))
 
 
-def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
-    """``cls`` from ``--config`` and the generated flags; ``-v`` asks for debug logs."""
+# Environment variables name a setting after its daemon: OFFRAMP_EDGE_MAX_BATCH, OFFRAMP_CLOUD_DEVICE.
+ENV_PREFIXES = {"EdgeConfig": "OFFRAMP_EDGE_", "CloudConfig": "OFFRAMP_CLOUD_"}
+
+
+def env_name(cls: type, f: dataclasses.Field) -> str | None:
+    """The environment variable of a setting (None: the config takes none, or the setting is file-only)."""
+    prefix = ENV_PREFIXES.get(cls.__name__)
+    return None if prefix is None or f.metadata.get("file_only") else prefix + f.name.upper()
+
+
+def env_settings(cls: type, environ: typing.Mapping[str, str]) -> dict[str, Any]:
+    """The settings ``environ`` gives ``cls``, each read as its flag reads it (on|off, comma-separated lists);
+    an ``OFFRAMP_EDGE_*`` (``OFFRAMP_CLOUD_*``) variable naming no setting is an error, as a typo would be."""
+    from offramp.core.errors import OfframpError
+
+    prefix = ENV_PREFIXES.get(cls.__name__)
+    if prefix is None:
+        return {}
+    hints = typing.get_type_hints(cls)
+    fields = {env_name(cls, f): f for f in dataclasses.fields(cls) if env_name(cls, f)}
+    values: dict[str, Any] = {}
+    for name, text in environ.items():
+        if not name.startswith(prefix):
+            continue
+        f = fields.get(name)
+        if f is None:
+            raise OfframpError(f"unknown setting {name} in the environment (known: {', '.join(sorted(fields))})")
+        kwargs = _argument(f, hints[f.name])
+        try:
+            if kwargs.get("nargs") == "+":
+                value: Any = [w for w in text.replace(",", " ").split() if w]
+            else:
+                value = kwargs.get("type", str)(text)
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            raise OfframpError(f"{name}={text!r}: {e}") from None
+        if "choices" in kwargs and value not in kwargs["choices"]:
+            raise OfframpError(f"{name}={text!r}: choose one of {', '.join(map(str, kwargs['choices']))}")
+        values[f.name] = value
+    return values
+
+
+def config_from_args(cls: type[C], args: argparse.Namespace,
+                     environ: typing.Mapping[str, str] | None = None) -> C:
+    """``cls`` from ``--config``, then the environment (``OFFRAMP_EDGE_*``, ``OFFRAMP_CLOUD_*``), then the
+    generated flags; ``-v`` asks for debug logs."""
     overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}  # file-only: no flag
     if getattr(args, "verbose", False) and "log_level" in overrides:
         overrides["log_level"] = "DEBUG"
-    return load_config(cls, args.config, overrides)
+    env = env_settings(cls, os.environ if environ is None else environ)
+    return load_config(cls, args.config, overrides, env)
 
 
 def _argument(f: dataclasses.Field, tp: Any) -> dict[str, Any]:
