@@ -29,7 +29,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--out", metavar="DIR", help="output folder (default: the file's 'out', else "
                                                   "runs/experiments/NAME)")
     run.add_argument("--checkpoint", metavar="DIR", help="use this checkpoint instead of the file's")
-    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                     help="the progress bar (default: on; --no-progress hides it)")
     run.set_defaults(run=_run)
     show = actions.add_parser("show", help="print the sweep points an experiment file expands to")
     show.add_argument("file", metavar="FILE.toml", help="experiment file")
@@ -42,7 +43,7 @@ def _run(args: argparse.Namespace) -> int:
     from .sweep import run_experiment
 
     config = load_experiment(args.file, checkpoint=args.checkpoint, out=args.out)
-    result = run_experiment(config, address=args.address, progress=not args.no_progress)
+    result = run_experiment(config, address=args.address, progress=args.progress)
     print(format_summary(result.summary))
     print(f"\nrecords: {result.records}")
     print(f"summary: {result.out_dir / 'summary.csv'}, {result.out_dir / 'summary.json'}")

@@ -119,13 +119,13 @@ def test_flags_parse_into_the_config() -> None:
 
     args = build_parser().parse_args([
         "-v", "edge", "--checkpoint", "ckpt", "--cloud", "a:1", "b:2", "--cloud", "c:3", "--thresholds=0.5,-inf",
-        "--exits", "slvit@2,slvit@4", "--offload", "off", "--score", "margin", "--threads", "1", "--slowdown", "2"])
+        "--exits", "slvit@2,slvit@4", "--no-offload", "--score", "margin", "--threads", "1", "--slowdown", "2"])
     config = config_from_args(EdgeConfig, args)
     assert config == EdgeConfig(checkpoint="ckpt", cloud=("a:1", "b:2", "c:3"), thresholds=(0.5, -math.inf),
                                 exits=("slvit@2", "slvit@4"), offload_enabled=False, score="margin", threads=1,
                                 slowdown=2.0, log_level="DEBUG")
     cloud = config_from_args(CloudConfig, build_parser().parse_args(
-        ["cloud", "--checkpoint", "ckpt", "--reflection", "off", "--threads", "2", "--max-wait-ms", "0.5",
+        ["cloud", "--checkpoint", "ckpt", "--no-reflection", "--threads", "2", "--max-wait-ms", "0.5",
          "--split-blocks", "2,4"]))
     assert (cloud.reflection, cloud.threads, cloud.max_wait_ms, cloud.split_blocks) == (False, 2, 0.5, (2, 4))
 

@@ -262,7 +262,7 @@ def test_edge_cli_infer_and_policy(tiny_checkpoint: Path, inputs: torch.Tensor, 
         line = capsys.readouterr().out.strip()
         assert line.startswith(f"{digit}: ") and "by exit:slvit@2, confidence " in line and "DEGRADED" not in line
 
-        assert main(["policy", "set", "--edge", edge.address, "--thresholds", "0.5,inf", "--offload", "off"]) == 0
+        assert main(["policy", "set", "--edge", edge.address, "--thresholds", "0.5,inf", "--no-offload"]) == 0
         assert main(["policy", "get", "--edge", edge.address]) == 0
         out = capsys.readouterr().out
         assert out.count("thresholds: 0.5, inf") == 2 and "offload:    off" in out

@@ -75,7 +75,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    help="hold this share of the data out of training as well, for choosing thresholds on "
                         "('offramp calibrate --on selection'); validation stays the same split")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="progress bars (default: on; --no-progress hides them)")
     p.set_defaults(run=_run_train)
 
 
@@ -100,7 +101,7 @@ def _run_train(args: argparse.Namespace) -> int:
         epochs=args.epochs, exit_epochs=args.exit_epochs, copycat=args.copycat, copycat_epochs=args.copycat_epochs,
         temperature=args.temperature, batch_size=args.batch_size, lr=args.lr, exit_lr=args.exit_lr,
         tokenizer_lr_scale=args.tokenizer_lr_scale, exit_loss_weight=args.exit_loss_weight, precision=args.precision, device=args.device, tta=args.tta, seed=args.seed,
-        progress=False if args.no_progress else None,
+        progress=None if args.progress else False,
     )
     logging.getLogger(__name__).info("recipe %s: %s", name, recipe.description)
     start = time.perf_counter()
@@ -129,7 +130,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exits", type=exit_names, default=None, metavar="NAME,NAME",
                    help="walk only these exits in the exit-share table, as 'offramp edge --exits' does "
                         "(e.g. slvit@2,slvit@4; default: all)")
-    p.add_argument("--tta", action="store_true",
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False,
                    help="test-time augmentation: average every head over mirrored and shifted copies (images)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="evaluate in float32 as the daemons serve (default), or in bf16 as training computed")
@@ -227,7 +228,8 @@ def add_bottleneck(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--limit", type=int, default=None, help="use at most this many samples (quick runs)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="progress bars (default: on; --no-progress hides them)")
     p.set_defaults(run=_run_bottleneck)
 
 
@@ -238,7 +240,7 @@ def _run_bottleneck(args: argparse.Namespace) -> int:
                         hidden=args.hidden, position=args.split_block, epochs=args.epochs, lr=args.lr,
                         rate_weight=args.rate_weight, views=args.views, dictionary_bytes=args.dictionary_bytes,
                         precision=args.precision,
-                        device=args.device, limit=args.limit, progress=not args.no_progress)
+                        device=args.device, limit=args.limit, progress=args.progress)
     for metrics in add_bottleneck(job, args.channels):
         print(describe(metrics))
     return 0

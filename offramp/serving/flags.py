@@ -52,10 +52,15 @@ def exit_names(text: str) -> list[str]:
     return values
 
 
-def on_off(text: str) -> bool:
-    if text not in ("on", "off"):
-        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
-    return text == "on"
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def boolean(text: str) -> bool:
+    """An environment variable's yes or no: 1/true/yes/on, 0/false/no/off."""
+    word = text.strip().lower()
+    if word not in _TRUE + _FALSE:
+        raise argparse.ArgumentTypeError(f"expected one of {'/'.join(_TRUE)} or {'/'.join(_FALSE)}")
+    return word in _TRUE
 
 
 def flag_name(f: dataclasses.Field) -> str:
@@ -69,9 +74,9 @@ def choices(cls: type, name: str) -> list[Any]:
 
 
 def shown(value: Any, flag: bool = False) -> str:
-    """A default as a user types it: on/off for a flag's booleans, comma-separated lists."""
+    """A default as a user types it: a flag's booleans by the flag that sets them, comma-separated lists."""
     if isinstance(value, bool):
-        return ("on" if value else "off") if flag else str(value).lower()
+        return str(value).lower()
     if isinstance(value, (list, tuple)):
         return ",".join(str(v) for v in value)
     return str(value)
@@ -107,7 +112,7 @@ def env_name(cls: type, f: dataclasses.Field) -> str | None:
 
 
 def env_settings(cls: type, environ: typing.Mapping[str, str]) -> dict[str, Any]:
-    """The settings ``environ`` gives ``cls``, each read as its flag reads it (on|off, comma-separated lists);
+    """The settings ``environ`` gives ``cls``, each read as its flag reads it (comma-separated lists; yes/no);
     an ``OFFRAMP_EDGE_*`` (``OFFRAMP_CLOUD_*``) variable naming no setting is an error, as a typo would be."""
     from offramp.core.errors import OfframpError
 
@@ -125,8 +130,10 @@ def env_settings(cls: type, environ: typing.Mapping[str, str]) -> dict[str, Any]
             raise OfframpError(f"unknown setting {name} in the environment (known: {', '.join(sorted(fields))})")
         kwargs = _argument(f, hints[f.name])
         try:
-            if kwargs.get("nargs") == "+":
-                value: Any = [w for w in text.replace(",", " ").split() if w]
+            if kwargs.get("action") is argparse.BooleanOptionalAction:
+                value: Any = boolean(text)
+            elif kwargs.get("nargs") == "+":
+                value = [w for w in text.replace(",", " ").split() if w]
             else:
                 value = kwargs.get("type", str)(text)
         except (argparse.ArgumentTypeError, ValueError) as e:
@@ -154,8 +161,8 @@ def _argument(f: dataclasses.Field, tp: Any) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     if typing.get_origin(tp) is Literal:
         kwargs["choices"] = list(typing.get_args(tp))
-    elif tp is bool:
-        kwargs.update(type=on_off, metavar="on|off")
+    elif tp is bool:  # --x / --no-x, as every boolean flag of the command line
+        kwargs.update(action=argparse.BooleanOptionalAction)
     elif typing.get_origin(tp) in (list, tuple):
         if f.metadata.get("words"):
             kwargs.update(nargs="+", action="extend")
