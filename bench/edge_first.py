@@ -192,7 +192,7 @@ def measure_model(label: str, checkpoint: str, names: list[str] | None, args: ar
     to_answer = [c["macs_to_answer"] for c in costs]
     full_macs = costs[-1]["macs"]
 
-    best_sel = cheapest_within(exits_sel, final_sel, score, args.max_drop, to_answer)
+    best_sel = cheapest_within(exits_sel, final_sel, score, args.max_drop, to_answer, args.margin_se)
     settings = [((t,) * len(ids), False) for t in args.thresholds] + [(best_sel.thresholds, True)]
 
     timers = {"eager": EdgeTimer(EdgeHalf(model, model.num_blocks, exits=[model.exit_configs[i].name for i in ids]),
@@ -307,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--thresholds", type=lambda s: [float(v) for v in s.split(",")], default=list(THRESHOLDS),
                     help="shared max-probability thresholds, one row each (default: %(default)s)")
     ap.add_argument("--max-drop", type=float, default=0.5, help="accuracy points the chosen setting may lose")
+    ap.add_argument("--margin-se", type=float, default=0.0,
+                    help="standard errors of the loss the setting chosen on the selection split keeps to spare")
     ap.add_argument("--timing-samples", type=int, default=300, help="validation images timed per row and round")
     ap.add_argument("--core", type=int, default=max(os.sched_getaffinity(0)), help="the one core timing runs on")
     ap.add_argument("--no-onnx", action="store_true", help="time PyTorch eager only")
@@ -330,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
     result = {"command": "python -m bench.edge_first " + shlex.join(argv if argv is not None else sys.argv[1:]),
               "machine": {**machine(), "timing_core": args.core}, "max_drop_points": args.max_drop,
+              "margin_se": args.margin_se,
               "wall_s": time.perf_counter() - started, "models": models}
     report(result)
     out = write_result(result, args.out)

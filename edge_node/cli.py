@@ -268,6 +268,10 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     target.add_argument("--target-speedup", type=float, metavar="FACTOR",
                         help="best accuracy with mean MACs per input at least FACTOR times below the full model's "
                              "(every exit tried on the way counted, as 'offramp eval' reports)")
+    p.add_argument("--margin-se", type=float, default=0.0, metavar="K",
+                   help="with --target-accuracy-drop: keep K standard errors of the loss (paired, against the full "
+                        "model) inside the drop, so that thresholds chosen on a small split hold on new data "
+                        "(default 0)")
     p.add_argument("--score", choices=choices(EdgeConfig, "score"),
                    help="confidence score (default: the one --out names, else max_prob; std for regression)")
     p.add_argument("--data", help="calibrate on all of this data spec instead of the card's validation split")
@@ -293,7 +297,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 
     try:
         target = Target(accuracy_drop=args.target_accuracy_drop, max_offload=args.target_offload,
-                        min_speedup=args.target_speedup)
+                        min_speedup=args.target_speedup, margin_se=args.margin_se)
     except ValueError as e:
         raise OfframpError(str(e)) from None
     quality = None

@@ -198,3 +198,22 @@ def test_bench_writes_the_promised_fields(tiny_checkpoint: Path, tmp_path: Path)
     assert m["chosen_on"].startswith("validation")  # the tiny checkpoint has no selection split, and says so
     assert out.with_suffix(".png").stat().st_size > 0
     assert edge_first.main(["--model", f"tiny={tiny_checkpoint}@slvit@9", "--no-onnx", "--out", str(out)]) == 2
+
+
+def test_a_margin_in_standard_errors_keeps_the_choice_inside_the_drop() -> None:
+    from offramp.training.calibrate import Target, calibrate
+
+    # 100 samples; the full model right on all. The exit is sure of all of them and right on 99: answering
+    # everything there loses 1 point with a standard error of 1 point. A 1.5-point drop allows it; with
+    # one standard error to spare (1 + 1 > 1.5) the exit may keep only what leaves room.
+    n = 100
+    correct = np.ones(n, bool)
+    correct[0] = False
+    exit_ = HeadResult("e", np.zeros(n), np.full(n, 0.99, np.float32), correct, None)
+    final = HeadResult("final", np.zeros(n), np.full(n, 0.99, np.float32), np.ones(n, bool), None)
+    plain = calibrate([exit_], final, "max_prob", Target(accuracy_drop=1.5))
+    assert plain.chosen.offload == 0.0 and plain.chosen.loss_se == pytest.approx(0.01)
+    careful = calibrate([exit_], final, "max_prob", Target(accuracy_drop=1.5, margin_se=1.0))
+    assert careful.chosen.offload == 1.0  # the only setting with the margin kept: everything to the full model
+    with pytest.raises(ValueError, match="applies to an accuracy-drop target"):
+        Target(max_offload=0.5, margin_se=1.0)

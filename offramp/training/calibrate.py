@@ -63,8 +63,15 @@ class Target:
     accuracy_drop: float | None = None  # percentage points below the full model's accuracy
     max_offload: float | None = None  # fraction of samples sent to the cloud
     min_speedup: float | None = None  # the full model's MACs over the mean MACs per input
+    # With accuracy_drop: keep this many standard errors (paired, against the full model, on the samples
+    # calibrated on) inside the drop, so that a setting chosen on a small split keeps to it on new data.
+    margin_se: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.margin_se < 0:
+            raise ValueError(f"the margin must not be negative, not {self.margin_se} standard errors")
+        if self.margin_se and self.accuracy_drop is None:
+            raise ValueError("a margin in standard errors applies to an accuracy-drop target")
         if sum(v is not None for v in (self.accuracy_drop, self.max_offload, self.min_speedup)) != 1:
             raise ValueError("give exactly one target: an accuracy drop, an offload fraction or a speed-up")
         if self.min_speedup is not None and not self.min_speedup > 0:
@@ -84,6 +91,7 @@ class OperatingPoint:
     offload: float  # fraction answered by the cloud
     shares: tuple[float, ...]  # fraction answered by each exit, then by the cloud
     mean_macs: float | None = None  # per input, every exit tried counted (when the heads' costs are known)
+    loss_se: float = 0.0  # standard error of the loss against the full model (paired over the samples)
 
 
 @dataclass(frozen=True)
@@ -152,8 +160,9 @@ class _Cascade:
         walked = walk(self.conf, thresholds, self.score)
         shares = walked.shares()
         macs = None if self.costs is None else walked.mean_cost(self.costs)
-        return OperatingPoint(tuple(thresholds), float(walked.answers(self.quality).mean()), shares[-1], tuple(shares),
-                              macs)
+        answers = walked.answers(self.quality)
+        se = float((self.quality[-1] - answers).std(ddof=1) / np.sqrt(self.n)) if self.n > 1 else 0.0
+        return OperatingPoint(tuple(thresholds), float(answers.mean()), shares[-1], tuple(shares), macs, se)
 
     def candidates(self, confidences: np.ndarray) -> list[float]:
         qs = np.quantile(confidences, np.linspace(0, 1, CANDIDATES_PER_EXIT), method="lower")
@@ -315,18 +324,19 @@ def _objective(target: Target, full_quality: float,
         return lambda p: (p.mean_macs <= budget, p.quality, -p.mean_macs)
     if target.accuracy_drop is not None:
         floor = full_quality - target.accuracy_drop / 100 - 1e-12
-        return lambda p: (p.quality >= floor, -p.offload, p.quality)
+        return lambda p: (p.quality - target.margin_se * p.loss_se >= floor, -p.offload, p.quality)
     cap = target.max_offload + 1e-12
     return lambda p: (p.offload <= cap, p.quality, -p.offload)
 
 
 def cheapest_within(exits: list[HeadResult], final: HeadResult, score: str, accuracy_drop: float,
-                    costs: list[float]) -> OperatingPoint:
+                    costs: list[float], margin_se: float = 0.0) -> OperatingPoint:
     """The thresholds with the lowest mean compute per input whose accuracy is at most ``accuracy_drop``
-    points below the full model's (same search as ``calibrate``); ``costs`` as ``_Cascade`` takes them."""
+    points below the full model's, with ``margin_se`` standard errors of the loss to spare (same search as
+    ``calibrate``); ``costs`` as ``_Cascade`` takes them."""
     cascade = _Cascade(exits, final, score, costs)
     floor = float(cascade.quality[-1].mean()) - accuracy_drop / 100 - 1e-12
-    return _search(cascade, lambda p: (p.quality >= floor, -p.mean_macs, p.quality))
+    return _search(cascade, lambda p: (p.quality - margin_se * p.loss_se >= floor, -p.mean_macs, p.quality))
 
 
 def operating_point(exits: list[HeadResult], final: HeadResult, score: str, thresholds: tuple[float, ...],
