@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from offramp.core.checkpoint import Card, load_checkpoint, save_checkpoint
+from offramp.core.hostinfo import machine
 from offramp.core.data import load_data
 from offramp.core.models import ExitConfig, MultiExitModel
 from offramp.core.models.cost import count_macs, count_params
@@ -360,8 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(res)
         out.write_text(json.dumps({
             "command": command,
-            "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                        "platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__},
+            "machine": {**machine(), "torch_threads": torch.get_num_threads(), "platform": platform.platform()},
             "wall_s": round(time.time() - started, 1), "results": results}, indent=2) + "\n")
     plot(results, out.with_suffix(".png"))
     print(f"\nwrote {out} and {out.with_suffix('.png')}")
