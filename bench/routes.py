@@ -66,13 +66,16 @@ def load_records(out: Path) -> list[dict[str, Any]]:
         return list(csv.DictReader(fh))
 
 
-def replayed_accuracy(config: Any, records: list[dict[str, Any]], polls: list[dict[str, Any]],
-                      input_route: dict[str, Any] | None) -> dict[int, float]:
+def replayed_accuracy(config: Any, records: list[dict[str, Any]], polls: list[dict[str, Any]]) -> dict[int, float]:
     """Per point, the mean over its requests of the validation accuracy of the route and thresholds in force
-    when each was sent (fixed points: their own; adaptive ones: the poll just before)."""
+    when each was sent (fixed points: their own; adaptive ones: the poll just before); the input route's is
+    the whole model's on the validation inputs as the cloud receives them (JPEG at the baselines' quality)."""
     from offramp.core.scores import default_score
     from offramp.core.checkpoint import read_card
-    from offramp.training.calibrate import Target, calibrate_checkpoint
+    from offramp.training.calibrate import Target, calibrate_checkpoint, calibrate_input_route
+
+    input_route = {"accuracy": calibrate_input_route(config.checkpoint, config.baselines.jpeg_quality,
+                                                     data=config.workload.data).accuracy}
 
     card = read_card(config.checkpoint)
     e = config.edge
@@ -169,7 +172,7 @@ def summarize(out: Path, experiment: Path = EXPERIMENT) -> dict[str, Any]:
     full_macs = float(count_macs(model.final, x))
     split = config.edge.split_block if config.edge.split_block is not None else card.split_block
     tail_macs = full_macs - float(count_macs(lambda t: model.backbone.head(t, split), x))
-    replayed = replayed_accuracy(config, records, polls, input_route)
+    replayed = replayed_accuracy(config, records, polls)
     slo = config.edge.latency_slo_ms
     rows = point_rows(records)
     links: dict[str, dict[str, Any]] = {}

@@ -77,8 +77,9 @@ class Adaptive:
     """The controller's state on one edge: ``tick`` once per batch, ``settings`` for the policy in force."""
 
     def __init__(self, options: Sequence[Option], slo_ms: float, measurements: Measurements, score: str,
-                 window_s: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 window_s: float = 0.0, clock: Callable[[], float] = time.monotonic, slack: float = 0.0) -> None:
         self.options = list(options)
+        self.slack = slack
         self.slo_ms = slo_ms
         self.window_s = window_s
         self.measurements = measurements
@@ -103,7 +104,8 @@ class Adaptive:
                 self.measured = measured
                 return
             before = self._state.current
-            decision = step(self.options, measured.conditions(), self.slo_ms, self._state, now, self.window_s)
+            decision = step(self.options, measured.conditions(), self.slo_ms, self._state, now, self.window_s,
+                            self.slack)
             self._state, self.decision, self.measured = decision.state, decision, measured
         if decision.state.current != before:
             o = decision.option

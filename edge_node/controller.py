@@ -201,9 +201,11 @@ class Decision:
 
 
 def step(options: Sequence[Option], c: Conditions, slo_ms: float, state: State, now: float,
-         window_s: float = 0.0) -> Decision:
+         window_s: float = 0.0, slack: float = 0.0) -> Decision:
     """One decision at time ``now`` (seconds, any origin): keep the current option or move (see the module).
-    ``window_s``: the target holds for the p95 of windows this long (0: of all requests)."""
+    ``window_s``: the target holds for the p95 of windows this long (0: of all requests). ``slack``: expected
+    accuracy (a fraction) the controller may give up for speed: options within it of the most accurate one
+    that meets the target count as equally good, and the fastest of them (lowest predicted p95) is taken."""
     if not options:
         raise ValueError("the controller needs at least one option")
     tail = window_tail(c.request_rate, window_s)
@@ -215,9 +217,17 @@ def step(options: Sequence[Option], c: Conditions, slo_ms: float, state: State, 
     trouble = any(b < math.inf and g == math.inf for b, g in zip(before, good_since))
     state = replace(state, good_since=good_since, last_trouble=now if trouble else state.last_trouble)
 
+    def preferred(candidates: Sequence[int]) -> int:
+        """The most accurate of ``candidates``; with ``slack``, the fastest of those within it of the best."""
+        if not slack:
+            return max(candidates, key=lambda i: (options[i].accuracy, -options[i].offload))
+        top = max(options[i].accuracy for i in candidates)
+        near = [i for i in candidates if options[i].accuracy >= top - slack - 1e-12]
+        return min(near, key=lambda i: (p95[i], -options[i].accuracy, options[i].offload))
+
     def best(limit: float) -> int | None:
         fits = [i for i in range(len(options)) if p95[i] <= limit]
-        return max(fits, key=lambda i: (options[i].accuracy, -options[i].offload)) if fits else None
+        return preferred(fits) if fits else None
 
     def fallback() -> int:
         """Nothing meets the target: the most accurate local-only option, else the fastest."""
@@ -248,8 +258,11 @@ def step(options: Sequence[Option], c: Conditions, slo_ms: float, state: State, 
     # Meeting the target: after a long calm the hold is reset; a better option must have been good for as long.
     hold = BASE_HOLD_S if now - state.last_trouble > 4 * state.hold_s else state.hold_s
     held = [i for i in range(len(options)) if now - good_since[i] >= hold]
-    up = max(held, key=lambda i: (options[i].accuracy, -options[i].offload)) if held else None
-    if up is not None and options[up].accuracy > options[cur].accuracy + MIN_GAIN:
+    up = preferred([*held, cur]) if held else None
+    if up is not None and up != cur and (
+            options[up].accuracy > options[cur].accuracy + slack + MIN_GAIN
+            or (slack and options[up].accuracy >= options[cur].accuracy - slack
+                and p95[up] < p95[cur] * (1 - HEADROOM))):
         return moved(up, f"a better option met the target for {hold:g} s (p95 {p95[up]:.0f} ms)", hold_s=hold)
     return moved(cur, "meets the target", hold_s=hold)
 

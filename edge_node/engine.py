@@ -127,7 +127,8 @@ class EdgeEngine:
         return {split: [*names, "split"] for split, names in self.split_exit_names.items()}
 
     def adapt(self, slo_ms: float, tables: Sequence[CalibrationTable], window_s: float = 0.0,
-              input_route: InputRouteCalibration | None = None, route: str | None = None) -> None:
+              input_route: InputRouteCalibration | None = None, route: str | None = None,
+              slack: float = 0.0) -> None:
         """Let a controller choose the route and thresholds to meet a p95 of ``slo_ms`` (over windows of
         ``window_s``, 0: over all requests) from the calibration ``tables`` and ``input_route``; only among
         ``route``'s options where one is fixed.
@@ -145,7 +146,7 @@ class EdgeEngine:
             fastest = min(exit_times, key=exit_times.__getitem__)
             raise ValueError(f"latency_slo_ms {slo_ms:g} is below what this edge needs to answer at all: its "
                              f"fastest exit, {fastest}, takes {exit_times[fastest]:.1f} ms here")
-        self.adaptive = Adaptive(options, slo_ms, self.measurements, score, window_s)
+        self.adaptive = Adaptive(options, slo_ms, self.measurements, score, window_s, slack=slack)
         self.policy.follow(self.adaptive.settings)
 
     def profile(self, split: int, repeats: int = 5) -> list[float]:

@@ -172,7 +172,7 @@ def build_engine(config: EdgeConfig) -> EdgeEngine:
     if config.latency_slo_ms is not None:
         try:
             engine.adapt(config.latency_slo_ms, config.calibration, config.slo_window_s, config.input_route,
-                         config.route)
+                         config.route, config.accuracy_slack_points / 100)
         except ValueError as e:
             raise OfframpError(str(e)) from None
     return engine

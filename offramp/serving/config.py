@@ -188,6 +188,12 @@ class EdgeConfig:
         "cannot) or local (the exits answer everything). Unset: split, or with latency_slo_ms whichever route "
         "the controller predicts best; set with latency_slo_ms, the controller keeps to that route.", None,
         example="input")
+    accuracy_slack_points: float = setting(
+        "With latency_slo_ms: expected accuracy (points) the controller may give up for speed. Options within it "
+        "of the most accurate one that meets the target count as equally good and the fastest is taken: "
+        "calibration's accuracies carry the noise of the split they were measured on, and a route a few tenths "
+        "of a point behind on paper can be several times faster (0: always the most accurate).", 0.0,
+        metavar="POINTS", example=0.5)
     input_quality: int = setting("JPEG quality at which the input route sends images given as tensors (files go "
                                  "as they came).", 90, metavar="Q")
     split_block: int | None = setting("Block after which the edge hands over; unset: the checkpoint's. The cloud "
@@ -333,6 +339,7 @@ class EdgeConfig:
         require(self.route not in ("split", "input") or self.offload_enabled,
                 f"route {self.route} sends to the cloud: it needs offload on (or route local)")
         require(1 <= self.input_quality <= 95, "input_quality must be a JPEG quality in 1..95")
+        require(0 <= self.accuracy_slack_points <= 100, "accuracy_slack_points must be in 0..100")
         splits = [t.split_block for t in self.calibration]
         require(len(set(splits)) == len(splits), "one calibration table per split block")
 
