@@ -246,6 +246,11 @@ def summarize(out: Path, experiment: Path = EXPERIMENT) -> dict[str, Any]:
     }
 
 
+def short(profile: str) -> str:
+    """A link's label for a plot: the trace's name, or the profile."""
+    return profile.removeprefix("trace=").split(",")[0]
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     from offramp.training.plots import pyplot
 
@@ -260,8 +265,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
         xs = [j + i * width for j, b in enumerate(links)]
         ys = [next((p["mean_ms"] for p in b["policies"] if p["policy"] == name), math.nan) for b in links]
         axes[0].bar(xs, ys, width, label=name)
-    axes[0].set_xticks([j + 0.4 - width / 2 for j in range(len(links))], [b["profile"] for b in links], fontsize=7)
-    axes[0].set(ylabel="mean latency (ms)", title="every route, per link: mean latency per policy")
+    axes[0].set_xticks([j + 0.4 - width / 2 for j in range(len(links))], [short(b["profile"]) for b in links],
+                       fontsize=7)
+    axes[0].set_yscale("log")
+    axes[0].set(ylabel="mean latency (ms, log)", title="every route, per link: mean latency per policy "
+                "(8x-slowed device; traces with 20 ms each way)")
     axes[0].legend(fontsize=7)
     colors = {"split": "tab:blue", "input": "tab:orange", "local": "tab:green"}
     for k, (profile, w) in enumerate(result["timelines"].items()):
@@ -272,7 +280,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 axes[1].bar(x["t_s"], share * 0.8, bottom=bottom, color=color, width=1.0,
                             label=route if k == 0 and x is w[0] else None)
                 bottom += share * 0.8
-    axes[1].set_yticks([k + 0.4 for k in range(len(result["timelines"]))], list(result["timelines"]), fontsize=7)
+    axes[1].set_yticks([k + 0.4 for k in range(len(result["timelines"]))], [short(p) for p in result["timelines"]],
+                       fontsize=7)
     axes[1].set(xlabel="time (s)", title="adaptive edge: the route it took, per second")
     axes[1].legend(fontsize=7, loc="upper right")
     fig.tight_layout()
