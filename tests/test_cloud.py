@@ -147,6 +147,7 @@ def gate(start_cloud: object, monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]
     # Lone requests would run on the event loop's thread, and a held one would stop the loop
     # from queueing the rest: gated servers compute every batch in their worker thread.
     monkeypatch.setattr(cloud_server, "lone_on_loop", lambda device: False)
+    monkeypatch.setattr(cloud_server, "_warm_up", lambda *args: None)  # the gate holds served batches only
     yield gate
     gate.opened.set()
 
