@@ -26,8 +26,10 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/offramp demo
 
+# Two workers, a test file each at a time (module fixtures, such as a shared cloud, stay in one process):
+# the suite waits on sockets, links and daemons as much as it computes.
 test: setup
-	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q
+	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench-exits: setup
 	$(BIN)/python -m bench.exits --quick
