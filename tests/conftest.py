@@ -74,3 +74,14 @@ def cloud(tiny_checkpoint: Path) -> Iterator[tuple[str, CloudServer]]:
     Shared: tests must not count on its metrics or queue starting empty."""
     with CloudFactory(tiny_checkpoint, CLOUD_TEST_SETTINGS) as factory:
         yield factory()
+
+
+# The longest test files, longest first (pytest --durations). They start first, so that with several workers
+# (make test: pytest-xdist, a file each at a time) no long file starts last and holds the suite up alone.
+LONGEST_FIRST = ("test_orchestrator", "test_bench_offload", "test_cloud", "test_audiovisual", "test_recipes",
+                 "test_bench_overload_soak", "test_train_cli", "test_edge", "test_faults", "test_adaptive")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: order within a file is kept
