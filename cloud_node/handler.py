@@ -104,11 +104,7 @@ class OffloadHandler:
             reply.status.CopyFrom(make_status(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}"))
         else:
             fill_reply(reply, result, decoded - received, self._metrics)
-        total_s = time.perf_counter() - received
-        reply.timings.total_ms = total_s * 1e3
-        self._metrics.stage("total").observe(total_s)
-        self._metrics.requests_by(status_code(reply.status).name).inc()
-        return reply
+        return finish_reply(reply, received, self._metrics)
 
     def refuse(self, request: pb.OffloadRequest, code: grpc.StatusCode, message: str) -> pb.OffloadReply:
         """The reply to a request the stream refuses before any work, counted like any other."""
@@ -171,6 +167,15 @@ class OffloadHandler:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"{tokens.shape[0]} samples of visual tokens but {audio.shape[0]} of audio tokens")
         return tokens, audio
+
+
+def finish_reply(reply: pb.OffloadReply, received: float, metrics: CloudMetrics) -> pb.OffloadReply:
+    """``reply`` with its total time since ``received`` (perf_counter), counted by its status."""
+    total_s = time.perf_counter() - received
+    reply.timings.total_ms = total_s * 1e3
+    metrics.stage("total").observe(total_s)
+    metrics.requests_by(status_code(reply.status).name).inc()
+    return reply
 
 
 def fill_reply(reply: pb.OffloadReply, result: Batched[torch.Tensor], decode_s: float, metrics: CloudMetrics) -> None:

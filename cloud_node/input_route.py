@@ -15,13 +15,13 @@ import torch
 
 from offramp.core.checkpoint import Card
 from offramp.core.halves import WholeModel
-from offramp.core.wire import make_status, pb, status_code
+from offramp.core.wire import make_status, pb
 from offramp.serving.batcher import Batcher
 from offramp.serving.errors import RequestError
 from offramp.serving.inputs import InputError, request_inputs
 from offramp.serving.offloop import call_by_size
 
-from .handler import fill_reply
+from .handler import fill_reply, finish_reply
 from .metrics import CloudMetrics
 
 log = logging.getLogger(__name__)
@@ -59,11 +59,7 @@ class InputHandler:
             reply.status.CopyFrom(make_status(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}"))
         else:
             fill_reply(reply, result, decoded - received, self._metrics)
-        total_s = time.perf_counter() - received
-        reply.timings.total_ms = total_s * 1e3
-        self._metrics.stage("total").observe(total_s)
-        self._metrics.requests_by(status_code(reply.status).name).inc()
-        return reply
+        return finish_reply(reply, received, self._metrics)
 
     def _check(self, request: pb.OffloadRequest, fingerprint: str) -> None:
         if fingerprint != self._card.fingerprint:
