@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 
 import grpc
 import torch
@@ -84,27 +85,14 @@ class OffloadHandler:
     async def answer(self, request: pb.OffloadRequest, stream_fingerprint: str = "") -> pb.OffloadReply:
         """The reply to one request: head output and timings, or the reason in ``status``; the request's
         fingerprint, where it names none, is its stream's."""
-        received = time.perf_counter()
-        size = request.ByteSize()
-        self._metrics.received_bytes.inc(size)
-        reply = pb.OffloadReply(request_id=request.request_id, status=make_status())
-        try:
+        async def prepare(size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
             self._check(request, request.model_fingerprint or stream_fingerprint)
             declared = request.tokens.shape[0] if request.tokens.shape else 0
             if 0 < declared <= self._batcher.max_batch:  # a full queue refuses before any decoding
                 self._batcher.check_room(declared)
-            tokens, audio = await call_by_size(size, self._decode_request, request)
-            decoded = time.perf_counter()
-            deadline = received + request.deadline_ms / 1e3 if request.deadline_ms else None
-            result = await self._batcher.submit(tokens, audio, deadline=deadline)
-        except (CodecError, RequestError) as e:
-            reply.status.CopyFrom(make_status(e.code, str(e)))
-        except Exception as e:  # a bug: fail this request, keep the stream
-            log.exception("request %d failed", request.request_id)
-            reply.status.CopyFrom(make_status(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}"))
-        else:
-            fill_reply(reply, result, decoded - received, self._metrics)
-        return finish_reply(reply, received, self._metrics)
+            return await call_by_size(size, self._decode_request, request)
+
+        return await serve_request(request, prepare, self._batcher, self._metrics)
 
     def refuse(self, request: pb.OffloadRequest, code: grpc.StatusCode, message: str) -> pb.OffloadReply:
         """The reply to a request the stream refuses before any work, counted like any other."""
@@ -167,6 +155,31 @@ class OffloadHandler:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"{tokens.shape[0]} samples of visual tokens but {audio.shape[0]} of audio tokens")
         return tokens, audio
+
+
+async def serve_request(request: pb.OffloadRequest,
+                        prepare: Callable[[int], Awaitable[tuple[torch.Tensor, torch.Tensor | None]]],
+                        batcher: Batcher, metrics: CloudMetrics) -> pb.OffloadReply:
+    """The one reply to an offload: ``prepare(size)`` checks and decodes it into a batch of inputs (a
+    ``RequestError`` or ``CodecError`` is the sender's mistake and becomes the status), the batcher runs them
+    within the request's deadline, and the reply carries the output, the timings and the status."""
+    received = time.perf_counter()
+    size = request.ByteSize()
+    metrics.received_bytes.inc(size)
+    reply = pb.OffloadReply(request_id=request.request_id, status=make_status())
+    try:
+        inputs, audio = await prepare(size)
+        decoded = time.perf_counter()
+        deadline = received + request.deadline_ms / 1e3 if request.deadline_ms else None
+        result = await batcher.submit(inputs, audio, deadline=deadline)
+    except (CodecError, RequestError) as e:
+        reply.status.CopyFrom(make_status(e.code, str(e)))
+    except Exception as e:  # a bug: fail this request, keep the stream
+        log.exception("request %d failed", request.request_id)
+        reply.status.CopyFrom(make_status(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}"))
+    else:
+        fill_reply(reply, result, decoded - received, metrics)
+    return finish_reply(reply, received, metrics)
 
 
 def finish_reply(reply: pb.OffloadReply, received: float, metrics: CloudMetrics) -> pb.OffloadReply:

@@ -7,24 +7,19 @@ hardened decoder (``offramp.serving.inputs``), so a bad file gets the same preci
 """
 from __future__ import annotations
 
-import logging
-import time
-
 import grpc
 import torch
 
 from offramp.core.checkpoint import Card
 from offramp.core.halves import WholeModel
-from offramp.core.wire import make_status, pb
+from offramp.core.wire import pb
 from offramp.serving.batcher import Batcher
 from offramp.serving.errors import RequestError
 from offramp.serving.inputs import InputError, request_inputs
 from offramp.serving.offloop import call_by_size
 
-from .handler import fill_reply, finish_reply
+from .handler import serve_request
 from .metrics import CloudMetrics
-
-log = logging.getLogger(__name__)
 
 
 class InputHandler:
@@ -41,25 +36,13 @@ class InputHandler:
     async def answer(self, request: pb.OffloadRequest, stream_fingerprint: str = "") -> pb.OffloadReply:
         """The reply to one input: head output and timings, or the reason in ``status``; the request's
         fingerprint, where it names none, is its stream's."""
-        received = time.perf_counter()
-        size = request.ByteSize()
-        self._metrics.received_bytes.inc(size)
-        reply = pb.OffloadReply(request_id=request.request_id, status=make_status())
-        try:
+        async def prepare(size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
             self._check(request, request.model_fingerprint or stream_fingerprint)
             self._batcher.check_room(1)  # a full queue refuses before any decoding
             x, audio = await call_by_size(size, self._decode, request.input)
-            decoded = time.perf_counter()
-            deadline = received + request.deadline_ms / 1e3 if request.deadline_ms else None
-            result = await self._batcher.submit(x[None], None if audio is None else audio[None], deadline=deadline)
-        except RequestError as e:
-            reply.status.CopyFrom(make_status(e.code, str(e)))
-        except Exception as e:  # a bug: fail this request, keep the stream
-            log.exception("input request %d failed", request.request_id)
-            reply.status.CopyFrom(make_status(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}"))
-        else:
-            fill_reply(reply, result, decoded - received, self._metrics)
-        return finish_reply(reply, received, self._metrics)
+            return x[None], None if audio is None else audio[None]
+
+        return await serve_request(request, prepare, self._batcher, self._metrics)
 
     def _check(self, request: pb.OffloadRequest, fingerprint: str) -> None:
         if fingerprint != self._card.fingerprint:
