@@ -49,6 +49,7 @@ from .controller import INPUT
 from .measure import Measurements
 from .metrics import EdgeMetrics
 from .offload import CloudError, CloudUnavailable, DeadlineExceeded, OffloadClient, OffloadError
+from .pool import ReplicaPool
 from .policy import ExitPolicy, PolicySettings
 
 
@@ -77,7 +78,7 @@ class EdgeEngine:
     """Runs requests through the edge half, the codec and the offload client, and answers each once."""
 
     def __init__(self, half: EdgeWalk, card: Card, policy: ExitPolicy, codec: CodecConfig, deadline_ms: int,
-                 offload: OffloadClient | None, max_batch: int = 16, slowdown: float = 1.0,
+                 offload: OffloadClient | ReplicaPool | None, max_batch: int = 16, slowdown: float = 1.0,
                  other_halves: Sequence[EdgeWalk] = (), input_quality: int = 90) -> None:
         """``half`` runs to the edge's split block; ``other_halves`` (sharing its model) to further split blocks
         a latency controller may choose; ``input_quality``: JPEG quality of image tensors the input route sends."""
@@ -112,6 +113,8 @@ class EdgeEngine:
             self._run_batch, max_batch, lone_on_loop=lone_on_loop(half.device, sleeps=slowdown > 1.0),
             on_batch=self.metrics.batch_size.observe, name="edge-compute")
         self.metrics.watch_queue(self._batcher.depth)
+        if isinstance(offload, ReplicaPool):
+            self.metrics.watch_pool(offload)
         self.measurements = Measurements({split: (math.nan,) * (h.num_exits + 1) for split, h in self.halves.items()},
                                          tail_blocks={INPUT: half.num_blocks,
                                                       **{split: h.num_blocks - split

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .adaptive import Adaptive
     from .measure import Measured
     from .policy import ExitPolicy
+    from .pool import ReplicaPool
 
 # Seconds: from sub-millisecond exits on a fast device to multi-second offloads over a poor link.
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -69,6 +70,10 @@ class EdgeMetrics:
         """Export ``snapshot()`` and the controller's choice whenever metrics are scraped; ``stages``: per split,
         the names of its compute stages (its exits, then the split)."""
         self.registry.register(_Measured(snapshot, stages, adaptive, policy))
+
+    def watch_pool(self, pool: ReplicaPool) -> None:
+        """Export the pool's per-replica counts whenever metrics are scraped."""
+        self.registry.register(_Pool(pool))
 
     def record(self, reply: pb.InferReply, degraded_kind: str | None) -> None:
         """Count one answer sent back to a caller."""
@@ -149,6 +154,34 @@ class _Measured(Collector):
         for name, t in zip(self._stages.get(o.split_block, ()), o.thresholds):
             thresholds.add_metric([name], t)
         yield thresholds
+
+
+class _Pool(Collector):
+    """A replica pool's view: requests each replica answered, requests sent again, replicas streaming."""
+
+    def __init__(self, pool: ReplicaPool) -> None:
+        self._pool = pool
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        pool = self._pool
+        answered = CounterMetricFamily("offramp_edge_replica_offloads", "Offloads each cloud replica answered",
+                                       labels=["replica"])
+        outstanding = GaugeMetricFamily("offramp_edge_replica_outstanding_requests",
+                                        "Offloads waiting for each replica's answer", labels=["replica"])
+        streaming = set(pool.streaming)
+        up = GaugeMetricFamily("offramp_edge_replica_up", "1 while a replica streams (paired and connected)",
+                               labels=["replica"])
+        for address in pool.replicas:
+            answered.add_metric([address], pool.sent[address])
+            outstanding.add_metric([address], pool.outstanding[address])
+            up.add_metric([address], float(address in streaming))
+        retried = CounterMetricFamily("offramp_edge_offload_retries",
+                                      "Offloads sent again to another replica after theirs could not answer")
+        retried.add_metric([], pool.retried)
+        yield from (answered, outstanding, up, retried)
 
 
 def _gauge(name: str, text: str, value: Any) -> Iterator[Metric]:

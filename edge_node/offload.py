@@ -47,9 +47,13 @@ class DeadlineExceeded(OffloadError):
 
 
 class CloudError(OffloadError):
-    """The cloud answered this one request with an error status."""
+    """The cloud answered this one request with an error status (``code``; None: an answer that makes no sense)."""
 
     kind = "cloud_error"
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def _expire(future: asyncio.Future, timeout_s: float) -> None:
@@ -341,7 +345,7 @@ class OffloadClient:
         if code is grpc.StatusCode.OK:
             future.set_result(reply)
         else:
-            future.set_exception(CloudError(f"cloud error {code.name}: {reply.status.message}"))
+            future.set_exception(CloudError(f"cloud error {code.name}: {reply.status.message}", code))
 
     def _fail_pending(self, error: OffloadError) -> None:
         pending, self._pending = self._pending, {}

@@ -41,6 +41,7 @@ from offramp.core.wire import EDGE_SERVICE, make_status, pb, pb_grpc, status_cod
 
 from .engine import EdgeEngine
 from .offload import OffloadClient, OffloadSettings
+from .pool import ReplicaPool, check_resolvable
 from .policy import ExitPolicy, PolicyError, PolicySettings, default_settings
 
 log = logging.getLogger(__name__)
@@ -157,12 +158,18 @@ def build_engine(config: EdgeConfig) -> EdgeEngine:
             credentials = (channel_credentials(config.cloud_tls_ca, config.cloud_tls_cert, config.cloud_tls_key)
                            if config.cloud_tls_ca is not None else None)
             token = read_token(config.cloud_token_file) if config.cloud_token_file is not None else None
-            offload = OffloadClient(list(config.cloud), card.fingerprint, splits, OffloadSettings(
+            settings = OffloadSettings(
                 backoff_initial_s=config.reconnect_initial_s, backoff_max_s=config.reconnect_max_s,
                 connect_timeout_s=config.connect_timeout_s, failback_check_s=config.failback_check_s,
                 keepalive_s=config.keepalive_s, keepalive_timeout_s=config.keepalive_timeout_s,
                 max_message_bytes=config.max_message_bytes,
-                credentials=credentials, server_name=config.cloud_tls_server_name, token=token))
+                credentials=credentials, server_name=config.cloud_tls_server_name, token=token)
+            if config.cloud_balance == "failover":
+                offload = OffloadClient(list(config.cloud), card.fingerprint, splits, settings)
+            else:
+                check_resolvable(config.cloud)
+                offload = ReplicaPool(config.cloud, card.fingerprint, splits, settings, config.cloud_balance,
+                                      config.cloud_resolve_s)
         engine = EdgeEngine(half, card, policy, codec, config.deadline_ms, offload, config.max_batch, config.slowdown,
                             others, config.input_quality)
     except PolicyError as e:

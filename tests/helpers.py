@@ -16,7 +16,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from offramp.core.wire import pb, pb_grpc
+
 if TYPE_CHECKING:
+    import torch
+
     from cloud_node.server import CloudServer
     from edge_node.server import EdgeServer
 
@@ -142,3 +146,56 @@ def serving(address: str) -> bool:
     with grpc.insecure_channel(address) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
     return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+class Traffic:
+    """One request every ``period_s`` on one InferStream to an edge, from a background thread, until
+    the block ends; each reply is kept with the time it came."""
+
+    def __init__(self, edge: EdgeServer, x: torch.Tensor, period_s: float = 0.02) -> None:
+        self.edge, self.x, self.period_s = edge, x, period_s
+        self.sent = 0
+        self.replies: list[tuple[float, pb.InferReply]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.error: BaseException | None = None
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        assert not self._thread.is_alive(), "the edge did not finish the stream"
+
+    def _requests(self) -> Iterator[pb.InferRequest]:
+        while not self._stop.is_set():
+            x = self.x[self.sent % len(self.x)]
+            yield pb.InferRequest(request_id=self.sent, tensor=pb.RawTensor(
+                shape=list(x.shape), data=x.numpy().astype("<f4").tobytes()))
+            self.sent += 1
+            time.sleep(self.period_s)
+
+    def _run(self) -> None:
+        try:
+            with grpc.insecure_channel(self.edge.address) as channel:
+                for reply in pb_grpc.EdgeStub(channel).InferStream(self._requests(), timeout=120):
+                    self.replies.append((time.monotonic(), reply))
+        except BaseException as e:  # reported by the checks below
+            self.error = e
+
+    def after(self, t: float) -> list[pb.InferReply]:
+        return [r for at, r in self.replies if at > t]
+
+    def answered_by_cloud_after(self, t: float, n: int = 3) -> Callable[[], bool]:
+        return lambda: sum(r.decided_by == "cloud" for r in self.after(t)) >= n
+
+    def check_exactly_once(self) -> list[pb.InferReply]:
+        assert self.error is None, self.error
+        replies = [r for _, r in self.replies]
+        assert sorted(r.request_id for r in replies) == list(range(self.sent))  # every one, exactly once
+        assert all(r.status.code == 0 for r in replies)
+        assert all(r.decided_by == "cloud" or (r.degraded and r.decided_by.startswith("exit:")) for r in replies)
+        return replies

@@ -170,9 +170,17 @@ class EdgeConfig:
     listen: str = setting("Address of the local API, HOST:PORT. Loopback by default: it is for applications on "
                           "the same device; port 0 picks a free port.", "127.0.0.1:0", metavar="HOST:PORT")
     cloud: tuple[str, ...] = setting(
-        "Clouds as HOST:PORT, tried in order: the first is the primary, the rest are failover. For an edge "
+        "Clouds as HOST:PORT, tried in order: the first is the primary, the rest are failover (see cloud_balance "
+        "for a pool instead; there, dns:HOST:PORT stands for every address the name resolves to). For an edge "
         "without a cloud, turn offload off: otherwise samples no exit is sure of are answered degraded.",
         (), metavar="HOST:PORT", words=True)
+    cloud_balance: Literal["failover", "least_outstanding", "round_robin"] = setting(
+        "How offloads use the clouds: failover (all to the first that pairs, the others standing by), or spread "
+        "over every cloud that pairs as a pool of replicas, each request to the one with the fewest requests "
+        "outstanding, or to each in turn. In a pool a request whose replica is lost is sent to another within "
+        "its deadline.", "failover")
+    cloud_resolve_s: float = setting("In a pool, how often dns: names are resolved again: replicas that appear "
+                                     "join, those that vanish leave.", 10.0, metavar="S")
     thresholds: tuple[float, ...] | None = setting(
         "One confidence threshold per edge exit, cheapest first (inf: never leave, -inf: always). Unset: a "
         "cautious default per score (0.9 for max_prob) until `offramp calibrate` picks some.", None,
@@ -295,7 +303,10 @@ class EdgeConfig:
     def __post_init__(self) -> None:
         _check_address(self.listen, "listen")
         for address in self.cloud:
-            _check_address(address, "cloud")
+            _check_address(address.removeprefix("dns:").removeprefix("///"), "cloud")
+        require(self.cloud_balance != "failover" or not any(a.startswith("dns:") for a in self.cloud),
+                "a dns: cloud names a pool of replicas: set cloud_balance to least_outstanding or round_robin")
+        require(self.cloud_resolve_s > 0, "cloud_resolve_s must be positive")
         require(self.split_block is None or self.split_block >= 0, "split_block must not be negative")
         _check_splits(self.split_blocks)
         require(self.split_blocks is None or self.split_block is None or self.split_block in self.split_blocks,
