@@ -1,6 +1,7 @@
 #!/bin/sh
 # Throwaway certificates for docker/compose.tls.yaml: a private CA, the cloud's server certificate
-# (names: cloud, localhost, 127.0.0.1) and one client certificate the edges share (mutual TLS).
+# (names: cloud, offramp-cloud (the Kubernetes Service), localhost, 127.0.0.1) and one client
+# certificate the edges share (mutual TLS).
 # Valid for 30 days; for trying TLS out, not for production (use your own PKI there).
 #
 #   sh docker/make-certs.sh [DIR]      # default: docker/certs (git- and docker-ignored)
@@ -19,7 +20,7 @@ issue() {  # name, subject CN, extensions
     -extfile "$1.ext" -out "$1.pem" 2>/dev/null
   rm -f "$1.csr" "$1.ext"
 }
-issue cloud cloud "subjectAltName=DNS:cloud,DNS:localhost,IP:127.0.0.1
+issue cloud cloud "subjectAltName=DNS:cloud,DNS:offramp-cloud,DNS:localhost,IP:127.0.0.1
 extendedKeyUsage=serverAuth"
 issue edge edge "extendedKeyUsage=clientAuth"
 rm -f ca.srl ca.key   # nothing more will be signed with this CA
