@@ -29,4 +29,9 @@ def _run_cloud(args: argparse.Namespace) -> int:
     from .server import run
 
     config = config_from_args(CloudConfig, args)
+    if config.workers > 1:
+        from .workers import run_workers
+
+        return run_workers(config, lambda address, port: announce("cloud", address, port, args.port_file),
+                           args.log_format)
     return run(config, ready=lambda server: announce("cloud", server.address, server.port, args.port_file))

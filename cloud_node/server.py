@@ -86,8 +86,9 @@ class CloudServer(DaemonServer):
             await batcher.close()
 
 
-async def serve(config: CloudConfig) -> CloudServer:
-    """Load the checkpoint, bind, start; the returned server is answering (and SERVING)."""
+async def serve(config: CloudConfig, share_port: bool = False) -> CloudServer:
+    """Load the checkpoint, bind, start; the returned server is answering (and SERVING). ``share_port``: one
+    worker of several on the same port (``cloud_node.workers``)."""
     startup = StartupLog("cloud")
     if config.threads is not None:
         torch.set_num_threads(config.threads)
@@ -125,7 +126,7 @@ async def serve(config: CloudConfig) -> CloudServer:
     protected = (PROTECTED_PREFIX, f"/{OIP_SERVICE}/")
     interceptors = ([BearerTokenInterceptor(read_token(config.token_file), protected)]
                     if config.token_file is not None else [])
-    server = grpc_server(config.max_message_bytes, interceptors)
+    server = grpc_server(config.max_message_bytes, interceptors, share_port)
     malformed = MalformedLog(metrics.registry, "offramp_cloud")
     add_service(server, OffloadServicer(handler, draining, config.max_in_flight_per_stream), "Offload", malformed,
                 config.max_message_bytes)
@@ -171,6 +172,6 @@ def _warm_up(halves, whole: WholeModel | None, card: Card) -> None:
         whole.run(torch.zeros(1, *card.input_shape), None if audio is None else torch.zeros(1, *audio.input_shape))
 
 
-def run(config: CloudConfig, ready: Callable[[CloudServer], None] | None = None) -> int:
+def run(config: CloudConfig, ready: Callable[[CloudServer], None] | None = None, share_port: bool = False) -> int:
     """Serve until SIGTERM or SIGINT, then drain; ``ready`` is called once the server answers."""
-    return run_until_signalled(lambda: serve(config), config.log_level, ready)
+    return run_until_signalled(lambda: serve(config, share_port), config.log_level, ready)

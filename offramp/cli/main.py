@@ -314,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--log-format", choices=["text", "json"], default="text",
+                        help="log lines for people (text) or one JSON object per line for log collectors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in COMMANDS:
         add(sub)
@@ -325,16 +327,19 @@ def _verbose_everywhere(sub: argparse._SubParsersAction) -> None:
     """``-v`` after any subcommand too (``offramp edge -v``), as before it; SUPPRESS keeps an earlier -v."""
     for parser in sub.choices.values():
         parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+        parser.add_argument("--log-format", choices=["text", "json"], default=argparse.SUPPRESS,
+                            help="log lines for people (text) or one JSON object per line")
         for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction):
                 _verbose_everywhere(action)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from offramp.serving.log import setup_logging
+
     args = build_parser().parse_args(argv)
     args.argv = argv
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO, args.log_format)
     from offramp.core.errors import OfframpError
 
     try:

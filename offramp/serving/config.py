@@ -116,6 +116,11 @@ class CloudConfig:
     max_message_mb: int = setting("gRPC message limit in MiB, both directions: gRPC's 4 MiB default is too small "
                                   "for uncompressed ViT-B tokens in a batch; anything larger is refused unread.",
                                   64, metavar="MIB")
+    workers: int = setting(
+        "Worker processes serving the one port, each with its own batches (the kernel spreads edge connections "
+        "over them: SO_REUSEPORT). Per-request Python work, not the model, bounds one process. Each worker "
+        "takes cores/workers threads unless threads is set; worker i serves metrics on metrics_port + i.",
+        1, metavar="N")
     metrics_port: int | None = setting("Serve Prometheus /metrics on this port of the listen host; 0 picks a free "
                                        "port; unset: no metrics.", None, metavar="PORT", example=9100)
     grace_s: float = setting("Seconds a draining server (SIGTERM) gives in-flight requests before cancelling "
@@ -145,6 +150,9 @@ class CloudConfig:
         require(self.max_queue >= 1, "max_queue must be at least 1")
         require(self.max_in_flight_per_stream >= 1, "max_in_flight_per_stream must be at least 1")
         require(self.max_message_mb >= 1, "max_message_mb must be at least 1")
+        require(self.workers >= 1, f"workers must be at least 1, not {self.workers}")
+        require(not self.metrics_port or self.metrics_port + self.workers - 1 <= 65535,
+                "metrics_port + workers - 1 must be a port (worker i serves metrics on metrics_port + i)")
         require(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "metrics_port must be in 0..65535")
         require(self.grace_s >= 0, "grace_s must not be negative")
         require(self.model_name is None or (self.model_name.strip() == self.model_name != ""),

@@ -54,13 +54,15 @@ def start_metrics(port: int, listen: str, registry: CollectorRegistry) -> WSGISe
 
 
 
-def grpc_server(max_message_bytes: int, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
-    """An asyncio gRPC server with deliberate message limits on both directions."""
+def grpc_server(max_message_bytes: int, interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+                share_port: bool = False) -> grpc.aio.Server:
+    """An asyncio gRPC server with deliberate message limits on both directions; ``share_port``: one of
+    several worker processes on one port (SO_REUSEPORT: the kernel spreads connections over them)."""
     return grpc.aio.server(interceptors=list(interceptors), options=[
         # Up to CEILING x the limit, messages reach our own check (refused and counted there).
         ("grpc.max_receive_message_length", CEILING * max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.so_reuseport", 0),  # a second daemon on a busy port must fail, not share it
+        ("grpc.so_reuseport", int(share_port)),  # otherwise a second daemon on a busy port must fail, not share it
         # Accept the edges' keepalive pings on idle streams instead of answering them with
         # GOAWAY ("too many pings") below gRPC's default 5-minute floor.
         ("grpc.http2.min_ping_interval_without_data_ms", MIN_KEEPALIVE_S * 1000),
