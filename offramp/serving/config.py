@@ -151,9 +151,9 @@ class CloudConfig:
         require(self.max_in_flight_per_stream >= 1, "max_in_flight_per_stream must be at least 1")
         require(self.max_message_mb >= 1, "max_message_mb must be at least 1")
         require(self.workers >= 1, f"workers must be at least 1, not {self.workers}")
+        require(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "metrics_port must be in 0..65535")
         require(not self.metrics_port or self.metrics_port + self.workers - 1 <= 65535,
                 "metrics_port + workers - 1 must be a port (worker i serves metrics on metrics_port + i)")
-        require(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "metrics_port must be in 0..65535")
         require(self.grace_s >= 0, "grace_s must not be negative")
         require(self.model_name is None or (self.model_name.strip() == self.model_name != ""),
                 "model_name must not be empty nor start or end with spaces")
