@@ -28,32 +28,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import multiprocessing
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import grpc
 import numpy as np
 import torch
 
 from orchestrator import codec_table
+from orchestrator.floors import child_server, serve_echo, serve_until_killed
 from orchestrator.loadgen import SERVER_CORES, client_cores, drive_streams, machine, percentiles
 from edge_node.offload import OffloadClient, OffloadSettings
 from offramp.core.checkpoint import load_checkpoint
 from offramp.core.codec import CodecConfig, encode
-from offramp.serving.daemon import grpc_server
 from offramp.serving.daemon_proc import DaemonProcess
 from offramp.core.exit_rule import never_leave
 from offramp.core.data.card_splits import load_validation
 from offramp.core.tables import format_table
 from offramp.core.halves import CloudHalf, EdgeHalf
-from offramp.serving.streams import unordered_map
-from offramp.core.wire import make_status, pb, pb_grpc
+from offramp.core.wire import pb, pb_grpc
 
 RESULTS = Path(__file__).parent / "results"
 CODEC = CodecConfig(dtype="int8", zstd_level=3)
@@ -130,55 +127,6 @@ def end_to_end(checkpoint: str, x: torch.Tensor, n: int, threads: int, cores: se
             "client_ms": percentiles(client_ms), "stages_ms": {k: percentiles(v) for k, v in stages.items()}}
 
 
-class _EchoOffload(pb_grpc.OffloadServicer):
-    """The gRPC floor: answers every request at once, with no decoding, batching or model.
-
-    Given the model's ``tail``, it also runs it on one fixed sample per request, inline as the cloud runs a
-    lone request: the floor of a leg with compute in it, which the model's compute slows down for everything
-    after it (caches) without any work of ours.
-    """
-
-    def __init__(self, fingerprint: str, split: int, tail: CloudHalf | None = None) -> None:
-        self._description = pb.DescribeReply(fingerprint=fingerprint, split_block=split, max_batch_size=1,
-                                             max_message_bytes=64 << 20)
-        self._tail = tail
-        self._sample = None if tail is None else torch.zeros(1, *tail.spec.shape)
-
-    async def Infer(self, requests, context):
-        async def answer(request: pb.OffloadRequest) -> pb.OffloadReply:
-            if self._tail is not None:
-                self._tail.run(self._sample)
-            return pb.OffloadReply(request_id=request.request_id, status=make_status(), batch_size=1)
-
-        async for reply in unordered_map(requests, answer):
-            yield reply
-
-    async def Describe(self, request, context):
-        return self._description
-
-
-async def serve_until_killed(add_servicer: Callable[[grpc.aio.Server], None], port: Any) -> None:
-    """A server on a free loopback port, written to ``port`` (a shared value) once it listens."""
-    server = grpc_server(64 << 20)
-    add_servicer(server)
-    port.value = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    await server.wait_for_termination()
-
-
-def serve_echo(fingerprint: str, split: int, checkpoint: str | None, port: Any) -> None:
-    """Child process: the echo server pinned to the servers' core; with ``checkpoint``, running its tail
-    with one torch thread, as the cloud daemon does in (c)."""
-    os.sched_setaffinity(0, SERVER_CORES)
-    tail = None
-    if checkpoint is not None:
-        torch.set_num_threads(1)
-        model, card = load_checkpoint(checkpoint)
-        tail = CloudHalf(model, card.split_block)
-    echo = _EchoOffload(fingerprint, split, tail)
-    asyncio.run(serve_until_killed(lambda server: pb_grpc.add_OffloadServicer_to_server(echo, server), port))
-
-
 class _RelayEdge(pb_grpc.EdgeServicer):
     """The two-hop floor's edge: computes nothing; per request it sends one fixed token message to the echo
     server over the edge's own offload client and answers "cloud" when the echo comes back."""
@@ -208,32 +156,13 @@ def serve_relay(echo_port: int, request: bytes, port: Any) -> None:
     asyncio.run(run())
 
 
-@contextlib.contextmanager
-def child_server(target, *args: Any) -> Iterator[int]:
-    """A server in a spawned child process (``target(*args, port)``); yields its port once it listens."""
-    ctx = multiprocessing.get_context("spawn")
-    port = ctx.Value("i", 0)
-    child = ctx.Process(target=target, args=(*args, port), daemon=True)
-    child.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not port.value:
-            if not child.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"{target.__name__} did not start")
-            time.sleep(0.05)
-        yield port.value
-    finally:
-        child.kill()
-        child.join()
-
-
 def two_hop_floor(fingerprint: str, split: int, x: torch.Tensor, tokens: pb.EncodedTensor, n: int
                   ) -> dict[str, Any]:
     """The same client and requests as (b) through an edge and a cloud that do no work (both on the servers'
     core): what two Python gRPC hops cost here, the floor under the framework overhead."""
     request = pb.OffloadRequest(model_fingerprint=fingerprint, split_block=split, tokens=tokens)
-    with child_server(serve_echo, fingerprint, split, None) as echo_port, \
-            child_server(serve_relay, echo_port, request.SerializeToString()) as relay_port:
+    with child_server(serve_echo, fingerprint, split, None) as (echo_port, _), \
+            child_server(serve_relay, echo_port, request.SerializeToString()) as (relay_port, _):
         client_ms, _ = sequential_infer(f"127.0.0.1:{relay_port}", x, n)
     return {"requests": len(client_ms), "client_ms": percentiles(client_ms)}
 
@@ -246,11 +175,11 @@ async def grpc_floor(checkpoint: str, fingerprint: str, split: int, tokens: list
     """The same clients and load against the echo server: what any Python gRPC server costs here; and one
     stream against the echo server running the tail on every request: what a leg with compute costs at least."""
     runs = []
-    with child_server(serve_echo, fingerprint, split, None) as port:
+    with child_server(serve_echo, fingerprint, split, None) as (port, _):
         for edges, window in ((1, 1), (16, 4)):
             run = await drive_streams(f"127.0.0.1:{port}", fingerprint, split, tokens, edges, window, seconds)
             runs.append({"batching": FLOOR, **run})
-    with child_server(serve_echo, fingerprint, split, checkpoint) as port:
+    with child_server(serve_echo, fingerprint, split, checkpoint) as (port, _):
         run = await drive_streams(f"127.0.0.1:{port}", fingerprint, split, tokens, 1, 1, seconds)
         runs.append({"batching": FLOOR_WITH_TAIL, **run})
     return runs

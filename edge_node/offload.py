@@ -143,6 +143,9 @@ class OffloadClient:
             # Any ping unanswered that long ends the connection, not only keepalive's: gRPC's own
             # bandwidth probes are pings too, and one left hanging would otherwise hold keepalive back.
             ("grpc.http2.ping_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
+            # A connection of its own, as a device has: clients in one process (a load generator's edges, a
+            # pool's replicas) would otherwise share one, and a cloud's workers would each see all or none.
+            ("grpc.use_local_subchannel_pool", 1),
         ]
         if settings.server_name is not None:
             self._options.append(("grpc.ssl_target_name_override", settings.server_name))

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import logging
 import socket
 from collections.abc import Callable, Sequence
@@ -97,7 +96,7 @@ class ReplicaPool:
         self.outstanding: collections.Counter[str] = collections.Counter()
         self.sent: collections.Counter[str] = collections.Counter()  # requests each replica answered
         self.retried = 0  # requests sent again after their replica could not answer them
-        self._turn = itertools.count()
+        self._last: str | None = None  # the replica chosen last
         self._on_rtt: Callable[[float], None] | None = None
         self._resolver: asyncio.Task[None] | None = None
 
@@ -183,12 +182,16 @@ class ReplicaPool:
         ready = [a for a in self.streaming if a not in tried and (not needs_input or self.replicas[a].takes_input)]
         if not ready:
             return None
-        turn = next(self._turn)
-        if self.balance == "round_robin":
-            return ready[turn % len(ready)]
-        fewest = min(self.outstanding[a] for a in ready)
-        tied = [a for a in ready if self.outstanding[a] == fewest]
-        return tied[turn % len(tied)]
+        if self.balance == "least_outstanding":
+            fewest = min(self.outstanding[a] for a in ready)
+            ready = [a for a in ready if self.outstanding[a] == fewest]
+        # In turn: the first candidate after the replica chosen last, in the order they joined (an index into
+        # the candidates alone would starve one whenever their number changes in step with the turns).
+        order = list(self.replicas)
+        last = order.index(self._last) if self._last in self.replicas else -1
+        chosen = min(ready, key=lambda a: (order.index(a) - last - 1) % len(order))
+        self._last = chosen
+        return chosen
 
     def _join(self, address: str, server_name: str | None = None) -> None:
         settings = self.settings

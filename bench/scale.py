@@ -1,0 +1,323 @@
+"""The cloud tier at scale: per-request server CPU against an echo server, worker processes, a replica pool.
+
+(a) Server CPU time per request beyond the tail's compute, against a gRPC
+    echo server's CPU time per message: the same clients, the same token
+    messages, the same run; servers pinned to core 0, the load generator to
+    the others. The tail is the demo model's (two blocks of a micro ViT), so
+    small that the per-request work shows, as it does on a GPU.
+(b) Requests/s of one cloud with 1 worker and with N (default 2) workers,
+    the workers on every core, beside the load generator's own CPU time (on
+    two cores they share the machine with it).
+(c) A pool of 3 replicas behind 12 edges (each a ``ReplicaPool``, least
+    outstanding first, in this process): each replica's share of the
+    offloads; one replica killed (SIGKILL) a third of the way in and
+    restarted on its port at two thirds; requests lost (no answer from any
+    replica within the deadline); seconds from its return until it carries a
+    fair share again.
+
+    python -m bench.scale                      # about 2 minutes after the demo model exists
+    python -m bench.scale --quick              # a short run, for the tests
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_node.offload import OffloadError, OffloadSettings
+from edge_node.pool import ReplicaPool
+from offramp.core.tables import format_table
+from offramp.core.wire import pb
+from offramp.serving.daemon_proc import DaemonProcess
+from orchestrator.floors import child_server, serve_echo
+from orchestrator.loadgen import SERVER_CORES, closed_loop, connected_clients, machine, offload_tokens, write_result
+
+RESULTS = Path(__file__).parent / "results"
+FAIR_SHARE = 0.25  # of three replicas, the least share that counts as carrying its part
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` and its live descendants (cloud workers), from /proc."""
+    total = 0.0
+    for p in [pid, *_children(pid)]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        direct = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+    return [c for d in direct for c in (d, *_children(d))]
+
+
+async def drive(address: str, fingerprint: str, split: int, tokens: list[pb.EncodedTensor], edges: int,
+                window: int, seconds: float, server_pid: int) -> dict[str, Any]:
+    """``edges`` clients (a connection each) x ``window`` requests in flight for ``seconds``; the server's and
+    this process's CPU time over the run, and the cloud's own compute per request from its replies."""
+    clients = await connected_clients(address, fingerprint, split, edges)
+    batch_sizes: list[int] = []
+
+    async def request(worker: int, i: int) -> None:
+        req = pb.OffloadRequest(model_fingerprint=fingerprint, split_block=split,
+                                tokens=tokens[(worker + i * edges * window) % len(tokens)])
+        reply = await clients[worker // window].infer(req, timeout_s=30)
+        batch_sizes.append(reply.batch_size)
+
+    try:
+        warm = pb.OffloadRequest(model_fingerprint=fingerprint, split_block=split, tokens=tokens[0])
+        for _ in range(10):
+            await asyncio.gather(*(c.infer(warm, timeout_s=30) for c in clients))
+        server0, client0 = cpu_seconds(server_pid), time.process_time()
+        wall = await closed_loop(request, edges * window, seconds)
+        server_cpu, client_cpu = cpu_seconds(server_pid) - server0, time.process_time() - client0
+    finally:
+        await asyncio.gather(*(c.close() for c in clients))
+    n = len(batch_sizes)
+    return {"edges": edges, "window": window, "requests": n, "wall_s": wall, "throughput_rps": n / wall,
+            "mean_batch": float(np.mean(batch_sizes)), "server_cpu_ms_per_request": server_cpu * 1e3 / n,
+            "client_cpu_ms_per_request": client_cpu * 1e3 / n}
+
+
+def tail_cpu_ms(checkpoint: str, batch: int, repeats: int = 300) -> float:
+    """CPU milliseconds per sample of the tail alone at ``batch`` (decoded tokens in, outputs out), one torch
+    thread, on a server core: what the cloud spends on compute, measured as its CPU time rather than from
+    the replies' wall-clock timings, which waiting for a core inflates."""
+    import torch
+
+    from offramp.core.checkpoint import load_checkpoint
+    from offramp.core.halves import CloudHalf
+
+    affinity, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    os.sched_setaffinity(0, SERVER_CORES)
+    torch.set_num_threads(1)
+    try:
+        model, card = load_checkpoint(checkpoint)
+        tail = CloudHalf(model, card.split_block)
+        x = torch.randn(batch, *tail.spec.shape)
+        for _ in range(20):
+            tail.run(x)
+        t0 = time.process_time()
+        for _ in range(repeats):
+            tail.run(x)
+        return (time.process_time() - t0) * 1e3 / (repeats * batch)
+    finally:
+        torch.set_num_threads(threads)
+        os.sched_setaffinity(0, affinity)
+
+
+async def cpu_against_echo(checkpoint: str, card: Any, tokens: list[pb.EncodedTensor], seconds: float
+                           ) -> dict[str, Any]:
+    """(a): the cloud and the echo server, one after the other, under the same load."""
+    edges, window = 8, 4
+    with DaemonProcess("cloud", ["--checkpoint", checkpoint, "--threads", "1"], cores=SERVER_CORES) as cloud:
+        assert cloud.proc is not None
+        run = await drive(cloud.address, card.fingerprint, card.split_block, tokens, edges, window, seconds,
+                          cloud.proc.pid)
+    with child_server(serve_echo, card.fingerprint, card.split_block, None) as (port, pid):
+        echo = await drive(f"127.0.0.1:{port}", card.fingerprint, card.split_block, tokens, edges, window,
+                           seconds, pid)
+    compute = tail_cpu_ms(checkpoint, max(1, round(run["mean_batch"])))
+    beyond = run["server_cpu_ms_per_request"] - compute
+    return {"cloud": run, "echo": echo, "tail_cpu_ms_per_request": compute,
+            "cloud_beyond_compute_ms_per_request": beyond, "ratio": beyond / echo["server_cpu_ms_per_request"]}
+
+
+async def workers_throughput(checkpoint: str, card: Any, tokens: list[pb.EncodedTensor], counts: list[int],
+                             seconds: float) -> list[dict[str, Any]]:
+    """(b): one cloud daemon with each number of workers, every core its own, under 16 edges x 4."""
+    rows = []
+    for n in counts:
+        with DaemonProcess("cloud", ["--checkpoint", checkpoint, "--workers", str(n), "--threads", "1"],
+                           startup_timeout=180) as cloud:
+            assert cloud.proc is not None
+            run = await drive(cloud.address, card.fingerprint, card.split_block, tokens, 16, 4, seconds,
+                              cloud.proc.pid)
+        rows.append({"workers": n, **run})
+        print(f"  {n} worker(s): {run['throughput_rps']:.0f} requests/s", flush=True)
+    return rows
+
+
+async def pool_under_failure(checkpoint: str, card: Any, tokens: list[pb.EncodedTensor], seconds: float,
+                             edges: int = 12) -> dict[str, Any]:
+    """(c): 3 replicas, ``edges`` pools of them; replica 2 killed at a third, restarted at two thirds."""
+    settings = OffloadSettings(backoff_initial_s=0.05, backoff_max_s=1.0, connect_timeout_s=1.0)
+    clouds = [DaemonProcess("cloud", ["--checkpoint", checkpoint, "--threads", "1"]) for _ in range(3)]
+    for c in clouds:
+        c.start()
+    pools = [ReplicaPool([c.address for c in clouds], card.fingerprint, card.split_block, settings)
+             for _ in range(edges)]
+    lost: list[str] = []
+    answered = 0
+    timeline: list[tuple[float, list[int]]] = []  # (seconds since start, answers per replica so far)
+    try:
+        for p in pools:
+            p.start()
+        while not all(len(p.streaming) == 3 for p in pools):
+            await asyncio.sleep(0.05)
+        start = time.monotonic()
+        events: dict[str, float] = {}
+
+        async def request(worker: int, i: int) -> None:
+            nonlocal answered
+            req = pb.OffloadRequest(model_fingerprint=card.fingerprint, split_block=card.split_block,
+                                    tokens=tokens[(worker + i) % len(tokens)])
+            try:
+                await pools[worker // 2].infer(req, timeout_s=5.0)
+                answered += 1
+            except OffloadError as e:
+                lost.append(str(e))
+
+        async def chaos() -> None:
+            await asyncio.sleep(seconds / 3)
+            clouds[2].kill()
+            events["killed_s"] = time.monotonic() - start
+            await asyncio.sleep(seconds / 3)
+            await asyncio.to_thread(clouds[2].restart)  # returns once it serves again
+            events["returned_s"] = time.monotonic() - start
+
+        async def sample() -> None:
+            while True:
+                timeline.append((time.monotonic() - start,
+                                 [sum(p.sent[c.address] for p in pools) for c in clouds]))
+                await asyncio.sleep(0.25)
+
+        async def worker(k: int) -> None:
+            i = 0
+            while not chaos_task.done() or time.monotonic() - start < events["returned_s"] + seconds / 3:
+                await request(k, i)
+                i += 1
+
+        sampler, chaos_task = asyncio.create_task(sample()), asyncio.create_task(chaos())
+        await asyncio.gather(*(worker(k) for k in range(edges * 2)))
+        sampler.cancel()
+    finally:
+        await asyncio.gather(*(p.close() for p in pools))
+        for c in clouds:
+            c.stop()
+    t = np.array([s for s, _ in timeline])
+    counts = np.array([c for _, c in timeline], dtype=float)
+    before = counts[t <= events["killed_s"]][-1]
+    shares_before = (before / before.sum()).tolist()
+    balanced_after = _rebalance_s(t, counts, events["returned_s"])
+    return {"replicas": 3, "edges": edges, "window_per_edge": 2, "seconds": seconds, **events,
+            "answered": answered, "lost": len(lost), "lost_reasons": sorted(set(lost))[:5],
+            "retried": sum(p.retried for p in pools), "shares_before_kill": shares_before,
+            "back_in_balance_s": balanced_after, "fair_share": FAIR_SHARE,
+            "timeline": {"t_s": t.round(3).tolist(), "answers_per_replica": counts.astype(int).tolist()}}
+
+
+def _rebalance_s(t: np.ndarray, counts: np.ndarray, returned_s: float, window_s: float = 1.0) -> float | None:
+    """Seconds from ``returned_s`` until the returned replica (the last) carries a fair share of the answers
+    of a ``window_s`` window; None if it never does."""
+    for k in np.flatnonzero(t >= returned_s + window_s):
+        j = np.searchsorted(t, t[k] - window_s)
+        delta = counts[k] - counts[j]
+        if delta.sum() > 0 and delta[-1] / delta.sum() >= FAIR_SHARE:
+            return float(t[k] - returned_s)
+    return None
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pool = result["pool"]
+    t = np.array(pool["timeline"]["t_s"])
+    counts = np.array(pool["timeline"]["answers_per_replica"], dtype=float)
+    rate = np.diff(counts, axis=0) / np.diff(t)[:, None]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.stackplot(t[1:], rate.T, labels=[f"replica {i}" for i in range(rate.shape[1])], alpha=0.8)
+    for key, text in (("killed_s", "replica 2 killed"), ("returned_s", "replica 2 back")):
+        ax.axvline(pool[key], color="k", ls="--", lw=1)
+        ax.text(pool[key], ax.get_ylim()[1] * 0.95, f" {text}", va="top", fontsize=8)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("offloads answered per second")
+    ax.set_title(f"3 replicas behind {pool['edges']} edges: {pool['lost']} requests lost")
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", help="model whose tail the clouds serve (default: the demo model, trained "
+                                         "first if missing)")
+    ap.add_argument("--workers", type=int, default=2, help="workers to compare with one (default 2)")
+    ap.add_argument("--seconds", type=float, default=10.0, help="length of each load run (the pool run: a third "
+                                                                 "with 3 replicas, a third with 2, a third after "
+                                                                 "the third returns)")
+    ap.add_argument("--quick", action="store_true", help="2-second runs, for the tests")
+    ap.add_argument("--out", default=str(RESULTS / "scale.json"))
+    args = ap.parse_args(argv)
+    if args.workers < 2:
+        ap.error("--workers must be at least 2 (it is compared with one worker)")
+    seconds = 2.0 if args.quick else args.seconds
+    if args.checkpoint is None:
+        from offramp.cli.demo import ensure_demo_model
+
+        args.checkpoint = str(ensure_demo_model(Path("runs/demo")))
+    started = time.monotonic()
+    card, _, tokens = offload_tokens(args.checkpoint, 64)
+    print("(a) server CPU per request against an echo server", flush=True)
+    cpu = asyncio.run(cpu_against_echo(args.checkpoint, card, tokens, seconds))
+    print(f"(b) 1 vs {args.workers} workers", flush=True)
+    workers = asyncio.run(workers_throughput(args.checkpoint, card, tokens, [1, args.workers], seconds))
+    print("(c) a pool of 3 replicas, one killed and brought back", flush=True)
+    pool = asyncio.run(pool_under_failure(args.checkpoint, card, tokens, 3 * seconds))
+    result = {
+        "command": shlex.join(["python", "-m", "bench.scale", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": machine(), "checkpoint": args.checkpoint, "cores": os.cpu_count(),
+        "cpu_against_echo": cpu, "workers": workers, "pool": pool,
+        "targets": {
+            "cpu_per_request_vs_echo": cpu["ratio"],
+            "workers_speedup": {"workers": args.workers, "cores": os.cpu_count(),
+                                "speedup": workers[1]["throughput_rps"] / workers[0]["throughput_rps"]},
+            "pool_replica_shares": pool["shares_before_kill"],
+            "pool_requests_lost": pool["lost"],
+            "pool_back_in_balance_s": pool["back_in_balance_s"],
+        },
+        "wall_s": time.monotonic() - started,
+    }
+    report(result)
+    out = write_result(result, args.out)
+    plot(result, out.with_suffix(".png"))
+    return 0
+
+
+def report(result: dict[str, Any]) -> None:
+    cpu = result["cpu_against_echo"]
+    print(format_table(["server", "requests/s", "mean batch", "server CPU ms/request", "client CPU ms/request"],
+                       [[name, f"{r['throughput_rps']:.0f}", f"{r['mean_batch']:.1f}",
+                         f"{r['server_cpu_ms_per_request']:.3f}", f"{r['client_cpu_ms_per_request']:.3f}"]
+                        for name, r in (("cloud", cpu["cloud"]), ("echo", cpu["echo"]))]))
+    print(f"the tail's own compute: {cpu['tail_cpu_ms_per_request']:.3f} CPU ms/request at the cloud's mean batch")
+    print(f"cloud CPU beyond compute: {cpu['cloud_beyond_compute_ms_per_request']:.3f} ms/request = "
+          f"{cpu['ratio']:.2f}x the echo server's")
+    print(format_table(["workers", "requests/s", "server CPU ms/request", "load generator CPU ms/request"],
+                       [[r["workers"], f"{r['throughput_rps']:.0f}", f"{r['server_cpu_ms_per_request']:.3f}",
+                         f"{r['client_cpu_ms_per_request']:.3f}"] for r in result["workers"]]))
+    t = result["targets"]
+    pool = result["pool"]
+    print(f"pool: shares {', '.join(f'{s:.0%}' for s in t['pool_replica_shares'])}; {pool['answered']} answered, "
+          f"{pool['lost']} lost, {pool['retried']} retried on another replica; the killed replica back in "
+          f"balance {t['pool_back_in_balance_s']} s after its return")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
