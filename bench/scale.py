@@ -15,7 +15,7 @@
     replica within the deadline); seconds from its return until it carries a
     fair share again.
 
-    python -m bench.scale                      # about 2 minutes after the demo model exists
+    python -m bench.scale                      # about 2 minutes, once `make demo` has trained its model
     python -m bench.scale --quick              # a short run, for the tests
 """
 from __future__ import annotations
@@ -256,8 +256,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", help="model whose tail the clouds serve (default: the demo model, trained "
-                                         "first if missing)")
+    ap.add_argument("--checkpoint", default="runs/demo/model",
+                    help="model whose tail the clouds serve (default: the demo model, which `make demo` trains)")
     ap.add_argument("--workers", type=int, default=2, help="workers to compare with one (default 2)")
     ap.add_argument("--seconds", type=float, default=10.0, help="length of each load run (the pool run: a third "
                                                                  "with 3 replicas, a third with 2, a third after "
@@ -268,10 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 2:
         ap.error("--workers must be at least 2 (it is compared with one worker)")
     seconds = 2.0 if args.quick else args.seconds
-    if args.checkpoint is None:
-        from offramp.cli.demo import ensure_demo_model
-
-        args.checkpoint = str(ensure_demo_model(Path("runs/demo")))
+    if not (Path(args.checkpoint) / "card.json").exists():
+        ap.error(f"no checkpoint at {args.checkpoint}: run `make demo` (it trains the demo model there) or give "
+                 "--checkpoint")
     started = time.monotonic()
     card, _, tokens = offload_tokens(args.checkpoint, 64)
     print("(a) server CPU per request against an echo server", flush=True)
