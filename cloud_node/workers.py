@@ -19,7 +19,6 @@ have, 0 if every one drained cleanly.
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing
 import os
@@ -33,7 +32,7 @@ from typing import Any
 
 from offramp.core.errors import OfframpError
 from offramp.serving.config import CloudConfig
-from offramp.serving.daemon import listen_host
+from offramp.serving.daemon import die_with_parent, listen_host
 from offramp.serving.log import LogFormat, setup_logging
 
 log = logging.getLogger(__name__)
@@ -50,23 +49,11 @@ def worker_config(config: CloudConfig, index: int, port: int) -> CloudConfig:
                    threads=threads, workers=1)
 
 
-def _die_with_parent(supervisor: int) -> None:
-    """Have the kernel SIGTERM this worker when its supervisor dies (even by SIGKILL), so that no orphan
-    keeps serving the port (Linux; elsewhere the worker outlives a killed supervisor)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != supervisor:  # it died before the request took effect
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
 def _worker_main(config: CloudConfig, index: int, ready: Any, log_format: LogFormat, supervisor: int) -> None:
     """A worker process: one cloud on the shared port; tells the supervisor once it answers."""
     from .server import run
 
-    _die_with_parent(supervisor)
+    die_with_parent(supervisor)
     setup_logging(config.log_level, log_format, process=f"worker {index}")
     code = run(config, ready=lambda server: ready.put((index, server.metrics_port)), share_port=True)
     raise SystemExit(code)

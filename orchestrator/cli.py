@@ -36,6 +36,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     show.add_argument("file", metavar="FILE.toml", help="experiment file")
     show.set_defaults(run=_show)
 
+    fleet = sub.add_parser(
+        "fleet", help="run a pool of cloud replicas (and edges) on a Ray cluster, restarted when they die",
+        description="Places the replicas a fleet file asks for on Ray nodes by their resources, each an "
+                    "`offramp cloud` on its own port, restarted by Ray when it dies; optionally edges, each "
+                    "handed the whole pool. Prints the pool for edges started elsewhere and keeps the fleet "
+                    "until Ctrl-C or SIGTERM, then drains it. See orchestrator/README.md.",
+    )
+    fleet_actions = fleet.add_subparsers(dest="action", metavar="ACTION", required=True)
+    up = fleet_actions.add_parser("up", help="start the fleet and keep it until interrupted")
+    up.add_argument("file", metavar="FILE.toml", help="fleet file: checkpoint, [fleet], [cloud], [edge]")
+    up.add_argument("--address", metavar="RAY_ADDRESS",
+                    help="join this Ray cluster (e.g. HEAD:6379; the code travels as the job's working "
+                         "directory) instead of starting a local one")
+    up.set_defaults(run=_fleet_up)
+
 
 def _run(args: argparse.Namespace) -> int:
     from .config import load_experiment
@@ -50,6 +65,12 @@ def _run(args: argparse.Namespace) -> int:
     for plot in result.plots:
         print(f"plot:    {plot}")
     return 0
+
+
+def _fleet_up(args: argparse.Namespace) -> int:
+    from .fleet import load_fleet, run_fleet
+
+    return run_fleet(load_fleet(args.file), args.address)
 
 
 def _show(args: argparse.Namespace) -> int:

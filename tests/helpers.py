@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import socket
 import subprocess
 import threading
 import time
@@ -199,3 +200,26 @@ class Traffic:
         assert all(r.status.code == 0 for r in replies)
         assert all(r.decided_by == "cloud" or (r.degraded and r.decided_by.startswith("exit:")) for r in replies)
         return replies
+
+
+def free_ports(n: int) -> int:
+    """A port p with p .. p+n-1 free now (a short race with other processes, acceptable in a test)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n > 65535:
+            continue
+        try:
+            held = []
+            for p in range(base, base + n):
+                t = socket.socket()
+                held.append(t)
+                t.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for t in held:
+                t.close()
+    raise RuntimeError("no run of free ports")

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import urllib.request
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from helpers import wait_for
+from helpers import free_ports, wait_for
 from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
@@ -22,29 +21,6 @@ from offramp.serving.config import CloudConfig
 from offramp.serving.daemon_proc import DaemonProcess
 
 MODEL = "tiny"
-
-
-def free_ports(n: int) -> int:
-    """A port p with p .. p+n-1 free now (a short race with other processes, acceptable in a test)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n > 65535:
-            continue
-        try:
-            held = []
-            for p in range(base, base + n):
-                t = socket.socket()
-                held.append(t)
-                t.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for t in held:
-                t.close()
-    raise RuntimeError("no run of free ports")
 
 
 def answered(metrics_port: int) -> float:

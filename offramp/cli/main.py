@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Callable
 
@@ -336,6 +337,13 @@ def _verbose_everywhere(sub: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from offramp.serving.log import setup_logging
+
+    from offramp.serving import DIE_WITH_PARENT
+
+    if parent := os.environ.pop(DIE_WITH_PARENT, None):  # set by DaemonProcess(die_with_parent=True)
+        from offramp.serving.daemon import die_with_parent
+
+        die_with_parent(int(parent))
 
     args = build_parser().parse_args(argv)
     args.argv = argv

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import ipaddress
 import logging
@@ -168,6 +169,19 @@ def run_until_signalled(serve: Callable[[], Awaitable[S]], log_level: str,
 
     asyncio.run(main())
     return 0
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel SIGTERM this process when ``parent`` dies, even by SIGKILL, so that no orphan keeps
+    serving a port its restarted parent needs (Linux; elsewhere it outlives a killed parent). Call it from the
+    main thread: the kernel ties it to the thread that forked, and the parent's must live as long."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 STARTUP = "start-up:"  # what each start-up step's log line begins with (DaemonProcess names the last one)

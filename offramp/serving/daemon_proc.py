@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from offramp.serving.config import CloudConfig, EdgeConfig
 from offramp.serving.config_text import settings_toml
 from offramp.core.errors import OfframpError
+from offramp.serving import DIE_WITH_PARENT
 from offramp.serving.daemon import STARTUP
 from offramp.serving.security import channel_credentials
 
@@ -49,7 +50,10 @@ class DaemonProcess:
     def __init__(self, command: str, args: Sequence[str] = (), host: str = "127.0.0.1", startup_timeout: float = 60.0,
                  log_path: str | Path | None = None, env: dict[str, str] | None = None,
                  cores: set[int] | None = None, config: CloudConfig | EdgeConfig | None = None,
-                 tls_ca: str | None = None, tls_client: tuple[str, str] | None = None) -> None:
+                 tls_ca: str | None = None, tls_client: tuple[str, str] | None = None,
+                 die_with_parent: bool = False) -> None:
+        """``die_with_parent``: the daemon ends when this process does, even killed (an actor restarted by Ray
+        must find its port free); call ``start`` from the main thread then."""
         self.startup_timeout = startup_timeout
         self._tmp = tempfile.TemporaryDirectory(prefix=f"offramp-{command}-")
         if config is not None:
@@ -66,6 +70,8 @@ class DaemonProcess:
         self.tls_ca, self.tls_client = tls_ca, tls_client
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
+        if die_with_parent:
+            self.env = {**(env or {}), DIE_WITH_PARENT: str(os.getpid())}
 
     @property
     def address(self) -> str:
