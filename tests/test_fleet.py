@@ -85,6 +85,9 @@ def test_a_killed_replica_is_restarted_by_ray_and_used_again(
 def test_fleet_files_are_checked(tmp_path: Path) -> None:
     from orchestrator.fleet import load_fleet
 
+    example = load_fleet(Path(__file__).resolve().parents[1] / "orchestrator" / "fleets" / "fleet.toml")
+    assert example.fleet.replicas == 3 and example.cloud.checkpoint.endswith("runs/edge_c10")
+
     def fleet(text: str) -> Path:
         path = tmp_path / "fleet.toml"
         path.write_text(textwrap.dedent(text))
