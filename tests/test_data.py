@@ -261,3 +261,17 @@ def test_real_archives(shared_data: Path, spec: str, shape: tuple[int, int, int]
     assert d.train.tensors[0].shape[1:] == shape and d.input_shape == shape
     assert len(d.label_names) == 10 and len(set(all_y(d).tolist())) == 10
     assert torch.isfinite(all_x(d)).all()
+
+
+def test_the_shipped_digits_are_scikit_learns() -> None:
+    """The vendored arrays are byte for byte scikit-learn's load_digits() (checksums taken from it)."""
+    import hashlib
+    from importlib import resources
+
+    with resources.files("offramp.core.data").joinpath("digits.npz").open("rb") as fh, np.load(fh) as arrays:
+        images, target = arrays["images"], arrays["target"]
+    assert images.shape == (1797, 8, 8) and target.shape == (1797,) and images.max() == 16
+    assert hashlib.sha256(images.tobytes()).hexdigest() == \
+        "8f26b2bd9d135c256808f68f14fdabddde6d9c7f869ae419704b051f0f14b3b3"
+    assert hashlib.sha256(target.tobytes()).hexdigest() == \
+        "8ba4f891220f5e4c9c819638d1602d74b83618f167043c6da52a2a247841ddf0"
