@@ -12,7 +12,7 @@ import pytest
 from offramp.serving.config import (CalibrationPoint, CalibrationTable, CloudConfig, EdgeConfig, load_config, non_defaults,
                             setting)
 from offramp.serving.config_text import commented_toml, readme_tables, settings_toml
-from offramp.serving.flags import config_from_args, flag_name
+from offramp.serving.flags import add_config_flags, config_from_args, flag_name
 from offramp.core.errors import OfframpError
 
 
@@ -208,3 +208,16 @@ def test_settings_come_from_flags_then_the_environment_then_the_file(tmp_path: P
         config_from_args(EdgeConfig, args, {"OFFRAMP_EDGE_CODEC": "int4"})
     with pytest.raises(OfframpError, match="the environment: .*max_batch must be at least 1|max_batch"):
         config_from_args(EdgeConfig, args, {"OFFRAMP_EDGE_MAX_BATCH": "0"})
+
+
+def test_every_flag_is_listed_under_a_help_group() -> None:
+    import argparse
+
+    for cls in (EdgeConfig, CloudConfig):
+        ungrouped = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("file_only")
+                     and not f.metadata.get("group")]
+        assert not ungrouped, f"{cls.__name__}: settings without a --help group: {ungrouped}"
+        parser = argparse.ArgumentParser()
+        add_config_flags(parser, cls)
+        titles = [g.title for g in parser._action_groups]
+        assert "clouds" in titles if cls is EdgeConfig else "batching" in titles

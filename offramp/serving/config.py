@@ -41,7 +41,8 @@ Dtype = Literal["float32", "float16", "bfloat16"]
 
 
 def setting(help: str, default: Any = dataclasses.MISSING, *, flag: str | None = None, metavar: str | None = None,
-            example: Any = None, path: bool = False, words: bool = False, file_only: bool = False) -> Any:
+            example: Any = None, path: bool = False, words: bool = False, file_only: bool = False,
+            group: str | None = None) -> Any:
     """A config field that says what it is for, so flags, files and docs can be generated from it.
 
     ``help`` explains the setting wherever it appears; ``flag`` renames its
@@ -51,10 +52,11 @@ def setting(help: str, default: Any = dataclasses.MISSING, *, flag: str | None =
     ``path``: a filesystem path, relative to the file that names it;
     ``words``: a list given as separate words on the command line
     (``--cloud A B``) rather than comma-separated; ``file_only``: data a
-    tool writes into the file (tables), with no flag.
+    tool writes into the file (tables), with no flag; ``group``: the heading it is listed under in ``--help``
+    and in the README's tables.
     """
     metadata = {"help": help, "flag": flag, "metavar": metavar, "example": example, "path": path, "words": words,
-                "file_only": file_only}
+                "file_only": file_only, "group": group}
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -81,63 +83,68 @@ class CloudConfig:
     """Settings of ``offramp cloud``: what to serve, where, and how hard to batch."""
 
     checkpoint: str = setting("Checkpoint directory (written by `offramp train`) whose tail the cloud runs.",
-                              metavar="DIR", path=True)
+                              metavar="DIR", path=True, group="model")
     model_name: str | None = setting(
         "Name Open Inference Protocol clients (Triton's, KServe's) address the model by; unset: the checkpoint "
         "directory's name, as a Triton model is named after its directory in the model repository.", None,
-        metavar="NAME", example="cifar10-vit")
+        metavar="NAME", example="cifar10-vit", group="model")
     listen: str = setting("Address to bind, HOST:PORT. Loopback by default so a first run exposes nothing; "
-                          "port 0 picks a free port.", "127.0.0.1:0", metavar="HOST:PORT")
+                          "port 0 picks a free port.", "127.0.0.1:0", metavar="HOST:PORT", group="process")
     split_blocks: tuple[int, ...] | None = setting(
         "Split blocks whose tails the cloud serves (2,4): an edge may hand over after any of them, e.g. earlier "
         "when the link is fast and the cloud idle, later when the link is slow. Each has its own batches (tokens "
         "of different blocks never share one). Unset: the checkpoint's split block.", None, metavar="K,K",
-        example=[2, 4])
+        example=[2, 4], group="model")
     take_inputs: bool = setting(
         "Also run the whole model on inputs edges send as they are (the input route: over a fast link with a "
-        "slow device, sending the picture beats computing on the edge). Their batches are their own.", True)
-    device: str = setting('"cpu", "cuda" or "cuda:N".', "cpu")
-    dtype: Dtype = setting("Compute precision of the tail; reduced precision only pays off on GPUs.", "float32")
+        "slow device, sending the picture beats computing on the edge). Their batches are their own.", True,
+            group="model")
+    device: str = setting('"cpu", "cuda" or "cuda:N".', "cpu", group="model")
+    dtype: Dtype = setting("Compute precision of the tail; reduced precision only pays off on GPUs.", "float32",
+        group="model")
     max_batch: int = setting("Samples per forward pass across all edges: larger batches raise throughput until "
-                             "the device saturates, and bound memory.", 32, metavar="N")
+                             "the device saturates, and bound memory.", 32, metavar="N", group="batching")
     max_wait_ms: float = setting(
         "0: no timer. A batch is whatever queued while the previous one ran, so an idle cloud starts a lone "
         "request at once and a busy one fills batches by itself. Above 0, a batch also waits this long after its "
-        "first request for company (worth it on GPUs, where a fuller batch costs little more).", 0.0, metavar="MS")
+        "first request for company (worth it on GPUs, where a fuller batch costs little more).", 0.0, metavar="MS",
+            group="batching")
     threads: int | None = setting("Torch intra-op threads; unset: one per core. On a CPU shared with other "
                                   "daemons, 1 avoids threads waiting on each other's time slices.", None,
-                                  metavar="N", example=1)
+                                  metavar="N", example=1, group="model")
     max_queue: int = setting("Samples waiting for a batch; beyond this requests are refused with "
                              "RESOURCE_EXHAUSTED at once, so edges fall back instead of queueing forever.",
-                             1024, metavar="N")
+                             1024, metavar="N", group="batching")
     max_in_flight_per_stream: int = setting(
         "Requests one stream (one edge) may have in flight; more get RESOURCE_EXHAUSTED, so a single busy edge "
-        "cannot fill the queue the others share.", 256, metavar="N")
+        "cannot fill the queue the others share.", 256, metavar="N", group="batching")
     max_message_mb: int = setting("gRPC message limit in MiB, both directions: gRPC's 4 MiB default is too small "
                                   "for uncompressed ViT-B tokens in a batch; anything larger is refused unread.",
-                                  64, metavar="MIB")
+                                  64, metavar="MIB", group="batching")
     workers: int = setting(
         "Worker processes serving the one port, each with its own batches (the kernel spreads edge connections "
         "over them: SO_REUSEPORT). Per-request Python work, not the model, bounds one process. Each worker "
         "takes cores/workers threads unless threads is set; worker i serves metrics on metrics_port + i.",
-        1, metavar="N")
+        1, metavar="N", group="process")
     metrics_port: int | None = setting("Serve Prometheus /metrics on this port of the listen host; 0 picks a free "
-                                       "port; unset: no metrics.", None, metavar="PORT", example=9100)
+                                       "port; unset: no metrics.", None, metavar="PORT", example=9100, group="process")
     grace_s: float = setting("Seconds a draining server (SIGTERM) gives in-flight requests before cancelling "
-                             "them.", 10.0, metavar="S")
-    reflection: bool = setting("gRPC server reflection, so grpcurl and friends can list the services.", True)
+                             "them.", 10.0, metavar="S", group="process")
+    reflection: bool = setting("gRPC server reflection, so grpcurl and friends can list the services.", True,
+        group="process")
     tls_cert: str | None = setting("Serve TLS with this PEM certificate chain (needs tls_key); unset: plaintext, "
-                                   "for loopback and tests.", None, metavar="PEM", example="cloud.pem", path=True)
+                                   "for loopback and tests.", None, metavar="PEM", example="cloud.pem", path=True,
+                                       group="TLS and tokens")
     tls_key: str | None = setting("PEM private key of tls_cert.", None, metavar="PEM", example="cloud.key",
-                                  path=True)
+                                  path=True, group="TLS and tokens")
     tls_client_ca: str | None = setting("Mutual TLS: accept only edges presenting a certificate signed by this PEM "
                                         "CA bundle (needs tls_cert).", None, metavar="PEM", example="ca.pem",
-                                        path=True)
+                                        path=True, group="TLS and tokens")
     token_file: str | None = setting(
         'File holding a bearer token clients must send ("authorization: Bearer ...") on the Offload and '
         "inference services; a file, so the secret is never on a command line. Health and reflection stay open.",
-        None, metavar="PATH", example="token", path=True)
-    log_level: LogLevel = setting("Log verbosity (-v sets DEBUG).", "INFO")
+        None, metavar="PATH", example="token", path=True, group="TLS and tokens")
+    log_level: LogLevel = setting("Log verbosity (-v sets DEBUG).", "INFO", group="process")
 
     def __post_init__(self) -> None:
         _check_address(self.listen, "listen")
@@ -174,139 +181,141 @@ class EdgeConfig:
     """Settings of ``offramp edge``: the model half it runs, when it asks the cloud, and which cloud."""
 
     checkpoint: str = setting("Checkpoint directory (written by `offramp train`); the edge runs its first blocks "
-                              "and exits.", metavar="DIR", path=True)
+                              "and exits.", metavar="DIR", path=True, group="model")
     listen: str = setting("Address of the local API, HOST:PORT. Loopback by default: it is for applications on "
-                          "the same device; port 0 picks a free port.", "127.0.0.1:0", metavar="HOST:PORT")
+                          "the same device; port 0 picks a free port.", "127.0.0.1:0", metavar="HOST:PORT", group="API")
     cloud: tuple[str, ...] = setting(
         "Clouds as HOST:PORT, tried in order: the first is the primary, the rest are failover (see cloud_balance "
         "for a pool instead; there, dns:HOST:PORT stands for every address the name resolves to). For an edge "
         "without a cloud, turn offload off: otherwise samples no exit is sure of are answered degraded.",
-        (), metavar="HOST:PORT", words=True)
+        (), metavar="HOST:PORT", words=True, group="clouds")
     cloud_balance: Literal["failover", "least_outstanding", "round_robin"] = setting(
         "How offloads use the clouds: failover (all to the first that pairs, the others standing by), or spread "
         "over every cloud that pairs as a pool of replicas, each request to the one with the fewest requests "
         "outstanding, or to each in turn. In a pool a request whose replica is lost is sent to another within "
-        "its deadline.", "failover")
+        "its deadline.", "failover", group="clouds")
     cloud_resolve_s: float = setting("In a pool, how often dns: names are resolved again: replicas that appear "
-                                     "join, those that vanish leave.", 10.0, metavar="S")
+                                     "join, those that vanish leave.", 10.0, metavar="S", group="clouds")
     thresholds: tuple[float, ...] | None = setting(
         "One confidence threshold per edge exit, cheapest first (inf: never leave, -inf: always). Unset: a "
         "cautious default per score (0.9 for max_prob) until `offramp calibrate` picks some.", None,
-        metavar="T1,T2", example=[0.9, 0.9])
+        metavar="T1,T2", example=[0.9, 0.9], group="exits and offload")
     score: Literal["max_prob", "entropy", "margin", "std"] | None = setting(
         "Confidence score the thresholds apply to: max_prob, entropy or margin (classification), std "
-        "(regression); unset: the task's default.", None, example="max_prob")
+        "(regression); unset: the task's default.", None, example="max_prob", group="exits and offload")
     offload_enabled: bool = setting("Off: the last exit answers whatever the earlier ones did not, and nothing "
-                                    "goes upstream.", True, flag="offload")
+                                    "goes upstream.", True, flag="offload", group="exits and offload")
     route: Literal["split", "input", "local"] | None = setting(
         "How requests are answered: split (exits on the edge, tokens to the cloud for the rest), input (every "
         "input to the cloud as it came, which runs the whole model; the exits answer only when the cloud "
         "cannot) or local (the exits answer everything). Unset: split, or with latency_slo_ms whichever route "
         "the controller predicts best; set with latency_slo_ms, the controller keeps to that route.", None,
-        example="input")
+        example="input", group="exits and offload")
     accuracy_slack_points: float = setting(
         "With latency_slo_ms: expected accuracy (points) the controller may give up for speed. Options within it "
         "of the most accurate one that meets the target count as equally good and the fastest is taken: "
         "calibration's accuracies carry the noise of the split they were measured on, and a route a few tenths "
         "of a point behind on paper can be several times faster (0: always the most accurate).", 0.0,
-        metavar="POINTS", example=0.5)
+        metavar="POINTS", example=0.5, group="exits and offload")
     input_quality: int = setting("JPEG quality at which the input route sends images given as tensors (files go "
-                                 "as they came).", 90, metavar="Q")
+                                 "as they came).", 90, metavar="Q", group="exits and offload")
     split_block: int | None = setting("Block after which the edge hands over; unset: the checkpoint's. The cloud "
-                                      "must resume there too.", None, metavar="K", example=4)
+                                      "must resume there too.", None, metavar="K", example=4, group="model")
     split_blocks: tuple[int, ...] | None = setting(
         "Split blocks the latency controller may hand over after (2,4), split_block among them; each needs its "
         "calibration table and the clouds must serve every one. It picks per batch, as its measurements "
         "favour: an earlier split when the link is fast and the cloud idle, a later one when the link is slow. "
-        "Unset: split_block alone.", None, metavar="K,K", example=[2, 4])
+        "Unset: split_block alone.", None, metavar="K,K", example=[2, 4], group="model")
     exits: tuple[str, ...] | None = setting(
         "Exits the edge runs, by name (slvit@2,slvit@4), when the checkpoint holds more than are worth running "
         "(e.g. several exit types per position); unset: every exit up to the split. thresholds has one value "
         "per exit run: re-run `offramp calibrate` after changing it.", None, metavar="NAME,NAME",
-        example=["slvit@2", "slvit@4"])
+        example=["slvit@2", "slvit@4"], group="model")
     codec: CodecName = setting(
         "Precision of offloaded tokens: int8 (per-token scale) is 4x smaller than float32 for almost no accuracy; "
         "float16 halves them; float32 is lossless; bottleneck sends the checkpoint's learned code (`offramp "
-        "bottleneck` adds one), a few bits per token value.", "int8")
+        "bottleneck` adds one), a few bits per token value.", "int8", group="codec")
     top_k: int | None = setting("Send only the k patch tokens the class token attends to most; unset: all.", None,
-                                metavar="K", example=32)
+                                metavar="K", example=32, group="codec")
     zstd_level: int = setting("zstd level of offloaded tokens; 0 disables compression (for links faster than the "
-                              "compressor).", 3, metavar="N")
+                              "compressor).", 3, metavar="N", group="codec")
     deadline_ms: int = setting("How long a request waits for the cloud before its best exit answers (marked "
-                               "degraded).", 1000, metavar="MS")
+                               "degraded).", 1000, metavar="MS", group="exits and offload")
     latency_slo_ms: float | None = setting(
         "p95 latency target. Set: the edge measures its link and the cloud as it offloads and chooses, batch by "
         "batch, the calibrated thresholds of the best expected accuracy whose predicted p95 meets the target; "
         "when none does it answers locally (not degraded) and says so in its metrics. Needs the calibration "
         "table `offramp calibrate` writes; `offramp policy set` pins thresholds. Unset: thresholds stay as set.",
-        None, metavar="P95_MS", example=100)
+        None, metavar="P95_MS", example=100, group="latency controller")
     slo_window_s: float = setting(
         "How the latency target is judged: the p95 of each window this long must meet it in 95% of windows, so "
         "the controller allows fewer slow answers when a window holds few requests (at 10 per window, 0.5%). "
-        "0: the p95 over all requests.", 1.0, metavar="S")
+        "0: the p95 over all requests.", 1.0, metavar="S", group="latency controller")
     reconnect_initial_s: float = setting("First back-off after losing the cloud: short, so a blip costs little.",
-                                         0.1, metavar="S")
+                                         0.1, metavar="S", group="clouds")
     reconnect_max_s: float = setting("Longest back-off: it doubles up to this, so a dead cloud is not hammered.",
-                                     5.0, metavar="S")
+                                     5.0, metavar="S", group="clouds")
     connect_timeout_s: float = setting("How long the edge waits for a cloud's Describe answer before trying the "
-                                       "next one.", 5.0, metavar="S")
+                                       "next one.", 5.0, metavar="S", group="clouds")
     keepalive_s: float = setting("The edge pings its cloud this often: a cloud gone without closing the connection "
                                  "(power loss, a NAT that forgot the flow, a half-open peer) is noticed within "
                                  "keepalive_s + keepalive_timeout_s, not at every request's deadline.", 20.0,
-                                 metavar="S")
+                                 metavar="S", group="clouds")
     keepalive_timeout_s: float = setting("How long a keepalive ping may go unanswered before the edge gives the "
-                                         "connection up and reconnects.", 10.0, metavar="S")
+                                         "connection up and reconnects.", 10.0, metavar="S", group="clouds")
     failback_check_s: float = setting("While a secondary cloud serves, how often the edge asks the clouds listed "
                                       "before it whether they are back (it returns to the first that pairs); 0: "
-                                      "stay on the secondary.", 2.0, metavar="S")
+                                      "stay on the secondary.", 2.0, metavar="S", group="clouds")
     cloud_tls_ca: str | None = setting("Use TLS towards the clouds, trusting this PEM CA bundle.", None,
-                                       metavar="PEM", example="ca.pem", path=True)
+                                       metavar="PEM", example="ca.pem", path=True, group="TLS and tokens")
     cloud_tls_cert: str | None = setting("Mutual TLS: this edge's PEM certificate chain (needs cloud_tls_key).",
-                                         None, metavar="PEM", example="edge.pem", path=True)
+                                         None, metavar="PEM", example="edge.pem", path=True, group="TLS and tokens")
     cloud_tls_key: str | None = setting("PEM private key of cloud_tls_cert.", None, metavar="PEM",
-                                        example="edge.key", path=True)
+                                        example="edge.key", path=True, group="TLS and tokens")
     cloud_tls_server_name: str | None = setting("Name to check the cloud's certificate against when it differs "
                                                 "from the address's host.", None, metavar="NAME",
-                                                example="cloud.example.org")
+                                                example="cloud.example.org", group="TLS and tokens")
     cloud_token_file: str | None = setting("File holding the bearer token the clouds expect (see the cloud's "
-                                           "token_file).", None, metavar="PATH", example="token", path=True)
+                                           "token_file).", None, metavar="PATH", example="token", path=True,
+                                               group="TLS and tokens")
     admin_token_file: str | None = setting(
         "File holding a bearer token the policy RPCs (GetPolicy, SetPolicy: `offramp policy`) require. Unset: "
         "open on loopback, refused (UNAUTHENTICATED) when the edge listens beyond it, since whoever sets the "
-        "thresholds decides what the edge answers alone.", None, metavar="PATH", example="admin-token", path=True)
+        "thresholds decides what the edge answers alone.", None, metavar="PATH", example="admin-token", path=True,
+            group="API")
     max_message_mb: int = setting("gRPC message limit in MiB, on the local API (encoded files) and towards the "
-                                  "cloud.", 64, metavar="MIB")
-    device: str = setting('"cpu", "cuda" or "cuda:N"; edge devices are usually CPUs.', "cpu")
-    dtype: Dtype = setting("Compute precision (autocast).", "float32")
+                                  "cloud.", 64, metavar="MIB", group="codec")
+    device: str = setting('"cpu", "cuda" or "cuda:N"; edge devices are usually CPUs.', "cpu", group="model")
+    dtype: Dtype = setting("Compute precision (autocast).", "float32", group="model")
     runtime: Literal["torch", "onnxruntime"] = setting(
         "What computes the edge half: torch runs the checkpoint's PyTorch model; onnxruntime runs the graphs "
         "`offramp export CHECKPOINT --onnx DIR` wrote into onnx_dir (float32 on the CPU, visual models only; "
         "needs the onnx extra), reading only the checkpoint's card, whose fingerprint the export must carry.",
-        "torch")
+        "torch", group="model")
     onnx_dir: str | None = setting("The export directory runtime onnxruntime runs (see runtime).", None,
-                                   metavar="DIR", example="edge-onnx", path=True)
+                                   metavar="DIR", example="edge-onnx", path=True, group="model")
     threads: int | None = setting(
         "Torch intra-op threads (onnxruntime's too, with that runtime); unset: one per core. 1 by default: an edge shares its CPU with the application, "
         "and batch-1 ops gain little from a second thread that must wait for a time slice (measured through "
-        "both daemons on 2 shared cores: 10.7 ms p50 with 1 thread, 11.5 ms with 2).", 1, metavar="N")
+        "both daemons on 2 shared cores: 10.7 ms p50 with 1 thread, 11.5 ms with 2).", 1, metavar="N", group="model")
     max_batch: int = setting("Samples run together when requests queue up; an idle edge never waits to fill a "
-                             "batch.", 16, metavar="N")
+                             "batch.", 16, metavar="N", group="model")
     slowdown: float = setting("Emulate a device this many times slower than this CPU: each local batch's compute "
                               "and encoding is followed by a sleep of (slowdown - 1) x its duration.", 1.0,
-                              metavar="FACTOR")
+                              metavar="FACTOR", group="model")
     metrics_port: int | None = setting("Serve Prometheus /metrics on this port of the listen host; 0 picks a free "
-                                       "port; unset: no metrics.", None, metavar="PORT", example=9100)
+                                       "port; unset: no metrics.", None, metavar="PORT", example=9100, group="API")
     grace_s: float = setting("Seconds a draining edge (SIGTERM) gives in-flight requests, offloads included, "
-                             "before cancelling them.", 5.0, metavar="S")
-    log_level: LogLevel = setting("Log verbosity (-v sets DEBUG).", "INFO")
+                             "before cancelling them.", 5.0, metavar="S", group="API")
+    log_level: LogLevel = setting("Log verbosity (-v sets DEBUG).", "INFO", group="API")
     calibration: tuple[CalibrationTable, ...] = setting(
         "Operating points per split block (thresholds, expected accuracy and offload share) that `offramp "
         "calibrate` measures and writes at the end of this file as [[calibration]] tables, for latency_slo_ms.",
-        (), file_only=True)
+        (), file_only=True, group="tables")
     input_route: InputRouteCalibration | None = setting(
         "The input route's accuracy and bytes per request, which `offramp calibrate --input-route` measures and "
         "writes as an [input_route] table: with it the controller can choose to send inputs as they are.",
-        None, file_only=True)
+        None, file_only=True, group="tables")
 
     def __post_init__(self) -> None:
         _check_address(self.listen, "listen")

@@ -74,15 +74,18 @@ def commented_toml(cls: type, values: Mapping[str, Any], header: str) -> str:
 
 
 def markdown_table(cls: type) -> str:
-    """One row per setting: its TOML key, its flag and environment variable, its default and what it does."""
-    rows = ["| setting | flag / environment | default | what it does |", "| --- | --- | --- | --- |"]
-    for f in dataclasses.fields(cls):
+    """One row per setting, by its ``--help`` group: its TOML key, its flag and environment variable, its default
+    and what it does."""
+    rows = ["| group | setting | flag / environment | default | what it does |", "| --- | --- | --- | --- | --- |"]
+    fields = dataclasses.fields(cls)
+    order = list(dict.fromkeys(f.metadata.get("group") for f in fields))
+    for f in sorted(fields, key=lambda f: order.index(f.metadata.get("group"))):
         default = default_of(f)
         shown = ("required" if default is dataclasses.MISSING else "unset" if default is None
                  else f"`{toml_value(default)}`")
         help_text = f.metadata.get("help", "").replace("|", "\\|")
         flag = "file only" if f.metadata.get("file_only") else f"`{flag_name(f)}` `{env_name(cls, f)}`"
-        rows.append(f"| `{f.name}` | {flag} | {shown} | {help_text} |")
+        rows.append(f"| {f.metadata.get('group') or ''} | `{f.name}` | {flag} | {shown} | {help_text} |")
     return "\n".join(rows) + "\n"
 
 

@@ -88,16 +88,19 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, names: Iterable
     default in the help."""
     hints = typing.get_type_hints(cls)
     wanted = None if names is None else set(names)
+    groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(cls):
         if (wanted is not None and f.name not in wanted) or f.metadata.get("file_only"):
             continue
+        heading = f.metadata.get("group")
+        target = parser if heading is None else groups.setdefault(heading, parser.add_argument_group(heading))
         help_text = f.metadata.get("help", "")
         default = default_of(f)
         if default is dataclasses.MISSING:
             help_text += " (required)"
         elif with_defaults and default not in (None, ()):
             help_text += f" (default: {shown(default, flag=True)})"
-        parser.add_argument(flag_name(f), dest=f.name, help=help_text.replace("%", "%%"),
+        target.add_argument(flag_name(f), dest=f.name, help=help_text.replace("%", "%%"),
                             **_argument(f, hints[f.name]))
 
 
