@@ -20,9 +20,9 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 class CloudMetrics:
     """Requests by outcome, bytes in, batch sizes, per-stage latency and queue depth."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: str = "", fingerprint: str = "") -> None:
         self.registry = CollectorRegistry()
-        add_process_metrics(self.registry, "cloud")
+        add_process_metrics(self.registry, "cloud", model, fingerprint)
         self.requests = Counter(
             "offramp_cloud_requests",
             "Requests answered (offramp.v1 offloads and OIP ModelInfer calls), by gRPC status code name.",

@@ -101,7 +101,7 @@ async def serve(config: CloudConfig, share_port: bool = False) -> CloudServer:
         halves = {s: CloudHalf(model, s, device=config.device, dtype=config.dtype) for s in splits}
     except ValueError as e:
         raise OfframpError(f"cannot run the model's tail: {e}") from None
-    metrics = CloudMetrics()
+    metrics = CloudMetrics(config.served_model_name, card.fingerprint)
     batchers = {s: Batcher(h.run, config.max_batch, max_queue=config.max_queue, max_wait_s=config.max_wait_ms / 1e3,
                            lone_on_loop=lone_on_loop(h.device), on_batch=metrics.batch_size.observe,
                            name=f"cloud-tail-{s}") for s, h in halves.items()}

@@ -108,7 +108,8 @@ class EdgeEngine:
         self._encode, self._encode_visual = slowed(encode, slowdown), slowed(self._encode_tokens, slowdown)
         self.split_exit_names = {split: h.exit_names for split, h in self.halves.items()}
         self.exit_names = self.split_exit_names[half.split_block]
-        self.metrics = EdgeMetrics(connected=lambda: float(offload is not None and offload.connected_to is not None))
+        self.metrics = EdgeMetrics(connected=lambda: float(offload is not None and offload.connected_to is not None),
+                                   model=card.config.backbone, fingerprint=card.fingerprint)
         self._batcher: Batcher[list[_Outcome]] = Batcher(
             self._run_batch, max_batch, lone_on_loop=lone_on_loop(half.device, sleeps=slowdown > 1.0),
             on_batch=self.metrics.batch_size.observe, name="edge-compute")

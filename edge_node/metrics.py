@@ -33,10 +33,10 @@ STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 class EdgeMetrics:
     """What an operator watches: who answers, how often the cloud fails us, bytes and time per stage."""
 
-    def __init__(self, connected: Callable[[], float]) -> None:
+    def __init__(self, connected: Callable[[], float], model: str = "", fingerprint: str = "") -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        add_process_metrics(r, "edge")
+        add_process_metrics(r, "edge", model, fingerprint)
         self.answers = Counter("offramp_edge_answers", "Answers, by where they were decided (exit:NAME or cloud)",
                                ["decided_by"], registry=r)
         self.degraded = Counter("offramp_edge_degraded_answers",

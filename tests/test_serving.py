@@ -226,9 +226,10 @@ def test_both_daemons_report_their_build_and_process() -> None:
     from edge_node.metrics import EdgeMetrics
     from offramp import __version__
 
-    for metrics, role in ((CloudMetrics(), "cloud"), (EdgeMetrics(lambda: 1.0), "edge")):
+    for metrics, role in ((CloudMetrics("tiny", "ab12"), "cloud"), (EdgeMetrics(lambda: 1.0, "tiny", "ab12"), "edge")):
         text = generate_latest(metrics.registry).decode()
         assert f'role="{role}"' in text and f'version="{__version__}"' in text and "offramp_build_info{" in text
+        assert 'model="tiny"' in text and 'fingerprint="ab12"' in text
         assert "process_resident_memory_bytes" in text and "python_info" in text
 
 

@@ -12,12 +12,14 @@ from prometheus_client import CollectorRegistry, Info, PlatformCollector, Proces
 from offramp import __version__
 
 
-def add_process_metrics(registry: CollectorRegistry, role: str) -> None:
-    """``offramp_build_info{version, role, python, torch}`` plus the process and Python platform collectors."""
+def add_process_metrics(registry: CollectorRegistry, role: str, model: str = "", fingerprint: str = "") -> None:
+    """``offramp_build_info{version, role, model, fingerprint, python, torch}`` plus the process and Python
+    platform collectors: which build serves which model, so a dashboard can tell replicas apart."""
     import torch
 
-    Info("offramp_build", "The build serving: Offramp's version, the daemon's role, Python and PyTorch versions.",
-         registry=registry).info({"version": __version__, "role": role, "python": platform.python_version(),
-                                  "torch": torch.__version__})
+    Info("offramp_build", "The build serving: Offramp's version, the daemon's role, the model (its name and "
+         "checkpoint fingerprint), Python and PyTorch versions.", registry=registry).info(
+        {"version": __version__, "role": role, "model": model, "fingerprint": fingerprint,
+         "python": platform.python_version(), "torch": torch.__version__})
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
