@@ -3,8 +3,7 @@
 Why: any OIP client (``tritonclient``, KServe's, a load balancer's probes)
 can then run the model's tail without our stubs. Requests join the same
 batcher as the Offload streams, so both share batches, the queue bound and
-the deadlines. The messages and the servicer base are ``tritonclient``'s:
-the protocol is theirs to define, not ours to copy.
+the deadlines.
 
 The model is the checkpoint, named ``CloudConfig.served_model_name``, version
 "1". ``TOKENS`` (``[-1, *token_shape]``) is FP32, FP16 or INT8; INT8 comes
@@ -15,6 +14,10 @@ num_outputs]``. Tensors travel in ``raw_input_contents`` or typed
 ``contents``; every declared size is checked against the model before
 anything is allocated. Only the six methods below are registered: gRPC
 answers the rest of the service UNIMPLEMENTED.
+
+The messages are our copy of the protocol's (``offramp.core.wire.oip``,
+from proto/offramp/oip/v2/inference.proto), so no tritonclient is needed to
+serve; the service goes by the protocol's own name (``offramp.core.wire.OIP_SERVICE``).
 """
 from __future__ import annotations
 
@@ -27,20 +30,18 @@ from collections.abc import Mapping
 import grpc
 import numpy as np
 import torch
-from tritonclient.grpc import service_pb2 as oip
-from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
 from offramp import __version__
 from offramp.serving.batcher import Batched, Batcher
 from offramp.serving.errors import RequestError
 from offramp.serving.offloop import call_by_size
 from offramp.core.halves import CloudHalf
+from offramp.core.wire import oip
 
 from .metrics import CloudMetrics
 
 log = logging.getLogger(__name__)
 
-OIP_SERVICE: str = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 VERSION = "1"  # one checkpoint, one version; "" in a request means this one
 INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
 _DTYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2"), "INT8": np.dtype("i1")}
@@ -192,7 +193,7 @@ def _array(tensor: _Tensor, raw: bytes | None, shape: tuple[int, ...], max_batch
     return np.fromiter(typed, np.float32, count).reshape(dims)
 
 
-class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
+class InferenceServicer:
     """Health, metadata and ModelInfer of one model; inference goes through the shared ``batcher``."""
 
     METHODS = ("ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata", "ModelInfer")

@@ -25,7 +25,6 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from tritonclient.grpc import service_pb2 as oip
 
 from offramp.core.checkpoint import Card, load_checkpoint
 from offramp.serving.config import CloudConfig, non_defaults
@@ -36,13 +35,13 @@ from offramp.serving.security import PROTECTED_PREFIX, BearerTokenInterceptor, r
 from offramp.serving.batcher import Batcher, lone_on_loop
 from offramp.serving.guard import MalformedLog, add_service
 from offramp.core.halves import CloudHalf, WholeModel
-from offramp.core.wire import OFFLOAD_SERVICE
+from offramp.core.wire import OFFLOAD_SERVICE, OIP_SERVICE, oip
 
 from .handler import OffloadHandler
 from .input_route import InputHandler
 from .router import SplitRouter
 from .metrics import CloudMetrics
-from .oip import OIP_SERVICE, VERSION, InferenceServicer, ServedModel
+from .oip import VERSION, InferenceServicer, ServedModel
 from .servicer import OffloadServicer
 
 log = logging.getLogger(__name__)
@@ -133,14 +132,16 @@ async def serve(config: CloudConfig, share_port: bool = False) -> CloudServer:
     # The Open Inference Protocol on the same port, feeding the same batcher.
     served = ServedModel(config.served_model_name, half, config.max_batch)
     add_service(server, InferenceServicer(served, batcher, metrics, draining), "GRPCInferenceService", malformed,
-                config.max_message_bytes, messages=oip, methods=InferenceServicer.METHODS)
+                config.max_message_bytes, messages=oip, methods=InferenceServicer.METHODS, full_name=OIP_SERVICE)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in ("", OFFLOAD_SERVICE, OIP_SERVICE):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     if config.reflection:
         reflection.enable_server_reflection(
-            [OFFLOAD_SERVICE, OIP_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+            # Not the OIP service: its messages are registered under our copy's proto package, so reflection
+            # could not describe it by the protocol's name (its clients bring their own stubs anyway).
+            [OFFLOAD_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     startup.step(f"binding {config.listen}")
     port = bind(server, config.listen, credentials)
     metrics_http = start_metrics(config.metrics_port, config.listen, metrics.registry) if config.metrics_port is not None else None

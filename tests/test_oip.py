@@ -322,3 +322,21 @@ def test_audiovisual_tails_take_audio_tokens_too(av_checkpoint: Path) -> None:
             result = c.infer("crowd", [tensor("TOKENS", tokens.numpy(), "FP32"),
                                        tensor("AUDIO_TOKENS", audio.numpy(), "FP32")])
     np.testing.assert_allclose(result.as_numpy("OUTPUT"), half.run(tokens, audio).numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_the_cloud_serves_the_protocol_without_tritonclient() -> None:
+    """The core install has no tritonclient: the cloud must not import it (our own copy of the messages)."""
+    import subprocess
+    import sys
+
+    code = "import sys, cloud_node.server; assert 'tritonclient' not in sys.modules, 'tritonclient imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    from offramp.core.wire import OIP_SERVICE, oip
+
+    assert OIP_SERVICE == tc.service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+    # Our copy and tritonclient's agree on the wire: the same bytes parse to the same fields both ways.
+    ours = oip.ModelInferRequest(model_name="m", inputs=[oip.ModelInferRequest.InferInputTensor(
+        name="TOKENS", datatype="FP32", shape=[1, 2])], raw_input_contents=[b"\x00" * 8])
+    theirs = tc.service_pb2.ModelInferRequest.FromString(ours.SerializeToString())
+    assert (theirs.model_name, theirs.inputs[0].shape, theirs.raw_input_contents) == ("m", [1, 2], [b"\x00" * 8])
+    assert oip.ModelInferRequest.FromString(theirs.SerializeToString()) == ours

@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import grpc
 
+from offramp.proto.offramp.oip.v2 import inference_pb2 as oip
 from offramp.proto.offramp.v1 import offramp_pb2 as pb
 from offramp.proto.offramp.v1 import offramp_pb2_grpc as pb_grpc
 
-__all__ = ["OFFLOAD_SERVICE", "EDGE_SERVICE", "make_status", "pb", "pb_grpc", "status_code"]
+__all__ = ["OFFLOAD_SERVICE", "EDGE_SERVICE", "OIP_SERVICE", "make_status", "oip", "pb", "pb_grpc", "status_code"]
+
+# The Open Inference Protocol's service, by the protocol's own name (our copy of its messages lives in another
+# proto package; see proto/offramp/oip/v2/inference.proto).
+OIP_SERVICE = "inference.GRPCInferenceService"
 
 # Full service names, as the health service and reflection know them.
 OFFLOAD_SERVICE: str = pb.DESCRIPTOR.services_by_name["Offload"].full_name

@@ -72,14 +72,16 @@ class MalformedLog:
 
 
 def add_service(server: grpc.aio.Server, servicer: Any, service: str, malformed: MalformedLog, max_bytes: int,
-                messages: ModuleType = pb, methods: Collection[str] | None = None) -> None:
+                messages: ModuleType = pb, methods: Collection[str] | None = None, full_name: str | None = None) -> None:
     """Register ``servicer``'s methods of ``service`` (e.g. "Offload") with parsing done here.
 
     ``messages`` is the generated module that declares the service (ours by
     default); ``methods`` limits registration to those the servicer
-    implements, so gRPC itself answers the others UNIMPLEMENTED, quietly.
+    implements, so gRPC itself answers the others UNIMPLEMENTED, quietly;
+    ``full_name`` serves it under another name than its proto package gives.
     """
     descriptor = messages.DESCRIPTOR.services_by_name[service]
+    full_name = full_name or descriptor.full_name
     handlers = {}
     for method in descriptor.methods:
         if methods is not None and method.name not in methods:
@@ -95,8 +97,8 @@ def add_service(server: grpc.aio.Server, servicer: Any, service: str, malformed:
                 _stream(behaviour, parse), response_serializer=serialize)
         else:
             raise ValueError(f"{descriptor.full_name}.{method.name}: only unary and bidi methods are handled")
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
-    server.add_registered_method_handlers(descriptor.full_name, handlers)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(full_name, handlers),))
+    server.add_registered_method_handlers(full_name, handlers)
 
 
 def _parser(message: type, method: str, malformed: MalformedLog, max_bytes: int) -> Callable[[bytes], Any]:

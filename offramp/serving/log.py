@@ -32,7 +32,10 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: int | str, fmt: LogFormat = "text", process: str | None = None) -> None:
-    """Log to stderr at ``level`` in ``fmt``; ``process`` names the process in each line (a cloud worker)."""
+    """Log to stderr at ``level`` in ``fmt``; ``process`` names the process in each line (a cloud worker).
+
+    As ``logging.basicConfig``, it leaves a root logger that already has handlers (a host application's, a
+    test runner's) as it is, but for the level."""
     handler = logging.StreamHandler()
     if fmt == "json":
         handler.setFormatter(JsonFormatter(process))
@@ -40,7 +43,6 @@ def setup_logging(level: int | str, fmt: LogFormat = "text", process: str | None
         handler.setFormatter(logging.Formatter(TEXT_FORMAT if process is None
                                                else f"%(asctime)s %(levelname)s [{process}] %(name)s: %(message)s"))
     root = logging.getLogger()
-    for old in root.handlers[:]:
-        root.removeHandler(old)
-    root.addHandler(handler)
+    if not root.handlers:
+        root.addHandler(handler)
     root.setLevel(level)
