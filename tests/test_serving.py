@@ -245,3 +245,23 @@ def test_a_daemon_logs_its_start_up_steps_and_a_timeout_names_the_step(tiny_chec
     assert all("s since the cloud daemon's process started" in s for s in steps)
     with pytest.raises(OfframpError, match=r"did not become ready in 1 s, (stuck at \w+|before it logged)"):
         DaemonProcess("cloud", config=CloudConfig(checkpoint=str(tiny_checkpoint)), startup_timeout=1.0).start()
+
+
+def test_json_logs_are_one_object_per_line() -> None:
+    import json
+    import logging
+
+    from offramp.serving.log import JsonFormatter
+
+    try:
+        raise ValueError("bad")
+    except ValueError:
+        import sys
+
+        record = logging.LogRecord("cloud_node.server", logging.ERROR, __file__, 1, "lost %s", ("x\ny",), sys.exc_info())
+    line = JsonFormatter(process="worker 1").format(record)
+    assert "\n" not in line
+    entry = json.loads(line)
+    assert (entry["level"], entry["logger"], entry["message"], entry["process"]) == (
+        "ERROR", "cloud_node.server", "lost x\ny", "worker 1")
+    assert "ValueError: bad" in entry["exception"] and entry["time"][4] == "-"
