@@ -116,8 +116,9 @@ def load_initial_weights(backbone: SplittableBackbone, path: str | None, pretrai
     if not pretrained:
         return
     model = getattr(backbone, "model", None)
-    if model is None or not variant.startswith("timm_"):
-        raise OfframpError(f"--pretrained works for timm_* variants only, not '{variant}'; use --init PATH")
+    if model is None or not variant.startswith(("timm_", "timm:")):
+        raise OfframpError(f"--pretrained works for timm models only (timm:NAME, timm_*), not '{variant}'; use "
+                           "--init PATH")
     import timm
 
     name = model.default_cfg.get("architecture", "")

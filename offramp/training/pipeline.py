@@ -16,7 +16,8 @@ from offramp.core.data import DataSplits, load_data
 from offramp.core.data.card_splits import load_validation
 from offramp.core.errors import OfframpError
 from offramp.core.exit_rule import edge_exit_ids
-from offramp.core.models import AudioConfig, ModelConfig, MultiExitModel, create_backbone_depth, parse_exits, variant_names
+from offramp.core.models import (AudioConfig, ModelConfig, MultiExitModel, create_backbone_depth, is_variant,
+                                 parse_exits, variant_names)
 from offramp.training.report import evaluation_report
 from offramp.core.scores import check_score, default_score
 from offramp.training.train import HeadResult, TrainConfig, cache_features, evaluate, train_backbone, train_exits, unpack
@@ -75,8 +76,9 @@ def build_model(job: TrainJob, data: DataSplits) -> tuple[MultiExitModel, int]:
     edge's exits and the cloud's tail both see both modalities.
     """
     variant = job.model or default_variant(data.modality)
-    if variant not in variant_names():
-        raise OfframpError(f"unknown model variant '{variant}'; choose from {', '.join(variant_names())}")
+    if not is_variant(variant):
+        raise OfframpError(f"unknown model variant '{variant}'; choose from {', '.join(variant_names())}, or "
+                           "timm:NAME for a timm VisionTransformer (e.g. timm:deit_tiny_patch16_224)")
     try:
         exits = parse_exits(job.exits or default_exits(data.modality))
         num_blocks = create_backbone_depth(variant)

@@ -12,7 +12,7 @@ import torch
 from offramp.core.models.airbench import AirbenchCNN
 from offramp.core.models.backbone import SplittableBackbone
 from offramp.core.models.resnet import ResNet
-from offramp.core.models.timm_vit import TimmViT
+from offramp.core.models.timm_vit import TIMM_PREFIX, TimmViT
 from offramp.core.models.vit import StagedHybridViT, VisionTransformer
 
 BackboneFactory = Callable[..., SplittableBackbone]
@@ -28,7 +28,14 @@ def variant_names() -> list[str]:
     return sorted(_VARIANTS)
 
 
+def is_variant(name: str) -> bool:
+    """A registered variant, or ``timm:NAME`` (any timm VisionTransformer, checked when built)."""
+    return name in _VARIANTS or (name.startswith(TIMM_PREFIX) and len(name) > len(TIMM_PREFIX))
+
+
 def create_backbone(name: str, **kwargs) -> SplittableBackbone:
+    if name.startswith(TIMM_PREFIX):
+        return TimmViT(model_name=name[len(TIMM_PREFIX):], native=True, **kwargs)
     try:
         factory = _VARIANTS[name]
     except KeyError:

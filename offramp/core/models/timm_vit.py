@@ -11,8 +11,16 @@ import torch
 from offramp.core.models.backbone import FeatureSpec, SplittableBackbone, Task, head_outputs
 
 
+TIMM_PREFIX = "timm:"  # ``--model timm:NAME``: any timm VisionTransformer by its own name, at its own input size
+
+
 class TimmViT(SplittableBackbone):
-    """Wraps ``timm.models.vision_transformer.VisionTransformer`` (or a model built by name)."""
+    """Wraps ``timm.models.vision_transformer.VisionTransformer`` (or a model built by name).
+
+    ``native=True`` keeps the architecture exactly as timm defines ``model_name`` (its input size and patch
+    size, as its pretrained weights expect); inputs of another size (``img_size``, the data's) are resized
+    to it in ``embed``, as one fine-tunes an ImageNet ViT on CIFAR.
+    """
 
     def __init__(
         self,
@@ -22,6 +30,7 @@ class TimmViT(SplittableBackbone):
         in_chans: int = 3,
         num_classes: int = 10,
         task: Task = "classification",
+        native: bool = False,
         **timm_kwargs,
     ) -> None:
         super().__init__()
@@ -31,18 +40,17 @@ class TimmViT(SplittableBackbone):
         except ImportError as e:  # optional extra
             raise ImportError("timm backbones need the 'timm' extra: pip install 'offramp[timm]'") from e
         self.task = task
-        self.model = timm.create_model(
-            model_name,
-            pretrained=False,
-            img_size=tuple(img_size),
-            patch_size=patch_size,
-            in_chans=in_chans,
-            num_classes=head_outputs(task, num_classes),
-            **timm_kwargs,
-        )
+        if native and not timm.is_model(model_name):
+            raise ValueError(f"timm has no model {model_name!r} (timm.list_models('*vit*') lists its ViTs)")
+        shape = {} if native else {"img_size": tuple(img_size), "patch_size": patch_size}
+        self.model = timm.create_model(model_name, pretrained=False, in_chans=in_chans,
+                                       num_classes=head_outputs(task, num_classes), **shape, **timm_kwargs)
         if not isinstance(self.model, TimmVisionTransformer):
-            raise ValueError(f"timm model {model_name!r} is not a VisionTransformer")
+            raise ValueError(f"timm model {model_name!r} is not a VisionTransformer ({type(self.model).__name__}); "
+                             "the split adapter takes the VisionTransformer family (ViT, DeiT, ...)")
         self.num_blocks = len(self.model.blocks)
+        model_size = tuple(self.model.patch_embed.img_size)
+        self.resize_to = model_size if tuple(img_size) != model_size else None
 
     @property
     def blocks(self) -> torch.nn.Sequential:
@@ -50,6 +58,8 @@ class TimmViT(SplittableBackbone):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
+        if self.resize_to is not None and tuple(x.shape[-2:]) != self.resize_to:
+            x = torch.nn.functional.interpolate(x, size=self.resize_to, mode="bilinear", align_corners=False)
         return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
 
     def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
