@@ -10,8 +10,9 @@ offer several times the cloud's capacity.
    answered, refused with RESOURCE_EXHAUSTED (the queue bound; how fast),
    expired in the queue (DEADLINE_EXCEEDED, answered without a batch slot),
    and whether any answered request waited past its deadline for its slot;
-3. recovery: the closed loop of step 1 again, from the moment the overload
-   stops; answers per 100 ms: how long until throughput is back to C.
+3. recovery: the closed loop of step 1 again, started the moment the overload
+   stops (beside the backlog still queued); answers per 100 ms: how long from the end of the overload until
+   throughput is back to 90% of C (the start of the first half-second window at that rate).
 
 An edge answers every refused or expired request from its best exit
 (degraded); here the load generator stands in for the edges. The cloud is
@@ -29,6 +30,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -61,8 +63,10 @@ def outcome(error: OffloadError | None) -> str:
 
 
 async def open_loop(clients: list[OffloadClient], requests: list[pb.OffloadRequest], rate: float, seconds: float,
-                    deadline_ms: int, seed: int = 0) -> dict[str, Any]:
-    """Poisson arrivals at ``rate`` for ``seconds``; every request's outcome and reply time."""
+                    deadline_ms: int, seed: int = 0) -> tuple[Callable[[], Awaitable[dict[str, Any]]], float]:
+    """Poisson arrivals at ``rate`` for ``seconds``. Returns as soon as the arrivals stop (the end of the
+    overload; requests may still be in flight) with a coroutine function that waits for them and summarises
+    every request's outcome and reply time, and the perf_counter time the overload ended."""
     rng = random.Random(seed)
     records: list[tuple[float, str, float, float]] = []  # (sent at, outcome, reply ms, cloud queue ms)
     tasks: set[asyncio.Task[None]] = set()
@@ -90,25 +94,30 @@ async def open_loop(clients: list[OffloadClient], requests: list[pb.OffloadReque
         task.add_done_callback(tasks.discard)
         i += 1
         next_at += rng.expovariate(rate)
-    offered_s = time.perf_counter() - start
-    await asyncio.gather(*tasks)
-    counts = Counter(o for _, o, _, _ in records)
-    ok_queue = [q for _, o, _, q in records if o == "OK"]
-    return {
-        "offered": len(records), "offered_rps": len(records) / offered_s, "seconds": offered_s,
-        "outcomes": dict(counts), "answered_rps": counts["OK"] / offered_s,
-        "reply_ms": {o: percentiles([ms for _, oo, ms, _ in records if oo == o]) for o in counts},
-        "answered_waited_past_deadline": sum(q > deadline_ms for q in ok_queue),
-        "answered_queue_ms": percentiles(ok_queue),
-    }
+    ended = time.perf_counter()
+    offered_s = ended - start
+
+    async def summary() -> dict[str, Any]:
+        await asyncio.gather(*tasks)
+        counts = Counter(o for _, o, _, _ in records)
+        ok_queue = [q for _, o, _, q in records if o == "OK"]
+        return {
+            "offered": len(records), "offered_rps": len(records) / offered_s, "seconds": offered_s,
+            "outcomes": dict(counts), "answered_rps": counts["OK"] / offered_s,
+            "reply_ms": {o: percentiles([ms for _, oo, ms, _ in records if oo == o]) for o in counts},
+            "answered_waited_past_deadline": sum(q > deadline_ms for q in ok_queue),
+            "answered_queue_ms": percentiles(ok_queue),
+        }
+
+    return summary, ended
 
 
 async def recovery(clients: list[OffloadClient], requests: list[pb.OffloadRequest], seconds: float,
-                   capacity: float) -> dict[str, Any]:
-    """The closed loop from the moment the overload stops: answers per ``BIN_S``, time back to 90% of C."""
+                   capacity: float, since: float) -> dict[str, Any]:
+    """The closed loop started the moment the overload stops (``since``, perf_counter), beside whatever of
+    the overload is still queued: its answers per ``BIN_S`` from then, and the time back to 90% of C."""
     done: list[float] = []
-    stop_at = time.perf_counter() + seconds
-    start = time.perf_counter()
+    stop_at = since + seconds
 
     async def worker(k: int) -> None:
         n = k
@@ -117,19 +126,28 @@ async def recovery(clients: list[OffloadClient], requests: list[pb.OffloadReques
                 request = pb.OffloadRequest()
                 request.CopyFrom(requests[n % len(requests)])  # infer() sets the id: one message per call
                 await clients[k // WINDOW].infer(request, timeout_s=10)
-                done.append(time.perf_counter() - start)
+                done.append(time.perf_counter() - since)
             except OffloadError:
                 pass
             n += STREAMS * WINDOW
 
     await asyncio.gather(*(worker(k) for k in range(STREAMS * WINDOW)))
-    bins = np.bincount((np.asarray(done) / BIN_S).astype(int), minlength=int(seconds / BIN_S))[:int(seconds / BIN_S)]
+    return recovered(done, seconds, capacity)
+
+
+def recovered(done_s: Sequence[float], seconds: float, capacity: float, window_s: float = 0.5) -> dict[str, Any]:
+    """Answers per ``BIN_S`` from ``done_s`` (each answer's time since the overload stopped), and when
+    throughput was back: the start of the first ``window_s`` window whose mean is at least 90% of
+    ``capacity`` (a window, so that one lucky bin does not count; its start, so that the window's length is
+    no floor under the figure)."""
+    n_bins = int(round(seconds / BIN_S))
+    bins = np.bincount((np.asarray(done_s, dtype=float) / BIN_S).astype(int), minlength=n_bins)[:n_bins]
     rps = bins / BIN_S
-    window = int(0.5 / BIN_S)  # a half-second moving average, so one lucky bin does not count as recovered
+    window = max(1, int(round(window_s / BIN_S)))
     smooth = np.convolve(rps, np.ones(window) / window, mode="valid")
     back = next((i for i, v in enumerate(smooth) if v >= 0.9 * capacity), None)
-    return {"rps_per_bin": rps.round(1).tolist(), "bin_s": BIN_S,
-            "recovered_after_s": None if back is None else (back + window) * BIN_S}
+    return {"rps_per_bin": rps.round(1).tolist(), "bin_s": BIN_S, "window_s": window * BIN_S,
+            "recovered_after_s": None if back is None else back * BIN_S}
 
 
 async def run(args: argparse.Namespace, fingerprint: str, split: int, tokens: list[pb.EncodedTensor]) -> dict:
@@ -142,8 +160,10 @@ async def run(args: argparse.Namespace, fingerprint: str, split: int, tokens: li
               flush=True)
         clients = await connected_clients(cloud.address, fingerprint, split, STREAMS)
         try:
-            over = await open_loop(clients, requests, args.factor * capacity, args.seconds, args.deadline_ms)
-            back = await recovery(clients, requests, args.recovery_seconds, capacity)
+            summary, ended = await open_loop(clients, requests, args.factor * capacity, args.seconds,
+                                             args.deadline_ms)
+            back = await recovery(clients, requests, args.recovery_seconds, capacity, ended)
+            over = await summary()
         finally:
             await asyncio.gather(*(c.close() for c in clients))
     return {"capacity_rps": capacity, "capacity_probe": probe, "overload": over, "recovery": back}

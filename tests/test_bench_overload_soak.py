@@ -23,6 +23,19 @@ def test_overload_benchmark_refuses_what_it_cannot_serve_and_recovers(tiny_check
     assert len(result["recovery"]["rps_per_bin"]) == 20
 
 
+def test_recovery_is_timed_from_the_end_of_the_overload() -> None:
+    """The arithmetic behind the headline: answers binned from the moment the overload stopped, recovery at the
+    start of the first half-second window at 90% of capacity (no window-length floor)."""
+    capacity = 100.0  # answers per second: 10 per 100-ms bin
+    at_once = [b * overload.BIN_S + k / 100 + 0.001 for b in range(20) for k in range(10)]
+    assert overload.recovered(at_once, 2.0, capacity)["recovered_after_s"] == 0.0
+    late = [t + 0.7 for t in at_once if t < 1.3]  # nothing for the first 0.7 s, then full rate (10 per bin)
+    result = overload.recovered(late, 2.0, capacity)
+    assert result["rps_per_bin"][:7] == [0.0] * 7 and result["rps_per_bin"][7] == 100.0
+    assert abs(result["recovered_after_s"] - 0.7) < 1e-9
+    assert overload.recovered(late[:5], 2.0, capacity)["recovered_after_s"] is None  # never back
+
+
 def test_soak_benchmark_watches_memory_errors_and_latency(tiny_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     assert soak.main(["--checkpoint", str(tiny_checkpoint), "--minutes", "0.1", "--probe-seconds", "1",
