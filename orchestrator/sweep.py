@@ -34,12 +34,15 @@ import itertools
 import logging
 import math
 import re
+import shlex
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from offramp.core.hostinfo import machine
 from offramp.serving.config import CloudConfig, EdgeConfig
 
 from .config import ExperimentConfig, LinkSpec, Policy, Threshold
@@ -366,6 +369,10 @@ def run_experiment(config: ExperimentConfig, address: str | None = None, progres
                 report.write_records(cloud_load, out, "cloud_load")  # one row per request: a table, not JSON
     summary = report.summarize(records)
     wall_s = time.perf_counter() - started
+    # What ran, where and for how long, beside every detail file of the folder (they record none of it).
+    report.write_json(out / "run.json", {"command": shlex.join(["offramp", *sys.argv[1:]]) if sys.argv[1:] else
+                                         "run_experiment()", "machine": machine(), "wall_s": wall_s,
+                                         "points": len(points), "address": address})
     if timelines:
         timeline = study.Study(config, points, records, policy, cloud_load, calibration)
         report.write_summary(summary, out, extra=timeline.summary(wall_s))

@@ -262,6 +262,8 @@ def test_experiment_run_writes_records_summary_and_plots(tiny_checkpoint: Path, 
         summary = list(csv.DictReader(fh))
     assert [int(r["point"]) for r in summary] == [p.index for p in points]
     assert len(json.loads((out / "summary.json").read_text())) == len(points)
+    run = json.loads((out / "run.json").read_text())
+    assert run["wall_s"] > 0 and run["points"] == len(points) and run["machine"]["cpu"] and run["command"]
     for plot in ("accuracy_latency", "offload_rate", "bytes_per_request"):
         assert (out / "plots" / f"{plot}.png").stat().st_size > 10_000
     assert (out / "logs" / "point-000" / "edge-1.log").is_file()
