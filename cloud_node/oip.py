@@ -235,6 +235,16 @@ class InferenceServicer:
 
     async def ModelInfer(self, request: oip.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> oip.ModelInferResponse:
+        remaining = context.time_remaining()  # the caller's gRPC deadline, if it set one
+        try:
+            return await self.infer(request, remaining)
+        except RequestError as e:
+            await context.abort(e.code, str(e))
+            raise  # abort raises; never reached
+
+    async def infer(self, request: oip.ModelInferRequest, timeout_s: float | None) -> oip.ModelInferResponse:
+        """One ModelInfer, over gRPC or REST: the response, or a ``RequestError`` with the status; counted in the
+        metrics either way."""
         received = time.perf_counter()
         size = request.ByteSize()
         self._metrics.received_bytes.inc(size)
@@ -242,9 +252,8 @@ class InferenceServicer:
         try:
             self._model.find(request.model_name, request.model_version)
             tokens, audio = await call_by_size(size, self._model.inputs, request)
-            remaining = context.time_remaining()  # the caller's gRPC deadline, if it set one
             result = await self._batcher.submit(tokens, audio,
-                                                deadline=None if remaining is None else received + remaining)
+                                                deadline=None if timeout_s is None else received + timeout_s)
             reply = self._model.response(request, result)
         except RequestError as e:
             code, message = e.code, str(e)
@@ -254,5 +263,13 @@ class InferenceServicer:
         self._metrics.requests_by(code.name).inc()
         self._metrics.stage("total").observe(time.perf_counter() - received)
         if code != grpc.StatusCode.OK:
-            await context.abort(code, message)
+            raise RequestError(code, message)
         return reply
+
+    @property
+    def model(self) -> ServedModel:
+        return self._model
+
+    @property
+    def draining(self) -> bool:
+        return self._draining.is_set()

@@ -17,6 +17,7 @@ SIGTERM or SIGINT, then drain.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import logging
 from collections.abc import Callable
 from wsgiref.simple_server import WSGIServer
@@ -42,6 +43,7 @@ from .input_route import InputHandler
 from .router import SplitRouter
 from .metrics import CloudMetrics
 from .oip import VERSION, InferenceServicer, ServedModel
+from .oip_rest import RestServer
 from .servicer import OffloadServicer
 
 log = logging.getLogger(__name__)
@@ -63,9 +65,11 @@ class CloudServer(DaemonServer):
         metrics: CloudMetrics,
         metrics_http: WSGIServer | None,
         draining: asyncio.Event,
+        rest: RestServer | None = None,
     ) -> None:
         super().__init__(config, server, port, health_servicer, metrics_http)
         self.card = card
+        self.rest = rest  # the Open Inference Protocol over REST, if served
         self.metrics = metrics
         self._batchers = batchers  # one per split block served, and the input route's
         self._draining = draining
@@ -81,8 +85,14 @@ class CloudServer(DaemonServer):
             batcher.flush()  # the open batch window closes early
 
     async def _after_grpc_stop(self) -> None:
+        if self.rest is not None:
+            await self.rest.stop()
         for batcher in self._batchers:
             await batcher.close()
+
+    @property
+    def rest_port(self) -> int | None:
+        return None if self.rest is None else self.rest.port
 
 
 async def serve(config: CloudConfig, share_port: bool = False) -> CloudServer:
@@ -123,15 +133,16 @@ async def serve(config: CloudConfig, share_port: bool = False) -> CloudServer:
     credentials = (server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
                    if config.tls_cert is not None else None)
     protected = (PROTECTED_PREFIX, f"/{OIP_SERVICE}/")
-    interceptors = ([BearerTokenInterceptor(read_token(config.token_file), protected)]
-                    if config.token_file is not None else [])
+    token = read_token(config.token_file) if config.token_file is not None else None
+    interceptors = [BearerTokenInterceptor(token, protected)] if token is not None else []
     server = grpc_server(config.max_message_bytes, interceptors, share_port)
     malformed = MalformedLog(metrics.registry, "offramp_cloud")
     add_service(server, OffloadServicer(handler, draining, config.max_in_flight_per_stream), "Offload", malformed,
                 config.max_message_bytes)
     # The Open Inference Protocol on the same port, feeding the same batcher.
     served = ServedModel(config.served_model_name, half, config.max_batch)
-    add_service(server, InferenceServicer(served, batcher, metrics, draining), "GRPCInferenceService", malformed,
+    inference = InferenceServicer(served, batcher, metrics, draining)
+    add_service(server, inference, "GRPCInferenceService", malformed,
                 config.max_message_bytes, messages=oip, methods=InferenceServicer.METHODS, full_name=OIP_SERVICE)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -146,20 +157,38 @@ async def serve(config: CloudConfig, share_port: bool = False) -> CloudServer:
     port = bind(server, config.listen, credentials)
     metrics_http = start_metrics(config.metrics_port, config.listen, metrics.registry) if config.metrics_port is not None else None
 
+    rest = None
+    if config.rest_port is not None:
+        rest = RestServer(inference, config.max_message_bytes, token, rest_tls(config))
+        await rest.start(listen_host(config.listen), config.rest_port, share_port)
     for b in all_batchers:
         b.start()
     await server.start()
-    cloud = CloudServer(config, card, server, port, health_servicer, all_batchers, metrics, metrics_http, draining)
+    cloud = CloudServer(config, card, server, port, health_servicer, all_batchers, metrics, metrics_http, draining,
+                        rest)
     security = ("mutual TLS" if config.tls_client_ca else "TLS" if credentials else "plaintext") + (
         " + bearer token" if interceptors else "")
     log.info("serving %s (split block%s %s%s, fingerprint %s) on %s (%s)", config.checkpoint,
              "s" if len(splits) > 1 else "", ",".join(map(str, splits)), " and inputs" if inputs else "",
              card.fingerprint[:12], cloud.address, security)
-    log.info("Open Inference Protocol: model %r, version %s (%s)", served.name, VERSION, OIP_SERVICE)
+    log.info("Open Inference Protocol: model %r, version %s (%s%s)", served.name, VERSION, OIP_SERVICE,
+             "" if rest is None else f"; REST on http://{listen_host(config.listen)}:{rest.port}/v2")
     if cloud.metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", listen_host(config.listen), cloud.metrics_port)
     log.info("settings: %s", ", ".join(f"{k}={v!r}" for k, v in non_defaults(config).items()))
     return cloud
+
+
+def rest_tls(config: CloudConfig) -> ssl.SSLContext | None:
+    """HTTPS for the REST port with the gRPC port's certificate (and client CA: mutual TLS), if it has one."""
+    if config.tls_cert is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    if config.tls_client_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(config.tls_client_ca)
+    return context
 
 
 def _warm_up(halves, whole: WholeModel | None, card: Card) -> None:

@@ -121,6 +121,10 @@ class CloudConfig:
     max_message_mb: int = setting("gRPC message limit in MiB, both directions: gRPC's 4 MiB default is too small "
                                   "for uncompressed ViT-B tokens in a batch; anything larger is refused unread.",
                                   64, metavar="MIB", group="batching")
+    rest_port: int | None = setting(
+        "Also serve the Open Inference Protocol over HTTP/REST (KServe v2: health, metadata, infer) on this port of "
+        "the listen host, feeding the same batches; 0 picks a free port; unset: gRPC only. Needs aiohttp "
+        "(offramp[rest]). Workers share it.", None, metavar="PORT", group="process")
     workers: int = setting(
         "Worker processes serving the one port, each with its own batches (the kernel spreads edge connections "
         "over them: SO_REUSEPORT). Per-request Python work, not the model, bounds one process. Each worker "
@@ -157,6 +161,7 @@ class CloudConfig:
         require(self.max_queue >= 1, "max_queue must be at least 1")
         require(self.max_in_flight_per_stream >= 1, "max_in_flight_per_stream must be at least 1")
         require(self.max_message_mb >= 1, "max_message_mb must be at least 1")
+        require(self.rest_port is None or 0 <= self.rest_port <= 65535, "rest_port must be in 0..65535")
         require(self.workers >= 1, f"workers must be at least 1, not {self.workers}")
         require(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "metrics_port must be in 0..65535")
         require(not self.metrics_port or self.metrics_port + self.workers - 1 <= 65535,
