@@ -124,7 +124,7 @@ class CloudConfig:
     rest_port: int | None = setting(
         "Also serve the Open Inference Protocol over HTTP/REST (KServe v2: health, metadata, infer) on this port of "
         "the listen host, feeding the same batches; 0 picks a free port; unset: gRPC only. Needs aiohttp "
-        "(offramp[rest]). Workers share it.", None, metavar="PORT", group="process")
+        "(offramp[rest]). Workers share it.", None, metavar="PORT", example=8000, group="process")
     workers: int = setting(
         "Worker processes serving the one port, each with its own batches (the kernel spreads edge connections "
         "over them: SO_REUSEPORT). Per-request Python work, not the model, bounds one process. Each worker "
