@@ -196,7 +196,7 @@ def test_bad_recipe_init_and_pretrained_are_one_line_errors(in_tmp: Path, capsys
         (["--init", "junk.safetensors"], "is not a safetensors file"),
         (["--init", "wrong.safetensors"], "missing"),
         (["--init", "shaped.safetensors"], "head_fc.weight (7, 256) vs (10, 256)"),
-        (["--pretrained"], "timm_* variants only"),
+        (["--pretrained"], "timm models only"),
     ]:
         assert message in one_line_error(capsys, *base, *extra), extra
 
