@@ -28,7 +28,7 @@ demo: setup
 
 # Two workers, a test file each at a time (module fixtures, such as a shared cloud, stay in one process):
 # the suite waits on sockets, links and daemons as much as it computes.
-# `make test` leaves out the tests marked long (a Ray cluster, a whole benchmark: a minute or more each);
+# `make test` leaves out the tests marked long (a Ray cluster, a whole benchmark: half a minute or more each);
 # `make test-all`, which CI runs, includes them.
 test: setup
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not long"

@@ -5,9 +5,12 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from bench import offload
 
 
+@pytest.mark.long
 def test_offload_benchmark_quick(tiny_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "offload.json"
     cores = os.sched_getaffinity(0)

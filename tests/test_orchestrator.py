@@ -194,6 +194,7 @@ def three_nodes() -> Iterator[str]:
         cluster.shutdown()
 
 
+@pytest.mark.long
 def test_daemons_are_placed_by_resource_and_every_request_has_one_record(
         three_nodes: str, tiny_checkpoint: Path, tmp_path: Path) -> None:
     from orchestrator.sweep import run_experiment
@@ -241,6 +242,7 @@ def test_daemons_are_placed_by_resource_and_every_request_has_one_record(
     assert all(r["bytes_sent"] > 0 and r["cloud_node"] != r["edge_node"] for r in records if r["point"] == 1)
 
 
+@pytest.mark.long
 def test_experiment_run_writes_records_summary_and_plots(tiny_checkpoint: Path, tmp_path: Path) -> None:
     smoke = EXPERIMENTS / "digits_smoke.toml"
     config = load_experiment(smoke)
@@ -352,6 +354,7 @@ def test_policies_expand_and_phases_follow_link_and_cloud_load() -> None:
     assert tail([10.0] * 19 + [500.0]) == 10.0 and tail([10.0] * 18 + [math.nan, math.nan]) == math.inf
 
 
+@pytest.mark.long
 def test_a_policy_study_runs_fixed_and_adaptive_edges_under_a_changing_link_and_cloud_load(
         tiny_checkpoint: Path, tmp_path: Path) -> None:
     """The whole path on the tiny model: calibration, tables in the edges' configs, a two-split cloud, the
