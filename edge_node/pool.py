@@ -131,7 +131,8 @@ class ReplicaPool:
         return "; ".join(c.unavailable_reason() for c in self.replicas.values())
 
     def start(self) -> None:
-        """Start a client per address; names are resolved in the background (``start_resolved`` resolves first)."""
+        """Start a client per address; ``dns:`` names are resolved in the background, now and every
+        ``resolve_interval_s``."""
         for entry in self.entries:
             if dns_name(entry) is None:
                 self._join(entry)
