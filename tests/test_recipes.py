@@ -247,3 +247,14 @@ def test_backbones_table_reads_the_cards(teacher: Path, tmp_path: Path, capsys: 
     assert 0.5 < entry["val_accuracy"] <= 1 and entry["epochs"] == 8 and entry["dtype"] in ("bf16", "fp32")
     assert entry["train_wall_s"] > 0 and data["command"].startswith("python -m bench.backbones")
     assert "airbench_c10" in capsys.readouterr().out
+
+
+def test_a_teacher_that_saw_the_selection_split_is_named() -> None:
+    from offramp.training.pipeline import TrainJob, teacher_saw_selection
+
+    job = TrainJob(data="digits", model="vit_micro_32", out="x", selection_fraction=0.05)
+    card = {"spec": "digits", "seed": 0, "val_fraction": 0.1, "limit": None}
+    assert teacher_saw_selection(card, job)  # trained on everything but validation
+    assert not teacher_saw_selection({**card, "selection_fraction": 0.05}, job)  # held the same split out
+    assert not teacher_saw_selection({**card, "spec": "imagefolder:other"}, job)  # other data: not ours to judge
+    assert not teacher_saw_selection(card, TrainJob(data="digits", model="vit_micro_32", out="x"))

@@ -134,6 +134,16 @@ def data_settings(job: TrainJob, data: DataSplits, cfg: TrainConfig) -> TrainCon
     return cfg
 
 
+def teacher_saw_selection(teacher_data: dict[str, Any], job: TrainJob) -> bool:
+    """Whether a teacher trained on ``teacher_data`` (its card's) learned from this job's selection split: the
+    same data, validation carved alike, but the selection split not held out the same way."""
+    if not job.selection_fraction:
+        return False
+    same_data = (teacher_data.get("spec"), teacher_data.get("seed"), teacher_data.get("val_fraction"),
+                 teacher_data.get("limit")) == (job.data, job.seed, job.val_fraction, job.limit)
+    return same_data and teacher_data.get("selection_fraction", 0.0) != job.selection_fraction
+
+
 def obtain_teacher(job: TrainJob, teacher_variant: str | None, data: DataSplits, cfg: TrainConfig
                    ) -> tuple[torch.nn.Module | None, dict[str, Any]]:
     """The teacher to distill from: ``job.teacher`` (a checkpoint, or ``none``), else the recipe's
@@ -150,7 +160,13 @@ def obtain_teacher(job: TrainJob, teacher_variant: str | None, data: DataSplits,
         if tuple(card.input_shape) != tuple(data.input_shape) or len(card.label_names) != len(data.label_names):
             raise OfframpError(f"teacher '{job.teacher}' was trained on other inputs or classes "
                                f"({card.input_shape}, {len(card.label_names)} classes)")
-        return teacher.backbone, {"checkpoint": str(job.teacher), "fingerprint": card.fingerprint}
+        saw = teacher_saw_selection(card.data, job)
+        if saw:
+            log.warning("teacher '%s' was trained on this job's selection split (it held none out): thresholds "
+                        "chosen there will look better than they are; let the recipe train the teacher on this "
+                        "split (no --teacher) for an honest selection split", job.teacher)
+        return teacher.backbone, {"checkpoint": str(job.teacher), "fingerprint": card.fingerprint,
+                                  **({"saw_selection_split": True} if saw else {})}
     out = str(Path(job.out) / "teacher")
     tjob = replace(job, model=teacher_variant, exits="none", out=out, teacher="none", init=None, pretrained=False)
     _, recipe = recipe_for(teacher_variant)
