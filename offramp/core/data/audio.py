@@ -15,7 +15,6 @@ from collections.abc import Iterator
 
 import numpy as np
 import scipy.io.wavfile
-import scipy.signal
 import torch
 
 from offramp.core.errors import DataError
@@ -73,6 +72,8 @@ def fix_clip(samples: np.ndarray, rate: int) -> np.ndarray:
         # the rest of a long recording would cost time and change nothing.
         samples = samples[: math.ceil(rate * (CLIP_SECONDS + 64 / SAMPLE_RATE))]
         g = math.gcd(rate, SAMPLE_RATE)
+        import scipy.signal  # here, not at the top: it is a third of a daemon's imports, and few clips need it
+
         samples = scipy.signal.resample_poly(samples, SAMPLE_RATE // g, rate // g).astype(np.float32)
     n = int(SAMPLE_RATE * CLIP_SECONDS)
     out = np.zeros(n, dtype=np.float32)
