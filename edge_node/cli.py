@@ -72,7 +72,7 @@ def _run_infer(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToJson
 
     from offramp.core.errors import OfframpError
-    from offramp.serving.client import EdgeClient
+    from offramp.client import EdgeClient
 
     args.files = expand_folders(args.files)
     if args.audio is not None:

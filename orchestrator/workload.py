@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import numpy as np
 
+from offramp.client import EdgeClient
 from offramp.core.errors import OfframpError
 from offramp.core.wire import pb, pb_grpc, status_code
 
@@ -127,12 +128,12 @@ def warm_up(address: str, dataset: Dataset, count: int, encoded: bool, timeout_s
     """Send ``count`` unrecorded requests, so the measured ones find models loaded and connections open."""
     if count == 0:
         return
-    with grpc.insecure_channel(address, options=_CHANNEL_OPTIONS) as channel:
+    with EdgeClient(address, timeout_s=timeout_s, options=_CHANNEL_OPTIONS) as edge:
         requests = [dataset.request(i, i % len(dataset), encoded) for i in range(count)]
         try:
-            replies = list(pb_grpc.EdgeStub(channel).InferStream(iter(requests), timeout=timeout_s))
-        except grpc.RpcError as e:
-            raise OfframpError(f"warm-up at {address} failed: {e.code().name}: {e.details()}") from None
+            replies = list(edge.stream(requests))
+        except OfframpError as e:
+            raise OfframpError(f"warm-up failed: {e}") from None
     failed = [r for r in replies if r.status.code]
     if failed:
         log.warning("%d of %d warm-up requests at %s failed, e.g. %s", len(failed), count, address,
@@ -175,19 +176,18 @@ def drive(address: str, dataset: Dataset, load: EdgeLoad, encoded: bool) -> list
             yield dataset.request(i, sample, encoded)
 
     error = ""
-    with grpc.insecure_channel(address, options=_CHANNEL_OPTIONS) as channel:
+    with EdgeClient(address, timeout_s=load.planned_s + w.timeout_s, options=_CHANNEL_OPTIONS) as edge:
         requests = open_loop() if w.arrival == "poisson" else closed_loop()
-        call = pb_grpc.EdgeStub(channel).InferStream(requests, timeout=load.planned_s + w.timeout_s)
         try:
-            for reply in call:
+            for reply in edge.stream(requests):
                 received = time.perf_counter()
                 if reply.request_id in answers:
                     log.error("edge %s answered request %d twice; keeping the first", address, reply.request_id)
                     continue
                 answers[reply.request_id] = (reply, received)
                 slots.release()
-        except grpc.RpcError as e:
-            error = f"stream ended: {e.code().name}: {e.details()}"
+        except OfframpError as e:
+            error = f"stream ended: {e}"
             log.warning("load on %s: %s", address, error)
         finally:
             finished.set()

@@ -274,11 +274,23 @@ def test_edge_cli_infer_and_policy(tiny_checkpoint: Path, inputs: torch.Tensor, 
         lines = capsys.readouterr().out.splitlines()
         assert lines[0].startswith(f"{junk}: error INVALID_ARGUMENT: cannot decode") and "by exit:" in lines[1]
 
-        from offramp.serving.client import EdgeClient  # what applications use: files, bytes and arrays alike
+        from offramp.client import EdgeClient  # what applications use: files, bytes and arrays alike
         with EdgeClient(edge.address) as client:
             answers = client.infer([digit, b"not a png", inputs[0].numpy()])
         assert [a.ok for a in answers] == [True, False, True] and "INVALID_ARGUMENT" in answers[1].error
         assert answers[0].decided_by.startswith("exit:") and answers[2].label and answers[0].latency_ms > 0
+
+        import asyncio
+
+        from offramp.client import AsyncEdgeClient
+
+        async def asynchronously() -> list:
+            async with AsyncEdgeClient(edge.address) as client:
+                return await client.infer([digit, inputs[1].numpy()])
+
+        both = asyncio.run(asynchronously())
+        assert [a.ok for a in both] == [True, True] and both[0].prediction == answers[0].prediction
+        assert len(both[0].scores) == 10 and both[0].route in ("split", "local")
         assert edge.stop() == 0  # SIGTERM drains and exits cleanly
     with pytest.raises(OfframpError, match="cannot reach the edge"), EdgeClient("127.0.0.1:9", timeout_s=2) as gone:
         gone.infer([digit])

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {
     "offramp.core": 0, "offramp.proto": 0,
     "offramp.training": 1,
-    "offramp.serving": 2, "offramp.netem": 2,
+    "offramp.serving": 2, "offramp.netem": 2, "offramp.client": 2,
     "edge_node": 3, "cloud_node": 3,
     "orchestrator": 4, "bench": 4,
     "offramp.cli": 5,

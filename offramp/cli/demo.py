@@ -31,7 +31,7 @@ from offramp.training.pipeline import TrainJob, run_training
 from offramp.core.tables import format_table
 from offramp.training.train import TrainConfig
 from offramp.core.wire import pb
-from offramp.serving.client import EdgeClient, request
+from offramp.client import EdgeClient, request
 
 DEMO_JOB = TrainJob(data="digits", model="vit_micro_32", exits="slvit@2,slvit@4")
 DEMO_TRAIN = TrainConfig(epochs=30, exit_epochs=10, copycat="hard", copycat_epochs=5, batch_size=64, lr=2e-3)
