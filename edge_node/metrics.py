@@ -114,7 +114,7 @@ class _Measured(Collector):
                           m.uplink_bytes_per_s)
         yield from _gauge("offramp_edge_measured_offload_bytes", "Bytes per offloaded sample (median)",
                           m.offload_bytes)
-        yield from _gauge("offramp_edge_measured_request_rate", "Requests per second reaching the edge",
+        yield from _gauge("offramp_edge_measured_requests_per_second", "Requests per second reaching the edge",
                           m.request_rate)
         compute = GaugeMetricFamily("offramp_edge_measured_compute_seconds",
                                     "Local batch time by its deepest stage (an exit, or the split with encoding)",
@@ -143,9 +143,9 @@ class _Measured(Collector):
                           decision.predicted_p95_ms / 1000)
         yield from _gauge("offramp_edge_slo_met", "1 while the controller's choice is predicted to meet the target; "
                           "0: no option does, the edge answers locally", float(decision.target_met))
-        yield from _gauge("offramp_edge_controller_expected_accuracy",
+        yield from _gauge("offramp_edge_controller_expected_accuracy_ratio",
                           "Expected accuracy of the controller's choice (calibration table)", o.accuracy)
-        yield from _gauge("offramp_edge_controller_expected_offload",
+        yield from _gauge("offramp_edge_controller_expected_offload_ratio",
                           "Expected offload share of the controller's choice (calibration table)", o.offload)
         yield from _gauge("offramp_edge_controller_split_block", "Split block of the controller's choice",
                           o.split_block)
