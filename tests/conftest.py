@@ -13,12 +13,21 @@ if TYPE_CHECKING:
     from cloud_node.server import CloudServer
 
 
+def worker_threads() -> int | None:
+    """Torch threads for one pytest-xdist worker: its share of the cores. Two workers each training with a
+    thread per core oversubscribe the machine, and spinning OpenMP threads make that several times slower
+    than sharing it; None outside xdist (torch's default)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    return max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
+
+
 @pytest.fixture(autouse=True)
 def torch_threads() -> Iterator[None]:
     """In-process daemons set torch's thread count for the whole process; each test starts from the same."""
     import torch
 
-    threads = torch.get_num_threads()
+    threads = worker_threads() or torch.get_num_threads()
+    torch.set_num_threads(threads)
     yield
     torch.set_num_threads(threads)
 
@@ -78,8 +87,9 @@ def cloud(tiny_checkpoint: Path) -> Iterator[tuple[str, CloudServer]]:
 
 # The longest test files, longest first (pytest --durations). They start first, so that with several workers
 # (make test: pytest-xdist, a file each at a time) no long file starts last and holds the suite up alone.
-LONGEST_FIRST = ("test_orchestrator", "test_bench_offload", "test_cloud", "test_audiovisual", "test_recipes",
-                 "test_bench_overload_soak", "test_train_cli", "test_edge", "test_faults", "test_adaptive")
+LONGEST_FIRST = ("test_recipes", "test_audiovisual", "test_train_cli", "test_bench_cnn_capacity", "test_audio_serving",
+                 "test_cloud", "test_timm_byo", "test_bench_overload_soak", "test_edge", "test_pool", "test_faults",
+                 "test_onnx", "test_workers", "test_adaptive", "test_orchestrator")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
