@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 from offramp.core.checkpoint import CARD, read_card
@@ -30,7 +31,7 @@ from offramp.core.data.card_splits import load_validation
 from offramp.training.pipeline import TrainJob, run_training
 from offramp.core.tables import format_table
 from offramp.training.train import TrainConfig
-from offramp.core.wire import pb
+from offramp.core.wire import pb, pb_grpc
 from offramp.client import EdgeClient, request
 
 DEMO_JOB = TrainJob(data="digits", model="vit_micro_32", exits="slvit@2,slvit@4")
@@ -139,6 +140,7 @@ def run_demo(workdir: str, retrain: bool = False, data: str = "digits", model: s
                 with DaemonProcess("edge", ["--config", str(edge_toml), "--checkpoint", str(checkpoint),
                                             "--cloud", link.address, "--route", route, "--slowdown", str(SLOWDOWN)],
                                    log_path=work / f"edge-{route}.log") as edge:
+                    _wait_paired(edge.address)
                     runs.append(_paced(name, edge.address, x, rate))
         finally:
             link.stop()
@@ -152,6 +154,18 @@ def run_demo(workdir: str, retrain: bool = False, data: str = "digits", model: s
     print_summary(card, runs, y)
     plot(runs, y, work / "demo.png", profile)
     return 0
+
+
+def _wait_paired(address: str, timeout_s: float = 60.0) -> None:
+    """Wait until the edge streams to its cloud (it has timed a round trip over the link), so that no request
+    of the run is answered locally only because it came first."""
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.EdgeStub(channel)
+        deadline = time.monotonic() + timeout_s
+        while stub.GetPolicy(pb.GetPolicyRequest(), timeout=10).state.rtt_ms <= 0:
+            if time.monotonic() > deadline:
+                raise OfframpError(f"the edge at {address} did not reach its cloud within {timeout_s:.0f} s")
+            time.sleep(0.1)
 
 
 def _paced(name: str, address: str, x: np.ndarray, rate: float) -> Run:
