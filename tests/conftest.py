@@ -95,3 +95,12 @@ LONGEST_FIRST = ("test_recipes", "test_audiovisual", "test_train_cli", "test_ben
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: order within a file is kept
+
+
+@pytest.fixture(scope="module")
+def first_inputs(tiny_checkpoint: Path) -> Any:
+    """The first 32 validation inputs of the tiny checkpoint, (32, 1, 32, 32)."""
+    from offramp.core.checkpoint import read_card
+    from offramp.core.data.card_splits import load_validation
+
+    return load_validation(read_card(tiny_checkpoint))[0].tensors[0][:32]

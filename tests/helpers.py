@@ -138,6 +138,11 @@ def edge_servers(loop: LoopThread, checkpoint: Path, defaults: dict[str, Any]) -
             loop.run(server.stop())
 
 
+# An edge that offloads every request (no exit is ever confident enough) and reconnects fast: the settings the
+# fault and pool tests start from.
+OFFLOADING_EDGE: dict[str, Any] = {"thresholds": (2.0, 2.0), "reconnect_initial_s": 0.05, "reconnect_max_s": 0.3,
+                                   "grace_s": 2.0, "connect_timeout_s": 1.0}
+
 # Raw bytes in and out: for calls that send what a hostile peer would.
 IDENTITY = {"request_serializer": None, "response_deserializer": None}
 

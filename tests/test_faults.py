@@ -10,18 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import LoopThread, Traffic, edge_servers, wait_for
+from helpers import OFFLOADING_EDGE, LoopThread, Traffic, edge_servers, wait_for
 
 from edge_node.server import EdgeServer
-from offramp.core.checkpoint import read_card
 from offramp.serving.daemon_proc import DaemonProcess
 from offramp.netem import PROFILES, LinkProxy, ProxyThread
 from offramp.netem.profiles import PARTITION
-from offramp.core.data.card_splits import load_validation
 
-NEVER = (2.0, 2.0)  # no exit is confident enough: every request is offloaded while a cloud answers
-EDGE_SETTINGS = {"thresholds": NEVER, "reconnect_initial_s": 0.05, "reconnect_max_s": 0.3, "grace_s": 2.0,
-                 "connect_timeout_s": 1.0}
+EDGE_SETTINGS = OFFLOADING_EDGE
 
 
 @pytest.fixture
@@ -31,8 +27,8 @@ def start_edge(tiny_checkpoint: Path, loop: LoopThread) -> Iterator[Callable[...
 
 
 @pytest.fixture(scope="module")
-def inputs(tiny_checkpoint: Path) -> torch.Tensor:
-    return load_validation(read_card(tiny_checkpoint))[0].tensors[0][:32]
+def inputs(first_inputs: torch.Tensor) -> torch.Tensor:
+    return first_inputs
 
 
 def connected(edge: EdgeServer, address: str | None) -> Callable[[], bool]:

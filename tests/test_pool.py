@@ -9,19 +9,16 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import CloudFactory, LoopThread, Traffic, edge_servers, wait_for
+from helpers import OFFLOADING_EDGE, CloudFactory, LoopThread, Traffic, edge_servers, wait_for
 
 from edge_node.pool import check_resolvable, dns_name
 from edge_node.server import EdgeServer
-from offramp.core.checkpoint import load_checkpoint, read_card, save_checkpoint
-from offramp.core.data.card_splits import load_validation
+from offramp.core.checkpoint import load_checkpoint, save_checkpoint
 from offramp.core.errors import OfframpError
 from offramp.serving.config import EdgeConfig
 from offramp.serving.daemon_proc import DaemonProcess
 
-NEVER = (2.0, 2.0)  # every request is offloaded
-EDGE_SETTINGS = {"thresholds": NEVER, "cloud_balance": "least_outstanding", "reconnect_initial_s": 0.05,
-                 "reconnect_max_s": 0.3, "connect_timeout_s": 1.0, "grace_s": 2.0, "deadline_ms": 5000}
+EDGE_SETTINGS = {**OFFLOADING_EDGE, "cloud_balance": "least_outstanding", "deadline_ms": 5000}
 
 
 @pytest.fixture
@@ -31,8 +28,8 @@ def start_edge(tiny_checkpoint: Path, loop: LoopThread) -> Iterator[Callable[...
 
 
 @pytest.fixture(scope="module")
-def inputs(tiny_checkpoint: Path) -> torch.Tensor:
-    return load_validation(read_card(tiny_checkpoint))[0].tensors[0][:32]
+def inputs(first_inputs: torch.Tensor) -> torch.Tensor:
+    return first_inputs
 
 
 def shares(edge: EdgeServer) -> dict[str, float]:
