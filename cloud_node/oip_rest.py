@@ -139,11 +139,12 @@ class RestServer:
                  tls: ssl.SSLContext | None = None) -> None:
         self._servicer, self._max_bytes, self._token, self._tls = servicer, max_bytes, token, tls
         self._runner: Any = None
+        self._web: Any = None  # aiohttp.web, imported when the server starts
         self.port: int | None = None
 
     async def start(self, host: str, port: int, share_port: bool = False) -> int:
         """Serve on ``host:port``; ``share_port``: one worker of several on the port (SO_REUSEPORT)."""
-        web = _require_aiohttp()
+        web = self._web = _require_aiohttp()
         app = web.Application(client_max_size=self._max_bytes + 1, middlewares=[self._guard])
         model = r"/v2/models/{name}"
         version = r"/v2/models/{name}/versions/{version}"
@@ -170,12 +171,12 @@ class RestServer:
             await self._runner.cleanup()
 
     def _error(self, code: grpc.StatusCode, message: str) -> Any:
-        web = _require_aiohttp()
+        web = self._web
         return web.json_response({"error": message}, status=HTTP_STATUS.get(code, 500))
 
     @property
     def _guard(self) -> Any:
-        web = _require_aiohttp()
+        web = self._web
 
         @web.middleware
         async def guard(request: Any, handler: Any) -> Any:
@@ -192,33 +193,33 @@ class RestServer:
         return guard
 
     async def _live(self, request: Any) -> Any:
-        web = _require_aiohttp()
+        web = self._web
         return web.json_response({"live": True})
 
     async def _ready(self, request: Any) -> Any:
-        web = _require_aiohttp()
+        web = self._web
         ready = not self._servicer.draining
         return web.json_response({"ready": ready}, status=200 if ready else 400)
 
     async def _server_metadata(self, request: Any) -> Any:
         from offramp import __version__
 
-        web = _require_aiohttp()
+        web = self._web
         return web.json_response({"name": "offramp", "version": __version__, "extensions": ["binary_tensor_data"]})
 
     async def _model_metadata(self, request: Any) -> Any:
-        web = _require_aiohttp()
+        web = self._web
         self._servicer.model.find(request.match_info["name"], request.match_info.get("version", ""))
         return web.json_response(metadata(self._servicer.model.metadata))
 
     async def _model_ready(self, request: Any) -> Any:
-        web = _require_aiohttp()
+        web = self._web
         self._servicer.model.find(request.match_info["name"], request.match_info.get("version", ""))
         ready = not self._servicer.draining
         return web.json_response({"name": request.match_info["name"], "ready": ready}, status=200 if ready else 400)
 
     async def _infer(self, request: Any) -> Any:
-        web = _require_aiohttp()
+        web = self._web
         header = request.headers.get(HEADER_LENGTH)
         try:
             header_length = None if header is None else int(header)

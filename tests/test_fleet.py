@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from helpers import LoopThread, Traffic, edge_servers, free_ports, wait_for
 
 from edge_node.server import EdgeServer
