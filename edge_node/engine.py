@@ -104,8 +104,11 @@ class EdgeEngine:
         self._code_dictionaries = {h.split_block: zstd_dictionary(h.code_dictionary)
                                    for h in self.halves.values()}
         # Emulated weaker device: edge compute and encoding take `slowdown` times as long.
-        self._run_halves = {split: slowed(h.run, slowdown) for split, h in self.halves.items()}
-        self._encode, self._encode_visual = slowed(encode, slowdown), slowed(self._encode_tokens, slowdown)
+        # One compute thread (the edge's default): the device's time is this thread's CPU time, times slowdown.
+        one_thread = torch.get_num_threads() == 1
+        self._run_halves = {split: slowed(h.run, slowdown, one_thread) for split, h in self.halves.items()}
+        self._encode = slowed(encode, slowdown, one_thread)
+        self._encode_visual = slowed(self._encode_tokens, slowdown, one_thread)
         self.split_exit_names = {split: h.exit_names for split, h in self.halves.items()}
         self.exit_names = self.split_exit_names[half.split_block]
         self.metrics = EdgeMetrics(connected=lambda: float(offload is not None and offload.connected_to is not None),

@@ -34,6 +34,7 @@ from typing import Literal
 import grpc
 import torch
 from offramp.core.checkpoint import load_checkpoint
+from offramp.core.halves import ready_for_inference
 from offramp.serving.daemon import grpc_server
 from offramp.netem import slowed
 from offramp.core.scores import default_score
@@ -65,11 +66,11 @@ class FullModelServer:
 
     def __init__(self, checkpoint: str, where: Where, host: str = "127.0.0.1", slowdown: float = 1.0,
                  max_batch: int = 16, max_wait_ms: float = 0.0, device: str = "cpu") -> None:
-        self.model, self.card = load_checkpoint(checkpoint)
-        self.model.eval().to(device)
+        model, self.card = load_checkpoint(checkpoint)
+        self.model = ready_for_inference(model, torch.device(device))
         self.where, self.host, self.device = where, host, torch.device(device)
         self.max_batch, self.max_wait_s, self.slowdown = max_batch, max_wait_ms / 1e3, slowdown
-        self._forward = slowed(self._run_model, slowdown)
+        self._forward = slowed(self._run_model, slowdown, cpu_clock=torch.get_num_threads() == 1)
         audio = self.card.config.audio
         self._audio_shape = None if audio is None else tuple(audio.input_shape)
         self._loop = asyncio.new_event_loop()

@@ -80,6 +80,25 @@ def test_slowed_emulates_a_weaker_device() -> None:
         DeviceProfile(0.5)
 
 
+def test_slowed_on_the_cpu_clock_multiplies_only_the_threads_own_work() -> None:
+    def spin(seconds: float) -> None:
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    def waits_then_spins() -> None:  # time off the CPU (as if preempted by a neighbour), then 20 ms of work
+        time.sleep(0.1)
+        spin(0.02)
+
+    t0 = time.perf_counter()
+    slowed(waits_then_spins, 3.0, cpu_clock=True)()
+    took = time.perf_counter() - t0
+    assert 0.115 <= took < 0.2  # 3 x 20 ms of work, of which the 100 ms wait already covers the first 60
+    t0 = time.perf_counter()
+    slowed(lambda: spin(0.03), 3.0, cpu_clock=True)()
+    assert time.perf_counter() - t0 >= 0.088
+
+
 # -- the shaper, with a made-up clock ------------------------------------------------------------------------------
 
 def test_shaper_never_early_never_reorders() -> None:

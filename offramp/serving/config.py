@@ -306,7 +306,9 @@ class EdgeConfig:
     max_batch: int = setting("Samples run together when requests queue up; an idle edge never waits to fill a "
                              "batch.", 16, metavar="N", group="model")
     slowdown: float = setting("Emulate a device this many times slower than this CPU: each local batch's compute "
-                              "and encoding is followed by a sleep of (slowdown - 1) x its duration.", 1.0,
+                              "and encoding is followed by a sleep, so that it lasts slowdown x its time here (its "
+                              "thread's CPU time with threads = 1, so that time taken by other processes on a "
+                              "shared core is not multiplied).", 1.0,
                               metavar="FACTOR", group="model")
     metrics_port: int | None = setting("Serve Prometheus /metrics on this port of the listen host; 0 picks a free "
                                        "port; unset: no metrics.", None, metavar="PORT", example=9100, group="API")
