@@ -23,7 +23,6 @@ import argparse
 import copy
 import json
 import logging
-import os
 import platform
 import sys
 import time

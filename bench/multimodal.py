@@ -58,7 +58,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import platform
 import sys
 import time
@@ -80,6 +79,7 @@ from offramp.training.pipeline import TrainJob, build_model
 from offramp.training.plots import pyplot
 from offramp.core.tables import format_table
 from offramp.core.halves import CloudHalf, EdgeHalf
+from offramp.core.hostinfo import machine
 from offramp.training.train import HeadResult, TrainConfig, evaluate, train_backbone, train_exits
 
 RESULTS = Path(__file__).parent / "results"
@@ -509,7 +509,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="bench.multimodal", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: 300 scenes, 2 + 1 epochs, under a minute")
     ap.add_argument("--scenes", type=int, default=None, help="crowd-av scenes to generate (default 3000; quick 300)")
@@ -522,13 +522,92 @@ def main(argv: list[str] | None = None) -> int:
                     help="where to save the trained models ('' for nowhere); a quick/ or full/ folder under it")
     ap.add_argument("--reuse", action="store_true", help="evaluate the models saved there instead of training")
     args = ap.parse_args(argv)
+    if args.reuse and not args.checkpoints:
+        ap.error("--reuse needs --checkpoints")
+    return args
+
+
+def obtain_models(data: dict[str, Any], s: Settings, ckpt: Path | None, reuse: bool
+                  ) -> tuple[dict[str, MultiExitModel], dict[str, dict[str, float]]]:
+    """The audiovisual model and the visual-only one: trained (and saved under ``ckpt``), or read back."""
+    models: dict[str, MultiExitModel] = {}
+    train_seconds: dict[str, dict[str, float]] = {}
+    for key, exits_spec in (("audiovisual", EXITS), ("visual", VISUAL_EXITS)):
+        where = None if ckpt is None else ckpt / key
+        if reuse:
+            models[key] = reuse_model(where, data[key], s.seed)
+        else:
+            models[key], train_seconds[key] = train_model(data[key], exits_spec, s, where)
+    return models, train_seconds
+
+
+@dataclass
+class Evaluated:
+    """Every head of each model on the test and validation splits, its costs, and the exit table."""
+
+    test: dict[str, dict[str, Any]]
+    val: dict[str, dict[str, Any]]
+    costs: dict[str, Any]
+    exit_rows: dict[str, list[dict[str, Any]]]
+
+
+def evaluate_models(models: dict[str, MultiExitModel], data: dict[str, Any], test_sets: dict[str, TensorDataset],
+                    crowd: Any, lighting: np.ndarray, names: list[str]) -> Evaluated:
+    e = Evaluated({}, {}, {}, {})
+    for key, model in models.items():
+        model.eval()
+        e.test[key] = {r.name: r for r in evaluate(model, test_sets[key])}
+        e.val[key] = {r.name: r for r in evaluate(model, data[key].val)}
+        e.costs[key] = unit_costs(model, crowd.image_shape)
+        e.exit_rows[key] = exit_table(model, list(e.test[key].values()), lighting, names, e.costs[key])
+        for row, r in zip(e.exit_rows[key], evaluate(model, data[key].train)):  # how far each head overfits
+            row["mae_train"] = float(r.error.mean())
+            row["std_train"] = float(r.confidence.mean())
+        for row, r in zip(e.exit_rows[key], e.test[key].values()):
+            row["std"] = float(r.confidence.mean())
+    return e
+
+
+def measure_policies(models: dict[str, MultiExitModel], e: Evaluated, test_set: TensorDataset, s: Settings,
+                     lighting: np.ndarray, names: list[str]) -> dict[str, Any]:
+    """Each policy's thresholds (chosen on validation), its accuracy-cost curve on test, and its latency."""
+    policies = {}
+    for name, (key, chosen) in POLICIES.items():
+        thresholds = thresholds_for(e.val[key], chosen, s.quantiles)
+        macs = walk_costs(e.costs[key], models[key], chosen)
+        policies[name] = {"model": key, "exits": chosen, "thresholds": thresholds,
+                          "walk_macs": {"eager": macs[0].tolist(), "lazy_audio": macs[1].tolist()},
+                          "points": policy_curve(e.test[key], chosen, thresholds, lighting, names, macs)}
+    latency = measure_latency({k: (models[v["model"]], v["exits"], v["thresholds"]) for k, v in policies.items()},
+                              test_set, s.batch_size, s.reps)
+    for name, pol in policies.items():
+        pol["latency"] = latency[name]
+        pol["thresholds"] = [t if math.isfinite(t) else "inf" for t in pol["thresholds"]]
+        for p, q in zip(pol["points"], pol["latency"]):
+            p["ms_per_sample"] = q["ms_per_sample"]
+            if abs(p["mae"] - q["mae_measured"]) > 1e-3 * max(1.0, p["mae"]):
+                log.warning("policy %s thr %s: walk MAE %.4f, EdgeHalf+CloudHalf MAE %.4f", name,
+                            p["threshold"], p["mae"], q["mae_measured"])
+    return policies
+
+
+def compare_policies(policies: dict[str, Any]) -> dict[str, Any]:
+    ladder = policies["ladder"]["points"]
+    base, vmodel = policies[BASELINE]["points"], policies["visual-model"]["points"]
+    return {"strict": compare(base, ladder, "macs", "macs_lazy_audio"),
+            "eager": compare(base, ladder, "macs", "macs"),
+            "latency": compare(base, ladder, "ms_per_sample", "ms_per_sample"),
+            "visual_model": compare(vmodel, ladder, "macs", "macs"),
+            "visual_model_latency": compare(vmodel, ladder, "ms_per_sample", "ms_per_sample")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     s = settings(args)
     out = Path(args.out) if args.out else RESULTS / ("multimodal-quick.json" if args.quick else "multimodal.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     ckpt = Path(args.checkpoints) / ("quick" if args.quick else "full") if args.checkpoints else None
-    if args.reuse and ckpt is None:
-        raise SystemExit("--reuse needs --checkpoints")
     t_start = time.time()
     prev_grad = torch.is_grad_enabled()
     try:
@@ -537,61 +616,22 @@ def main(argv: list[str] | None = None) -> int:
         data = {"audiovisual": splits_of(crowd), "visual": splits_of(crowd, audio=False)}
         gen_seconds = round(time.time() - t0, 1)
         log.info("generated %d synthetic scenes in %.0f s", s.scenes, gen_seconds)
-        models: dict[str, MultiExitModel] = {}
-        train_seconds: dict[str, dict[str, float]] = {}
-        for key, exits_spec in (("audiovisual", EXITS), ("visual", VISUAL_EXITS)):
-            where = None if ckpt is None else ckpt / key
-            if args.reuse:
-                models[key] = reuse_model(where, data[key], s.seed)
-            else:
-                models[key], train_seconds[key] = train_model(data[key], exits_spec, s, where)
+        models, train_seconds = obtain_models(data, s, ckpt, args.reuse)
         torch.set_grad_enabled(False)
         names = list(crowd.lighting_names)
         lighting = crowd.test.tensors[3].numpy()
         test_sets = {"audiovisual": TensorDataset(*crowd.test.tensors[:3]),
                      "visual": TensorDataset(crowd.test.tensors[0], crowd.test.tensors[2])}
-        test, val, costs, exit_rows = {}, {}, {}, {}
-        for key, model in models.items():
-            model.eval()
-            test[key] = {r.name: r for r in evaluate(model, test_sets[key])}
-            val[key] = {r.name: r for r in evaluate(model, data[key].val)}
-            costs[key] = unit_costs(model, crowd.image_shape)
-            exit_rows[key] = exit_table(model, list(test[key].values()), lighting, names, costs[key])
-            for row, r in zip(exit_rows[key], evaluate(model, data[key].train)):  # how far each head overfits
-                row["mae_train"] = float(r.error.mean())
-                row["std_train"] = float(r.confidence.mean())
-            for row, r in zip(exit_rows[key], test[key].values()):
-                row["std"] = float(r.confidence.mean())
+        e = evaluate_models(models, data, test_sets, crowd, lighting, names)
         t0 = time.time()
-        policies = {}
-        for name, (key, chosen) in POLICIES.items():
-            thresholds = thresholds_for(val[key], chosen, s.quantiles)
-            macs = walk_costs(costs[key], models[key], chosen)
-            policies[name] = {"model": key, "exits": chosen, "thresholds": thresholds,
-                              "walk_macs": {"eager": macs[0].tolist(), "lazy_audio": macs[1].tolist()},
-                              "points": policy_curve(test[key], chosen, thresholds, lighting, names, macs)}
-        latency = measure_latency({k: (models[v["model"]], v["exits"], v["thresholds"]) for k, v in policies.items()},
-                                  test_sets["audiovisual"], s.batch_size, s.reps)
-        for name, pol in policies.items():
-            pol["latency"] = latency[name]
-            pol["thresholds"] = [t if math.isfinite(t) else "inf" for t in pol["thresholds"]]
-            for p, q in zip(pol["points"], pol["latency"]):
-                p["ms_per_sample"] = q["ms_per_sample"]
-                if abs(p["mae"] - q["mae_measured"]) > 1e-3 * max(1.0, p["mae"]):
-                    log.warning("policy %s thr %s: walk MAE %.4f, EdgeHalf+CloudHalf MAE %.4f", name,
-                                p["threshold"], p["mae"], q["mae_measured"])
+        policies = measure_policies(models, e, test_sets["audiovisual"], s, lighting, names)
         latency_seconds = round(time.time() - t0, 1)
-        ladder = policies["ladder"]["points"]
-        base, vmodel = policies[BASELINE]["points"], policies["visual-model"]["points"]
-        comparison = {"strict": compare(base, ladder, "macs", "macs_lazy_audio"),
-                      "eager": compare(base, ladder, "macs", "macs"),
-                      "latency": compare(base, ladder, "ms_per_sample", "ms_per_sample"),
-                      "visual_model": compare(vmodel, ladder, "macs", "macs"),
-                      "visual_model_latency": compare(vmodel, ladder, "ms_per_sample", "ms_per_sample")}
+        comparison = compare_policies(policies)
+        points = {"ladder": policies["ladder"]["points"], BASELINE: policies[BASELINE]["points"],
+                  "visual-model": policies["visual-model"]["points"]}
         result = {
             "command": " ".join(["python -m bench.multimodal", *(argv if argv is not None else sys.argv[1:])]),
-            "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                        "platform": platform.platform(), "torch": torch.__version__},
+            "machine": {**machine(), "torch_threads": torch.get_num_threads(), "platform": platform.platform()},
             "data": crowd.spec if crowd.spec != CROWD_SPEC else f"{CROWD_SPEC} (3000 scenes)",
             "synthetic": True, "seed": s.seed,
             "settings": {**{k: v for k, v in asdict(s).items() if k != "train"}, "train": asdict(s.train)},
@@ -599,11 +639,12 @@ def main(argv: list[str] | None = None) -> int:
             "train_samples": len(crowd.train), "val_samples": len(crowd.val), "test_samples": len(crowd.test),
             "lighting_names": names,
             "test_lighting_counts": {n: int((lighting == k).sum()) for k, n in enumerate(names)},
-            "costs": costs["audiovisual"], "exits": exit_rows["audiovisual"],
-            "visual_model": {"exits_trained": VISUAL_EXITS, "costs": costs["visual"], "exits": exit_rows["visual"]},
+            "costs": e.costs["audiovisual"], "exits": e.exit_rows["audiovisual"],
+            "visual_model": {"exits_trained": VISUAL_EXITS, "costs": e.costs["visual"],
+                             "exits": e.exit_rows["visual"]},
             "policies": policies, "comparison": comparison,
-            "verdict": verdicts(exit_rows["audiovisual"], test["audiovisual"], lighting, names.index("dark"),
-                                comparison, {"ladder": ladder, BASELINE: base, "visual-model": vmodel}, s.seed),
+            "verdict": verdicts(e.exit_rows["audiovisual"], e.test["audiovisual"], lighting, names.index("dark"),
+                                comparison, points, s.seed),
             "seconds": {"generate": gen_seconds, **{f"train_{k}": v for k, v in train_seconds.items()},
                         "policies_and_latency": latency_seconds, "total": round(time.time() - t_start, 1)},
         }

@@ -40,6 +40,7 @@ import numpy as np
 from offramp.core.hostinfo import machine
 from offramp.core.tables import format_table
 from orchestrator.loadgen import write_result
+from orchestrator.replay import Replay
 
 RESULTS = Path(__file__).resolve().parent / "results" / "routes"
 EXPERIMENT = Path(__file__).resolve().parent.parent / "orchestrator" / "experiments" / "routes.toml"
@@ -64,57 +65,6 @@ def load_records(out: Path) -> list[dict[str, Any]]:
 
     with csv_path.open() as fh:
         return list(csv.DictReader(fh))
-
-
-def replayed_accuracy(config: Any, records: list[dict[str, Any]], polls: list[dict[str, Any]]) -> dict[int, float]:
-    """Per point, the mean over its requests of the validation accuracy of the route and thresholds in force
-    when each was sent (fixed points: their own; adaptive ones: the poll just before); the input route's is
-    the whole model's on the validation inputs as the cloud receives them (JPEG at the baselines' quality)."""
-    from offramp.core.scores import default_score
-    from offramp.core.checkpoint import read_card
-    from offramp.training.calibrate import Target, calibrate_checkpoint, calibrate_input_route
-
-    input_route = {"accuracy": calibrate_input_route(config.checkpoint, config.baselines.jpeg_quality,
-                                                     data=config.workload.data).accuracy}
-
-    card = read_card(config.checkpoint)
-    e = config.edge
-    by_point: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for p in polls:
-        by_point[p["point"]].append(p)
-    settings: dict[tuple[float, ...], float] = {}
-    wanted = {tuple(p["thresholds"]) for p in polls if p.get("route", "split") != "input"}
-    calibration = calibrate_checkpoint(
-        config.checkpoint, Target(accuracy_drop=config.study.accuracy_drop),
-        score=e.score or default_score(card.config.task), data=config.workload.data,
-        edge={"split_block": e.split_block, "exits": list(e.exits) if e.exits else None},
-        evaluate_thresholds=tuple(sorted(wanted)))
-    for t, point in zip(sorted(wanted), calibration.evaluated):
-        settings[t] = point.quality
-    full = calibration.full_quality
-    out: dict[int, float] = {}
-    points = sorted({r["point"] for r in records})
-    for point in points:
-        rows = [r for r in records if r["point"] == point]
-        variant = rows[0]["variant"]
-        if variant in ("edge_only", "fixed_split"):
-            out[point] = full  # the whole model (the split's int8 tokens change no answer that matters)
-            continue
-        if variant == "cloud_only":
-            out[point] = input_route["accuracy"] if input_route else math.nan
-            continue
-        mine = sorted(by_point.get(point, []), key=lambda p: p["t_s"])
-        values = []
-        for r in rows:
-            before = [p for p in mine if p["t_s"] <= r["sent_s"]] or mine[:1]
-            if not before:
-                values.append(math.nan)
-                continue
-            p = before[-1]
-            values.append(input_route["accuracy"] if p.get("route") == "input" and input_route
-                          else settings.get(tuple(p["thresholds"]), math.nan))
-        out[point] = float(np.nanmean(values)) if values else math.nan
-    return out
 
 
 def cloud_macs(record: dict[str, Any], full_macs: float, tail_macs: float) -> float:
@@ -172,8 +122,8 @@ def summarize(out: Path, experiment: Path = EXPERIMENT) -> dict[str, Any]:
     full_macs = float(count_macs(model.final, x))
     split = config.edge.split_block if config.edge.split_block is not None else card.split_block
     tail_macs = full_macs - float(count_macs(lambda t: model.backbone.head(t, split), x))
-    replayed = replayed_accuracy(config, records, polls)
-    slo = config.edge.latency_slo_ms
+    replayed = Replay(config, polls, fixed={}).per_point(records)  # fixed points: their polled thresholds
+    slo = config.edge.controller.latency_slo_ms
     rows = point_rows(records)
     links: dict[str, dict[str, Any]] = {}
     timelines: dict[str, list[dict[str, Any]]] = {}

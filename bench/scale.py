@@ -36,6 +36,7 @@ from edge_node.pool import ReplicaPool
 from offramp.core.tables import format_table
 from offramp.core.wire import pb
 from offramp.serving.daemon_proc import DaemonProcess
+from offramp.serving.config import CloudConnection
 from orchestrator.floors import child_server, serve_echo
 from orchestrator.loadgen import SERVER_CORES, closed_loop, connected_clients, machine, offload_tokens, write_result
 
@@ -153,7 +154,7 @@ async def workers_throughput(checkpoint: str, card: Any, tokens: list[pb.Encoded
 async def pool_under_failure(checkpoint: str, card: Any, tokens: list[pb.EncodedTensor], seconds: float,
                              edges: int = 12) -> dict[str, Any]:
     """(c): 3 replicas, ``edges`` pools of them; replica 2 killed at a third, restarted at two thirds."""
-    settings = OffloadSettings(backoff_initial_s=0.05, backoff_max_s=1.0, connect_timeout_s=1.0)
+    settings = OffloadSettings(CloudConnection(reconnect_initial_s=0.05, reconnect_max_s=1.0, connect_timeout_s=1.0))
     clouds = [DaemonProcess("cloud", ["--checkpoint", checkpoint, "--threads", "1"]) for _ in range(3)]
     for c in clouds:
         c.start()

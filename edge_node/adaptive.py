@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from offramp.core.operating_points import CalibrationTable, InputRouteCalibration
+from offramp.serving.config import ControllerSettings
 
 from .controller import Decision, Option, State, step
 from .measure import Measured, Measurements
@@ -76,12 +77,14 @@ def options_for(tables: Sequence[CalibrationTable], fingerprint: str, exits: Map
 class Adaptive:
     """The controller's state on one edge: ``tick`` once per batch, ``settings`` for the policy in force."""
 
-    def __init__(self, options: Sequence[Option], slo_ms: float, measurements: Measurements, score: str,
-                 window_s: float = 0.0, clock: Callable[[], float] = time.monotonic, slack: float = 0.0) -> None:
+    def __init__(self, options: Sequence[Option], settings: ControllerSettings, measurements: Measurements,
+                 score: str, clock: Callable[[], float] = time.monotonic) -> None:
+        if settings.latency_slo_ms is None:
+            raise ValueError("the latency controller needs latency_slo_ms, the p95 target it keeps")
         self.options = list(options)
-        self.slack = slack
-        self.slo_ms = slo_ms
-        self.window_s = window_s
+        self.slack = settings.accuracy_slack_points / 100
+        self.slo_ms = settings.latency_slo_ms
+        self.window_s = settings.slo_window_s
         self.measurements = measurements
         self.score = score
         self._clock = clock

@@ -19,6 +19,8 @@ Latency model of one option (an operating point at a split):
 * an option's upload scales with its bytes: where the option's bytes per request (measured for its split or
   route, else calibrated) differ from those of the offloads the link was measured with, ``transfer`` and
   ``serialise`` scale by their ratio (jitter is taken to scale too: conservative for larger payloads);
+* the mean (``predict_mean``) is that of the same mixture, with the link's typical time (``serialise``) for
+  the transfer and the M/M/1 wait's mean ``rho * serialise / (1 - rho)``;
 * the p95 is that of the mixture: the smallest ``t`` with ``sum_k share_k * P(L_k > t) <= tail``. Over all
   requests ``tail`` is 5 %: offloads slower than the target still fit when at most 5 % of the samples take
   them; that is how a slow link is met: the exits answer more.
@@ -175,6 +177,25 @@ def predict_p95(option: Option, c: Conditions, tail: float = TAIL) -> float:
     return hi
 
 
+def predict_mean(option: Option, c: Conditions) -> float:
+    """The option's mean latency (ms) under ``c``: what "fastest" means among options that meet the target
+    and are equally accurate within the slack (users and studies compare means; the p95 is the constraint);
+    ``inf`` when the uplink could not carry its offloads."""
+    scale = c.upload_scale(option)
+    f = option.shares[-1] if not option.local_only else 0.0
+    rho = c.utilisation(f, scale)
+    if f > 0 and rho >= MAX_UTILISATION:
+        return math.inf
+    serialise = c.serialise_ms * scale
+    wait = rho * serialise / (1 - rho) if rho > 0 else 0.0
+    network = (c.rtt_ms or 0.0) + serialise + c.cloud_for(option.link_key) + wait
+    if option.route == "input":
+        return network
+    compute = c.compute_ms[option.split_block]
+    local = sum(share * (c.edge_queue_ms + compute[k]) for k, share in enumerate(option.shares[:-1]))
+    return local + f * (c.edge_queue_ms + compute[-1] + network)
+
+
 @dataclass(frozen=True)
 class State:
     """What the controller remembers between decisions."""
@@ -205,11 +226,12 @@ def step(options: Sequence[Option], c: Conditions, slo_ms: float, state: State, 
     """One decision at time ``now`` (seconds, any origin): keep the current option or move (see the module).
     ``window_s``: the target holds for the p95 of windows this long (0: of all requests). ``slack``: expected
     accuracy (a fraction) the controller may give up for speed: options within it of the most accurate one
-    that meets the target count as equally good, and the fastest of them (lowest predicted p95) is taken."""
+    that meets the target count as equally good, and the fastest of them (lowest predicted mean) is taken."""
     if not options:
         raise ValueError("the controller needs at least one option")
     tail = window_tail(c.request_rate, window_s)
     p95 = tuple(predict_p95(o, c, tail) for o in options)
+    mean = tuple(predict_mean(o, c) for o in options) if slack else p95
     cur = state.current
     limit = slo_ms * (1 - HEADROOM)
     before = state.good_since if len(state.good_since) == len(options) else (math.inf,) * len(options)
@@ -223,7 +245,7 @@ def step(options: Sequence[Option], c: Conditions, slo_ms: float, state: State, 
             return max(candidates, key=lambda i: (options[i].accuracy, -options[i].offload))
         top = max(options[i].accuracy for i in candidates)
         near = [i for i in candidates if options[i].accuracy >= top - slack - 1e-12]
-        return min(near, key=lambda i: (p95[i], -options[i].accuracy, options[i].offload))
+        return min(near, key=lambda i: (mean[i], p95[i], -options[i].accuracy, options[i].offload))
 
     def best(limit: float) -> int | None:
         fits = [i for i in range(len(options)) if p95[i] <= limit]
@@ -262,7 +284,7 @@ def step(options: Sequence[Option], c: Conditions, slo_ms: float, state: State, 
     if up is not None and up != cur and (
             options[up].accuracy > options[cur].accuracy + slack + MIN_GAIN
             or (slack and options[up].accuracy >= options[cur].accuracy - slack
-                and p95[up] < p95[cur] * (1 - HEADROOM))):
+                and mean[up] < mean[cur] * (1 - HEADROOM))):
         return moved(up, f"a better option met the target for {hold:g} s (p95 {p95[up]:.0f} ms)", hold_s=hold)
     return moved(cur, "meets the target", hold_s=hold)
 

@@ -37,6 +37,7 @@ from offramp.core.checkpoint import Card
 from offramp.core.codec import CodecConfig, encode, encode_code, zstd_dictionary
 from offramp.core.data.preprocess import encode_images
 from offramp.core.operating_points import CalibrationTable, InputRouteCalibration
+from offramp.serving.config import ControllerSettings
 from offramp.core.exit_rule import always_leave, never_leave
 from offramp.netem.profiles import slowed
 from offramp.serving.batcher import Batcher, lone_on_loop
@@ -133,12 +134,10 @@ class EdgeEngine:
         """Per split block, its compute stages: its exits, then the split itself."""
         return {split: [*names, "split"] for split, names in self.split_exit_names.items()}
 
-    def adapt(self, slo_ms: float, tables: Sequence[CalibrationTable], window_s: float = 0.0,
-              input_route: InputRouteCalibration | None = None, route: str | None = None,
-              slack: float = 0.0) -> None:
-        """Let a controller choose the route and thresholds to meet a p95 of ``slo_ms`` (over windows of
-        ``window_s``, 0: over all requests) from the calibration ``tables`` and ``input_route``; only among
-        ``route``'s options where one is fixed.
+    def adapt(self, controller: ControllerSettings, tables: Sequence[CalibrationTable],
+              input_route: InputRouteCalibration | None = None, route: str | None = None) -> None:
+        """Let a controller choose the route and thresholds to meet the ``controller``'s p95 target from the
+        calibration ``tables`` and ``input_route``; only among ``route``'s options where one is fixed.
 
         ``ValueError`` when the tables are not this edge's, or when the target is below the time the edge's
         fastest exit takes here (profiled now): no choice could meet it.
@@ -149,11 +148,14 @@ class EdgeEngine:
         exit_times = {}  # (time, exit name) of every exit, on every split
         for split, names in self.split_exit_names.items():
             exit_times.update({name: ms for name, ms in zip(names, self.profile(split))})
+        slo_ms = controller.latency_slo_ms
+        if slo_ms is None:
+            raise ValueError("the latency controller needs latency_slo_ms, the p95 target it keeps")
         if exit_times and slo_ms < min(exit_times.values()):
             fastest = min(exit_times, key=exit_times.__getitem__)
             raise ValueError(f"latency_slo_ms {slo_ms:g} is below what this edge needs to answer at all: its "
                              f"fastest exit, {fastest}, takes {exit_times[fastest]:.1f} ms here")
-        self.adaptive = Adaptive(options, slo_ms, self.measurements, score, window_s, slack=slack)
+        self.adaptive = Adaptive(options, controller, self.measurements, score)
         self.policy.follow(self.adaptive.settings)
 
     def profile(self, split: int, repeats: int = 5) -> list[float]:

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from offramp.serving.security import bearer_metadata
+from offramp.serving.config import CloudConnection, EdgeConfig
+from offramp.serving.security import bearer_metadata, channel_credentials, read_token
 from offramp.core.wire import FINGERPRINT_METADATA, pb, pb_grpc, status_code
 
 log = logging.getLogger(__name__)
@@ -64,19 +65,22 @@ def _expire(future: asyncio.Future, timeout_s: float) -> None:
 
 @dataclass(frozen=True)
 class OffloadSettings:
-    """Connection behaviour; ``EdgeConfig`` fills it in."""
+    """What an offload client needs besides the clouds' addresses: the edge's ``[connection]`` settings as they
+    are, and what its ``[cloud_tls]`` settings and message limit come to (``from_config``)."""
 
-    backoff_initial_s: float = 0.1
-    backoff_max_s: float = 5.0
-    connect_timeout_s: float = 5.0
+    connection: CloudConnection = CloudConnection()
     max_message_bytes: int = 64 << 20
     credentials: grpc.ChannelCredentials | None = None  # None: plaintext
     server_name: str | None = None  # name to check the cloud's certificate against, if not the host's
     token: str | None = None  # bearer token the clouds expect
-    failback_check_s: float = 2.0  # while a secondary serves, how often to ask the clouds before it; 0: never
-    keepalive_s: float = 20.0  # ping the cloud this often; an unanswered ping ends the stream after
-    keepalive_timeout_s: float = 10.0  # ... this long: a half-open connection is noticed within their sum
-    probe_interval_s: float = 0.5  # time a health check on the connection this often (the rtt); 0: never
+
+    @classmethod
+    def from_config(cls, config: EdgeConfig) -> OffloadSettings:
+        """The edge's settings, its certificate and token files read."""
+        tls = config.cloud_tls
+        credentials = channel_credentials(tls.ca, tls.cert, tls.key) if tls.ca is not None else None
+        return cls(config.connection, config.max_message_bytes, credentials, tls.server_name,
+                   read_token(tls.token_file) if tls.token_file is not None else None)
 
 
 def pairing_problem(cloud: pb.DescribeReply, fingerprint: str, split_blocks: int | Sequence[int]) -> str | None:
@@ -134,15 +138,15 @@ class OffloadClient:
         self._options = [
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.keepalive_time_ms", int(settings.keepalive_s * 1000)),
-            ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
+            ("grpc.keepalive_time_ms", int(settings.connection.keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(settings.connection.keepalive_timeout_s * 1000)),
             ("grpc.http2.max_pings_without_data", 0),  # the stream may idle while every sample exits early
             # Keep pinging while nothing comes back (gRPC's default spaces such pings 5 minutes apart):
             # that silence is exactly what a half-open connection looks like.
-            ("grpc.http2.min_time_between_pings_ms", int(settings.keepalive_s * 1000)),
+            ("grpc.http2.min_time_between_pings_ms", int(settings.connection.keepalive_s * 1000)),
             # Any ping unanswered that long ends the connection, not only keepalive's: gRPC's own
             # bandwidth probes are pings too, and one left hanging would otherwise hold keepalive back.
-            ("grpc.http2.ping_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
+            ("grpc.http2.ping_timeout_ms", int(settings.connection.keepalive_timeout_s * 1000)),
             # A connection of its own, as a device has: clients in one process (a load generator's edges, a
             # pool's replicas) would otherwise share one, and a cloud's workers would each see all or none.
             ("grpc.use_local_subchannel_pool", 1),
@@ -214,7 +218,7 @@ class OffloadClient:
         The back-off only resets after a stream that held up for ``backoff_max_s``,
         so a cloud that accepts and then drops every stream is not hammered.
         """
-        delay = self.settings.backoff_initial_s
+        delay = self.settings.connection.reconnect_initial_s
         while True:
             lived = None
             for rank, address in enumerate(self.addresses):
@@ -223,12 +227,12 @@ class OffloadClient:
                     break
             if self._failing_back:  # a cloud before the one just left is back: go to it now
                 self._failing_back = False
-                delay = self.settings.backoff_initial_s
+                delay = self.settings.connection.reconnect_initial_s
                 continue
-            if lived is not None and lived >= self.settings.backoff_max_s:
-                delay = self.settings.backoff_initial_s
+            if lived is not None and lived >= self.settings.connection.reconnect_max_s:
+                delay = self.settings.connection.reconnect_initial_s
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # jitter: edges must not reconnect in lockstep
-            delay = min(2 * delay, self.settings.backoff_max_s)
+            delay = min(2 * delay, self.settings.connection.reconnect_max_s)
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         credentials = self.settings.credentials
@@ -238,7 +242,7 @@ class OffloadClient:
     async def _describe(self, stub: pb_grpc.OffloadStub, address: str) -> pb.DescribeReply | None:
         """The cloud's description if it pairs with this edge; otherwise None, and why is noted."""
         try:
-            cloud = await stub.Describe(pb.DescribeRequest(), timeout=self.settings.connect_timeout_s,
+            cloud = await stub.Describe(pb.DescribeRequest(), timeout=self.settings.connection.connect_timeout_s,
                                         metadata=self._metadata)
         except grpc.aio.AioRpcError as e:
             self._note(address, f"{e.code().name} ({e.details()})", logging.WARNING, "cloud %s is unreachable: %s")
@@ -254,7 +258,7 @@ class OffloadClient:
         that pairs, stop sending here (callers fail fast for the moment of the switch), let this cloud
         answer what it has, and end the session so that ``_run`` connects to the one that is back."""
         while True:
-            await asyncio.sleep(self.settings.failback_check_s)
+            await asyncio.sleep(self.settings.connection.failback_check_s)
             for address in self.addresses[:rank]:
                 async with self._channel(address) as channel:
                     if await self._describe(pb_grpc.OffloadStub(channel), address) is None:
@@ -263,7 +267,7 @@ class OffloadClient:
                 self._failing_back = True
                 self._stream = None
                 stream.outbox.put_nowait(None)
-                await asyncio.sleep(self.settings.connect_timeout_s)
+                await asyncio.sleep(self.settings.connection.connect_timeout_s)
                 call.cancel()  # answers still missing by now fail over as a lost stream's do
                 return
 
@@ -286,9 +290,9 @@ class OffloadClient:
                      cloud.max_batch_size)
             reason = "the cloud closed the stream"
             watcher = (asyncio.create_task(self._watch_preferred(rank, stream, call))
-                       if rank > 0 and self.settings.failback_check_s > 0 else None)
+                       if rank > 0 and self.settings.connection.failback_check_s > 0 else None)
             prober = (asyncio.create_task(self._probe(channel))
-                      if self.on_rtt is not None and self.settings.probe_interval_s > 0 else None)
+                      if self.on_rtt is not None and self.settings.connection.probe_interval_s > 0 else None)
             try:
                 async for reply in call:
                     self._resolve(reply)
@@ -323,10 +327,10 @@ class OffloadClient:
         the quickest of them is the link's round trip (the gRPC service itself costs well under a millisecond)."""
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
-            await asyncio.sleep(self.settings.probe_interval_s)
+            await asyncio.sleep(self.settings.connection.probe_interval_s)
             t0 = time.perf_counter()
             try:
-                await stub.Check(health_pb2.HealthCheckRequest(), timeout=self.settings.connect_timeout_s)
+                await stub.Check(health_pb2.HealthCheckRequest(), timeout=self.settings.connection.connect_timeout_s)
             except grpc.aio.AioRpcError as e:
                 log.debug("rtt probe failed: %s", e.code().name)
                 continue

@@ -24,14 +24,13 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from offramp.core.checkpoint import Card, load_checkpoint, read_card
-from offramp.core.codec import CodecConfig
 from offramp.serving.config import EdgeConfig, non_defaults
 from offramp.serving.daemon import (DaemonServer, StartupLog, bind, grpc_server, listen_host, on_loopback,
                                     run_until_signalled, start_metrics)
 from offramp.core.errors import OfframpError
 from offramp.core.exit_rule import exits_up_to
 from offramp.core.scores import default_score
-from offramp.serving.security import ADMIN_METHODS, BearerTokenInterceptor, channel_credentials, read_token
+from offramp.serving.security import ADMIN_METHODS, BearerTokenInterceptor, read_token
 from offramp.serving.guard import MalformedLog, add_service
 from offramp.serving.inputs import InputError, request_inputs
 from offramp.serving.offloop import call_by_size
@@ -152,34 +151,24 @@ def build_engine(config: EdgeConfig) -> EdgeEngine:
         settings = (default_settings(half.num_exits, score, config.offload_enabled, route) if config.thresholds is None
                     else PolicySettings(config.thresholds, score, config.offload_enabled, route=route))
         policy = ExitPolicy(settings, half.num_exits, task, {h.split_block: h.num_exits for h in (half, *others)})
-        codec = CodecConfig(config.codec, config.top_k, config.zstd_level)
         offload = None
         if config.cloud:
-            credentials = (channel_credentials(config.cloud_tls_ca, config.cloud_tls_cert, config.cloud_tls_key)
-                           if config.cloud_tls_ca is not None else None)
-            token = read_token(config.cloud_token_file) if config.cloud_token_file is not None else None
-            settings = OffloadSettings(
-                backoff_initial_s=config.reconnect_initial_s, backoff_max_s=config.reconnect_max_s,
-                connect_timeout_s=config.connect_timeout_s, failback_check_s=config.failback_check_s,
-                keepalive_s=config.keepalive_s, keepalive_timeout_s=config.keepalive_timeout_s,
-                max_message_bytes=config.max_message_bytes,
-                credentials=credentials, server_name=config.cloud_tls_server_name, token=token)
+            connection = OffloadSettings.from_config(config)
             if config.cloud_balance == "failover":
-                offload = OffloadClient(list(config.cloud), card.fingerprint, splits, settings)
+                offload = OffloadClient(list(config.cloud), card.fingerprint, splits, connection)
             else:
                 check_resolvable(config.cloud)
-                offload = ReplicaPool(config.cloud, card.fingerprint, splits, settings, config.cloud_balance,
+                offload = ReplicaPool(config.cloud, card.fingerprint, splits, connection, config.cloud_balance,
                                       config.cloud_resolve_s)
-        engine = EdgeEngine(half, card, policy, codec, config.deadline_ms, offload, config.max_batch, config.slowdown,
-                            others, config.input_quality)
+        engine = EdgeEngine(half, card, policy, config.codec, config.deadline_ms, offload, config.max_batch,
+                            config.slowdown, others, config.input_quality)
     except PolicyError as e:
         raise OfframpError(f"edge policy: {e}") from None
     except ValueError as e:
         raise OfframpError(f"cannot serve '{config.checkpoint}': {e}") from None
-    if config.latency_slo_ms is not None:
+    if config.controller.latency_slo_ms is not None:
         try:
-            engine.adapt(config.latency_slo_ms, config.calibration, config.slo_window_s, config.input_route,
-                         config.route, config.accuracy_slack_points / 100)
+            engine.adapt(config.controller, config.calibration, config.input_route, config.route)
         except ValueError as e:
             raise OfframpError(str(e)) from None
     return engine

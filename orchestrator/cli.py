@@ -1,4 +1,4 @@
-"""``offramp experiment run`` and ``offramp experiment show``.
+"""``offramp experiment run``, ``summarize`` and ``show``.
 
 Only argparse is imported up front; Ray, torch and matplotlib load when a
 command runs, so ``offramp --help`` stays fast.
@@ -9,7 +9,7 @@ import argparse
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``experiment`` (with ``run`` and ``show``) to the ``offramp`` command's subparsers."""
+    """Add ``experiment`` (with ``run``, ``summarize`` and ``show``) to the ``offramp`` command's subparsers."""
     p = sub.add_parser(
         "experiment", help="run a sweep of edge/cloud experiments on Ray, with baselines, records and plots",
         description="An experiment file names a checkpoint, the daemons' settings, the workload per edge and "
@@ -32,6 +32,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                      help="the progress bar (default: on; --no-progress hides it)")
     run.set_defaults(run=_run)
+    again = actions.add_parser(
+        "summarize", help="write the summary and plots again from a run's records, with this code's study",
+        description="Reads what 'run' left in the output folder (records, the edges' policy polls, the "
+                    "calibration) and writes summary.csv/.json and plots/*.png again: for a study whose "
+                    "reading changed since the run (the replayed accuracy), without running any point.")
+    again.add_argument("file", metavar="FILE.toml", help="the experiment file of the run")
+    again.add_argument("--out", metavar="DIR", help="the run's output folder (default: as for run)")
+    again.set_defaults(run=_summarize)
     show = actions.add_parser("show", help="print the sweep points an experiment file expands to")
     show.add_argument("file", metavar="FILE.toml", help="experiment file")
     show.set_defaults(run=_show)
@@ -64,6 +72,17 @@ def _run(args: argparse.Namespace) -> int:
     print(f"summary: {result.out_dir / 'summary.csv'}, {result.out_dir / 'summary.json'}")
     for plot in result.plots:
         print(f"plot:    {plot}")
+    return 0
+
+
+def _summarize(args: argparse.Namespace) -> int:
+    from .config import load_experiment
+    from .sweep import summarize_experiment
+
+    config = load_experiment(args.file, out=args.out)
+    for plot in summarize_experiment(config):
+        print(f"plot:    {plot}")
+    print(f"summary: {config.out_dir / 'summary.csv'}, {config.out_dir / 'summary.json'}")
     return 0
 
 

@@ -37,7 +37,7 @@ import math
 import os
 import typing
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from offramp.serving.config import CloudConfig, CodecName, EdgeConfig, build, read_toml, require, setting
 from offramp.core.errors import OfframpError
@@ -262,7 +262,7 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         require(bool(self.name) and "/" not in self.name, "name must be a non-empty string without '/'")
         adaptive = [p for p in self.sweep.policies if p != "fixed"]
-        require(not adaptive or self.edge.latency_slo_ms is not None,
+        require(not adaptive or self.edge.controller.latency_slo_ms is not None,
                 f"sweep.policies {', '.join(adaptive)} need edge.latency_slo_ms, the p95 target the controller keeps")
         two = "adaptive_two_splits" in self.sweep.policies
         require(not two or len(self.edge.split_blocks or ()) >= 2,
@@ -278,6 +278,8 @@ class ExperimentConfig:
 
 
 # Daemon settings each point sets itself: in [edge] or [cloud] they would be silently replaced.
+# The edge's codec format (``codec``, or ``dtype`` in ``[edge.codec]``) is set per point; its other codec settings
+# (``[edge.codec] top_k``) are the experiment's.
 SET_PER_POINT = {"edge": ("checkpoint", "listen", "cloud", "thresholds", "codec", "calibration"),
                  "cloud": ("checkpoint", "listen", "split_blocks")}
 
@@ -294,7 +296,7 @@ def load_experiment(path: str | Path, *, checkpoint: str | None = None, out: str
         if not isinstance(section, dict):
             continue
         for key in keys:
-            if key in section:
+            if key in section and not (key == "codec" and isinstance(section[key], dict) and "dtype" not in section[key]):
                 raise OfframpError(f"{path}: {daemon}.{key} is set per point (the checkpoint at the top, thresholds "
                                    f"and codecs in [sweep], calibration tables and the cloud's splits by the "
                                    f"policy), not in [{daemon}]")

@@ -82,6 +82,18 @@ def write_records(records: Sequence[Record], out: Path, name: str = "records") -
     return path
 
 
+def read_records(out: Path, name: str = "records") -> list[Record]:
+    """What ``write_records`` wrote (parquet, else CSV with its columns as strings); [] where there is none."""
+    if (out / f"{name}.parquet").is_file():
+        import pyarrow.parquet as pq
+
+        return pq.read_table(out / f"{name}.parquet").to_pylist()
+    if (out / f"{name}.csv").is_file():
+        with (out / f"{name}.csv").open(newline="") as fh:
+            return list(csv.DictReader(fh))
+    return []
+
+
 def summarize(records: Iterable[Record]) -> list[Row]:
     """One row per sweep point: its parameters and the metrics over its requests."""
     by_point: dict[int, list[Record]] = defaultdict(list)

@@ -3,9 +3,9 @@
 A phase is a stretch of constant conditions: it ends where any edge's link schedule steps or the
 ``[cloud_load]`` rate changes. Per point and phase the summary gives ``p95_ms``, the measured
 ``accuracy`` of the answered requests (with its 95 % interval: a few hundred requests do not resolve a
-point), ``accuracy_offline`` (what the policy in force is worth on the whole validation split: the
-calibration's cascade of fixed thresholds, or the controller's expected accuracy polled once a second,
-per request) and ``offload_share``. Per point, ``p95_within_target_share`` is the share of windows of
+point), ``accuracy_replayed`` (what the route and thresholds in force for each request score on the whole
+validation split by its true labels, with its 95 % interval: ``orchestrator.replay``; never the
+controller's own expectation) and ``offload_share``. Per point, ``p95_within_target_share`` is the share of windows of
 ``edge.slo_window_s`` (one second by default: as the edge judges its target), those starting within
 ``settle_s`` of a change left out, whose p95 met ``edge.latency_slo_ms``;
 a request never answered counts as infinitely slow. ``plot`` draws the per-second timelines.
@@ -33,6 +33,7 @@ from offramp.netem import Schedule
 from offramp.training.plots import pyplot
 
 from .config import ExperimentConfig, LinkSpec
+from .replay import interval
 from .workload import Record
 
 WINDOW_S = 1.0  # the timelines' window when the edge judges its target over all requests (slo_window_s 0)
@@ -87,10 +88,14 @@ class Study:
     """The policy study over the points of one experiment (see the module docstring)."""
 
     def __init__(self, config: ExperimentConfig, points: Sequence[Any], records: Sequence[Record],
-                 policy: Sequence[dict[str, Any]], cloud_load: Sequence[Record], calibration: Any) -> None:
+                 policy: Sequence[dict[str, Any]], cloud_load: Sequence[Record], calibration: Any,
+                 fixed: dict[int, tuple[float, ...]]) -> None:
+        """``fixed``: the thresholds each fixed point ran with, by point index."""
         self.config = config
-        self.target = config.edge.latency_slo_ms
-        self.window_s = config.edge.slo_window_s or WINDOW_S
+        self.fixed = fixed
+        self.replay: Any = None  # orchestrator.replay.Replay, built when first needed (it evaluates the model)
+        self.target = config.edge.controller.latency_slo_ms
+        self.window_s = config.edge.controller.slo_window_s or WINDOW_S
         self.points = [p for p in points if p.variant == "system"]
         self.records: dict[int, list[Record]] = defaultdict(list)
         for r in records:
@@ -116,26 +121,19 @@ class Study:
     def phases(self, point: Any) -> list[Phase]:
         return phases(point.profile, point.edges, self.config.cloud_load.steps, self.end_s)
 
-    def offline(self, point: Any, record: Record) -> float:
-        """What the policy in force when ``record`` arrived is worth on the validation split (NaN: unknown)."""
-        cal = self.calibration
-        if cal is None:
-            return math.nan
-        if point.policy == "fixed":
-            if point.thresholds == "calibrated":
-                return cal.chosen.quality
-            fixed = [p for p in self.points if p.policy == "fixed" and p.thresholds != "calibrated"]
-            return cal.evaluated[[p.thresholds for p in fixed].index(point.thresholds)].quality \
-                if len(cal.evaluated) == len({p.thresholds for p in fixed}) else math.nan
-        polls = self.polls.get((point.index, record["edge"]), [])
-        known = [p for p in polls if p["t_s"] <= record["sent_s"] and not math.isnan(p["expected_accuracy"])]
-        return known[-1]["expected_accuracy"] if known else cal.chosen.quality  # before a decision: the start
+    def replayed(self, point: Any, record: Record) -> float:
+        """What the route and thresholds in force when ``record`` was sent score on the validation split."""
+        if self.replay is None:
+            from .replay import Replay
+
+            self.replay = Replay(self.config, [p for polls in self.polls.values() for p in polls], self.fixed)
+        return self.replay.accuracy(point.index, point.variant, record)
 
     def _metrics(self, point: Any, rows: list[Record]) -> dict[str, Any]:
         answered = [r for r in rows if r["status"] == "OK"]
         n = len(answered)
         acc = sum(r["correct"] for r in answered) / n if n else math.nan
-        offline = [self.offline(point, r) for r in rows]
+        replayed = [self.replayed(point, r) for r in rows]
         splits = defaultdict(int)
         for r in rows:
             splits[self._split_at(point, r)] += 1
@@ -145,7 +143,8 @@ class Study:
             "mean_ms": float(np.mean([r["latency_ms"] for r in answered])) if n else math.nan,
             "accuracy": acc,
             "accuracy_ci95": 1.96 * math.sqrt(acc * (1 - acc) / n) if n else math.nan,
-            "accuracy_offline": float(np.mean(offline)) if offline else math.nan,
+            "accuracy_replayed": float(np.mean(replayed)) if replayed else math.nan,
+            "accuracy_replayed_ci95": interval(replayed, self.replay.samples) if replayed and self.replay else math.nan,
             "offload_share": sum(r["offloaded"] for r in rows) / len(rows) if rows else math.nan,
             "degraded_share": sum(r["degraded"] for r in rows) / len(rows) if rows else math.nan,
             "split_share": {str(k): v / len(rows) for k, v in sorted(splits.items())} if rows else {},
@@ -171,7 +170,7 @@ class Study:
             p95 = tail([r["latency_ms"] for r in mine])
             out.append({"t_s": start, "requests": len(mine), "p95_ms": p95,
                         "accuracy": sum(r["correct"] for r in answered) / len(answered) if answered else math.nan,
-                        "accuracy_offline": float(np.mean([self.offline(point, r) for r in mine])),
+                        "accuracy_replayed": float(np.mean([self.replayed(point, r) for r in mine])),
                         "offload_share": sum(r["offloaded"] for r in mine) / len(mine),
                         "judged": not any(c <= start < c + settle for c in changes),
                         "met": self.target is not None and p95 <= self.target})
@@ -210,6 +209,7 @@ class Study:
             "target_p95_ms": self.target, "settle_s": self.config.study.settle_s, "window_s": self.window_s,
             "phases": [vars(ph) for ph in self.phases(point)] if point else [],
             "cloud_load": self.config.cloud_load.schedule,
+            "full_model_accuracy_validation": self.replay.full if self.replay is not None else None,
             "calibration": None if cal is None else {
                 "accuracy_drop": self.config.study.accuracy_drop, "samples": cal.samples,
                 "full_model_accuracy": cal.full_quality, "calibrated_thresholds": list(cal.chosen.thresholds),
@@ -227,8 +227,8 @@ class Study:
         for name, p in fixed.items():
             for key, ph in p["phases"].items():
                 if ph["p95_ms"] <= self.target and (key not in best or
-                                                    ph["accuracy_offline"] > best[key]["accuracy_offline"]):
-                    best[key] = {"policy": name, "accuracy_offline": ph["accuracy_offline"],
+                                                    ph["accuracy_replayed"] > best[key]["accuracy_replayed"]):
+                    best[key] = {"policy": name, "accuracy_replayed": ph["accuracy_replayed"],
                                  "accuracy": ph["accuracy"], "p95_ms": ph["p95_ms"]}
         return best
 
@@ -250,7 +250,7 @@ class Study:
             t = [w["t_s"] + self.window_s / 2 for w in windows]
             line, = axes[0].plot(t, [min(w["p95_ms"], 1e5) for w in windows], marker=".", label=name)
             color = line.get_color()
-            axes[1].plot(t, [w["accuracy_offline"] for w in windows], color=color, label=f"{name} (validation)")
+            axes[1].plot(t, [w["accuracy_replayed"] for w in windows], color=color, label=f"{name} (validation)")
             axes[1].plot(t, _rolling([w["accuracy"] for w in windows], 5), color=color, linestyle=":", alpha=0.7)
             axes[2].plot(t, [w["offload_share"] for w in windows], color=color, marker=".", label=name)
             polls = self.polls.get((point.index, 0), [])

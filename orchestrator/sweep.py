@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from offramp.core.hostinfo import machine
-from offramp.serving.config import CloudConfig, EdgeConfig
+from offramp.serving.config import CloudConfig, EdgeConfig, replace_settings
 
 from .config import ExperimentConfig, LinkSpec, Policy, Threshold
 from .workload import EdgeLoad, Record
@@ -174,8 +174,8 @@ class Context:
                       "calibration": tuple(t for t in self.calibration.tables if t.split_block in keep),
                       "input_route": self.input_route if point.policy == "adaptive_routes" else None,
                       "input_quality": self.config.baselines.jpeg_quality}
-        return dataclasses.replace(e, cloud=(cloud,), codec=point.codec, score=self.score, thresholds=thresholds,
-                                   **policy)
+        return replace_settings(e, cloud=(cloud,), codec=point.codec, score=self.score, thresholds=thresholds,
+                                **policy)
 
     def cloud_config(self, point: Point) -> CloudConfig:
         """The experiment's cloud settings, serving every split the point's edges may hand over after: the
@@ -373,14 +373,58 @@ def run_experiment(config: ExperimentConfig, address: str | None = None, progres
     report.write_json(out / "run.json", {"command": shlex.join(["offramp", *sys.argv[1:]]) if sys.argv[1:] else
                                          "run_experiment()", "machine": machine(), "wall_s": wall_s,
                                          "points": len(points), "address": address})
-    if timelines:
-        timeline = study.Study(config, points, records, policy, cloud_load, calibration)
-        report.write_summary(summary, out, extra=timeline.summary(wall_s))
-        plots = report.plot_all(summary, records, out / "plots") + timeline.plot(out / "plots")
-    else:
-        report.write_summary(summary, out)
-        plots = report.plot_all(summary, records, out / "plots")
+    plots = _write_outputs(config, points, ctx, records, policy, cloud_load, wall_s, timelines)
     return ExperimentResult(out, records_path, summary, plots)
+
+
+def _write_outputs(config: ExperimentConfig, points: list[Point], ctx: Context, records: list[Record],
+                   policy: list[dict[str, Any]], cloud_load: list[Record], wall_s: float,
+                   timelines: bool = True) -> list[Path]:
+    """The summary (with the policy study where conditions change or edges choose) and the plots."""
+    from . import report, study
+
+    out, summary = config.out_dir, report.summarize(records)
+    if not timelines:
+        report.write_summary(summary, out)
+        return report.plot_all(summary, records, out / "plots")
+    fixed = {p.index: tuple(ctx.edge_thresholds(p)) for p in points
+             if p.variant == "system" and p.policy == "fixed" and ctx.num_exits}
+    timeline = study.Study(config, points, records, policy, cloud_load, ctx.calibration, fixed)
+    report.write_summary(summary, out, extra=timeline.summary(wall_s))
+    return report.plot_all(summary, records, out / "plots") + timeline.plot(out / "plots")
+
+
+def summarize_experiment(config: ExperimentConfig) -> list[Path]:
+    """Write the summary and plots again from what a run left in its folder (records, the edges' policy,
+    the calibration), with this code's study: no point runs again."""
+    import json
+    from types import SimpleNamespace
+
+    from offramp.core.checkpoint import read_card
+    from offramp.core.errors import OfframpError
+    from offramp.core.scores import default_score
+
+    from . import report, study
+
+    out = config.out_dir
+    records = report.read_records(out)
+    if not records:
+        raise OfframpError(f"{out} holds no records (records.parquet or records.csv) to summarize")
+    card = read_card(config.checkpoint)
+    num_exits = _num_edge_exits(card, config.edge.exits)
+    score = config.edge.score or default_score(card.config.task)
+    calibration = None
+    if (out / "calibration.json").is_file():
+        saved = json.loads((out / "calibration.json").read_text())
+        calibration = SimpleNamespace(samples=saved["samples"], full_quality=saved["full_accuracy"],
+                                      chosen=SimpleNamespace(**saved["chosen"]))
+    ctx = Context(config, num_exits, score, None, 0, calibration)
+    run = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
+    timelines = study.has_timelines(config)
+    policy = json.loads((out / "policy.json").read_text()) if timelines and (out / "policy.json").is_file() else []
+    cloud_load = report.read_records(out, "cloud_load") if timelines else []
+    return _write_outputs(config, expand(config), ctx, records, policy, cloud_load, run.get("wall_s", math.nan),
+                          timelines)
 
 
 def _calibrate(config: ExperimentConfig, points: list[Point], num_exits: int, score: str, out: Path) -> Any:

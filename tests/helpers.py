@@ -122,12 +122,12 @@ def edge_servers(loop: LoopThread, checkpoint: Path, defaults: dict[str, Any]) -
     """``start(**settings)`` starts an in-process edge on ``loop`` serving ``checkpoint`` (settings are
     EdgeConfig fields over ``defaults``); leaving stops every edge started."""
     from edge_node.server import serve
-    from offramp.serving.config import EdgeConfig
+    from offramp.serving.config import EdgeConfig, replace_settings
 
     servers: list[EdgeServer] = []
 
     def start(**settings: Any) -> EdgeServer:
-        config = EdgeConfig(**{"checkpoint": str(checkpoint), **defaults, **settings})
+        config = replace_settings(EdgeConfig(checkpoint=str(checkpoint)), **{**defaults, **settings})
         servers.append(loop.run(serve(config)))
         return servers[-1]
 

@@ -22,7 +22,7 @@ from edge_node.server import EdgeServer, build_engine
 from offramp.core.checkpoint import load_checkpoint, read_card
 from offramp.cli import main
 from offramp.core.codec import CodecConfig, encode
-from offramp.serving.config import CalibrationPoint, CalibrationTable, EdgeConfig
+from offramp.serving.config import CalibrationPoint, CalibrationTable, EdgeConfig, replace_settings
 from offramp.serving.config_text import settings_toml
 from offramp.core.errors import OfframpError
 from offramp.netem import PROFILES, LinkProxy, ProxyThread
@@ -118,9 +118,10 @@ def test_set_pins_and_unpin_hands_back(start_edge: Callable[..., EdgeServer], ti
 def test_start_up_refuses_what_cannot_work(tiny_checkpoint: Path, tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     fingerprint = read_card(tiny_checkpoint).fingerprint
-    good = EdgeConfig(checkpoint=str(tiny_checkpoint), latency_slo_ms=SLO_MS, calibration=(table(fingerprint),))
+    good = replace_settings(EdgeConfig(checkpoint=str(tiny_checkpoint)), latency_slo_ms=SLO_MS,
+                            calibration=(table(fingerprint),))
     for config, message in [
-        (dataclasses.replace(good, latency_slo_ms=0.001), "latency_slo_ms 0.001 is below what this edge needs "
+        (replace_settings(good, latency_slo_ms=0.001), "latency_slo_ms 0.001 is below what this edge needs "
                                                           "to answer at all: its fastest exit, slvit@"),
         (dataclasses.replace(good, calibration=(table("ab" * 32),)),
          "the calibration table of split block 4 was made for another checkpoint"),
@@ -131,7 +132,7 @@ def test_start_up_refuses_what_cannot_work(tiny_checkpoint: Path, tmp_path: Path
         with pytest.raises(OfframpError, match=message):
             build_engine(config)
     path = tmp_path / "edge.toml"  # the command line: one line, status 2
-    path.write_text(settings_toml(dataclasses.replace(good, latency_slo_ms=0.001)))
+    path.write_text(settings_toml(replace_settings(good, latency_slo_ms=0.001)))
     assert main(["edge", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "below what this edge needs to answer at all" in err and len(err.splitlines()) == 1

@@ -29,7 +29,7 @@ from PIL import Image
 from edge_node.server import EdgeServer, serve
 from offramp.core.checkpoint import load_checkpoint
 from offramp.cli import main
-from offramp.serving.config import EdgeConfig
+from offramp.serving.config import EdgeConfig, replace_settings
 from offramp.core.data import preprocess_bytes
 from offramp.training.pipeline import TrainJob, run_training
 from offramp.training.train import TrainConfig
@@ -71,9 +71,9 @@ def servers(audio_checkpoint: Path) -> Iterator[tuple[str, EdgeServer]]:
     """A cloud and an edge serving the audio checkpoint, as ``(edge address, edge)``; float32 on the wire."""
     with CloudFactory(audio_checkpoint, {"grace_s": 1.0}) as start_cloud, LoopThread() as loop:
         cloud_address, _ = start_cloud()
-        edge = loop.run(serve(EdgeConfig(checkpoint=str(audio_checkpoint), cloud=(cloud_address,), codec="float32",
-                                         thresholds=tuple(NEVER), reconnect_initial_s=0.05, reconnect_max_s=0.5,
-                                         grace_s=1.0)))
+        edge = loop.run(serve(replace_settings(
+            EdgeConfig(checkpoint=str(audio_checkpoint)), cloud=(cloud_address,), codec="float32",
+            thresholds=tuple(NEVER), reconnect_initial_s=0.05, reconnect_max_s=0.5, grace_s=1.0)))
         try:
             wait_for(lambda: edge.engine.offload.connected_to == cloud_address, 20,
                      what="the edge to pair with the cloud")

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from offramp.core.checkpoint import Card, bottleneck_id, load_checkpoint, read_card
 from offramp.cli import main
 from offramp.core.codec import CodecConfig, CodecError, DecodeLimits, decode, encode, encode_code, zstd_dictionary
-from offramp.serving.config import EdgeConfig
+from offramp.serving.config import EdgeConfig, replace_settings
 from offramp.core.errors import OfframpError
 from offramp.core.models.bottleneck import BottleneckConfig
 from offramp.core.data.card_splits import load_validation
@@ -182,4 +182,4 @@ def test_bad_requests_for_a_bottleneck_get_one_line_errors(
     from edge_node.server import build_engine
 
     with pytest.raises(OfframpError, match="offramp bottleneck"):
-        build_engine(EdgeConfig(checkpoint=str(tiny_checkpoint), codec="bottleneck"))
+        build_engine(replace_settings(EdgeConfig(checkpoint=str(tiny_checkpoint)), codec="bottleneck"))

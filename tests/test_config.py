@@ -9,8 +9,10 @@ from typing import Any, Literal
 
 import pytest
 
-from offramp.serving.config import (CalibrationPoint, CalibrationTable, CloudConfig, EdgeConfig, load_config, non_defaults,
-                            setting)
+from offramp.core.codec import CodecConfig
+from offramp.core.settings import flat_name
+from offramp.serving.config import (CalibrationPoint, CalibrationTable, CloudConfig, EdgeConfig, flat_settings,
+                                    flat_values, load_config, non_defaults, replace_settings, setting)
 from offramp.serving.config_text import commented_toml, readme_tables, settings_toml
 from offramp.serving.flags import add_config_flags, config_from_args, flag_name
 from offramp.core.errors import OfframpError
@@ -104,14 +106,14 @@ def test_every_setting_is_a_flag_that_help_explains(monkeypatch: pytest.MonkeyPa
         with pytest.raises(SystemExit):
             build_parser().parse_args([command, "--help"])
         text = " ".join(capsys.readouterr().out.split())
-        for f in dataclasses.fields(cls):
+        for _, f, _ in flat_settings(cls):  # a group's settings are flags of their own
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
             if f.metadata.get("file_only"):  # tables a tool writes into the file
                 assert flag_name(f) not in text, f.name
                 continue
             assert f"{flag_name(f)} " in text and f.metadata["help"] in text, f.name
         args = build_parser().parse_args([command])  # flags not given stay None: the file or the default decides
-        assert all(getattr(args, f.name, None) is None for f in dataclasses.fields(cls))
+        assert all(getattr(args, flat_name(f), None) is None for _, f, _ in flat_settings(cls))
 
 
 def test_flags_parse_into_the_config() -> None:
@@ -131,13 +133,13 @@ def test_flags_parse_into_the_config() -> None:
 
 
 def test_a_written_config_reads_back_as_it_was(tmp_path: Path) -> None:
-    config = EdgeConfig(checkpoint="ckpt", cloud=("a:1",), thresholds=(0.5, math.inf), offload_enabled=False,
-                        exits=("slvit@2",), cloud_tls_ca="ca.pem", threads=1)
+    config = replace_settings(EdgeConfig(checkpoint="ckpt"), cloud=("a:1",), thresholds=(0.5, math.inf),
+                              offload_enabled=False, exits=("slvit@2",), cloud_tls_ca="ca.pem", threads=1, top_k=8)
     path = tmp_path / "elsewhere" / "edge.toml"
     path.parent.mkdir()
     path.write_text(settings_toml(config))
-    absolute = dataclasses.replace(config, checkpoint=str(Path("ckpt").resolve()),
-                                   cloud_tls_ca=str(Path("ca.pem").resolve()))
+    absolute = replace_settings(config, checkpoint=str(Path("ckpt").resolve()),
+                                cloud_tls_ca=str(Path("ca.pem").resolve()))
     assert load_config(EdgeConfig, path) == absolute
 
 
@@ -147,7 +149,7 @@ TABLE = CalibrationTable("ab" * 32, 4, "max_prob", ("slvit@2", "slvit@4"), 100, 
 
 
 def test_calibration_tables_read_back_and_are_checked(tmp_path: Path) -> None:
-    config = EdgeConfig(checkpoint="/ckpt", latency_slo_ms=80, calibration=(TABLE,))
+    config = replace_settings(EdgeConfig(checkpoint="/ckpt"), latency_slo_ms=80, calibration=(TABLE,))
     path = tmp_path / "edge.toml"
     path.write_text(settings_toml(config))
     assert load_config(EdgeConfig, path) == config
@@ -179,6 +181,40 @@ def test_the_commented_template_holds_every_setting_and_loads(tmp_path: Path) ->
     assert load_config(CloudConfig, path) == CloudConfig(checkpoint=str(tmp_path / "ckpt"))
 
 
+def test_grouped_settings_read_from_their_tables_or_by_their_flat_names(tmp_path: Path) -> None:
+    grouped = toml(tmp_path, 'checkpoint = "m"\ncloud = ["a:1"]\n[codec]\ndtype = "float16"\ntop_k = 8\n'
+                   '[controller]\nlatency_slo_ms = 80\n[connection]\nkeepalive_s = 5\n[cloud_tls]\nca = "ca.pem"\n')
+    config = load_config(EdgeConfig, grouped)
+    assert config.codec == CodecConfig("float16", 8, 3) and config.controller.latency_slo_ms == 80
+    assert config.connection.keepalive_s == 5 and config.cloud_tls.ca == str(tmp_path / "ca.pem")
+    flat = tmp_path / "flat.toml"  # the keys files had before the groups
+    flat.write_text('checkpoint = "m"\ncloud = ["a:1"]\ncodec = "float16"\ntop_k = 8\nlatency_slo_ms = 80\n'
+                    'keepalive_s = 5\ncloud_tls_ca = "ca.pem"\n')
+    assert load_config(EdgeConfig, flat) == config
+    # a flag changes one setting of a group and keeps the file's others
+    assert load_config(EdgeConfig, grouped, {"zstd_level": 0}).codec == CodecConfig("float16", 8, 0)
+    assert flat_values(config)["top_k"] == 8 and non_defaults(config)["latency_slo_ms"] == 80
+    both = toml(tmp_path, 'checkpoint = "m"\ntop_k = 8\n[codec]\ntop_k = 4\n')
+    with pytest.raises(OfframpError, match="'top_k' and 'codec.top_k' are the same setting"):
+        load_config(EdgeConfig, both)
+    with pytest.raises(OfframpError, match="top_k must be at least 1"):
+        load_config(EdgeConfig, None, {"checkpoint": "m", "top_k": 0})
+    with pytest.raises(OfframpError, match="unknown setting 'codec.topk'"):
+        load_config(EdgeConfig, None, {"checkpoint": "m", "codec": {"topk": 1}})
+    with pytest.raises(TypeError, match="no setting"):
+        replace_settings(config, topk=1)
+
+
+def test_the_edge_template_holds_every_setting_and_loads(tmp_path: Path) -> None:
+    path = toml(tmp_path, commented_toml(EdgeConfig, {"checkpoint": "ckpt"}, "Edge settings."))
+    assert load_config(EdgeConfig, path) == EdgeConfig(checkpoint=str(tmp_path / "ckpt"))
+    text = path.read_text()
+    for table, f, _ in flat_settings(EdgeConfig):
+        if not f.metadata.get("file_only"):
+            assert f"{f.name} = " in text, f.name
+            assert table is None or f"[{table}]" in text
+
+
 def test_readme_settings_tables_match_the_code() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert readme_tables() in readme, "README's settings tables are stale: paste `python -m offramp.serving.config_text`"
@@ -199,7 +235,7 @@ def test_settings_come_from_flags_then_the_environment_then_the_file(tmp_path: P
                "PATH": "/bin"}
     args = parser.parse_args(["--config", str(toml), "--zstd-level", "1"])
     config = config_from_args(EdgeConfig, args, environ)
-    assert (config.max_batch, config.deadline_ms, config.zstd_level) == (4, 700, 1)  # file, environment, flag
+    assert (config.max_batch, config.deadline_ms, config.codec.zstd_level) == (4, 700, 1)  # file, environment, flag
     assert not config.offload_enabled and config.cloud == ("a:1", "b:2") and config.thresholds == (0.8, 0.9)
     assert Path(config.checkpoint) == tmp_path / "model"
     with pytest.raises(OfframpError, match="unknown setting OFFRAMP_EDGE_MAX_BACH in the environment"):
@@ -214,7 +250,7 @@ def test_every_flag_is_listed_under_a_help_group() -> None:
     import argparse
 
     for cls in (EdgeConfig, CloudConfig):
-        ungrouped = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("file_only")
+        ungrouped = [f.name for _, f, _ in flat_settings(cls) if not f.metadata.get("file_only")
                      and not f.metadata.get("group")]
         assert not ungrouped, f"{cls.__name__}: settings without a --help group: {ungrouped}"
         parser = argparse.ArgumentParser()

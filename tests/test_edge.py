@@ -25,7 +25,7 @@ from edge_node.policy import ExitPolicy, PolicyError, PolicySettings
 from edge_node.server import EdgeServer
 from offramp.core.checkpoint import load_checkpoint, read_card, save_checkpoint
 from offramp.cli import main
-from offramp.serving.config import CloudConfig, EdgeConfig, load_config
+from offramp.serving.config import CloudConfig, EdgeConfig, flat_values, load_config
 from offramp.serving.daemon_proc import DaemonProcess
 from offramp.core.data.card_splits import load_validation
 from offramp.training.train import HeadResult
@@ -305,7 +305,7 @@ def test_calibrate_writes_a_config_the_edge_loads(tiny_checkpoint: Path, start_e
     assert f"created {toml}" in capsys.readouterr().out
     config = load_config(EdgeConfig, toml)
     assert Path(config.checkpoint).resolve() == tiny_checkpoint.resolve() and len(config.thresholds) == 2
-    edge = start_edge(**{**vars(config), **EDGE_TEST_SETTINGS})
+    edge = start_edge(**{**flat_values(config), **EDGE_TEST_SETTINGS})
     with edge_stub(edge.address) as stub:
         assert stub.Infer(tensor_request(0, inputs[0]), timeout=10).status.code == 0
 

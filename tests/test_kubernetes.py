@@ -120,7 +120,7 @@ def test_daemons_accept_their_arguments_and_probe_their_own_port(overlay: str) -
             if isinstance(config, EdgeConfig):
                 assert config.cloud_balance != "failover" and config.cloud[0].startswith("dns:offramp-cloud:")
             if overlay == "tls":
-                assert (config.tls_cert if isinstance(config, CloudConfig) else config.cloud_tls_ca) is not None
+                assert (config.tls_cert if isinstance(config, CloudConfig) else config.cloud_tls.ca) is not None
 
 
 def test_names_tie_the_objects_together() -> None:

@@ -290,7 +290,7 @@ def test_edge_exits_must_be_the_checkpoints(tiny_checkpoint: Path, tmp_path: Pat
 
 
 def test_daemon_tables_hold_daemon_settings_and_each_point_completes_them(tmp_path: Path) -> None:
-    from offramp.serving.config import EdgeConfig, load_config
+    from offramp.serving.config import EdgeConfig, load_config, replace_settings
     from offramp.serving.config_text import settings_toml
     from orchestrator.sweep import Context
 
@@ -303,9 +303,9 @@ def test_daemon_tables_hold_daemon_settings_and_each_point_completes_them(tmp_pa
     edge = Context(config, 1, "margin", None, 10).edge_config(point, "127.0.0.1:7001")
     written = tmp_path / "edge.toml"
     written.write_text(settings_toml(edge))
-    assert load_config(EdgeConfig, written) == edge == EdgeConfig(
-        checkpoint=str(tmp_path / "model"), cloud=("127.0.0.1:7001",), thresholds=(math.inf,), score="margin",
-        codec="int8", exits=("slvit@4",), slowdown=4.0, threads=1)
+    assert load_config(EdgeConfig, written) == edge == replace_settings(
+        EdgeConfig(checkpoint=str(tmp_path / "model")), cloud=("127.0.0.1:7001",), thresholds=(math.inf,),
+        score="margin", codec="int8", exits=("slvit@4",), slowdown=4.0, threads=1)
     assert Context(config, 1, "margin", None, 10).cloud_config(point).split_blocks is None  # the checkpoint's
     split = load_experiment(write(tmp_path, 'checkpoint = "model"\n[edge]\nsplit_block = 3\n'))
     # an edge that splits elsewhere than the checkpoint finds its cloud resuming there, whatever the point
@@ -388,9 +388,13 @@ def test_a_policy_study_runs_fixed_and_adaptive_edges_under_a_changing_link_and_
     assert set(summary["policies"]) == {"fixed", "adaptive_two_splits"}
     for policy in summary["policies"].values():
         assert set(policy["phases"]) == {"p1_lan", "p2_lte+load"}
-        assert all(0 <= ph["offload_share"] <= 1 and ph["p95_ms"] > 0 and 0 <= ph["accuracy_offline"] <= 1
+        assert all(0 <= ph["offload_share"] <= 1 and ph["p95_ms"] > 0 and 0 <= ph["accuracy_replayed"] <= 1
                    for ph in policy["phases"].values())
         assert 0 <= policy["p95_within_target_share"] <= 1
+    # the fixed edge's answers are worth what its thresholds score on validation (calibrated there, here)
+    chosen = json.loads((out / "calibration.json").read_text())["chosen"]
+    assert {round(ph["accuracy_replayed"], 6) for ph in summary["policies"]["fixed"]["phases"].values()} == {
+        round(chosen["quality"], 6)}
     assert summary["machine"]["torch"] and len(summary["points"]) == 2
     polls = json.loads((out / "policy.json").read_text())
     assert {p["point"] for p in polls} == {0, 1}
@@ -403,3 +407,10 @@ def test_a_policy_study_runs_fixed_and_adaptive_edges_under_a_changing_link_and_
     tables = json.loads((out / "calibration.json").read_text())["tables"]
     assert [t["split_block"] for t in tables] == [2, 4]
     assert (out / "plots" / "policy_timeline.png").stat().st_size > 10_000
+    # the summary can be written again from the records alone, as it was
+    from orchestrator.sweep import summarize_experiment
+
+    (out / "summary.json").unlink()
+    summarize_experiment(load_experiment(path, out=str(out)))
+    again = json.loads((out / "summary.json").read_text())["policies"]
+    assert json.dumps(again, sort_keys=True) == json.dumps(summary["policies"], sort_keys=True)

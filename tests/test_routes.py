@@ -13,7 +13,7 @@ import torch
 from helpers import LoopThread, edge_servers, wait_for
 
 from edge_node.adaptive import options_for
-from edge_node.controller import INPUT, Conditions, Option, State, predict_p95, step
+from edge_node.controller import INPUT, Conditions, Option, State, predict_mean, predict_p95, step
 from edge_node.policy import ExitPolicy, PolicyError, PolicySettings
 from edge_node.server import EdgeServer
 from offramp.core.checkpoint import load_checkpoint, read_card
@@ -215,7 +215,7 @@ def test_calibrate_measures_the_input_route_and_an_adaptive_edge_loads_it(
         tiny_checkpoint: Path, start_cloud: Callable[..., tuple[str, Any]], start_edge: Callable[..., EdgeServer],
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from offramp.cli import main
-    from offramp.serving.config import EdgeConfig, load_config
+    from offramp.serving.config import EdgeConfig, flat_values, load_config
 
     toml = tmp_path / "edge.toml"
     assert main(["calibrate", str(tiny_checkpoint), "--target-accuracy-drop", "1", "--input-route",
@@ -229,7 +229,7 @@ def test_calibrate_measures_the_input_route_and_an_adaptive_edge_loads_it(
     assert main(["calibrate", str(tiny_checkpoint), "--target-offload", "0", "--input-route", "--out", str(toml)]) == 0
     assert load_config(EdgeConfig, toml).input_route.quality == 90  # the config's input_quality (its default)
     address, _ = start_cloud()
-    edge = start_edge(**{**vars(load_config(EdgeConfig, toml)), "cloud": (address,), "latency_slo_ms": 5000.0,
+    edge = start_edge(**{**flat_values(load_config(EdgeConfig, toml)), "cloud": (address,), "latency_slo_ms": 5000.0,
                          "reconnect_initial_s": 0.05, "grace_s": 2.0})
     assert {"local", "input"} <= {o.route for o in edge.engine.adaptive.options}
     assert main(["calibrate", str(tiny_checkpoint), "--target-offload", "0", "--input-quality", "0",
@@ -237,7 +237,49 @@ def test_calibrate_measures_the_input_route_and_an_adaptive_edge_loads_it(
     assert "--input-quality must be a JPEG quality in 1..95, not 0" in capsys.readouterr().err
 
 
-# --- the study's arithmetic (bench/routes.py) ----------------------------------------------------------------
+# --- the study's arithmetic (bench/routes.py, orchestrator/replay.py) -------------------------------------------
+
+
+def test_accuracy_is_replayed_from_the_route_and_thresholds_in_force(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Each request is credited with what the policy in force when it was sent scores on the validation split
+    by true labels, never with the controller's own expectation."""
+    from offramp.core.exit_rule import edge_exit_ids
+    from offramp.core.scores import default_score
+    from offramp.training.calibrate import calibrate_input_route, operating_point
+    from offramp.training.train import evaluate
+    from orchestrator.config import load_experiment
+    from orchestrator.replay import Replay
+
+    path = tmp_path / "study.toml"
+    path.write_text(f'name = "replay"\ncheckpoint = "{tiny_checkpoint}"\n[baselines]\nrun = []\n')
+    config = load_experiment(path)
+    model, card = load_checkpoint(tiny_checkpoint)
+    val, _ = load_validation(card)
+    score = default_score(card.config.task)
+    results = evaluate(model, val, score=score)
+    ids = edge_exit_ids(model.exit_configs, card.split_block, None)
+
+    def cascade(thresholds: tuple[float, ...]) -> float:
+        return operating_point([results[i] for i in ids], results[-1], score, thresholds).quality
+
+    low, high = (0.3,) * len(ids), (0.9,) * len(ids)
+    polls = [{"point": 1, "t_s": 0.0, "thresholds": list(low), "route": "split", "split_block": card.split_block,
+              "expected_accuracy": 0.123},
+             {"point": 1, "t_s": 1.0, "thresholds": list(high), "route": "split", "split_block": card.split_block,
+              "expected_accuracy": 0.456},
+             {"point": 1, "t_s": 2.0, "thresholds": list(high), "route": "input", "split_block": card.split_block,
+              "expected_accuracy": 0.789}]
+    replay = Replay(config, polls, fixed={0: high})
+    assert replay.samples == len(val) and replay.full == pytest.approx(float(results[-1].correct.mean()))
+    sent = [{"sent_s": t} for t in (0.5, 1.5, 2.5)]
+    assert [replay.accuracy(1, "system", r) for r in sent] == pytest.approx(
+        [cascade(low), cascade(high), calibrate_input_route(tiny_checkpoint, 90).accuracy])
+    assert replay.accuracy(0, "system", sent[0]) == pytest.approx(cascade(high))  # a fixed point: its own
+    assert replay.accuracy(2, "edge_only", sent[0]) == replay.full
+    records = [{"point": 1, "variant": "system", **r} for r in sent]
+    assert replay.per_point(records)[1] == pytest.approx(
+        (cascade(low) + cascade(high) + calibrate_input_route(tiny_checkpoint, 90).accuracy) / 3)
+
 
 
 def test_the_routes_study_counts_windows_compute_and_the_envelope() -> None:
@@ -274,3 +316,14 @@ def test_with_slack_the_controller_takes_the_fastest_of_the_nearly_most_accurate
     later = step(options, LTE, 150.0, first.state, now=0.1, slack=0.005)
     moved = step(options, LTE, 150.0, later.state, now=10.0, slack=0.005)
     assert (later.option.route, moved.option.route) == ("local", "input")
+
+
+def test_among_options_equally_good_the_fastest_on_average_is_taken() -> None:
+    # 90% answered by the first exit (100 ms), 10% by the second (140 ms): mean 104 ms, p95 140 ms. Sending
+    # every input over a 95 ms round trip: p95 123 ms, but 113 ms on average. Both meet a 200 ms target.
+    local = Option(SPLIT, (0.5, -math.inf), 0.978, 0.0, (0.9, 0.1, 0.0), route="local")
+    far = link(95, 4, 2, rate=0.1)
+    assert predict_mean(local, far) == pytest.approx(104.0) and predict_p95(local, far) == 140.0
+    assert predict_mean(INPUT_OPTION, far) == pytest.approx(95 + 2 * 5 + 8, abs=0.05)  # and a rare wait
+    assert predict_p95(INPUT_OPTION, far) == 95 + 4 * 5 + 8
+    assert step([local, INPUT_OPTION], far, 200.0, State(), now=0.0, slack=0.005).option.route == "local"

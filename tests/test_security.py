@@ -17,7 +17,7 @@ from helpers import CloudFactory, LoopThread, edge_servers, wait_for
 
 from edge_node.server import EdgeServer
 from offramp.core.checkpoint import read_card
-from offramp.serving.config import CloudConfig, EdgeConfig
+from offramp.serving.config import CloudConfig, EdgeConfig, replace_settings
 from offramp.core.errors import OfframpError
 from offramp.core.data.card_splits import load_validation
 from offramp.core.wire import pb, pb_grpc
@@ -174,7 +174,7 @@ def test_tls_and_token_together_with_a_server_name_override(
 ])
 def test_incomplete_security_settings_are_refused(cls: type, settings: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        cls(checkpoint="x", **settings)
+        replace_settings(cls(checkpoint="x"), **settings)
 
 
 def test_unreadable_or_empty_secrets_are_named(pki: dict[str, str], tmp_path: Path,

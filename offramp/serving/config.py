@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from offramp.core.codec.names import CodecName
+from offramp.core.codec.settings import CodecConfig
 from offramp.core.errors import OfframpError
+from offramp.core.settings import flat_name, is_group, require, setting, settings_group
 from offramp.core.operating_points import CalibrationPoint, CalibrationTable, InputRouteCalibration
 
 # The shortest interval between a peer's keepalive pings that the daemons accept (edges ping their
@@ -33,37 +35,12 @@ from offramp.core.operating_points import CalibrationPoint, CalibrationTable, In
 MIN_KEEPALIVE_S = 1
 
 __all__ = ["CalibrationPoint", "CalibrationTable", "InputRouteCalibration", "CloudConfig", "CodecName", "EdgeConfig", "build",
-           "load_config", "non_defaults", "read_toml", "require", "setting"]
+           "flat_settings", "load_config", "non_defaults", "read_toml", "replace_settings", "require", "setting",
+           "settings_group"]
 
 C = TypeVar("C")
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 Dtype = Literal["float32", "float16", "bfloat16"]
-
-
-def setting(help: str, default: Any = dataclasses.MISSING, *, flag: str | None = None, metavar: str | None = None,
-            example: Any = None, path: bool = False, words: bool = False, file_only: bool = False,
-            group: str | None = None) -> Any:
-    """A config field that says what it is for, so flags, files and docs can be generated from it.
-
-    ``help`` explains the setting wherever it appears; ``flag`` renames its
-    command-line flag (default: the field's name, ``--max-batch``);
-    ``metavar`` names its value in ``--help``; ``example`` is written,
-    commented out, into generated files for a setting unset by default;
-    ``path``: a filesystem path, relative to the file that names it;
-    ``words``: a list given as separate words on the command line
-    (``--cloud A B``) rather than comma-separated; ``file_only``: data a
-    tool writes into the file (tables), with no flag; ``group``: the heading it is listed under in ``--help``
-    and in the README's tables.
-    """
-    metadata = {"help": help, "flag": flag, "metavar": metavar, "example": example, "path": path, "words": words,
-                "file_only": file_only, "group": group}
-    return dataclasses.field(default=default, metadata=metadata)
-
-
-def require(condition: bool, message: str) -> None:
-    """A config's own check in ``__post_init__``: the loaders turn the ValueError into a user error."""
-    if not condition:
-        raise ValueError(message)
 
 
 def _check_splits(splits: tuple[int, ...] | None) -> None:
@@ -182,6 +159,94 @@ class CloudConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CloudConnection:
+    """How an edge keeps its streams to the clouds: back-off, pairing, keepalive, failback (``[connection]``).
+    The offload client takes it as it is."""
+
+    reconnect_initial_s: float = setting("First back-off after losing the cloud: short, so a blip costs little.",
+                                         0.1, metavar="S", group="clouds")
+    reconnect_max_s: float = setting("Longest back-off: it doubles up to this, so a dead cloud is not hammered.",
+                                     5.0, metavar="S", group="clouds")
+    connect_timeout_s: float = setting("How long the edge waits for a cloud's Describe answer before trying the "
+                                       "next one.", 5.0, metavar="S", group="clouds")
+    keepalive_s: float = setting("The edge pings its cloud this often: a cloud gone without closing the connection "
+                                 "(power loss, a NAT that forgot the flow, a half-open peer) is noticed within "
+                                 "keepalive_s + keepalive_timeout_s, not at every request's deadline.", 20.0,
+                                 metavar="S", group="clouds")
+    keepalive_timeout_s: float = setting("How long a keepalive ping may go unanswered before the edge gives the "
+                                         "connection up and reconnects.", 10.0, metavar="S", group="clouds")
+    failback_check_s: float = setting("While a secondary cloud serves, how often the edge asks the clouds listed "
+                                      "before it whether they are back (it returns to the first that pairs); 0: "
+                                      "stay on the secondary.", 2.0, metavar="S", group="clouds")
+    probe_interval_s: float = setting(
+        "How often the edge times a health check on its stream's connection: the round trip the latency "
+        "controller plans with, measured even while nothing is offloaded; 0: never.", 0.5, metavar="S",
+        group="clouds")
+
+    def __post_init__(self) -> None:
+        require(0 < self.reconnect_initial_s <= self.reconnect_max_s,
+                "reconnect_initial_s must be positive and at most reconnect_max_s")
+        require(self.connect_timeout_s > 0, "connect_timeout_s must be positive")
+        require(self.keepalive_s >= MIN_KEEPALIVE_S, f"keepalive_s must be at least {MIN_KEEPALIVE_S} (clouds refuse "
+                "pings more often than that)")
+        require(self.keepalive_timeout_s > 0, "keepalive_timeout_s must be positive")
+        require(self.failback_check_s >= 0, "failback_check_s must not be negative (0 turns failback off)")
+        require(self.probe_interval_s >= 0, "probe_interval_s must not be negative (0 turns the probe off)")
+
+
+@dataclasses.dataclass(frozen=True)
+class CloudTLS:
+    """TLS and the bearer token towards the clouds (``[cloud_tls]``); unset: plaintext, no token."""
+
+    ca: str | None = setting("Use TLS towards the clouds, trusting this PEM CA bundle.", None, flat="cloud_tls_ca",
+                             metavar="PEM", example="ca.pem", path=True, group="TLS and tokens")
+    cert: str | None = setting("Mutual TLS: this edge's PEM certificate chain (needs cloud_tls_key).", None,
+                               flat="cloud_tls_cert", metavar="PEM", example="edge.pem", path=True,
+                               group="TLS and tokens")
+    key: str | None = setting("PEM private key of cloud_tls_cert.", None, flat="cloud_tls_key", metavar="PEM",
+                              example="edge.key", path=True, group="TLS and tokens")
+    server_name: str | None = setting("Name to check the cloud's certificate against when it differs from the "
+                                      "address's host.", None, flat="cloud_tls_server_name", metavar="NAME",
+                                      example="cloud.example.org", group="TLS and tokens")
+    token_file: str | None = setting("File holding the bearer token the clouds expect (see the cloud's "
+                                     "token_file).", None, flat="cloud_token_file", metavar="PATH", example="token",
+                                     path=True, group="TLS and tokens")
+
+    def __post_init__(self) -> None:
+        require((self.cert is None) == (self.key is None), "cloud_tls_cert and cloud_tls_key go together")
+        require(self.ca is not None or (self.cert is None and self.server_name is None),
+                "cloud_tls_cert and cloud_tls_server_name need cloud_tls_ca (they only mean something over TLS)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ControllerSettings:
+    """The latency controller's target and how it is judged (``[controller]``); the edge's controller takes
+    it as it is. Unset target: no controller."""
+
+    latency_slo_ms: float | None = setting(
+        "p95 latency target. Set: the edge measures its link and the cloud as it offloads and chooses, batch by "
+        "batch, the calibrated thresholds of the best expected accuracy whose predicted p95 meets the target; "
+        "when none does it answers locally (not degraded) and says so in its metrics. Needs the calibration "
+        "table `offramp calibrate` writes; `offramp policy set` pins thresholds. Unset: thresholds stay as set.",
+        None, metavar="P95_MS", example=100, group="latency controller")
+    slo_window_s: float = setting(
+        "How the latency target is judged: the p95 of each window this long must meet it in 95% of windows, so "
+        "the controller allows fewer slow answers when a window holds few requests (at 10 per window, 0.5%). "
+        "0: the p95 over all requests.", 1.0, metavar="S", group="latency controller")
+    accuracy_slack_points: float = setting(
+        "With latency_slo_ms: expected accuracy (points) the controller may give up for speed. Options within it "
+        "of the most accurate one that meets the target count as equally good and the fastest is taken: "
+        "calibration's accuracies carry the noise of the split they were measured on, and a route a few tenths "
+        "of a point behind on paper can be several times faster (0: always the most accurate).", 0.0,
+        metavar="POINTS", example=0.5, group="latency controller")
+
+    def __post_init__(self) -> None:
+        require(self.latency_slo_ms is None or self.latency_slo_ms > 0, "latency_slo_ms must be positive")
+        require(self.slo_window_s >= 0, "slo_window_s must be 0 (all requests) or positive")
+        require(0 <= self.accuracy_slack_points <= 100, "accuracy_slack_points must be in 0..100")
+
+
+@dataclasses.dataclass(frozen=True)
 class EdgeConfig:
     """Settings of ``offramp edge``: the model half it runs, when it asks the cloud, and which cloud."""
 
@@ -199,6 +264,8 @@ class EdgeConfig:
         "over every cloud that pairs as a pool of replicas, each request to the one with the fewest requests "
         "outstanding, or to each in turn. In a pool a request whose replica is lost is sent to another within "
         "its deadline.", "failover", group="clouds")
+    connection: CloudConnection = settings_group(CloudConnection, "How the edge keeps its streams to the clouds.")
+    cloud_tls: CloudTLS = settings_group(CloudTLS, "TLS and the bearer token towards the clouds.")
     cloud_resolve_s: float = setting("In a pool, how often dns: names are resolved again: replicas that appear "
                                      "join, those that vanish leave.", 10.0, metavar="S", group="clouds")
     thresholds: tuple[float, ...] | None = setting(
@@ -216,12 +283,6 @@ class EdgeConfig:
         "cannot) or local (the exits answer everything). Unset: split, or with latency_slo_ms whichever route "
         "the controller predicts best; set with latency_slo_ms, the controller keeps to that route.", None,
         example="input", group="exits and offload")
-    accuracy_slack_points: float = setting(
-        "With latency_slo_ms: expected accuracy (points) the controller may give up for speed. Options within it "
-        "of the most accurate one that meets the target count as equally good and the fastest is taken: "
-        "calibration's accuracies carry the noise of the split they were measured on, and a route a few tenths "
-        "of a point behind on paper can be several times faster (0: always the most accurate).", 0.0,
-        metavar="POINTS", example=0.5, group="exits and offload")
     input_quality: int = setting("JPEG quality at which the input route sends images given as tensors (files go "
                                  "as they came).", 90, metavar="Q", group="exits and offload")
     split_block: int | None = setting("Block after which the edge hands over; unset: the checkpoint's. The cloud "
@@ -236,53 +297,11 @@ class EdgeConfig:
         "(e.g. several exit types per position); unset: every exit up to the split. thresholds has one value "
         "per exit run: re-run `offramp calibrate` after changing it.", None, metavar="NAME,NAME",
         example=["slvit@2", "slvit@4"], group="model")
-    codec: CodecName = setting(
-        "Precision of offloaded tokens: int8 (per-token scale) is 4x smaller than float32 for almost no accuracy; "
-        "float16 halves them; float32 is lossless; bottleneck sends the checkpoint's learned code (`offramp "
-        "bottleneck` adds one), a few bits per token value.", "int8", group="codec")
-    top_k: int | None = setting("Send only the k patch tokens the class token attends to most; unset: all.", None,
-                                metavar="K", example=32, group="codec")
-    zstd_level: int = setting("zstd level of offloaded tokens; 0 disables compression (for links faster than the "
-                              "compressor).", 3, metavar="N", group="codec")
+    codec: CodecConfig = settings_group(CodecConfig, "How the edge encodes the tokens it offloads.")
     deadline_ms: int = setting("How long a request waits for the cloud before its best exit answers (marked "
                                "degraded).", 1000, metavar="MS", group="exits and offload")
-    latency_slo_ms: float | None = setting(
-        "p95 latency target. Set: the edge measures its link and the cloud as it offloads and chooses, batch by "
-        "batch, the calibrated thresholds of the best expected accuracy whose predicted p95 meets the target; "
-        "when none does it answers locally (not degraded) and says so in its metrics. Needs the calibration "
-        "table `offramp calibrate` writes; `offramp policy set` pins thresholds. Unset: thresholds stay as set.",
-        None, metavar="P95_MS", example=100, group="latency controller")
-    slo_window_s: float = setting(
-        "How the latency target is judged: the p95 of each window this long must meet it in 95% of windows, so "
-        "the controller allows fewer slow answers when a window holds few requests (at 10 per window, 0.5%). "
-        "0: the p95 over all requests.", 1.0, metavar="S", group="latency controller")
-    reconnect_initial_s: float = setting("First back-off after losing the cloud: short, so a blip costs little.",
-                                         0.1, metavar="S", group="clouds")
-    reconnect_max_s: float = setting("Longest back-off: it doubles up to this, so a dead cloud is not hammered.",
-                                     5.0, metavar="S", group="clouds")
-    connect_timeout_s: float = setting("How long the edge waits for a cloud's Describe answer before trying the "
-                                       "next one.", 5.0, metavar="S", group="clouds")
-    keepalive_s: float = setting("The edge pings its cloud this often: a cloud gone without closing the connection "
-                                 "(power loss, a NAT that forgot the flow, a half-open peer) is noticed within "
-                                 "keepalive_s + keepalive_timeout_s, not at every request's deadline.", 20.0,
-                                 metavar="S", group="clouds")
-    keepalive_timeout_s: float = setting("How long a keepalive ping may go unanswered before the edge gives the "
-                                         "connection up and reconnects.", 10.0, metavar="S", group="clouds")
-    failback_check_s: float = setting("While a secondary cloud serves, how often the edge asks the clouds listed "
-                                      "before it whether they are back (it returns to the first that pairs); 0: "
-                                      "stay on the secondary.", 2.0, metavar="S", group="clouds")
-    cloud_tls_ca: str | None = setting("Use TLS towards the clouds, trusting this PEM CA bundle.", None,
-                                       metavar="PEM", example="ca.pem", path=True, group="TLS and tokens")
-    cloud_tls_cert: str | None = setting("Mutual TLS: this edge's PEM certificate chain (needs cloud_tls_key).",
-                                         None, metavar="PEM", example="edge.pem", path=True, group="TLS and tokens")
-    cloud_tls_key: str | None = setting("PEM private key of cloud_tls_cert.", None, metavar="PEM",
-                                        example="edge.key", path=True, group="TLS and tokens")
-    cloud_tls_server_name: str | None = setting("Name to check the cloud's certificate against when it differs "
-                                                "from the address's host.", None, metavar="NAME",
-                                                example="cloud.example.org", group="TLS and tokens")
-    cloud_token_file: str | None = setting("File holding the bearer token the clouds expect (see the cloud's "
-                                           "token_file).", None, metavar="PATH", example="token", path=True,
-                                               group="TLS and tokens")
+    controller: ControllerSettings = settings_group(
+        ControllerSettings, "The latency controller: the target it keeps and how it judges it.")
     admin_token_file: str | None = setting(
         "File holding a bearer token the policy RPCs (GetPolicy, SetPolicy: `offramp policy`) require. Unset: "
         "open on loopback, refused (UNAUTHENTICATED) when the edge listens beyond it, since whoever sets the "
@@ -302,7 +321,7 @@ class EdgeConfig:
     threads: int | None = setting(
         "Torch intra-op threads (onnxruntime's too, with that runtime); unset: one per core. 1 by default: an edge shares its CPU with the application, "
         "and batch-1 ops gain little from a second thread that must wait for a time slice (measured through "
-        "both daemons on 2 shared cores: 10.7 ms p50 with 1 thread, 11.5 ms with 2).", 1, metavar="N", group="model")
+        "both daemons on 2 shared cores: 9.9 ms p50 with 1 thread, 13.2 ms with 2).", 1, metavar="N", group="model")
     max_batch: int = setting("Samples run together when requests queue up; an idle edge never waits to fill a "
                              "batch.", 16, metavar="N", group="model")
     slowdown: float = setting("Emulate a device this many times slower than this CPU: each local batch's compute "
@@ -335,23 +354,10 @@ class EdgeConfig:
         _check_splits(self.split_blocks)
         require(self.split_blocks is None or self.split_block is None or self.split_block in self.split_blocks,
                 "split_block must be one of split_blocks")
-        require(self.split_blocks is None or len(self.split_blocks) == 1 or self.latency_slo_ms is not None,
+        require(self.split_blocks is None or len(self.split_blocks) == 1 or self.controller.latency_slo_ms is not None,
                 "several split_blocks need latency_slo_ms: the latency controller is what chooses among them")
         require(self.exits is None or len(self.exits) > 0, "exits must name at least one exit (or be unset)")
-        require(self.top_k is None or self.top_k >= 1, "top_k must be at least 1 (or unset to send every token)")
-        require(self.zstd_level >= 0, "zstd_level must not be negative")
         require(self.deadline_ms >= 1, "deadline_ms must be at least 1")
-        require(0 < self.reconnect_initial_s <= self.reconnect_max_s,
-                "reconnect_initial_s must be positive and at most reconnect_max_s")
-        require(self.connect_timeout_s > 0, "connect_timeout_s must be positive")
-        require(self.keepalive_s >= MIN_KEEPALIVE_S, f"keepalive_s must be at least {MIN_KEEPALIVE_S} (clouds refuse "
-                "pings more often than that)")
-        require(self.keepalive_timeout_s > 0, "keepalive_timeout_s must be positive")
-        require(self.failback_check_s >= 0, "failback_check_s must not be negative (0 turns failback off)")
-        require((self.cloud_tls_cert is None) == (self.cloud_tls_key is None),
-                "cloud_tls_cert and cloud_tls_key go together")
-        require(self.cloud_tls_ca is not None or (self.cloud_tls_cert is None and self.cloud_tls_server_name is None),
-                "cloud_tls_cert and cloud_tls_server_name need cloud_tls_ca (they only mean something over TLS)")
         require(self.max_message_mb >= 1, "max_message_mb must be at least 1")
         require(self.max_batch >= 1, "max_batch must be at least 1")
         require(self.slowdown >= 1.0, f"slowdown must be at least 1, not {self.slowdown}")
@@ -367,14 +373,11 @@ class EdgeConfig:
         else:
             require(self.onnx_dir is None, "onnx_dir is read by runtime onnxruntime only: set runtime = "
                     "\"onnxruntime\" (--runtime onnxruntime) or leave onnx_dir unset")
-        require(self.latency_slo_ms is None or self.latency_slo_ms > 0, "latency_slo_ms must be positive")
-        require(self.slo_window_s >= 0, "slo_window_s must be 0 (all requests) or positive")
-        require(self.latency_slo_ms is None or self.offload_enabled,
+        require(self.controller.latency_slo_ms is None or self.offload_enabled,
                 "latency_slo_ms chooses how much to offload: it needs offload on")
         require(self.route not in ("split", "input") or self.offload_enabled,
                 f"route {self.route} sends to the cloud: it needs offload on (or route local)")
         require(1 <= self.input_quality <= 95, "input_quality must be a JPEG quality in 1..95")
-        require(0 <= self.accuracy_slack_points <= 100, "accuracy_slack_points must be in 0..100")
         splits = [t.split_block for t in self.calibration]
         require(len(set(splits)) == len(splits), "one calibration table per split block")
 
@@ -397,15 +400,67 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Mapping
     if path is not None:
         path = Path(path)
         sources.append(str(path))
-        values.update(_checked(cls, read_toml(path), str(path), path.parent))
+        _merge(values, _checked(cls, read_toml(path), str(path), path.parent))
     if environment:
         sources.append("the environment")
-        values.update(_checked(cls, environment, "the environment", Path.cwd()))
-    given = {key: value for key, value in (overrides or {}).items() if value is not None}
+        _merge(values, _checked(cls, environment, "the environment", Path.cwd()))
+    given = _given(overrides or {})
     if given:
         sources.append("the command line")
-        values.update(_checked(cls, given, "the command line", None))
+        _merge(values, _checked(cls, given, "the command line", None))
     return _made(cls, values, " and ".join(sources))
+
+
+def _given(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The overrides that say something: None values (a flag not given) and empty groups left out."""
+    given = {}
+    for key, value in overrides.items():
+        if isinstance(value, Mapping):
+            value = _given(value) or None
+        if value is not None:
+            given[key] = value
+    return given
+
+
+def _merge(into: dict[str, Any], more: Mapping[str, Any]) -> None:
+    """``more`` over ``into``, group by group: a flag setting one codec setting keeps the file's others."""
+    for key, value in more.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def flat_settings(cls: type) -> list[tuple[str | None, dataclasses.Field, type]]:
+    """Every setting of ``cls`` as (its group's field name or None, the field, the class declaring it), groups
+    opened in place: what flags, environment variables and the README list, one per flat name."""
+    hints = typing.get_type_hints(cls)
+    out: list[tuple[str | None, dataclasses.Field, type]] = []
+    for f in dataclasses.fields(cls):
+        if is_group(f):
+            out += [(f.name, sub, hints[f.name]) for sub in dataclasses.fields(hints[f.name])]
+        else:
+            out.append((None, f, cls))
+    return out
+
+
+def flat_values(config: Any) -> dict[str, Any]:
+    """``config``'s settings by flat name (``top_k``, not ``codec.top_k``)."""
+    return {flat_name(f): getattr(getattr(config, group) if group else config, f.name)
+            for group, f, _ in flat_settings(type(config))}
+
+
+def replace_settings(config: C, **flat: Any) -> C:
+    """``dataclasses.replace`` by flat names: ``replace_settings(edge, top_k=8, latency_slo_ms=100)``."""
+    where = {flat_name(f): (group, f.name) for group, f, _ in flat_settings(type(config))}
+    unknown = sorted(set(flat) - set(where))
+    if unknown:
+        raise TypeError(f"{type(config).__name__} has no setting(s) {', '.join(unknown)}")
+    top = {name: v for key, v in flat.items() for group, name in [where[key]] if group is None}
+    for group in {where[key][0] for key in flat} - {None}:
+        changes = {where[key][1]: v for key, v in flat.items() if where[key][0] == group}
+        top[group] = dataclasses.replace(getattr(config, group), **changes)
+    return dataclasses.replace(config, **top)
 
 
 def build(cls: type[C], table: Mapping[str, Any], where: str, base_dir: Path | None = None) -> C:
@@ -415,13 +470,11 @@ def build(cls: type[C], table: Mapping[str, Any], where: str, base_dir: Path | N
 
 
 def non_defaults(config: Any) -> dict[str, Any]:
-    """Settings that differ from their defaults (required ones included): for the start-up log, and all a
-    config file needs to say."""
-    return {
-        f.name: getattr(config, f.name)
-        for f in dataclasses.fields(config)
-        if default_of(f) is dataclasses.MISSING or getattr(config, f.name) != default_of(f)
-    }
+    """Settings that differ from their defaults (required ones included), by flat name: for the start-up log,
+    and all a config file needs to say."""
+    values = flat_values(config)
+    return {flat_name(f): values[flat_name(f)] for _, f, _ in flat_settings(type(config))
+            if default_of(f) is dataclasses.MISSING or values[flat_name(f)] != default_of(f)}
 
 
 def default_of(f: dataclasses.Field) -> Any:
@@ -463,21 +516,22 @@ def _made(cls: type[C], values: dict[str, Any], origin: str) -> C:
 
 
 def _values(cls: type, table: Mapping[str, Any], prefix: str, base_dir: Path | None) -> dict[str, Any]:
-    """Each key of ``table`` checked against ``cls``'s fields and converted to its annotated type."""
+    """Each key of ``table`` checked against ``cls``'s fields and converted to its annotated type; nested
+    tables stay dicts (``_instance`` builds them), so that files, environment and flags merge group by group."""
     if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
         raise TypeError(f"{cls!r} is not a dataclass")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
-    for key, value in table.items():
+    for key, value in _grouped(cls, table, prefix).items():
         name = prefix + key
         if key not in fields:
             raise _Invalid(f"unknown setting '{name}' (known: {', '.join(prefix + k for k in fields)})")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
+            if not isinstance(value, Mapping):
                 raise _Invalid(f"'{name}' must be a table ([{name}])")
-            value = _instance(tp, _values(tp, value, f"{name}.", base_dir), f"{name}.")
+            value = _values(tp, value, f"{name}.", base_dir)
         else:
             value = _convert(value, tp, name)
             if fields[key].metadata.get("path") and base_dir is not None and not Path(value).is_absolute():
@@ -486,15 +540,44 @@ def _values(cls: type, table: Mapping[str, Any], prefix: str, base_dir: Path | N
     return values
 
 
+def _grouped(cls: type, table: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """``table`` with each top-level key that is a group's setting by its flat name (``top_k = 32``, as files
+    said before the groups) moved into that group's table (``codec.top_k``)."""
+    hints = typing.get_type_hints(cls)
+    groups = {f.name for f in dataclasses.fields(cls) if is_group(f)}
+    where = {flat_name(sub): (g, sub.name) for g in groups for sub in dataclasses.fields(hints[g])}
+    out: dict[str, Any] = {}
+    moved: dict[str, dict[str, tuple[str, Any]]] = {}
+    for key, value in table.items():
+        if key in where and not (key in groups and isinstance(value, Mapping)):
+            group, name = where[key]
+            moved.setdefault(group, {})[name] = (key, value)
+        else:
+            out[key] = value
+    for group, settings in moved.items():
+        table_given = out.get(group, {})
+        merged = dict(table_given) if isinstance(table_given, Mapping) else {}
+        for name, (key, value) in settings.items():
+            if name in merged:
+                raise _Invalid(f"'{prefix}{key}' and '{prefix}{group}.{name}' are the same setting: give it once")
+            merged[name] = value
+        out[group] = merged
+    return out
+
+
 def _instance(cls: type[C], values: dict[str, Any], prefix: str) -> C:
+    hints = typing.get_type_hints(cls)
     missing = [prefix + f.name for f in dataclasses.fields(cls)
                if f.name not in values and default_of(f) is dataclasses.MISSING]
     if missing:
         raise _Invalid(f"missing required setting(s) {', '.join(missing)}")
+    values = {key: _instance(hints[key], value, f"{prefix}{key}.")
+              if isinstance(value, dict) and dataclasses.is_dataclass(hints[key]) else value
+              for key, value in values.items()}
     try:
         return cls(**values)
-    except ValueError as e:
-        raise _Invalid(f"{prefix}{e}") from None
+    except ValueError as e:  # a group's own checks name its settings by their flat names
+        raise _Invalid(f"{'' if getattr(cls, '__settings_group__', False) else prefix}{e}") from None
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:

@@ -17,7 +17,8 @@ import typing
 from collections.abc import Iterable
 from typing import Any, Literal, TypeVar
 
-from offramp.serving.config import default_of, load_config
+from offramp.core.settings import flat_name
+from offramp.serving.config import default_of, flat_settings, load_config
 
 C = TypeVar("C")
 
@@ -64,8 +65,8 @@ def boolean(text: str) -> bool:
 
 
 def flag_name(f: dataclasses.Field) -> str:
-    """``--max-batch`` for ``max_batch``, unless the setting names its flag."""
-    return "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
+    """``--max-batch`` for ``max_batch``: the setting's flat name, unless it names its flag."""
+    return "--" + (f.metadata.get("flag") or flat_name(f)).replace("_", "-")
 
 
 def choices(cls: type, name: str) -> list[Any]:
@@ -84,13 +85,12 @@ def shown(value: Any, flag: bool = False) -> str:
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type, names: Iterable[str] | None = None,
                      with_defaults: bool = True) -> None:
-    """One flag per setting of ``cls`` (or of those in ``names``) but file-only ones; ``with_defaults``: say the
-    default in the help."""
-    hints = typing.get_type_hints(cls)
+    """One flag per setting of ``cls`` (or of those whose flat names are in ``names``), groups' settings
+    included, but file-only ones; ``with_defaults``: say the default in the help."""
     wanted = None if names is None else set(names)
     groups: dict[str, argparse._ArgumentGroup] = {}
-    for f in dataclasses.fields(cls):
-        if (wanted is not None and f.name not in wanted) or f.metadata.get("file_only"):
+    for _, f, owner in flat_settings(cls):
+        if (wanted is not None and flat_name(f) not in wanted) or f.metadata.get("file_only"):
             continue
         heading = f.metadata.get("group")
         target = parser if heading is None else groups.setdefault(heading, parser.add_argument_group(heading))
@@ -100,8 +100,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, names: Iterable
             help_text += " (required)"
         elif with_defaults and default not in (None, ()):
             help_text += f" (default: {shown(default, flag=True)})"
-        target.add_argument(flag_name(f), dest=f.name, help=help_text.replace("%", "%%"),
-                            **_argument(f, hints[f.name]))
+        target.add_argument(flag_name(f), dest=flat_name(f), help=help_text.replace("%", "%%"),
+                            **_argument(f, typing.get_type_hints(owner)[f.name]))
 
 
 # Environment variables name a setting after its daemon: OFFRAMP_EDGE_MAX_BATCH, OFFRAMP_CLOUD_DEVICE.
@@ -111,27 +111,27 @@ ENV_PREFIXES = {"EdgeConfig": "OFFRAMP_EDGE_", "CloudConfig": "OFFRAMP_CLOUD_"}
 def env_name(cls: type, f: dataclasses.Field) -> str | None:
     """The environment variable of a setting (None: the config takes none, or the setting is file-only)."""
     prefix = ENV_PREFIXES.get(cls.__name__)
-    return None if prefix is None or f.metadata.get("file_only") else prefix + f.name.upper()
+    return None if prefix is None or f.metadata.get("file_only") else prefix + flat_name(f).upper()
 
 
 def env_settings(cls: type, environ: typing.Mapping[str, str]) -> dict[str, Any]:
-    """The settings ``environ`` gives ``cls``, each read as its flag reads it (comma-separated lists; yes/no);
-    an ``OFFRAMP_EDGE_*`` (``OFFRAMP_CLOUD_*``) variable naming no setting is an error, as a typo would be."""
+    """The settings ``environ`` gives ``cls`` (by flat name), each read as its flag reads it (comma-separated
+    lists; yes/no); an ``OFFRAMP_EDGE_*`` (``OFFRAMP_CLOUD_*``) variable naming no setting is an error, as a
+    typo would be."""
     from offramp.core.errors import OfframpError
 
     prefix = ENV_PREFIXES.get(cls.__name__)
     if prefix is None:
         return {}
-    hints = typing.get_type_hints(cls)
-    fields = {env_name(cls, f): f for f in dataclasses.fields(cls) if env_name(cls, f)}
+    fields = {env_name(cls, f): (f, owner) for _, f, owner in flat_settings(cls) if env_name(cls, f)}
     values: dict[str, Any] = {}
     for name, text in environ.items():
         if not name.startswith(prefix):
             continue
-        f = fields.get(name)
-        if f is None:
+        if name not in fields:
             raise OfframpError(f"unknown setting {name} in the environment (known: {', '.join(sorted(fields))})")
-        kwargs = _argument(f, hints[f.name])
+        f, owner = fields[name]
+        kwargs = _argument(f, typing.get_type_hints(owner)[f.name])
         try:
             if kwargs.get("action") is argparse.BooleanOptionalAction:
                 value: Any = boolean(text)
@@ -143,7 +143,7 @@ def env_settings(cls: type, environ: typing.Mapping[str, str]) -> dict[str, Any]
             raise OfframpError(f"{name}={text!r}: {e}") from None
         if "choices" in kwargs and value not in kwargs["choices"]:
             raise OfframpError(f"{name}={text!r}: choose one of {', '.join(map(str, kwargs['choices']))}")
-        values[f.name] = value
+        values[flat_name(f)] = value
     return values
 
 
@@ -151,7 +151,7 @@ def config_from_args(cls: type[C], args: argparse.Namespace,
                      environ: typing.Mapping[str, str] | None = None) -> C:
     """``cls`` from ``--config``, then the environment (``OFFRAMP_EDGE_*``, ``OFFRAMP_CLOUD_*``), then the
     generated flags; ``-v`` asks for debug logs."""
-    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}  # file-only: no flag
+    overrides = {flat_name(f): getattr(args, flat_name(f), None) for _, f, _ in flat_settings(cls)}  # file-only: none
     if getattr(args, "verbose", False) and "log_level" in overrides:
         overrides["log_level"] = "DEBUG"
     env = env_settings(cls, os.environ if environ is None else environ)

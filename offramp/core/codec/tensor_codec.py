@@ -19,6 +19,7 @@ import torch
 import zstandard
 
 from offramp.core.codec.names import CodecName
+from offramp.core.codec.settings import CodecConfig
 
 from offramp.core.errors import OfframpError
 from offramp.core.wire import pb
@@ -91,32 +92,6 @@ class CodecError(OfframpError):
     def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> None:
         super().__init__(message)
         self.code = code
-
-
-@dataclass(frozen=True)
-class CodecConfig:
-    """How the edge encodes the tokens it offloads."""
-
-    # int8 with a per-token scale is 4× smaller than float32 and costs ViT
-    # tokens almost no accuracy; float32 is lossless, float16 in between;
-    # "bottleneck": the checkpoint's learned code (``encode_code``), far smaller still.
-    dtype: str = "int8"
-    # Keep only the k patch tokens the class token attends to most (prefix
-    # tokens are always kept); None sends every token.
-    top_k: int | None = None
-    # zstd level: 3 is fast and gets most of the gain on quantized tokens;
-    # 0 disables compression (for links faster than the compressor).
-    zstd_level: int = 3
-
-    def __post_init__(self) -> None:
-        if self.dtype not in _WIRE_DTYPE and self.dtype != "bottleneck":
-            raise ValueError(f"codec must be one of {', '.join(CodecName.__args__)}, not {self.dtype!r}")
-        if self.dtype == "bottleneck" and self.top_k is not None:
-            raise ValueError("top_k does not apply to a bottleneck code: it already sends few values per token")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be at least 1 (or None to keep every token), not {self.top_k}")
-        if self.zstd_level > zstandard.MAX_COMPRESSION_LEVEL:
-            raise ValueError(f"zstd_level must be at most {zstandard.MAX_COMPRESSION_LEVEL}, not {self.zstd_level}")
 
 
 @dataclass(frozen=True)
