@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from offramp.core.hostinfo import machine as host_machine
 from offramp.core.models import registry
 from offramp.training.plots import pyplot
 from offramp.core.tables import format_table
@@ -149,7 +150,7 @@ def combine(runs: list[Path], cpu_speed_file: Path, out: Path, target: float, bu
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.cnn_capacity", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--grid", nargs="+", help="points WIDTHS[:EPOCHS[:SETTING=VALUE/...]], e.g. 128,384,384:9 or "
@@ -164,6 +165,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=1200, help="CPU time line on the plot (default 1200 s)")
     p.add_argument("--out", type=Path, help="default: cnn_capacity.json, or bench/results/cnn_capacity.json "
                    "with --combine")
+    return p
+
+
+def grid_points(p: argparse.ArgumentParser, grid: list[str], recipe: Any) -> list[Any]:
+    """The grid's points, each checked against the recipe (a bad one is a usage error naming it)."""
+    points = []
+    for text in grid:
+        try:
+            points.append(parse_point(text))
+        except ValueError:
+            p.error(f"grid point {text!r}: expected WIDTHS[:EPOCHS[:SETTING=VALUE/...]], e.g. 96,384,384:11:seed=1")
+        try:
+            point_settings(recipe, points[-1][2])
+        except ValueError as e:
+            p.error(f"grid point {text!r}: {e}")
+    return points
+
+
+def train_point(data: Any, data_spec: str, recipe: Any, widths: tuple[int, ...], epochs: int | None,
+                changes: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Train one grid point's CNN from scratch and read its accuracy (plain and with TTA)."""
+    job = TrainJob(data=data_spec, model=variant_for(widths), exits="none")
+    settings = point_settings(recipe, changes)
+    cfg = data_settings(job, data, dataclasses.replace(recipe, **settings, **({"epochs": epochs} if epochs else {})))
+    torch.manual_seed(cfg.seed)
+    model, _ = build_model(job, data)
+    timing = train_backbone(model, data.train, cfg)
+    plain, tta = (evaluate(model, data.val, tta=t, device=device.type)[-1].summary()["accuracy"]
+                  for t in (False, True))
+    return {"widths": list(widths), "epochs": cfg.epochs, "changed": changes,
+            "params": sum(p.numel() for p in model.parameters()), "val_accuracy": plain, "val_accuracy_tta": tta,
+            "train_wall_s": round(timing["wall_s"], 1), "img_per_s": round(timing["img_per_s"], 1),
+            "dtype": timing["dtype"], "device": timing["device"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     if args.combine:
         if not args.cpu_speed:
@@ -173,21 +211,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.grid:
         p.error("--grid is needed (or --combine)")
+    if not args.speed_only and not args.data:
+        p.error("--data is needed unless --speed-only")
     args.out = args.out or Path("cnn_capacity.json")
     started = time.time()
     recipe = RECIPES["airbench_c10"].config(device=args.device, progress=False)
-    points = []
-    for text in args.grid:
-        try:
-            points.append(parse_point(text))
-        except ValueError:
-            p.error(f"grid point {text!r}: expected WIDTHS[:EPOCHS[:SETTING=VALUE/...]], e.g. 96,384,384:11:seed=1")
-        try:
-            point_settings(recipe, points[-1][2])
-        except ValueError as e:
-            p.error(f"grid point {text!r}: {e}")
+    points = grid_points(p, args.grid, recipe)
     prec = resolve_precision("auto", args.device)
-    machine = {"platform": platform.platform(), "torch": torch.__version__, "cpus": torch.get_num_threads(),
+    machine = {**host_machine(), "platform": platform.platform(), "torch_threads": torch.get_num_threads(),
                "gpu": torch.cuda.get_device_name() if prec.device.type == "cuda" else None}
     result: dict[str, Any] = {"command": "python -m bench.cnn_capacity " + " ".join(sys.argv[1:]),
                               "machine": machine, "recipe": "airbench_c10", "points": []}
@@ -203,23 +234,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{widths}: {speed:.0f} img/s", flush=True)
             save()
         return 0
-    if not args.data:
-        p.error("--data is needed unless --speed-only")
     from offramp.core.data import load_data
     data = load_data(args.data, val_fraction=0.1, seed=0, limit=args.limit)
     for widths, epochs, changes in points:
-        job = TrainJob(data=args.data, model=variant_for(widths), exits="none")
-        settings = point_settings(recipe, changes)
-        cfg = data_settings(job, data, dataclasses.replace(recipe, **settings, **({"epochs": epochs} if epochs else {})))
-        torch.manual_seed(cfg.seed)
-        model, _ = build_model(job, data)
-        timing = train_backbone(model, data.train, cfg)
-        plain, tta = (evaluate(model, data.val, tta=t, device=prec.device.type)[-1].summary()["accuracy"]
-                      for t in (False, True))
-        entry = {"widths": list(widths), "epochs": cfg.epochs, "changed": changes,
-                 "params": sum(p.numel() for p in model.parameters()), "val_accuracy": plain, "val_accuracy_tta": tta,
-                 "train_wall_s": round(timing["wall_s"], 1), "img_per_s": round(timing["img_per_s"], 1),
-                 "dtype": timing["dtype"], "device": timing["device"]}
+        entry = train_point(data, args.data, recipe, widths, epochs, changes, prec.device)
         result["points"].append(entry)
         print(json.dumps(entry), flush=True)
         save()

@@ -302,8 +302,11 @@ def main(argv: list[str] | None = None) -> int:
                                  epilog="example: python -m bench.edge_first --model edge_c10=runs/edge_c10 "
                                         "--model hybrid_c10=runs/hybrid_c10@slvit@1,slvit@2",
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", action="append", required=True, metavar="LABEL=CHECKPOINT[@EXIT,EXIT]",
+    ap.add_argument("--model", action="append", metavar="LABEL=CHECKPOINT[@EXIT,EXIT]",
                     help="a model and the exits its edge walks (default: all of them); repeat for each curve")
+    ap.add_argument("--stages", metavar="CHECKPOINT",
+                    help="instead: time each stage of one model alone (stem, every block, every exit) at batch 1, "
+                         "against its MACs (default --out bench/results/edge_first_stages.json)")
     ap.add_argument("--thresholds", type=lambda s: [float(v) for v in s.split(",")], default=list(THRESHOLDS),
                     help="shared max-probability thresholds, one row each (default: %(default)s)")
     ap.add_argument("--max-drop", type=float, default=0.5, help="accuracy points the chosen setting may lose")
@@ -312,8 +315,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timing-samples", type=int, default=300, help="validation images timed per row and round")
     ap.add_argument("--core", type=int, default=max(os.sched_getaffinity(0)), help="the one core timing runs on")
     ap.add_argument("--no-onnx", action="store_true", help="time PyTorch eager only")
-    ap.add_argument("--out", default=str(RESULTS / "edge_first.json"))
+    ap.add_argument("--out", default=None, help="JSON output (default bench/results/edge_first.json)")
     args = ap.parse_args(argv)
+    if bool(args.model) == bool(args.stages):
+        ap.error("give --model (one or more) or --stages, not both")
+    if args.stages:
+        return stages_main(args, argv)
+    args.out = args.out or str(RESULTS / "edge_first.json")
     if not 0 <= args.max_drop <= 100:
         ap.error(f"--max-drop must be in 0..100 points, not {args.max_drop}")
     started = time.perf_counter()
@@ -337,6 +345,68 @@ def main(argv: list[str] | None = None) -> int:
     report(result)
     out = write_result(result, args.out)
     plot(result, out.with_suffix(".png"))
+    return 0
+
+
+def stage_times(checkpoint: str, reps: int = 300, rounds: int = 3) -> list[dict[str, Any]]:
+    """Each stage of ``checkpoint``'s model as the edge runs it (stem, every block, every exit, then the whole
+    model), timed alone at batch 1 (best of ``rounds`` x ``reps`` calls), with its MACs."""
+    from offramp.core.halves import ready_for_inference
+
+    model, card = load_checkpoint(checkpoint)
+    model = ready_for_inference(model, torch.device("cpu"))
+    bb = model.backbone
+    x = load_validation(card)[0].tensors[0][:1]
+
+    def best_ms(fn: Any) -> float:
+        for _ in range(20):
+            fn()
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            times.append((time.perf_counter() - start) / reps * 1e3)
+        return min(times)
+
+    rows = []
+    with torch.inference_mode():
+        feats = [bb.embed(x)]
+        for b in range(bb.num_blocks):
+            feats.append(bb.forward_blocks(feats[-1], b, b + 1))
+        rows.append(("stem", lambda: bb.embed(x), lambda: count_macs(bb.embed, x)))
+        for b in range(bb.num_blocks):
+            f = feats[b]
+            rows.append((f"block {b + 1}", lambda f=f, b=b: bb.forward_blocks(f, b, b + 1),
+                         lambda f=f, b=b: count_macs(lambda z: bb.forward_blocks(z, b, b + 1), f)))
+        for i, e in enumerate(model.exit_configs):
+            f = feats[e.position]
+            rows.append((f"exit {e.name}", lambda f=f, i=i: model.run_exit(i, f, None),
+                         lambda f=f, i=i: count_macs(lambda z: model.run_exit(i, z, None), f)))
+        rows.append(("whole model", lambda: bb(x), lambda: count_macs(bb, x)))
+        return [{"stage": name, "ms": best_ms(run), "macs": macs()} for name, run, macs in rows]
+
+
+def stages_main(args: argparse.Namespace, argv: list[str] | None) -> int:
+    started = time.perf_counter()
+    mask, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    try:
+        os.sched_setaffinity(0, {args.core})
+        torch.set_num_threads(1)
+        rows = stage_times(args.stages)
+    except OfframpError as e:
+        print(f"bench.edge_first: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        os.sched_setaffinity(0, mask)
+        torch.set_num_threads(threads)
+    print(format_table(["stage", "ms", "MMACs", "GMAC/s"],
+                       [[r["stage"], f"{r['ms']:.3f}", f"{r['macs'] / 1e6:.1f}", f"{r['macs'] / r['ms'] / 1e6:.1f}"]
+                        for r in rows]))
+    result = {"command": "python -m bench.edge_first " + shlex.join(argv if argv is not None else sys.argv[1:]),
+              "machine": {**machine(), "timing_core": args.core}, "checkpoint": args.stages,
+              "wall_s": time.perf_counter() - started, "stages": rows}
+    write_result(result, args.out or str(RESULTS / "edge_first_stages.json"))
     return 0
 
 

@@ -13,6 +13,7 @@ from torch.utils.data import TensorDataset
 
 from offramp.training.calibrate import Target, calibrate, cheapest_within
 from offramp.cli import main
+from offramp.core.checkpoint import load_checkpoint
 from offramp.core.data import load_data
 from offramp.core.errors import DataError
 from offramp.training.initial import load_tokenizer_from
@@ -217,3 +218,19 @@ def test_a_margin_in_standard_errors_keeps_the_choice_inside_the_drop() -> None:
     assert careful.chosen.offload == 1.0  # the only setting with the margin kept: everything to the full model
     with pytest.raises(ValueError, match="applies to an accuracy-drop target"):
         Target(max_offload=0.5, margin_se=1.0)
+
+
+def test_stage_times_cover_every_stage_and_their_macs_add_up(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from bench.edge_first import main, stage_times
+
+    model, _ = load_checkpoint(tiny_checkpoint)
+    rows = stage_times(str(tiny_checkpoint), reps=2, rounds=1)
+    names = [r["stage"] for r in rows]
+    blocks = model.backbone.num_blocks
+    assert names == ["stem", *(f"block {b + 1}" for b in range(blocks)),
+                     *(f"exit {e.name}" for e in model.exit_configs), "whole model"]
+    assert all(r["ms"] > 0 for r in rows)
+    parts = sum(r["macs"] for r in rows if r["stage"] == "stem" or r["stage"].startswith("block"))
+    assert parts <= rows[-1]["macs"] <= 1.05 * parts  # the whole model is its stages and the head
+    with pytest.raises(SystemExit):
+        main(["--stages", str(tiny_checkpoint), "--model", f"x={tiny_checkpoint}"])

@@ -1,0 +1,72 @@
+"""bench/RESULTS.md says every number comes from the JSON beside it: its headline figures, recomputed from
+the committed JSON as RESULTS formats them, must appear in its text (a JSON rerun without its text fails)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def load(name: str) -> Any:
+    return json.loads((RESULTS / name).read_text())
+
+
+def text() -> str:
+    return " ".join((ROOT / "bench" / "RESULTS.md").read_text().split())
+
+
+def edge_first() -> list[str]:
+    clean = load("edge_first_clean.json")["models"][0]
+    row = next(r for r in clean["cascade"] if r["thresholds"] == [0.95] * 4)
+    return [f"**{clean['val_accuracy'] * 100:.2f}% +- {clean['val_accuracy_se_points']:.2f}**",
+            f"**{row['macs_speedup']:.2f}x** | {row['time_speedup']['eager']:.2f}x / "
+            f"{row['time_speedup']['onnxruntime']:.2f}x"]
+
+
+def tradeoff_edge() -> list[str]:
+    rows = load("tradeoff_edge/summary.json")
+    mean = {(r["variant"], r["profile"], r["thresholds"]): r["latency_mean_ms"] for r in rows}
+    return [f"**{mean[('system', 'lte', '0.95')]:.1f} (2.7%)**", f"**{mean[('system', '3g', '0.95')]:.1f} (2.7%)**",
+            f"| {mean[('cloud_only', 'lte', '')]:.1f} | {mean[('edge_only', '', '')]:.1f} |"]
+
+
+def adaptive_edge() -> list[str]:
+    phases = load("adaptive_edge/summary.json")["policies"]["adaptive"]["phases"]
+    return [f"{phases['p1_wifi']['accuracy_replayed'] * 100:.2f}%, 0%"]
+
+
+def routes() -> list[str]:
+    summary = load("routes/summary.json")
+    out = []
+    for link in summary["links"]:
+        adaptive = next(p for p in link["policies"] if p["policy"].startswith("adaptive"))
+        out.append(f"{adaptive['mean_ms']:.1f}")
+        out.append(f"{link['adaptive_vs_fastest_static_mean']:.2f}x")
+    targets = summary["targets"]
+    out.append(f"{targets['wire_bytes_per_offload']} B on the stream")
+    return out
+
+
+def scale_and_overload() -> list[str]:
+    scale, overload = load("scale.json")["targets"], load("overload.json")["targets"]
+    return [f"{scale['cpu_per_request_vs_echo']:.2f}x the echo server's",
+            f"**Recovery: {overload['recovered_after_s']:.1f} s**"]
+
+
+def offload_threads() -> list[str]:
+    by_threads = {(r["threads"], r["pinned"] is not None): r["client_ms"]["p50"]
+                  for r in load("offload.json")["end_to_end_by_threads"]}
+    return [f"takes {by_threads[(2, False)]:.1f} ms p50", f"with 1 thread {by_threads[(1, False)]:.1f} ms"]
+
+
+@pytest.mark.parametrize("figures", [edge_first, tradeoff_edge, adaptive_edge, routes, scale_and_overload,
+                                     offload_threads])
+def test_headline_figures_match_their_json(figures: Any) -> None:
+    body = text()
+    missing = [f for f in figures() if f not in body]
+    assert not missing, f"RESULTS.md lacks (or states otherwise) what the JSON says: {missing}"
