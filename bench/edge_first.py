@@ -20,12 +20,14 @@ MACs per input (the full models as points).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -325,19 +327,13 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.max_drop <= 100:
         ap.error(f"--max-drop must be in 0..100 points, not {args.max_drop}")
     started = time.perf_counter()
-    mask, threads = os.sched_getaffinity(0), torch.get_num_threads()
     try:
         specs = [parse_model(s) for s in args.model]
-        os.sched_setaffinity(0, {args.core})
-        torch.set_num_threads(1)
-        with tempfile.TemporaryDirectory(prefix="offramp-edge-first-") as tmp:
+        with one_core(args.core), tempfile.TemporaryDirectory(prefix="offramp-edge-first-") as tmp:
             models = [measure_model(label, ckpt, names, args, Path(tmp)) for label, ckpt, names in specs]
     except OfframpError as e:
         print(f"bench.edge_first: error: {e}", file=sys.stderr)
         return 2
-    finally:
-        os.sched_setaffinity(0, mask)
-        torch.set_num_threads(threads)
     result = {"command": "python -m bench.edge_first " + shlex.join(argv if argv is not None else sys.argv[1:]),
               "machine": {**machine(), "timing_core": args.core}, "max_drop_points": args.max_drop,
               "margin_se": args.margin_se,
@@ -346,6 +342,19 @@ def main(argv: list[str] | None = None) -> int:
     out = write_result(result, args.out)
     plot(result, out.with_suffix(".png"))
     return 0
+
+
+@contextlib.contextmanager
+def one_core(core: int) -> Iterator[None]:
+    """Time on ``core`` alone with one torch thread (batch-1 edge timings), then restore both."""
+    mask, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, mask)
+        torch.set_num_threads(threads)
 
 
 def stage_times(checkpoint: str, reps: int = 300, rounds: int = 3) -> list[dict[str, Any]]:
@@ -389,17 +398,12 @@ def stage_times(checkpoint: str, reps: int = 300, rounds: int = 3) -> list[dict[
 
 def stages_main(args: argparse.Namespace, argv: list[str] | None) -> int:
     started = time.perf_counter()
-    mask, threads = os.sched_getaffinity(0), torch.get_num_threads()
     try:
-        os.sched_setaffinity(0, {args.core})
-        torch.set_num_threads(1)
-        rows = stage_times(args.stages)
+        with one_core(args.core):
+            rows = stage_times(args.stages)
     except OfframpError as e:
         print(f"bench.edge_first: error: {e}", file=sys.stderr)
         return 2
-    finally:
-        os.sched_setaffinity(0, mask)
-        torch.set_num_threads(threads)
     print(format_table(["stage", "ms", "MMACs", "GMAC/s"],
                        [[r["stage"], f"{r['ms']:.3f}", f"{r['macs'] / 1e6:.1f}", f"{r['macs'] / r['ms'] / 1e6:.1f}"]
                         for r in rows]))
