@@ -235,7 +235,8 @@ class ControllerSettings:
         "0: the p95 over all requests.", 1.0, metavar="S", group="latency controller")
     accuracy_slack_points: float = setting(
         "With latency_slo_ms: expected accuracy (points) the controller may give up for speed. Options within it "
-        "of the most accurate one that meets the target count as equally good and the fastest is taken: "
+        "of the most accurate one that meets the target count as equally good and the fastest on average "
+        "(predicted mean latency; the p95 stays the constraint) is taken: "
         "calibration's accuracies carry the noise of the split they were measured on, and a route a few tenths "
         "of a point behind on paper can be several times faster (0: always the most accurate).", 0.0,
         metavar="POINTS", example=0.5, group="latency controller")

@@ -81,13 +81,14 @@ def commented_toml(cls: type, values: Mapping[str, Any], header: str) -> str:
             lines += ["", *textwrap.wrap(f.metadata.get("help", ""), 100, initial_indent="# ",
                                          subsequent_indent="# "), f"[{f.name}]"]
             for sub in dataclasses.fields(hints[f.name]):
-                lines += _commented(sub, {}, indent="")
+                lines += _commented(sub, {})
             continue
         lines += _commented(f, values)
     return "\n".join(lines) + "\n"
 
 
-def _commented(f: dataclasses.Field, values: Mapping[str, Any], indent: str = "") -> list[str]:
+def _commented(f: dataclasses.Field, values: Mapping[str, Any]) -> list[str]:
+    """A setting's help as comments, then its line: as given, its default, or its example commented out."""
     lines = ["", *textwrap.wrap(f.metadata.get("help", ""), 100, initial_indent="# ", subsequent_indent="# ")]
     default = default_of(f)
     if f.metadata.get("file_only"):  # tables its tool appends at the end of the file
