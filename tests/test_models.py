@@ -130,3 +130,17 @@ def test_edge_and_cloud_halves_compose_to_the_full_model() -> None:
         assert (cloud.run(never.tokens) - model.backbone(x)).abs().max() < 1e-5
     always = edge.run(x, [0.0, 0.0], "max_prob")
     assert (always.exit_index == 0).all() and len(always.offload) == 0
+
+
+def test_conv_halves_run_channels_last_with_the_same_answers() -> None:
+    """The edge prepares conv models channels-last (faster at batch 1 on CPUs); answers stay the model's, and
+    tokens at a split inside the conv tokenizer leave in the wire's (contiguous) order."""
+    model, x = make("edge_c10", "slvit@2")
+    with torch.no_grad():
+        reference = model.backbone(x)
+    edge, cloud = EdgeHalf(model, 3), CloudHalf(model, 3)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    tokens = edge.run(x, [2.0], "max_prob").tokens  # no exit answers: all go on at the split
+    assert tokens.dim() == 4 and tokens.is_contiguous()
+    assert (cloud.run(tokens) - reference).abs().max() < 1e-4
