@@ -301,7 +301,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench.edge_first", description=__doc__.split("\n\n")[0],
-                                 epilog="example: python -m bench.edge_first --model edge_c10=runs/edge_c10 "
+                                 epilog="example: python -m bench.edge_first --model edge_c10=runs/edge_c10_sel "
                                         "--model hybrid_c10=runs/hybrid_c10@slvit@1,slvit@2",
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", metavar="LABEL=CHECKPOINT[@EXIT,EXIT]",

@@ -85,7 +85,7 @@ def test_fleet_files_are_checked(tmp_path: Path) -> None:
     from orchestrator.fleet import load_fleet
 
     example = load_fleet(Path(__file__).resolve().parents[1] / "orchestrator" / "fleets" / "fleet.toml")
-    assert example.fleet.replicas == 3 and example.cloud.checkpoint.endswith("runs/edge_c10")
+    assert example.fleet.replicas == 3 and example.cloud.checkpoint.endswith("runs/edge_c10_sel")
 
     def fleet(text: str) -> Path:
         path = tmp_path / "fleet.toml"
