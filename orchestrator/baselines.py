@@ -65,9 +65,18 @@ class FullModelServer:
     """
 
     def __init__(self, checkpoint: str, where: Where, host: str = "127.0.0.1", slowdown: float = 1.0,
-                 max_batch: int = 16, max_wait_ms: float = 0.0, device: str = "cpu") -> None:
+                 max_batch: int = 16, max_wait_ms: float = 0.0, device: str = "cpu", onnx_dir: str | None = None
+                 ) -> None:
+        """``onnx_dir``: the whole model exported for onnxruntime (split after its last block), run in place of
+        PyTorch (an edge-only baseline for edges that run onnxruntime); the head stays PyTorch's."""
         model, self.card = load_checkpoint(checkpoint)
         self.model = ready_for_inference(model, torch.device(device))
+        self._onnx = None
+        if onnx_dir is not None:
+            from offramp.core.onnx_edge import OnnxEdgeHalf
+
+            self._onnx = OnnxEdgeHalf(onnx_dir, self.card, model.backbone.num_blocks, exits=[],
+                                      threads=torch.get_num_threads())
         self.where, self.host, self.device = where, host, torch.device(device)
         self.max_batch, self.max_wait_s, self.slowdown = max_batch, max_wait_ms / 1e3, slowdown
         self._forward = slowed(self._run_model, slowdown, cpu_clock=torch.get_num_threads() == 1)
@@ -136,6 +145,10 @@ class FullModelServer:
 
     @torch.no_grad()
     def _run_model(self, x: torch.Tensor, audio: torch.Tensor | None) -> torch.Tensor:
+        if self._onnx is not None:
+            with torch.inference_mode():
+                features = self._onnx.run(x, [], "max_prob").tokens
+                return self.model.backbone.forward_head(features).float().cpu()
         return self.model.final(x.to(self.device), None if audio is None else audio.to(self.device)).float().cpu()
 
 

@@ -232,6 +232,10 @@ class BaselinesConfig:
     # How the cloud-only baseline ships an image input: re-encoded from its pixels, as a camera would.
     image_format: Literal["jpeg", "png"] = "jpeg"
     jpeg_quality: int = 90
+    edge_onnx_dir: str | None = setting(
+        "The whole model exported for onnxruntime (`offramp export CHECKPOINT --onnx DIR --split-block L`, L its "
+        "number of blocks): the edge-only baseline runs it where the edges run onnxruntime, so both sides of the "
+        "comparison compute on the same runtime.", None, path=True)
 
     def __post_init__(self) -> None:
         require(len(set(self.run)) == len(self.run), "run must not repeat a baseline")
@@ -264,6 +268,10 @@ class ExperimentConfig:
         adaptive = [p for p in self.sweep.policies if p != "fixed"]
         require(not adaptive or self.edge.controller.latency_slo_ms is not None,
                 f"sweep.policies {', '.join(adaptive)} need edge.latency_slo_ms, the p95 target the controller keeps")
+        require(self.edge.runtime != "onnxruntime" or "edge_only" not in self.baselines.run
+                or self.baselines.edge_onnx_dir is not None,
+                "the edges run onnxruntime: the edge-only baseline needs baselines.edge_onnx_dir (the whole model "
+                "exported) to compute on the same runtime")
         two = "adaptive_two_splits" in self.sweep.policies
         require(not two or len(self.edge.split_blocks or ()) >= 2,
                 "sweep.policies adaptive_two_splits needs edge.split_blocks with two or more blocks")

@@ -241,7 +241,8 @@ def run_point(point: Point, placement: Any, ctx: Context, result: PointResult) -
             stack.callback(_stop_all, [s.full_model for s in slots])
             targets = _get([s.full_model.start.remote(
                 cfg.checkpoint, "edge", host="127.0.0.1", slowdown=e.slowdown, max_batch=e.max_batch, max_wait_ms=0.0,
-                threads=e.threads, device=e.device) for s in slots])
+                threads=e.threads, device=e.device,
+                onnx_dir=cfg.baselines.edge_onnx_dir if e.runtime == "onnxruntime" else None) for s in slots])
         encoded = point.variant == "cloud_only"
         _get([s.driver.warm_up.remote(t.address, w.warmup, encoded, w.timeout_s) for s, t in zip(slots, targets)])
         _get([s.link.begin.remote() for s in slots[:len(links)]])

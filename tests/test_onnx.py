@@ -225,3 +225,26 @@ def test_bench_records_batch1_latency_of_both_runtimes(tiny_checkpoint: Path, ex
     assert set(rows) == {(runtime, path) for runtime in ("pytorch eager", "onnxruntime")
                          for path in ("all exits", "first exit")}
     assert all(r["calls"] > 0 and r["latency_ms"]["p50"] > 0 for r in rows.values())
+
+
+def test_the_edge_only_baseline_runs_the_whole_model_on_onnxruntime(tiny_checkpoint: Path, tmp_path: Path,
+                                                                     exported: Path, inputs: torch.Tensor) -> None:
+    """Edges on onnxruntime are compared with an edge-only baseline on the same runtime: the whole model
+    exported, its head PyTorch's; the same answers as the PyTorch model."""
+    from offramp.core.errors import OfframpError
+    from orchestrator.baselines import FullModelServer
+    from orchestrator.config import load_experiment
+
+    model, _ = load_checkpoint(tiny_checkpoint)
+    blocks = model.backbone.num_blocks
+    assert main(["export", str(tiny_checkpoint), "--onnx", str(tmp_path / "full"), "--split-block", str(blocks)]) == 0
+    onnx = FullModelServer(str(tiny_checkpoint), "edge", onnx_dir=str(tmp_path / "full"))
+    torch_only = FullModelServer(str(tiny_checkpoint), "edge")
+    assert (onnx._run_model(inputs, None) - torch_only._run_model(inputs, None)).abs().max() < 1e-4
+    with pytest.raises(OfframpError, match="splits after block"):  # an edge half is not the whole model
+        FullModelServer(str(tiny_checkpoint), "edge", onnx_dir=str(exported))
+    experiment = tmp_path / "e.toml"
+    experiment.write_text(f'checkpoint = "{tiny_checkpoint}"\n[edge]\nruntime = "onnxruntime"\nonnx_dir = "x"\n'
+                          '[baselines]\nrun = ["edge_only"]\n')
+    with pytest.raises(OfframpError, match="edge-only baseline needs baselines.edge_onnx_dir"):
+        load_experiment(experiment)
