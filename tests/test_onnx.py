@@ -248,3 +248,13 @@ def test_the_edge_only_baseline_runs_the_whole_model_on_onnxruntime(tiny_checkpo
                           '[baselines]\nrun = ["edge_only"]\n')
     with pytest.raises(OfframpError, match="edge-only baseline needs baselines.edge_onnx_dir"):
         load_experiment(experiment)
+
+
+def test_no_split_attention_where_the_block_before_the_split_reads_a_conv_map() -> None:
+    """A staged hybrid's first transformer block reads its tokenizer's conv map (no class token yet): an export
+    split right after it has no attention graph; one block later it has."""
+    from offramp.core.models import ModelConfig, MultiExitModel
+    from offramp.core.onnx_edge import _has_split_attention
+
+    model = MultiExitModel(ModelConfig(backbone="edge_c10", img_size=(32, 32), num_classes=10))
+    assert not _has_split_attention(EdgeHalf(model, 5)) and _has_split_attention(EdgeHalf(model, 6))

@@ -113,7 +113,13 @@ def stops(half: EdgeWalk) -> list[int]:
 
 
 def _has_split_attention(half: EdgeWalk) -> bool:
-    return half.spec.kind == "tokens" and half.split_block > 0
+    """ViTs whose block before the split reads tokens (a staged hybrid's first transformer block reads its conv
+    tokenizer's map, with no class token yet); an export says whether it holds that graph."""
+    if isinstance(half, OnnxEdgeHalf):
+        return half.manifest.split_attention is not None
+    assert isinstance(half, EdgeHalf)
+    return (half.spec.kind == "tokens" and half.split_block > 0
+            and half.backbone.feature_spec(half.split_block - 1).kind == "tokens")
 
 
 class _Stage(nn.Module):
