@@ -256,5 +256,5 @@ def test_no_split_attention_where_the_block_before_the_split_reads_a_conv_map() 
     from offramp.core.models import ModelConfig, MultiExitModel
     from offramp.core.onnx_edge import _has_split_attention
 
-    model = MultiExitModel(ModelConfig(backbone="edge_c10", img_size=(32, 32), num_classes=10))
+    model = MultiExitModel(ModelConfig(backbone="edge_c10", img_size=(32, 32), in_chans=3, num_classes=10))
     assert not _has_split_attention(EdgeHalf(model, 5)) and _has_split_attention(EdgeHalf(model, 6))
