@@ -35,6 +35,15 @@ def tradeoff_edge() -> list[str]:
             f"| {mean[('cloud_only', 'lte', '')]:.1f} | {mean[('edge_only', '', '')]:.1f} |"]
 
 
+def tradeoff_edge_onnx() -> list[str]:
+    rows = load("tradeoff_edge_onnx/summary.json")
+    mean = {(r["variant"], r["profile"], r["thresholds"]): r["latency_mean_ms"] for r in rows}
+    lte, g3, edge_only = mean[("system", "lte", "0.95")], mean[("system", "3g", "0.95")], mean[("edge_only", "", "")]
+    best_lte = min(edge_only, mean[("cloud_only", "lte", "")])
+    return [f"**{lte:.1f} (2.7%)**", f"**{g3:.1f} (2.7%)**", f"met, {best_lte / lte:.2f}x**",
+            f"met, {edge_only / g3:.2f}x**"]
+
+
 def adaptive_edge() -> list[str]:
     phases = load("adaptive_edge/summary.json")["policies"]["adaptive"]["phases"]
     return [f"{phases['p1_wifi']['accuracy_replayed'] * 100:.2f}%, 0%"]
@@ -64,7 +73,7 @@ def offload_threads() -> list[str]:
     return [f"takes {by_threads[(2, False)]:.1f} ms p50", f"with 1 thread {by_threads[(1, False)]:.1f} ms"]
 
 
-@pytest.mark.parametrize("figures", [edge_first, tradeoff_edge, adaptive_edge, routes, scale_and_overload,
+@pytest.mark.parametrize("figures", [edge_first, tradeoff_edge, tradeoff_edge_onnx, adaptive_edge, routes, scale_and_overload,
                                      offload_threads])
 def test_headline_figures_match_their_json(figures: Any) -> None:
     body = text()
