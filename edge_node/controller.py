@@ -141,22 +141,54 @@ def window_tail(request_rate: float, window_s: float) -> float:
     return TAIL if n <= 1 else _window_tail(n)
 
 
-def predict_p95(option: Option, c: Conditions, tail: float = TAIL) -> float:
-    """The option's p95 latency (ms) under ``c``: the latency that only ``tail`` of the samples exceed (see
-    ``window_tail``); ``inf`` when the uplink could not carry its offloads."""
+@dataclass(frozen=True)
+class _Mixture:
+    """An option's latency as a mixture: local answers at fixed times, and offloads that take ``d`` plus, when
+    they follow each other faster than the uplink drains them, an M/M/1 wait (``rho``, ``wait_scale``)."""
+
+    local: list[tuple[float, float]]  # (share, ms) of the samples the edge's exits answer
+    offload: float  # share of samples sent upstream
+    d: float  # an offload's latency before any wait behind the others
+    rho: float
+    wait_scale: float
+
+
+def _mixture(option: Option, c: Conditions, high_quantile: bool) -> _Mixture | None:
+    """The option's mixture under ``c``, its transfer at the link's high quantile (for the p95) or its typical
+    time (for the mean); None when the uplink could not carry its offloads."""
     scale = c.upload_scale(option)
     f = option.shares[-1] if not option.local_only else 0.0
     rho = c.utilisation(f, scale)
     if f > 0 and rho >= MAX_UTILISATION:
-        return math.inf
-    network = (c.rtt_ms or 0.0) + c.transfer_ms * scale + c.cloud_for(option.link_key)
+        return None
+    transfer = (c.transfer_ms if high_quantile else c.serialise_ms) * scale
+    network = (c.rtt_ms or 0.0) + transfer + c.cloud_for(option.link_key)
     if option.route == "input":  # nothing computed on the edge
         local, d = [], network
     else:
         compute = c.compute_ms[option.split_block]
         local = [(share, c.edge_queue_ms + compute[k]) for k, share in enumerate(option.shares[:-1]) if share > 0]
         d = c.edge_queue_ms + compute[-1] + network
-    wait_scale = c.serialise_ms * scale / (1 - rho) if rho > 0 else 0.0
+    return _Mixture(local, f, d, rho, c.serialise_ms * scale / (1 - rho) if rho > 0 else 0.0)
+
+
+def predict_mean(option: Option, c: Conditions) -> float:
+    """The option's mean latency (ms) under ``c``: what "fastest" means among options that meet the target
+    and are equally accurate within the slack (users and studies compare means; the p95 is the constraint);
+    ``inf`` when the uplink could not carry its offloads."""
+    m = _mixture(option, c, high_quantile=False)
+    if m is None:
+        return math.inf
+    return sum(share * ms for share, ms in m.local) + m.offload * (m.d + m.rho * m.wait_scale)
+
+
+def predict_p95(option: Option, c: Conditions, tail: float = TAIL) -> float:
+    """The option's p95 latency (ms) under ``c``: the latency that only ``tail`` of the samples exceed (see
+    ``window_tail``); ``inf`` when the uplink could not carry its offloads."""
+    m = _mixture(option, c, high_quantile=True)
+    if m is None:
+        return math.inf
+    local, f, d, rho, wait_scale = m.local, m.offload, m.d, m.rho, m.wait_scale
 
     def beyond(t: float) -> float:
         """P(latency > t)."""
@@ -175,25 +207,6 @@ def predict_p95(option: Option, c: Conditions, tail: float = TAIL) -> float:
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if beyond(mid) <= tail else (mid, hi)
     return hi
-
-
-def predict_mean(option: Option, c: Conditions) -> float:
-    """The option's mean latency (ms) under ``c``: what "fastest" means among options that meet the target
-    and are equally accurate within the slack (users and studies compare means; the p95 is the constraint);
-    ``inf`` when the uplink could not carry its offloads."""
-    scale = c.upload_scale(option)
-    f = option.shares[-1] if not option.local_only else 0.0
-    rho = c.utilisation(f, scale)
-    if f > 0 and rho >= MAX_UTILISATION:
-        return math.inf
-    serialise = c.serialise_ms * scale
-    wait = rho * serialise / (1 - rho) if rho > 0 else 0.0
-    network = (c.rtt_ms or 0.0) + serialise + c.cloud_for(option.link_key) + wait
-    if option.route == "input":
-        return network
-    compute = c.compute_ms[option.split_block]
-    local = sum(share * (c.edge_queue_ms + compute[k]) for k, share in enumerate(option.shares[:-1]))
-    return local + f * (c.edge_queue_ms + compute[-1] + network)
 
 
 @dataclass(frozen=True)

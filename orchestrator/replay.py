@@ -57,7 +57,8 @@ class Replay:
         self.default_split = default_split
         self.input_route = (calibrate_input_route(config.checkpoint, config.baselines.jpeg_quality,
                                                   data=config.workload.data).accuracy
-                            if any(p.get("route") == "input" for p in polls) or config.baselines.run else math.nan)
+                            if any(p.get("route") == "input" for p in polls) or "cloud_only" in config.baselines.run
+                            else math.nan)  # evaluating the model on JPEG inputs only where something used them
 
     def accuracy(self, point: int, variant: str, record: Record) -> float:
         """The validation accuracy of what answered ``record`` (NaN: unknown)."""
