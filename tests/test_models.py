@@ -8,6 +8,7 @@ import torch
 from offramp.core.models import (EXIT_TYPES, ExitConfig, ModelConfig, MultiExitModel, create_backbone, create_exit,
                             parse_exits, variant_names)
 from offramp.core.models.cost import count_macs, count_params
+from offramp.core.models.layers import Block
 from offramp.core.halves import CloudHalf, EdgeHalf
 
 SHAPES = {"vit_tiny_spec": (1, 64, 64)}
@@ -76,6 +77,20 @@ def test_slvit_is_one_encoder_layer_with_its_own_class_token() -> None:
     blocks = [m for m in ex.modules() if type(m).__name__ == "Block"]
     assert len(blocks) == 1
     assert ex.cls_token.shape == (1, 1, 64) and ex.pos_embed.shape == (1, 65, 64)
+
+
+def test_slvit_exit_computes_only_its_class_token_and_answers_as_the_whole_layer() -> None:
+    torch.manual_seed(0)
+    block = Block(64, 4, 2.0).eval()
+    x = torch.randn(3, 65, 64)
+    with torch.no_grad():
+        assert torch.allclose(block.forward_class_token(x), block(x)[:, :1], atol=1e-5)
+    model, x = make("vit_tiny_32", "slvit@2")
+    ex = model.exits[0]
+    grid = model.backbone.to_grid(model.backbone.head(x, 2), 2)
+    with torch.no_grad():
+        tokens = torch.cat([ex.cls_token.expand(3, -1, -1), ex.proj(grid).flatten(2).transpose(1, 2)], 1) + ex.pos_embed
+        assert torch.allclose(ex(grid), ex.head(ex.norm(ex.block(tokens))[:, 0]), atol=1e-5)
 
 
 def test_slvit_on_cnn_feature_map_patchifies() -> None:

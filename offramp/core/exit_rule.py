@@ -106,6 +106,8 @@ def walk(confidences: np.ndarray, thresholds: Sequence[float], score: str) -> Wa
     best_confidence = np.full(n, least_confident(score), dtype=confidences.dtype)
     for k, (confidence, threshold) in enumerate(zip(confidences, thresholds)):
         walking = leaves_at == num_exits
+        if not walking.any():  # every sample has left: the exits after this one are never read
+            break
         surer = walking & (confidence > best_confidence if higher else confidence < best_confidence)
         best[surer], best_confidence[surer] = k, confidence[surer]
         leaves_at[walking & passes(confidence, threshold, score)] = k

@@ -164,15 +164,17 @@ class EdgeWalk(ABC):
         B = x.shape[0]
         need_scores = with_scores and self.split_block > 0
         on_edge = _Survivors(self, x, audio, keep_attention_input=need_scores)
-        outputs = torch.zeros(self.num_exits, B, self.num_outputs)  # what each exit said of the samples it saw
-        confidences = torch.full((self.num_exits, B), math.nan)
+        # What each exit said of the samples it saw. The per-sample bookkeeping is NumPy: at batch 1 a walk
+        # is a few small decisions per exit, which torch's per-call cost would make a tenth of the edge's time.
+        outputs = np.zeros((self.num_exits, B, self.num_outputs), np.float32)
+        confidences = np.full((self.num_exits, B), math.nan, np.float32)
         with self.context():
             for k, (i, threshold) in enumerate(zip(self.exit_ids, thresholds)):
                 e = self.exit_configs[i]
                 out = self.exit_output(i, on_edge.tokens_after(e.position) if e.uses_visual else None,
                                        on_edge.encoded_audio() if e.uses_audio else None).float().cpu()
-                c = confidence(out, score)
-                outputs[k, on_edge.ids], confidences[k, on_edge.ids] = out, c
+                c = confidence(out, score).numpy()
+                outputs[k, on_edge.ids], confidences[k, on_edge.ids] = out.numpy(), c
                 on_edge.keep(~passes(c, threshold, score))  # the confident leave here; ``walk`` below agrees
                 if not len(on_edge):
                     break
@@ -183,18 +185,20 @@ class EdgeWalk(ABC):
             if need_scores and on_edge.attention_input is not None and len(on_edge):
                 scores = self.split_attention(on_edge.attention_input).float().cpu()
 
-        walked = walk(confidences.numpy(), thresholds, score)
-        exit_index = torch.from_numpy(np.where(walked.goes_on, -1, walked.leaves_at))
-        carried = torch.from_numpy(np.where(walked.goes_on, walked.best, walked.leaves_at))  # whose answer each keeps
-        output, conf = torch.zeros(B, self.num_outputs), torch.full((B,), least_confident(score))
-        ids = torch.arange(B)[carried >= 0]  # -1: no exit offered an answer (an edge without exits)
-        output[ids], conf[ids] = outputs[carried[ids], ids], confidences[carried[ids], ids]
+        walked = walk(confidences, thresholds, score)
+        carried = np.where(walked.goes_on, walked.best, walked.leaves_at)  # whose answer each keeps
+        answered = (carried >= 0).nonzero()[0]  # -1: no exit offered an answer (an edge without exits)
+        output = np.zeros((B, self.num_outputs), np.float32)
+        conf = np.full(B, least_confident(score), np.float32)
+        output[answered] = outputs[carried[answered], answered]
+        conf[answered] = confidences[carried[answered], answered]
         tokens = on_edge.tokens
         tokens = (torch.empty(0, *self.spec.shape) if tokens is None or not len(on_edge)
                   else tokens.float().cpu().contiguous())  # channels-last conv maps leave in the wire's order
         audio_tokens = None if on_edge.audio_tokens is None else on_edge.audio_tokens.float().cpu()
-        return EdgeResult(exit_index, torch.from_numpy(walked.best), output, conf, on_edge.ids, tokens, scores,
-                          audio_tokens)
+        return EdgeResult(torch.from_numpy(np.where(walked.goes_on, -1, walked.leaves_at)),
+                          torch.from_numpy(walked.best), torch.from_numpy(output), torch.from_numpy(conf),
+                          torch.from_numpy(on_edge.ids), tokens, scores, audio_tokens)
 
 
 class EdgeHalf(EdgeWalk):
@@ -248,7 +252,7 @@ class _Survivors:
     def __init__(self, half: EdgeWalk, x: torch.Tensor, audio: torch.Tensor | None,
                  keep_attention_input: bool) -> None:
         self.half, self.x, self.audio = half, x, audio
-        self.ids = torch.arange(x.shape[0])  # their indices in the batch
+        self.ids = np.arange(x.shape[0])  # their indices in the batch
         self.tokens: torch.Tensor | None = None  # their visual representation after `position` blocks
         self.position = 0
         self.keep_attention_input = keep_attention_input
@@ -268,7 +272,8 @@ class _Survivors:
 
     def _advance(self, position: int) -> torch.Tensor:
         if self.tokens is None:
-            self.tokens = self.half.advance(self.x[self.ids], None, position)
+            x = self.x if len(self.ids) == len(self.x) else self.x[torch.from_numpy(self.ids)]
+            self.tokens = self.half.advance(x, None, position)
         elif position != self.position:
             self.tokens = self.half.advance(self.tokens, self.position, position)
         self.position = position
@@ -277,15 +282,25 @@ class _Survivors:
     def encoded_audio(self) -> torch.Tensor | None:
         """Their audio tokens (None without audio), encoded the first time they are asked for."""
         if self.half.audiovisual and self.audio_tokens is None:
-            self.audio_tokens = self.half.encode_audio(self.audio[self.ids])
+            audio = self.audio if len(self.ids) == len(self.audio) else self.audio[torch.from_numpy(self.ids)]
+            self.audio_tokens = self.half.encode_audio(audio)
         return self.audio_tokens
 
-    def keep(self, stay: torch.Tensor) -> None:
-        """Keep only the samples ``stay`` marks (a mask over the survivors)."""
-        on_device = stay.to(self.half.device)
-        self.tokens = None if self.tokens is None else self.tokens[on_device]
-        self.attention_input = None if self.attention_input is None else self.attention_input[on_device]
-        self.audio_tokens = None if self.audio_tokens is None else self.audio_tokens[on_device]
+    def keep(self, stay: np.ndarray) -> None:
+        """Keep only the samples ``stay`` marks (a boolean mask over the survivors)."""
+        if stay.all():
+            return
+        if not stay.any():  # all leave: nothing more is computed for this batch
+            self.tokens = self.attention_input = self.audio_tokens = None
+            self.ids = self.ids[:0]
+            return
+        rows = torch.from_numpy(stay.nonzero()[0]).to(self.half.device)
+
+        def rows_of(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[rows]
+
+        self.tokens, self.attention_input = rows_of(self.tokens), rows_of(self.attention_input)
+        self.audio_tokens = rows_of(self.audio_tokens)
         self.ids = self.ids[stay]
 
 

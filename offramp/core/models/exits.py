@@ -91,7 +91,7 @@ class SLViTExit(nn.Module):
         if self.modality_embed is not None:
             parts = [part + self.modality_embed[m] for m, part in enumerate(parts)]
         x = torch.cat([self.cls_token.expand(parts[0].shape[0], -1, -1), *parts], dim=1) + self.pos_embed
-        return self.head(self.norm(self.block(x))[:, 0])
+        return self.head(self.norm(self.block.forward_class_token(x))[:, 0])  # only the class token is read
 
 
 class MLPExit(nn.Module):
