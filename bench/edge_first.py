@@ -194,7 +194,8 @@ def measure_model(label: str, checkpoint: str, names: list[str] | None, args: ar
     to_answer = [c["macs_to_answer"] for c in costs]
     full_macs = costs[-1]["macs"]
 
-    best_sel = cheapest_within(exits_sel, final_sel, score, args.max_drop, to_answer, args.margin_se)
+    best_sel = cheapest_within(exits_sel, final_sel, score, args.max_drop, to_answer, args.margin_se,
+                               args.shared_threshold)
     settings = [((t,) * len(ids), False) for t in args.thresholds] + [(best_sel.thresholds, True)]
 
     timers = {"eager": EdgeTimer(EdgeHalf(model, model.num_blocks, exits=[model.exit_configs[i].name for i in ids]),
@@ -314,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-drop", type=float, default=0.5, help="accuracy points the chosen setting may lose")
     ap.add_argument("--margin-se", type=float, default=0.0,
                     help="standard errors of the loss the setting chosen on the selection split keeps to spare")
+    ap.add_argument("--shared-threshold", action="store_true",
+                    help="choose the best setting among shared thresholds only (one for every exit), which the "
+                         "selection split cannot tune to its own noise")
     ap.add_argument("--timing-samples", type=int, default=300, help="validation images timed per row and round")
     ap.add_argument("--core", type=int, default=max(os.sched_getaffinity(0)), help="the one core timing runs on")
     ap.add_argument("--no-onnx", action="store_true", help="time PyTorch eager only")
@@ -336,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     result = {"command": "python -m bench.edge_first " + shlex.join(argv if argv is not None else sys.argv[1:]),
               "machine": {**machine(), "timing_core": args.core}, "max_drop_points": args.max_drop,
-              "margin_se": args.margin_se,
+              "margin_se": args.margin_se, "shared_threshold": args.shared_threshold,
               "wall_s": time.perf_counter() - started, "models": models}
     report(result)
     out = write_result(result, args.out)

@@ -272,6 +272,10 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
                    help="with --target-accuracy-drop: keep K standard errors of the loss (paired, against the full "
                         "model) inside the drop, so that thresholds chosen on a small split hold on new data "
                         "(default 0)")
+    p.add_argument("--shared-threshold", action="store_true",
+                   help="one threshold for every exit (in the chosen setting and in the controller's tables): "
+                        "per-exit thresholds tuned on a few thousand samples fit their noise, and lose more on new "
+                        "data than they did there")
     p.add_argument("--score", choices=choices(EdgeConfig, "score"),
                    help="confidence score (default: the one --out names, else max_prob; std for regression)")
     p.add_argument("--data", help="calibrate on all of this data spec instead of the card's validation split")
@@ -297,7 +301,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 
     try:
         target = Target(accuracy_drop=args.target_accuracy_drop, max_offload=args.target_offload,
-                        min_speedup=args.target_speedup, margin_se=args.margin_se)
+                        min_speedup=args.target_speedup, margin_se=args.margin_se,
+                        shared=args.shared_threshold)
     except ValueError as e:
         raise OfframpError(str(e)) from None
     quality = None

@@ -218,6 +218,9 @@ class StudyConfig:
     # of training and of validation: `offramp train --selection-fraction`) keeps the validation split, which
     # the workload draws from, free of any choice.
     calibrate_on: Literal["validation", "selection"] = "validation"
+    # `offramp calibrate --shared-threshold`: one threshold for every exit, in the fixed policy and in the
+    # adaptive edge's tables, which a few thousand calibration samples cannot tune to their own noise.
+    shared_threshold: bool = False
 
     def __post_init__(self) -> None:
         require(0 <= self.accuracy_drop <= 100, "accuracy_drop must be in 0..100 points")

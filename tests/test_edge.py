@@ -340,6 +340,22 @@ def test_calibration_search(target: Target, offload: float, accuracy: float) -> 
     assert math.isclose(sum(result.chosen.shares), 1.0)
 
 
+def test_shared_threshold_calibration_gives_up_what_only_per_exit_thresholds_reach() -> None:
+    # Exit a is wrong at 0.8 where exit b is right at 0.7: per exit, a keeps above 0.8 and b goes down to
+    # 0.7; one shared threshold must stay above 0.8 at both, so sample 2 goes to the cloud too.
+    exits = [head("a", [0.99, 0.8, 0.5, 0.3], [True, False, False, False]),
+             head("b", [0.9, 0.9, 0.7, 0.2], [True, True, True, False])]
+    final = head("final", [1.0] * 4, [True] * 4)
+    per_exit = calibrate(exits, final, "max_prob", Target(accuracy_drop=0)).chosen
+    shared = calibrate(exits, final, "max_prob", Target(accuracy_drop=0, shared=True), table=True)
+    assert (per_exit.offload, per_exit.quality) == (0.25, 1.0)
+    assert (shared.chosen.offload, shared.chosen.quality) == (0.5, 1.0)
+    assert len(set(shared.chosen.thresholds)) == 1
+    # The controller's table too; offloading nothing, the last exit answers all that reach it.
+    assert shared.table[0].offload == 0 and shared.table[0].thresholds[-1] == -math.inf
+    assert all(len(set(p.thresholds[:-1])) == 1 for p in shared.table)
+
+
 def test_policy_and_pairing_are_validated() -> None:
     policy = ExitPolicy(PolicySettings((0.9, 0.9), "max_prob"), num_exits=2, task="classification")
     assert policy.get().run_thresholds() == [0.9, 0.9]

@@ -13,7 +13,9 @@ the search can afford to be thorough:
 
 The shared value is a robust starting point on small validation sets; the
 per-exit refinement only moves where it strictly helps, which pays off when
-exits are calibrated differently (early exits are often over-confident).
+exits are calibrated differently (early exits are often over-confident) and
+the split is large enough to tell. On a few thousand samples it also fits
+their noise: ``Target.shared`` keeps to step 1.
 Targets: the fewest offloads whose accuracy is no worse than the full model's
 minus ``accuracy_drop`` points, the best accuracy (lowest MAE for
 regression) with at most ``max_offload`` of the samples sent to the cloud,
@@ -66,6 +68,10 @@ class Target:
     # With accuracy_drop: keep this many standard errors (paired, against the full model, on the samples
     # calibrated on) inside the drop, so that a setting chosen on a small split keeps to it on new data.
     margin_se: float = 0.0
+    # One threshold for every exit (the last may answer all that reach it, offloading nothing): a search with
+    # one degree of freedom, which a small split cannot flatter the way it flatters per-exit thresholds tuned
+    # to the edge of the target (the winner's curse).
+    shared: bool = False
 
     def __post_init__(self) -> None:
         if self.margin_se < 0:
@@ -184,22 +190,28 @@ def calibrate(exits: list[HeadResult], final: HeadResult, score: str, target: Ta
         raise ValueError("a speed-up target needs the heads' costs")
     cascade = _Cascade(exits, final, score, costs)
     full = float(cascade.quality[-1].mean())
-    best = _search(cascade, _objective(target, full, full_macs))
+    best = _search(cascade, _objective(target, full, full_macs), target.shared)
     if target.min_speedup is not None and full_macs / best.mean_macs < target.min_speedup - 1e-9:
         cheapest = min(cascade.point((always_leave(score),) * cascade.num_exits).mean_macs, min(costs))
         raise ValueError(f"no threshold setting reaches a {target.min_speedup:g}x speed-up: at most "
                          f"{full_macs / cheapest:.2f}x, answering every input at the first exit "
                          f"({cheapest / 1e6:.1f}M of the full model's {full_macs / 1e6:.1f}M MACs)")
-    points = operating_points(cascade) if table else ()
+    points = operating_points(cascade, target.shared) if table else ()
     return Calibration(best, full, target, score, tuple(r.name for r in exits), cascade.n,
                        "mae" if regression else "accuracy", points, full_macs=full_macs)
 
 
-def _search(cascade: _Cascade, key: Callable[[OperatingPoint], tuple[bool, float, float]]) -> OperatingPoint:
+def _search(cascade: _Cascade, key: Callable[[OperatingPoint], tuple[bool, float, float]],
+            shared_only: bool = False) -> OperatingPoint:
     """The best point by ``key``: the best few shared thresholds, each refined by per-exit coordinate
-    descent (one start can stall where only two thresholds moving together improve)."""
-    shared = sorted((cascade.point((t,) * cascade.num_exits) for t in cascade.candidates(cascade.conf.ravel())),
-                    key=key, reverse=True)
+    descent (one start can stall where only two thresholds moving together improve); with
+    ``shared_only`` the best shared threshold, unrefined."""
+    values = cascade.candidates(cascade.conf.ravel())
+    shared = sorted((cascade.point((t,) * cascade.num_exits) for t in values), key=key, reverse=True)
+    if shared_only:  # one value, or one value and a last exit answering all that reach it (nothing offloaded)
+        last = always_leave(cascade.score)
+        local = (cascade.point((t,) * (cascade.num_exits - 1) + (last,)) for t in values)
+        return max(shared[0], max(local, key=key), key=key)
     starts, seen = [], set()
     for p in shared:  # many shared values walk the same way: start from distinct outcomes only
         if (outcome := (p.shares, p.quality)) not in seen:
@@ -225,12 +237,13 @@ def _descend(cascade: _Cascade, key: Callable[[OperatingPoint], tuple[bool, floa
     return best
 
 
-def operating_points(cascade: _Cascade) -> tuple[OperatingPoint, ...]:
-    """The most accurate point at each share of ``TABLE_OFFLOADS``, keeping only those that add accuracy
-    over every point with fewer offloads: the frontier a controller trades along."""
+def operating_points(cascade: _Cascade, shared: bool = False) -> tuple[OperatingPoint, ...]:
+    """The most accurate point at each share of ``TABLE_OFFLOADS`` (``shared``: of one threshold for every
+    exit), keeping only those that add accuracy over every point with fewer offloads: the frontier a
+    controller trades along."""
     found: list[OperatingPoint] = []
     for cap in TABLE_OFFLOADS:
-        point = _search(cascade, _objective(Target(max_offload=cap), 0.0))
+        point = _search(cascade, _objective(Target(max_offload=cap), 0.0), shared)
         if point.offload > cap + 1e-12:  # cannot happen (offloading nothing is always possible); never store it
             continue
         if not found or point.quality > found[-1].quality:
@@ -277,7 +290,8 @@ def calibrate_checkpoint(checkpoint: str | Path, target: Target, score: str | No
         tables = []
         for s in configured.get("split_blocks") or [split]:  # the controller's table for each split it may use
             s_ids = edge_exit_ids(model.exit_configs, s, exits_up_to(model.exit_configs, names, s))
-            points = (result.table if s == split else _table(model, card.input_shape, results, s_ids, score)
+            points = (result.table if s == split else _table(model, card.input_shape, results, s_ids, score,
+                                                              target.shared)
                       if s_ids else (_everything_offloaded(results[-1]),))
             tables.append(CalibrationTable(card.fingerprint, s, score, tuple(results[i].name for i in s_ids),
                                            result.samples, tuple(_stored(p) for p in points)))
@@ -288,11 +302,11 @@ def calibrate_checkpoint(checkpoint: str | Path, target: Target, score: str | No
 
 
 def _table(model, input_shape: tuple[int, ...], results: list[HeadResult], ids: list[int],
-           score: str) -> tuple[OperatingPoint, ...]:
+           score: str, shared: bool) -> tuple[OperatingPoint, ...]:
     """The controller's table for the exits ``ids`` (another split block's)."""
     costs = head_costs(model, input_shape, ids)
     return operating_points(_Cascade([results[i] for i in ids], results[-1], score,
-                                     [c["macs_to_answer"] for c in costs]))
+                                     [c["macs_to_answer"] for c in costs]), shared)
 
 
 def _stored(p: OperatingPoint) -> CalibrationPoint:
@@ -330,13 +344,14 @@ def _objective(target: Target, full_quality: float,
 
 
 def cheapest_within(exits: list[HeadResult], final: HeadResult, score: str, accuracy_drop: float,
-                    costs: list[float], margin_se: float = 0.0) -> OperatingPoint:
+                    costs: list[float], margin_se: float = 0.0, shared: bool = False) -> OperatingPoint:
     """The thresholds with the lowest mean compute per input whose accuracy is at most ``accuracy_drop``
     points below the full model's, with ``margin_se`` standard errors of the loss to spare (same search as
-    ``calibrate``); ``costs`` as ``_Cascade`` takes them."""
+    ``calibrate``, ``shared`` as ``Target`` has it); ``costs`` as ``_Cascade`` takes them."""
     cascade = _Cascade(exits, final, score, costs)
     floor = float(cascade.quality[-1].mean()) - accuracy_drop / 100 - 1e-12
-    return _search(cascade, lambda p: (p.quality - margin_se * p.loss_se >= floor, -p.mean_macs, p.quality))
+    return _search(cascade, lambda p: (p.quality - margin_se * p.loss_se >= floor, -p.mean_macs, p.quality),
+                   shared)
 
 
 def operating_point(exits: list[HeadResult], final: HeadResult, score: str, thresholds: tuple[float, ...],
