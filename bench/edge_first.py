@@ -167,6 +167,7 @@ def training_budget(card: Card) -> dict[str, Any]:
 
 def measure_model(label: str, checkpoint: str, names: list[str] | None, args: argparse.Namespace,
                   tmp: Path) -> dict[str, Any]:
+    """One curve: ``checkpoint``'s exits ``names`` walked at every setting, with the one chosen on selection."""
     model, card = load_checkpoint(checkpoint)
     if card.config.task != "classification" or model.audiovisual:
         raise OfframpError(f"{checkpoint}: this benchmark measures image classifiers")
@@ -182,12 +183,7 @@ def measure_model(label: str, checkpoint: str, names: list[str] | None, args: ar
         selection, chosen_on = load_selection(card), "selection"
     except OfframpError:
         selection, chosen_on = val, "validation (the card has no selection split: the choice is not held out)"
-    key = (checkpoint, card.fingerprint)
-    if key not in _EVALUATED:  # several curves may walk different exits of one checkpoint: evaluate it once
-        print(f"[{label}] evaluating on {len(val)} validation and {len(selection)} selection images", flush=True)
-        r_val = evaluate(model, val, score=score)
-        _EVALUATED[key] = (r_val, evaluate(model, selection, score=score) if selection is not val else r_val)
-    r_val, r_sel = _EVALUATED[key]
+    r_val, r_sel = _evaluated(label, checkpoint, model, card, val, selection, score)
     exits_val, final_val = [r_val[i] for i in ids], r_val[-1]
     exits_sel, final_sel = [r_sel[i] for i in ids], r_sel[-1]
     costs = head_costs(model, input_shape, ids)
@@ -197,35 +193,12 @@ def measure_model(label: str, checkpoint: str, names: list[str] | None, args: ar
     best_sel = cheapest_within(exits_sel, final_sel, score, args.max_drop, to_answer, args.margin_se,
                                args.shared_threshold)
     settings = [((t,) * len(ids), False) for t in args.thresholds] + [(best_sel.thresholds, True)]
-
-    timers = {"eager": EdgeTimer(EdgeHalf(model, model.num_blocks, exits=[model.exit_configs[i].name for i in ids]),
-                                 model, val.tensors[0][:args.timing_samples], score)}
-    full_timers = {"eager": EdgeTimer(EdgeHalf(model, model.num_blocks, exits=[]), model,
-                                      val.tensors[0][:args.timing_samples], score)}
-    if not args.no_onnx:
-        from offramp.core.onnx_edge import OnnxEdgeHalf, export_onnx
-
-        out = tmp / label
-        print(f"[{label}] exporting the edge (split after block {model.num_blocks}) to ONNX", flush=True)
-        export_onnx(checkpoint, out, split_block=model.num_blocks)
-        names_walked = [model.exit_configs[i].name for i in ids]
-        timers["onnxruntime"] = EdgeTimer(OnnxEdgeHalf(out, card, exits=names_walked, threads=1), model,
-                                          val.tensors[0][:args.timing_samples], score)
-        full_timers["onnxruntime"] = EdgeTimer(OnnxEdgeHalf(out, card, exits=[], threads=1), model,
-                                               val.tensors[0][:args.timing_samples], score)
-
-    # Two rounds, the second in reverse order, so that a drift of the machine's speed evens out across rows.
-    times: dict[str, list[list[float]]] = {rt: [[] for _ in settings] for rt in timers}
-    full_times: dict[str, list[float]] = {rt: [] for rt in timers}
-    for order in (range(len(settings)), reversed(range(len(settings)))):
-        for rt in timers:
-            full_times[rt].append(full_timers[rt].mean_ms([]))
-            for k in order:
-                times[rt][k].append(timers[rt].mean_ms(list(settings[k][0])))
-    full_ms = {rt: float(np.mean(v)) for rt, v in full_times.items()}
+    timers, full_timers = _timers(label, checkpoint, model, card, ids, val.tensors[0][:args.timing_samples], score,
+                                  args.no_onnx, tmp)
+    times, full_ms = _time_settings(timers, full_timers, [s for s, _ in settings])
 
     rows = []
-    for (thresholds, chosen), k in zip(settings, range(len(settings))):
+    for k, (thresholds, chosen) in enumerate(settings):
         p = operating_point(exits_val, final_val, score, thresholds, to_answer)
         walked_correct = _cascade_correct(exits_val, final_val, score, thresholds)
         rows.append({
@@ -233,8 +206,8 @@ def measure_model(label: str, checkpoint: str, names: list[str] | None, args: ar
             "accuracy": p.quality, "accuracy_loss_points": (float(final_val.correct.mean()) - p.quality) * 100,
             "loss_se_points": paired_se_points(final_val.correct, walked_correct),
             "mean_macs": p.mean_macs, "macs_speedup": full_macs / p.mean_macs,
-            "mean_edge_ms": {rt: float(np.mean(times[rt][k])) for rt in timers},
-            "time_speedup": {rt: full_ms[rt] / float(np.mean(times[rt][k])) for rt in timers},
+            "mean_edge_ms": {rt: times[rt][k] for rt in timers},
+            "time_speedup": {rt: full_ms[rt] / times[rt][k] for rt in timers},
             "shares": dict(zip([*(model.exit_configs[i].name for i in ids), "final"], p.shares)),
         })
     best = rows[-1]
@@ -257,6 +230,50 @@ def measure_model(label: str, checkpoint: str, names: list[str] | None, args: ar
         "training": training_compute(card),
         "training_budget": training_budget(card),
     }
+
+
+def _evaluated(label: str, checkpoint: str, model: MultiExitModel, card: Card, val: Any, selection: Any,
+               score: str) -> tuple[list[HeadResult], list[HeadResult]]:
+    """Every head on the validation and the selection split; once per checkpoint, since several curves may
+    walk different exits of one."""
+    key = (checkpoint, card.fingerprint)
+    if key not in _EVALUATED:
+        print(f"[{label}] evaluating on {len(val)} validation and {len(selection)} selection images", flush=True)
+        r_val = evaluate(model, val, score=score)
+        _EVALUATED[key] = (r_val, evaluate(model, selection, score=score) if selection is not val else r_val)
+    return _EVALUATED[key]
+
+
+def _timers(label: str, checkpoint: str, model: MultiExitModel, card: Card, ids: list[int], inputs: torch.Tensor,
+            score: str, no_onnx: bool, tmp: Path) -> tuple[dict[str, EdgeTimer], dict[str, EdgeTimer]]:
+    """Per runtime, a timer of the walk over exits ``ids`` and one of the whole model (no exits)."""
+    names = [model.exit_configs[i].name for i in ids]
+    timers = {"eager": EdgeTimer(EdgeHalf(model, model.num_blocks, exits=names), model, inputs, score)}
+    full_timers = {"eager": EdgeTimer(EdgeHalf(model, model.num_blocks, exits=[]), model, inputs, score)}
+    if not no_onnx:
+        from offramp.core.onnx_edge import OnnxEdgeHalf, export_onnx
+
+        out = tmp / label
+        print(f"[{label}] exporting the edge (split after block {model.num_blocks}) to ONNX", flush=True)
+        export_onnx(checkpoint, out, split_block=model.num_blocks)
+        timers["onnxruntime"] = EdgeTimer(OnnxEdgeHalf(out, card, exits=names, threads=1), model, inputs, score)
+        full_timers["onnxruntime"] = EdgeTimer(OnnxEdgeHalf(out, card, exits=[], threads=1), model, inputs, score)
+    return timers, full_timers
+
+
+def _time_settings(timers: dict[str, EdgeTimer], full_timers: dict[str, EdgeTimer],
+                   settings: list[tuple[float, ...]]) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Mean ms per input of each setting and of the whole model, per runtime: two rounds, the second in
+    reverse order, so that a drift of the machine's speed evens out across rows."""
+    times: dict[str, list[list[float]]] = {rt: [[] for _ in settings] for rt in timers}
+    full_times: dict[str, list[float]] = {rt: [] for rt in timers}
+    for order in (range(len(settings)), reversed(range(len(settings)))):
+        for rt in timers:
+            full_times[rt].append(full_timers[rt].mean_ms([]))
+            for k in order:
+                times[rt][k].append(timers[rt].mean_ms(list(settings[k])))
+    return ({rt: [float(np.mean(t)) for t in v] for rt, v in times.items()},
+            {rt: float(np.mean(v)) for rt, v in full_times.items()})
 
 
 def _cascade_correct(exits: list[HeadResult], final: HeadResult, score: str, thresholds: tuple[float, ...]

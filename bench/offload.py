@@ -43,7 +43,7 @@ from orchestrator import codec_table
 from orchestrator.floors import child_server, serve_echo, serve_until_killed
 from orchestrator.loadgen import SERVER_CORES, client_cores, drive_streams, machine, percentiles
 from edge_node.offload import OffloadClient, OffloadSettings
-from offramp.core.checkpoint import load_checkpoint
+from offramp.core.checkpoint import Card, load_checkpoint
 from offramp.core.codec import CodecConfig, encode
 from offramp.serving.daemon_proc import DaemonProcess
 from offramp.core.exit_rule import never_leave
@@ -229,27 +229,56 @@ def main(argv: list[str] | None = None) -> int:
 
 @torch.no_grad()  # scoped: main() also runs inside test processes
 def measure(args: argparse.Namespace, argv: list[str] | None) -> int:
-    """Everything ``main`` prints and writes, for parsed ``args``."""
+    """Everything ``main`` prints and writes, for parsed ``args``: (a) the codecs, (b) latency through the
+    daemons, (c) the offload leg alone, the targets, and Ray Serve beside (c)."""
     started = time.perf_counter()
     result: dict[str, Any] = {
         "command": "python -m bench.offload " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine()}
+    result["codec"] = codec = codec_step(args)
+    card, tokens, latency = latency_step(args)
+    result.update(latency)
+    alone = latency["compute_alone"]
+    result["offload_runs"] = streams = asyncio.run(
+        offload_runs(args.checkpoint, card.fingerprint, card.split_block, tokens, args.seconds))
+    print_offload_leg(streams, alone)
+    result["targets"] = targets(codec, latency, streams)
+    if not args.no_ray_serve:
+        ours = next(r for r in streams if r["batching"] == "adaptive" and r["edges"] == 16)
+        requests = [pb.OffloadRequest(model_fingerprint=card.fingerprint, split_block=card.split_block, tokens=t)
+                    for t in tokens]
+        result["ray_serve"] = ray_serve_comparison(args, ours, requests)
+        if "throughput_rps" in result["ray_serve"]:
+            result["targets"]["vs_ray_serve"] = ours["throughput_rps"] / result["ray_serve"]["throughput_rps"]
+    print("\ntargets: " + ", ".join(f"{k}={v:.3g}" for k, v in result["targets"].items()))
+    result["wall_s"] = time.perf_counter() - started
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out} ({result['wall_s']:.0f} s)")
+    return 0
 
-    result["codec"] = codec = codec_table.run(args.checkpoint, args.samples)
+
+def codec_step(args: argparse.Namespace) -> dict[str, Any]:
+    """(a) Every codec on the split tokens: bytes, speed, accuracy."""
+    codec = codec_table.run(args.checkpoint, args.samples)
     print(f"(a) codec: {codec['samples']} samples, tokens {codec['token_shape']}, "
           f"input JPEG q90 {codec['jpeg_bytes']:.0f} B / PNG {codec['png_bytes']:.0f} B")
     print(format_table(["codec", "bytes", "x smaller", "vs JPEG", "encode ms", "decode ms", "accuracy", "change (pts)"],
                        [[r["codec"], round(r["bytes"]), r["x_smaller_than_float32"], r["vs_jpeg"], r["encode_ms"],
                          r["decode_ms"], r["accuracy"], r["accuracy_change_points"]] for r in codec["rows"]]))
+    return codec
 
+
+def latency_step(args: argparse.Namespace) -> tuple[Card, list[pb.EncodedTensor], dict[str, Any]]:
+    """(b) Sequential offloaded requests through edge and cloud daemons, stage by stage, against each half's
+    compute alone and the two-hop floor. Returns the card, the encoded tokens (c) sends, and the figures."""
     model, card = load_checkpoint(args.checkpoint)
     val, _ = load_validation(card)
     x = val.tensors[0][:256]
     edge, cloud_half = EdgeHalf(model, card.split_block), CloudHalf(model, card.split_block)
     res = edge.run(x, [never_leave("max_prob")] * edge.num_exits, "max_prob")
     alone = compute_alone(edge, cloud_half, x, res.tokens)  # before any daemon starts: nothing else running
-    result["compute_alone"] = alone
-    result["token_shape"] = list(res.tokens.shape[1:])
     os.sched_setaffinity(0, client_cores())  # the load generator keeps off the servers' core
 
     runs = [end_to_end(args.checkpoint, x, args.requests, threads, cores)
@@ -257,12 +286,11 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> int:
     for r in runs:
         r["framework_overhead_p50_ms"] = r["client_ms"]["p50"] - alone["edge_half_ms"] - alone["cloud_half_ms"]
     e2e = runs[0]
-    result["end_to_end"] = e2e
     tokens = [encode(res.tokens[i:i + 1], CODEC) for i in range(len(res.tokens))]
-    result["two_hop_floor"] = floor2 = two_hop_floor(card.fingerprint, card.split_block, x, tokens[0], args.requests)
-    result["end_to_end_by_threads"] = runs
+    floor2 = two_hop_floor(card.fingerprint, card.split_block, x, tokens[0], args.requests)
+    token_shape = list(res.tokens.shape[1:])
     print(f"\n(b) latency through the daemons (pinned to core 0, 1 thread), {e2e['requests']} sequential "
-          f"offloaded requests, tokens {result['token_shape']} (ms):")
+          f"offloaded requests, tokens {token_shape} (ms):")
     order = ["preprocess", "queue", "edge_compute", "encode", "cloud_decode", "cloud_queue", "cloud_compute", "cloud",
              "offload_rtt", "total"]
     rows = [[k, v["p50"], v["p95"]] for k in order if (v := e2e["stages_ms"].get(k))]
@@ -278,9 +306,12 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> int:
     print(format_table(["daemon threads", "pinned", "client p50", "overhead p50"],
                        [[r["threads"], "core 0" if r["pinned"] else "no", r["client_ms"]["p50"],
                          r["framework_overhead_p50_ms"]] for r in runs]))
+    return card, tokens, {"compute_alone": alone, "token_shape": token_shape, "end_to_end": e2e,
+                          "two_hop_floor": floor2, "end_to_end_by_threads": runs}
 
-    streams = asyncio.run(offload_runs(args.checkpoint, card.fingerprint, card.split_block, tokens, args.seconds))
-    result["offload_runs"] = streams
+
+def print_offload_leg(streams: list[dict[str, Any]], alone: dict[str, Any]) -> None:
+    """(c) The offload leg's runs against the tail's best rate alone."""
     best = max(alone["tail_samples_per_s"].values())
     print(f"\n(c) offload leg alone, cloud pinned to core 0 with 1 thread; tail alone there: batch-1 "
           f"{alone['cloud_half_ms']:.2f} ms, best {best:.0f} samples/s")
@@ -290,15 +321,20 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> int:
                          r["throughput_rps"] / best, r["mean_batch"], r["latency_ms"]["p50"], r["latency_ms"]["p95"],
                          r["latency_ms"]["p50"] - alone["cloud_half_ms"]] for r in streams]))
 
+
+def targets(codec: dict[str, Any], latency: dict[str, Any], streams: list[dict[str, Any]]) -> dict[str, float]:
+    """The figures the issue's targets read, from (a), (b) and (c)."""
+    alone, e2e, floor2 = latency["compute_alone"], latency["end_to_end"], latency["two_hop_floor"]
+    best = max(alone["tail_samples_per_s"].values())
     ours = next(r for r in streams if r["batching"] == "adaptive" and r["edges"] == 16)
     light = next(r for r in streams if r["batching"] == "adaptive" and r["edges"] == 1)
     single = next(r for r in streams if r["batching"] == "batch 1")
     floor = next(r for r in streams if r["batching"] == FLOOR and r["edges"] == 16)
     leg_floor = next(r for r in streams if r["batching"] == FLOOR_WITH_TAIL)
-    result["targets"] = {
-        "int8_zstd_x_smaller": next(r["x_smaller_than_float32"] for r in codec["rows"] if r["codec"] == "int8+zstd"),
-        "int8_zstd_accuracy_change_points": next(r["accuracy_change_points"] for r in codec["rows"]
-                                                 if r["codec"] == "int8+zstd"),
+    int8 = next(r for r in codec["rows"] if r["codec"] == "int8+zstd")
+    return {
+        "int8_zstd_x_smaller": int8["x_smaller_than_float32"],
+        "int8_zstd_accuracy_change_points": int8["accuracy_change_points"],
         "framework_overhead_p50_ms": e2e["framework_overhead_p50_ms"],
         "two_hop_floor_p50_ms": floor2["client_ms"]["p50"],
         "leg_p50_minus_compute_ms": light["latency_ms"]["p50"] - alone["cloud_half_ms"],
@@ -310,19 +346,6 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> int:
         "share_bound_by_grpc_floor": 1 / (1 + best / floor["throughput_rps"]),
         "batching_speedup_vs_batch1": ours["throughput_rps"] / single["throughput_rps"],
     }
-    if not args.no_ray_serve:
-        requests = [pb.OffloadRequest(model_fingerprint=card.fingerprint, split_block=card.split_block, tokens=t)
-                    for t in tokens]
-        result["ray_serve"] = ray_serve_comparison(args, ours, requests)
-        if "throughput_rps" in result["ray_serve"]:
-            result["targets"]["vs_ray_serve"] = ours["throughput_rps"] / result["ray_serve"]["throughput_rps"]
-    print("\ntargets: " + ", ".join(f"{k}={v:.3g}" for k, v in result["targets"].items()))
-    result["wall_s"] = time.perf_counter() - started
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out} ({result['wall_s']:.0f} s)")
-    return 0
 
 
 def ray_serve_comparison(args: argparse.Namespace, ours: dict[str, Any],

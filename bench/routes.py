@@ -107,10 +107,11 @@ def envelope() -> dict[str, Any]:
 
 
 def summarize(out: Path, experiment: Path = EXPERIMENT) -> dict[str, Any]:
+    """The study in ``out``: per link, each policy's figures, the adaptive edge against the fixed ones, and
+    the targets over all links."""
     from offramp.core.checkpoint import load_checkpoint
     from offramp.core.models.cost import count_macs
     from orchestrator.config import load_experiment
-    from orchestrator.report import summarize as point_rows
 
     import torch
 
@@ -125,86 +126,91 @@ def summarize(out: Path, experiment: Path = EXPERIMENT) -> dict[str, Any]:
     tail_macs = full_macs - float(count_macs(lambda t: model.backbone.head(t, split), x))
     replayed = Replay(config, polls, fixed={}).per_point(records)  # fixed points: their polled thresholds
     slo = config.edge.controller.latency_slo_ms
-    rows = point_rows(records)
+    links, timelines = _links(records, replayed, slo, full_macs, tail_macs)
+    full = max((p["accuracy_replayed"] for b in links.values() for p in b["policies"]
+                if p["policy"] in ("edge_only", "fixed_split")), default=math.nan)
+    env = envelope()
+    return {
+        "full_model_accuracy": full, "latency_slo_ms": slo, "full_macs": full_macs, "tail_macs": tail_macs,
+        "input_route": input_route, "links": list(links.values()), "timelines": timelines,
+        "targets": {**_compare(links, full), "wire_bytes_per_offload": env["wire_bytes_per_offload"],
+                    "code_bytes_per_offload": env["code_bytes_per_offload"]},
+        "envelope": env,
+    }
+
+
+def _links(records: list[dict[str, Any]], replayed: dict[int, float], slo: float | None, full_macs: float,
+           tail_macs: float) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """Per link (profile or trace), each policy's figures, edge-only (which has no link) beside every one;
+    and the adaptive edge's per-second windows on each."""
+    from orchestrator.report import summarize as point_rows
+
     links: dict[str, dict[str, Any]] = {}
     timelines: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
+    edge_only: dict[str, Any] | None = None
+    for row in point_rows(records):
         mine = [r for r in records if r["point"] == row["point"]]
         n = len(mine)
         acc = row["accuracy"]
-        name = policy_name(row)
-        profile = row["profile"] or "(none)"
+        w = windows(mine, slo) if slo else []
+        judged = [x for x in w if x["judged"]]
         entry = {
-            "policy": name, "mean_ms": row["latency_mean_ms"], "p95_ms": row["latency_p95_ms"],
+            "policy": policy_name(row), "mean_ms": row["latency_mean_ms"], "p95_ms": row["latency_p95_ms"],
             "accuracy": acc, "accuracy_ci95": 1.96 * math.sqrt(acc * (1 - acc) / n) if n else math.nan,
             "accuracy_replayed": replayed.get(row["point"], math.nan),
             "bytes_per_request": row["bytes_per_request"],
             "cloud_macs_per_request": float(np.mean([cloud_macs(r, full_macs, tail_macs) for r in mine])),
             "route_shares": {k: row[f"route_{k}"] for k in ("split", "input", "local")},
             "degraded_rate": row["degraded_rate"], "requests": n,
+            "windows_met_share": sum(x["met"] for x in judged) / len(judged) if judged else math.nan,
         }
-        w = windows(mine, slo) if slo else []
-        judged = [x for x in w if x["judged"]]
-        entry["windows_met_share"] = sum(x["met"] for x in judged) / len(judged) if judged else math.nan
         if row["variant"] == "edge_only":
-            for bucket in links.values():
-                bucket["policies"].append(entry)
+            edge_only = entry
             continue
+        profile = row["profile"] or "(none)"
         links.setdefault(profile, {"profile": profile, "policies": []})["policies"].append(entry)
         if row["variant"] == "system" and row["policy"] != "fixed":
             timelines[profile] = w
-    edge_only = next((policy_row for policy_row in rows if policy_row["variant"] == "edge_only"), None)
-    if edge_only is not None:  # edge-only has no link: it belongs beside every link
-        entry = next(p for p in next(iter(links.values()))["policies"] if p["policy"] == "edge_only") if links else None
+    if edge_only is not None:
         for bucket in links.values():
-            if entry is not None and not any(p["policy"] == "edge_only" for p in bucket["policies"]):
-                bucket["policies"].append(entry)
-    full = max((p["accuracy_replayed"] for b in links.values() for p in b["policies"]
-                if p["policy"] in ("edge_only", "fixed_split")), default=math.nan)
+            bucket["policies"].append(edge_only)
+    return links, timelines
+
+
+def _compare(links: dict[str, dict[str, Any]], full: float) -> dict[str, float]:
+    """The adaptive edge against the fixed policies on each link (written into the link's entry), and the
+    worst of each comparison over all links."""
     ratios, any_ratios, drops, met = [], [], [], []
     for bucket in links.values():
-        static = [p for p in bucket["policies"] if not p["policy"].startswith("adaptive")
-                  and p["accuracy_replayed"] >= full - MAX_DROP_POINTS / 100 - 1e-9]
-        adaptive = [p for p in bucket["policies"] if p["policy"].startswith("adaptive")]
-        cloud_only = next((p for p in bucket["policies"] if p["policy"] == "cloud_only"), None)
-        if static and adaptive:
-            best = min(static, key=lambda p: p["mean_ms"])
-            a = adaptive[0]
-            bucket["best_static"] = best["policy"]
-            bucket["adaptive_vs_best_static_mean"] = a["mean_ms"] / best["mean_ms"]
-            ratios.append(bucket["adaptive_vs_best_static_mean"])
+        adaptive = next((p for p in bucket["policies"] if p["policy"].startswith("adaptive")), None)
         fixed = [p for p in bucket["policies"] if not p["policy"].startswith("adaptive")]
-        if fixed and adaptive:  # the fastest fixed choice, whatever its accuracy: the stricter reading
-            fastest = min(fixed, key=lambda p: p["mean_ms"])
-            bucket["fastest_static"] = fastest["policy"]
-            bucket["adaptive_vs_fastest_static_mean"] = adaptive[0]["mean_ms"] / fastest["mean_ms"]
-            any_ratios.append(bucket["adaptive_vs_fastest_static_mean"])
-            drops.append((full - adaptive[0]["accuracy_replayed"]) * 100)
-            some_static_meets = any(p["windows_met_share"] >= 0.95 for p in bucket["policies"]
-                                    if not p["policy"].startswith("adaptive"))
-            if some_static_meets and not math.isnan(a["windows_met_share"]):
-                met.append(a["windows_met_share"])
-            if cloud_only is not None:
-                bucket["adaptive_bytes_vs_cloud_only"] = (a["bytes_per_request"] / cloud_only["bytes_per_request"]
-                                                          if cloud_only["bytes_per_request"] else math.nan)
-                bucket["adaptive_cloud_macs_vs_cloud_only"] = (a["cloud_macs_per_request"]
-                                                               / cloud_only["cloud_macs_per_request"]
-                                                               if cloud_only["cloud_macs_per_request"] else math.nan)
-    env = envelope()
+        if adaptive is None or not fixed:
+            continue
+        static = [p for p in fixed if p["accuracy_replayed"] >= full - MAX_DROP_POINTS / 100 - 1e-9]
+        if static:
+            best = min(static, key=lambda p: p["mean_ms"])
+            bucket["best_static"] = best["policy"]
+            bucket["adaptive_vs_best_static_mean"] = adaptive["mean_ms"] / best["mean_ms"]
+            ratios.append(bucket["adaptive_vs_best_static_mean"])
+        fastest = min(fixed, key=lambda p: p["mean_ms"])  # whatever its accuracy: the stricter reading
+        bucket["fastest_static"] = fastest["policy"]
+        bucket["adaptive_vs_fastest_static_mean"] = adaptive["mean_ms"] / fastest["mean_ms"]
+        any_ratios.append(bucket["adaptive_vs_fastest_static_mean"])
+        drops.append((full - adaptive["accuracy_replayed"]) * 100)
+        if any(p["windows_met_share"] >= 0.95 for p in fixed) and not math.isnan(adaptive["windows_met_share"]):
+            met.append(adaptive["windows_met_share"])
+        cloud_only = next((p for p in fixed if p["policy"] == "cloud_only"), None)
+        if cloud_only is not None:
+            for key, figure in (("adaptive_bytes_vs_cloud_only", "bytes_per_request"),
+                                ("adaptive_cloud_macs_vs_cloud_only", "cloud_macs_per_request")):
+                bucket[key] = adaptive[figure] / cloud_only[figure] if cloud_only[figure] else math.nan
     return {
-        "full_model_accuracy": full, "latency_slo_ms": slo, "full_macs": full_macs, "tail_macs": tail_macs,
-        "input_route": input_route, "links": list(links.values()), "timelines": timelines,
-        "targets": {
-            "adaptive_vs_best_static_mean_max_ratio": max(ratios) if ratios else math.nan,
-            # against the fastest fixed policy even where its replayed accuracy is below the floor, and how
-            # far below the full model the adaptive edge's own replayed accuracy falls at worst
-            "adaptive_vs_fastest_static_mean_max_ratio": max(any_ratios) if any_ratios else math.nan,
-            "adaptive_accuracy_below_full_max_points": max(drops) if drops else math.nan,
-            "windows_met_share_min": min(met) if met else math.nan,
-            "wire_bytes_per_offload": env["wire_bytes_per_offload"],
-            "code_bytes_per_offload": env["code_bytes_per_offload"],
-        },
-        "envelope": env,
+        "adaptive_vs_best_static_mean_max_ratio": max(ratios) if ratios else math.nan,
+        # against the fastest fixed policy even where its replayed accuracy is below the floor, and how far
+        # below the full model the adaptive edge's own replayed accuracy falls at worst
+        "adaptive_vs_fastest_static_mean_max_ratio": max(any_ratios) if any_ratios else math.nan,
+        "adaptive_accuracy_below_full_max_points": max(drops) if drops else math.nan,
+        "windows_met_share_min": min(met) if met else math.nan,
     }
 
 

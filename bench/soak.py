@@ -64,96 +64,114 @@ def rss_mb(pid: int) -> float:
 async def soak(cloud: DaemonProcess, edge: DaemonProcess, fingerprint: str, split: int,
                tokens: list[pb.EncodedTensor], images: list[pb.InferRequest], rate: float,
                seconds: float) -> dict[str, Any]:
+    """Poisson load at ``rate`` for ``seconds``: offloads straight to the cloud, every STREAMS-th request an
+    image through the edge daemon; memory and CPU sampled throughout; summarized in tenths of the run."""
     clients = await connected_clients(cloud.address, fingerprint, split, OFFLOAD_STREAMS)
     requests = [pb.OffloadRequest(model_fingerprint=fingerprint, split_block=split, tokens=t) for t in tokens]
     freeze_heap()  # the load generator's own full collections would stall every request in flight, as the daemons'
-    records: list[tuple[float, ...]] = []  # one per request, fields as in RECORD
-    errors: dict[str, int] = {}  # what went wrong, by kind
-    memory: list[tuple[float, float, float]] = []  # (t, cloud MB, edge MB)
-    cpu: list[tuple[float, ...]] = []  # (t, CPU seconds: all cores busy, cloud, edge, this process)
-    edge_queue: asyncio.Queue[pb.InferRequest | None] = asyncio.Queue()
-    sent_at: dict[int, tuple[float, float]] = {}  # request id -> (sent, late ms)
-    start = time.perf_counter()
+    run = _SoakRun(cloud, edge, clients, requests)
+    edge_task = asyncio.create_task(run.through_edge())
+    watcher = asyncio.create_task(run.watch(max(0.5, seconds / 200)))
+    await run.offer(images, rate, seconds)
+    await edge_task
+    watcher.cancel()
+    run.sample()
+    await asyncio.gather(*(c.close() for c in clients))
+    return run.summary(seconds)
 
-    async def direct(i: int, late_ms: float) -> None:
+
+class _SoakRun:
+    """What one soak records, and the coroutines that record it."""
+
+    def __init__(self, cloud: DaemonProcess, edge: DaemonProcess, clients: list[Any],
+                 requests: list[pb.OffloadRequest]) -> None:
+        self.cloud, self.edge, self.clients, self.requests = cloud, edge, clients, requests
+        self.records: list[tuple[float, ...]] = []  # one per request, fields as in RECORD
+        self.errors: dict[str, int] = {}  # what went wrong, by kind
+        self.memory: list[tuple[float, float, float]] = []  # (t, cloud MB, edge MB)
+        self.cpu: list[tuple[float, ...]] = []  # (t, CPU seconds: all cores busy, cloud, edge, this process)
+        self.edge_queue: asyncio.Queue[pb.InferRequest | None] = asyncio.Queue()
+        self.sent_at: dict[int, tuple[float, float]] = {}  # request id -> (sent, late ms)
+        self.start = time.perf_counter()
+
+    def _error(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    async def offer(self, images: list[pb.InferRequest], rate: float, seconds: float) -> None:
+        """Send on a Poisson schedule until ``seconds`` have passed, then wait for every answer."""
+        tasks: set[asyncio.Task[None]] = set()
+        rng = random.Random(0)
+        i, next_at = 0, self.start
+        while next_at < self.start + seconds:
+            now = time.perf_counter()
+            if next_at > now:
+                await asyncio.sleep(next_at - now)
+            late_ms = (time.perf_counter() - next_at) * 1e3  # how far the load generator lags its schedule
+            if i % STREAMS == STREAMS - 1:  # every 32nd request goes through the edge daemon
+                request = pb.InferRequest()
+                request.CopyFrom(images[i % len(images)])
+                request.request_id = i
+                self.sent_at[i] = time.perf_counter(), late_ms
+                self.edge_queue.put_nowait(request)
+            else:
+                task = asyncio.create_task(self.direct(i, late_ms))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            i += 1
+            next_at += rng.expovariate(rate)
+        await asyncio.gather(*tasks)
+        self.edge_queue.put_nowait(None)
+
+    async def direct(self, i: int, late_ms: float) -> None:
         t0 = time.perf_counter()
         try:
             request = pb.OffloadRequest()
-            request.CopyFrom(requests[i % len(requests)])  # infer() sets the id: one message per call
-            reply = await clients[i % len(clients)].infer(request, timeout_s=10)
+            request.CopyFrom(self.requests[i % len(self.requests)])  # infer() sets the id: one message per call
+            reply = await self.clients[i % len(self.clients)].infer(request, timeout_s=10)
             ok, timings = True, (reply.timings.total_ms, reply.timings.queue_ms, reply.timings.compute_ms)
         except OffloadError as e:
             ok, timings = False, (NAN, NAN, NAN)
-            errors[f"offload: {str(e)[:60]}"] = errors.get(f"offload: {str(e)[:60]}", 0) + 1
-        records.append((t0 - start, (time.perf_counter() - t0) * 1e3, ok, *timings, late_ms))
+            self._error(f"offload: {str(e)[:60]}")
+        self.records.append((t0 - self.start, (time.perf_counter() - t0) * 1e3, ok, *timings, late_ms))
 
-    async def edge_requests():
-        while (item := await edge_queue.get()) is not None:
+    async def _edge_requests(self):
+        while (item := await self.edge_queue.get()) is not None:
             yield item
 
-    async def through_edge() -> None:
-        async with grpc.aio.insecure_channel(edge.address) as channel:
-            async for reply in pb_grpc.EdgeStub(channel).InferStream(edge_requests()):
-                t0, late_ms = sent_at.pop(reply.request_id)
+    async def through_edge(self) -> None:
+        async with grpc.aio.insecure_channel(self.edge.address) as channel:
+            async for reply in pb_grpc.EdgeStub(channel).InferStream(self._edge_requests()):
+                t0, late_ms = self.sent_at.pop(reply.request_id)
                 ok = reply.status.code == 0 and reply.decided_by == "cloud" and not reply.degraded
                 if not ok:
-                    kind = f"edge: {reply.status.message or reply.degraded_reason}"[:70]
-                    errors[kind] = errors.get(kind, 0) + 1
+                    self._error(f"edge: {reply.status.message or reply.degraded_reason}"[:70])
                 stage = reply.stage_ms
-                records.append((t0 - start, (time.perf_counter() - t0) * 1e3, ok, stage.get("cloud", NAN),
-                                stage.get("cloud_queue", NAN), stage.get("cloud_compute", NAN), late_ms))
+                self.records.append((t0 - self.start, (time.perf_counter() - t0) * 1e3, ok, stage.get("cloud", NAN),
+                                     stage.get("cloud_queue", NAN), stage.get("cloud_compute", NAN), late_ms))
 
-    def sample() -> None:
-        t = time.perf_counter() - start
-        memory.append((t, rss_mb(cloud.proc.pid), rss_mb(edge.proc.pid)))
-        cpu.append((t, busy_cpu_s(), cpu_s(cloud.proc.pid), cpu_s(edge.proc.pid), cpu_s(os.getpid())))
+    def sample(self) -> None:
+        t = time.perf_counter() - self.start
+        self.memory.append((t, rss_mb(self.cloud.proc.pid), rss_mb(self.edge.proc.pid)))
+        self.cpu.append((t, busy_cpu_s(), cpu_s(self.cloud.proc.pid), cpu_s(self.edge.proc.pid), cpu_s(os.getpid())))
 
-    async def watch() -> None:
+    async def watch(self, every_s: float) -> None:
         while True:
-            sample()
-            await asyncio.sleep(max(0.5, seconds / 200))
+            self.sample()
+            await asyncio.sleep(every_s)
 
-    edge_task = asyncio.create_task(through_edge())
-    watcher = asyncio.create_task(watch())
-    tasks: set[asyncio.Task[None]] = set()
-    rng = random.Random(0)
-    i, next_at = 0, start
-    while next_at < start + seconds:
-        now = time.perf_counter()
-        if next_at > now:
-            await asyncio.sleep(next_at - now)
-        late_ms = (time.perf_counter() - next_at) * 1e3  # how far the load generator lags its schedule
-        if i % STREAMS == STREAMS - 1:  # every 32nd request goes through the edge daemon
-            request = pb.InferRequest()
-            request.CopyFrom(images[i % len(images)])
-            request.request_id = i
-            sent_at[i] = time.perf_counter(), late_ms
-            edge_queue.put_nowait(request)
-        else:
-            task = asyncio.create_task(direct(i, late_ms))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        i += 1
-        next_at += rng.expovariate(rate)
-    await asyncio.gather(*tasks)
-    edge_queue.put_nowait(None)
-    await edge_task
-    watcher.cancel()
-    sample()
-    await asyncio.gather(*(c.close() for c in clients))
-
-    part = seconds / PARTS
-    table = np.asarray(records, dtype=float).reshape(-1, len(RECORD))
-    in_part = [(k * part <= table[:, 0]) & (table[:, 0] < (k + 1) * part) for k in range(PARTS)]
-    return {
-        "requests": len(records), "errors": int((table[:, 2] == 0).sum()), "errors_by_kind": errors,
-        "offered_rps": len(records) / seconds,
-        "latency_ms_by_part": [percentiles(table[m, 1]) for m in in_part], "part_s": part,
-        "breakdown_ms_by_part": [breakdown(table[m]) for m in in_part],
-        "cpu_cores_by_part": cpu_by_part(cpu, part),
-        "memory_mb": [list(m) for m in memory],
-        "rss_mb": rss_growth(memory, part),
-    }
+    def summary(self, seconds: float) -> dict[str, Any]:
+        part = seconds / PARTS
+        table = np.asarray(self.records, dtype=float).reshape(-1, len(RECORD))
+        in_part = [(k * part <= table[:, 0]) & (table[:, 0] < (k + 1) * part) for k in range(PARTS)]
+        return {
+            "requests": len(self.records), "errors": int((table[:, 2] == 0).sum()), "errors_by_kind": self.errors,
+            "offered_rps": len(self.records) / seconds,
+            "latency_ms_by_part": [percentiles(table[m, 1]) for m in in_part], "part_s": part,
+            "breakdown_ms_by_part": [breakdown(table[m]) for m in in_part],
+            "cpu_cores_by_part": cpu_by_part(self.cpu, part),
+            "memory_mb": [list(m) for m in self.memory],
+            "rss_mb": rss_growth(self.memory, part),
+        }
 
 
 def breakdown(rows: np.ndarray) -> dict[str, float]:
