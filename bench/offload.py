@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import time
@@ -41,7 +40,7 @@ import torch
 
 from orchestrator import codec_table
 from orchestrator.floors import child_server, serve_echo, serve_until_killed
-from orchestrator.loadgen import SERVER_CORES, client_cores, drive_streams, machine, percentiles
+from orchestrator.loadgen import SERVER_CORES, client_cores, drive_streams, machine, percentiles, write_result
 from edge_node.offload import OffloadClient, OffloadSettings
 from offramp.core.checkpoint import Card, load_checkpoint
 from offramp.core.codec import CodecConfig, encode
@@ -252,10 +251,7 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> int:
             result["targets"]["vs_ray_serve"] = ours["throughput_rps"] / result["ray_serve"]["throughput_rps"]
     print("\ntargets: " + ", ".join(f"{k}={v:.3g}" for k, v in result["targets"].items()))
     result["wall_s"] = time.perf_counter() - started
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out} ({result['wall_s']:.0f} s)")
+    write_result(result, args.out)
     return 0
 
 
