@@ -53,6 +53,7 @@ MIN_GAIN = 0.001  # expected accuracy an upgrade must add (0.1 point): no moves 
 MAX_UTILISATION = 0.9  # beyond this the uplink's queue grows without bound in practice: never plan for it
 BASE_HOLD_S = 3.0  # an option is kept at least this long before a better one replaces it
 MAX_HOLD_S = 60.0
+TRIAL_EVERY_S = 2.0  # a link not measured yet is tried (one decision's requests) at most this often
 
 
 INPUT = -1  # the input route's key among split blocks (measurements, cloud times): before block 0
@@ -101,6 +102,9 @@ class Conditions:
     request_rate: float = 0.0  # requests per second reaching the edge
     cloud_by_split: Mapping[int, float] = field(default_factory=dict)  # cloud_ms per split block, where known
     offload_bytes: float = 0.0  # median bytes of the offloads transfer_ms was measured on; 0: none yet
+    # Whether any offload has been measured on the link as it is now; False: transfer_ms and serialise_ms are
+    # unknown, not zero, and options over the link are only tried (see ``step``).
+    link_measured: bool = True
     bytes_by_split: Mapping[int, float] = field(default_factory=dict)  # median bytes per split block (or INPUT)
 
     def cloud_for(self, split: int) -> float:
@@ -219,6 +223,8 @@ class State:
     last_trouble: float = -math.inf  # when an option last stopped meeting the target with headroom
     changes: int = 0
     good_since: tuple[float, ...] = ()  # per option: since when it has met the target with headroom (inf: not now)
+    trial_at: float = -math.inf  # when an option over a link not measured yet was last tried
+    trial_pending: bool = False  # a trial went out and the link has not been measured since
 
 
 @dataclass(frozen=True)
@@ -239,11 +245,40 @@ def step(options: Sequence[Option], c: Conditions, slo_ms: float, state: State, 
     """One decision at time ``now`` (seconds, any origin): keep the current option or move (see the module).
     ``window_s``: the target holds for the p95 of windows this long (0: of all requests). ``slack``: expected
     accuracy (a fraction) the controller may give up for speed: options within it of the most accurate one
-    that meets the target count as equally good, and the fastest of them (lowest predicted mean) is taken."""
+    that meets the target count as equally good, and the fastest of them (lowest predicted mean) is taken.
+
+    A link nothing has been measured on yet (``Conditions.link_measured``) cannot be predicted: options over it
+    count as missing the target, except that one of them, where it would be chosen if its upload were free, is
+    tried for this one decision, at most every ``TRIAL_EVERY_S``, and the controller stays where it was until
+    an answer (or a deadline) has measured the link. Then it chooses afresh, as at its first decision. Without this, a controller starting on a slow link sends every request over it until the
+    first answers come back, which on a cellular trace's dead stretch takes seconds.
+    """
+    if c.link_measured:
+        if not state.trial_pending:
+            return _step(options, c, slo_ms, state, now, window_s, slack)
+        # The link is measured since a trial: choose as the first time, on what it found.
+        fresh = _step(options, c, slo_ms, replace(state, current=None, trial_pending=False), now, window_s, slack)
+        kept = fresh.state.current == state.current
+        return replace(fresh, state=replace(fresh.state, since=state.since if kept else now,
+                                            changes=state.changes + (not kept and state.current is not None)))
+    unknown = [not o.local_only for o in options]
+    decision = _step(options, c, slo_ms, state, now, window_s, slack, unknown=unknown)
+    if now - state.trial_at < TRIAL_EVERY_S or not any(unknown):
+        return decision
+    hoped = _step(options, c, slo_ms, replace(state, current=None), now, window_s, slack)  # upload taken as free
+    if not unknown[hoped.state.current]:
+        return decision
+    return replace(hoped, state=replace(decision.state, trial_at=now, trial_pending=True),
+                   reason=f"trying the {hoped.option.route} route on a link not measured yet")
+
+
+def _step(options: Sequence[Option], c: Conditions, slo_ms: float, state: State, now: float, window_s: float,
+          slack: float, unknown: Sequence[bool] | None = None) -> Decision:
+    """``step`` on a measured link; ``unknown`` options (over a link not measured yet) count as missing."""
     if not options:
         raise ValueError("the controller needs at least one option")
     tail = window_tail(c.request_rate, window_s)
-    p95 = tuple(predict_p95(o, c, tail) for o in options)
+    p95 = tuple(math.inf if unknown and unknown[i] else predict_p95(o, c, tail) for i, o in enumerate(options))
     mean = tuple(predict_mean(o, c) for o in options) if slack else p95
     cur = state.current
     limit = slo_ms * (1 - HEADROOM)

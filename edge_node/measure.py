@@ -121,7 +121,7 @@ class Measured:
                           transfer_ms=self.transfer_ms or 0.0, serialise_ms=self.serialise_ms or 0.0,
                           cloud_ms=self.cloud_ms or 0.0, request_rate=self.request_rate,
                           cloud_by_split=self.cloud_by_split, offload_bytes=self.offload_bytes or 0.0,
-                          bytes_by_split=self.bytes_by_split)
+                          bytes_by_split=self.bytes_by_split, link_measured=self.offloads > 0)
 
 
 class Measurements:

@@ -197,3 +197,22 @@ def test_a_window_target_stops_offloads_that_alone_miss_it() -> None:
     # A fast link keeps its offloads: each one meets the target on its own.
     fast = Conditions(COMPUTE, rtt_ms=6, transfer_ms=3, serialise_ms=2, cloud_ms=5, request_rate=10)
     assert step(OPTIONS, fast, SLO, State(), now=0.0, window_s=1.0).option == OPTIONS[4]
+
+
+def test_a_link_not_measured_yet_is_tried_then_chosen_on_what_the_trial_found() -> None:
+    unmeasured = Conditions(COMPUTE, rtt_ms=6, request_rate=20, link_measured=False)  # only probes so far
+    first = step(OPTIONS, unmeasured, SLO, State(), now=0.0)
+    # Were the upload free, everything would go up: tried for this one decision, the local option stays current.
+    assert first.option == OPTIONS[4] and "not measured yet" in first.reason
+    assert first.state.current == 0 and first.state.trial_pending
+    waiting = step(OPTIONS, unmeasured, SLO, first.state, now=0.1)  # no answer yet: local until one comes
+    assert waiting.option == OPTIONS[0] and waiting.state.trial_pending
+    again = step(OPTIONS, unmeasured, SLO, waiting.state, now=2.0)  # still nothing after TRIAL_EVERY_S: one more
+    assert again.option == OPTIONS[4]
+    # The answers measured a fast link: everything goes up at once, no hold (a choice afresh, counted).
+    fast = step(OPTIONS, WIFI, SLO, again.state, now=2.2)
+    assert fast.option == OPTIONS[4] and fast.state.current == 4 and not fast.state.trial_pending
+    assert fast.state.changes == 1
+    # ... or a slow one: the edge keeps its answers, and a link it measured is not tried again.
+    slow = step(OPTIONS, G3, 60.0, waiting.state, now=0.5)
+    assert slow.option == OPTIONS[1] and step(OPTIONS, G3, 60.0, slow.state, now=5.0).option == OPTIONS[1]
