@@ -250,8 +250,9 @@ def step(options: Sequence[Option], c: Conditions, slo_ms: float, state: State, 
     A link nothing has been measured on yet (``Conditions.link_measured``) cannot be predicted: options over it
     count as missing the target, except that one of them, where it would be chosen if its upload were free, is
     tried for this one decision, at most every ``TRIAL_EVERY_S``, and the controller stays where it was until
-    an answer (or a deadline) has measured the link. Then it chooses afresh, as at its first decision. Without this, a controller starting on a slow link sends every request over it until the
-    first answers come back, which on a cellular trace's dead stretch takes seconds.
+    an answer (or a deadline) has measured the link. Then it chooses afresh, as at its first decision.
+    Trusting an unmeasured upload as free, a controller starting on a slow link sends every request over it
+    until the first answers come back, which on a cellular trace's dead stretch takes seconds.
     """
     if c.link_measured:
         if not state.trial_pending:
