@@ -272,8 +272,7 @@ class _Survivors:
 
     def _advance(self, position: int) -> torch.Tensor:
         if self.tokens is None:
-            x = self.x if len(self.ids) == len(self.x) else self.x[torch.from_numpy(self.ids)]
-            self.tokens = self.half.advance(x, None, position)
+            self.tokens = self.half.advance(self._mine(self.x), None, position)
         elif position != self.position:
             self.tokens = self.half.advance(self.tokens, self.position, position)
         self.position = position
@@ -282,9 +281,12 @@ class _Survivors:
     def encoded_audio(self) -> torch.Tensor | None:
         """Their audio tokens (None without audio), encoded the first time they are asked for."""
         if self.half.audiovisual and self.audio_tokens is None:
-            audio = self.audio if len(self.ids) == len(self.audio) else self.audio[torch.from_numpy(self.ids)]
-            self.audio_tokens = self.half.encode_audio(audio)
+            self.audio_tokens = self.half.encode_audio(self._mine(self.audio))
         return self.audio_tokens
+
+    def _mine(self, batch: torch.Tensor) -> torch.Tensor:
+        """The survivors' rows of a whole-batch input (the input itself while none has left)."""
+        return batch if len(self.ids) == len(batch) else batch[torch.from_numpy(self.ids)]
 
     def keep(self, stay: np.ndarray) -> None:
         """Keep only the samples ``stay`` marks (a boolean mask over the survivors)."""
