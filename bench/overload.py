@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import random
 import sys
 import time
 from collections import Counter
@@ -41,6 +40,7 @@ from edge_node.offload import CloudError, DeadlineExceeded, OffloadClient, Offlo
 from offramp.serving.daemon_proc import DaemonProcess
 from offramp.core.tables import format_table
 from offramp.core.wire import pb
+from orchestrator.pacing import closed_loop, open_loop, poisson
 
 RESULTS = Path(__file__).parent / "results"
 STREAMS, WINDOW = 16, 4
@@ -62,14 +62,12 @@ def outcome(error: OffloadError | None) -> str:
     return type(error).__name__
 
 
-async def open_loop(clients: list[OffloadClient], requests: list[pb.OffloadRequest], rate: float, seconds: float,
+async def offer(clients: list[OffloadClient], requests: list[pb.OffloadRequest], rate: float, seconds: float,
                     deadline_ms: int, seed: int = 0) -> tuple[Callable[[], Awaitable[dict[str, Any]]], float]:
     """Poisson arrivals at ``rate`` for ``seconds``. Returns as soon as the arrivals stop (the end of the
     overload; requests may still be in flight) with a coroutine function that waits for them and summarises
     every request's outcome and reply time, and the perf_counter time the overload ended."""
-    rng = random.Random(seed)
     records: list[tuple[float, str, float, float]] = []  # (sent at, outcome, reply ms, cloud queue ms)
-    tasks: set[asyncio.Task[None]] = set()
     start = time.perf_counter()
 
     async def one(i: int, sent: float) -> None:
@@ -84,16 +82,8 @@ async def open_loop(clients: list[OffloadClient], requests: list[pb.OffloadReque
             error = e
         records.append((sent - start, outcome(error), (time.perf_counter() - sent) * 1e3, queue_ms))
 
-    i, next_at = 0, start
-    while next_at < start + seconds:
-        now = time.perf_counter()
-        if next_at > now:
-            await asyncio.sleep(next_at - now)
-        task = asyncio.create_task(one(i, time.perf_counter()))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-        i += 1
-        next_at += rng.expovariate(rate)
+    tasks = await open_loop(one, poisson(np.random.default_rng(seed), rate, duration_s=seconds), start)
+    await asyncio.sleep(max(0.0, start + seconds - time.perf_counter()))  # no arrival in the last gap: still the overload
     ended = time.perf_counter()
     offered_s = ended - start
 
@@ -117,21 +107,17 @@ async def recovery(clients: list[OffloadClient], requests: list[pb.OffloadReques
     """The closed loop started the moment the overload stops (``since``, perf_counter), beside whatever of
     the overload is still queued: its answers per ``BIN_S`` from then, and the time back to 90% of C."""
     done: list[float] = []
-    stop_at = since + seconds
 
-    async def worker(k: int) -> None:
-        n = k
-        while time.perf_counter() < stop_at:
-            try:
-                request = pb.OffloadRequest()
-                request.CopyFrom(requests[n % len(requests)])  # infer() sets the id: one message per call
-                await clients[k // WINDOW].infer(request, timeout_s=10)
-                done.append(time.perf_counter() - since)
-            except OffloadError:
-                pass
-            n += STREAMS * WINDOW
+    async def request(k: int, i: int) -> None:
+        try:
+            request = pb.OffloadRequest()
+            request.CopyFrom(requests[(k + i * STREAMS * WINDOW) % len(requests)])  # infer() sets the id
+            await clients[k // WINDOW].infer(request, timeout_s=10)
+            done.append(time.perf_counter() - since)
+        except OffloadError:
+            pass
 
-    await asyncio.gather(*(worker(k) for k in range(STREAMS * WINDOW)))
+    await closed_loop(request, STREAMS * WINDOW, since + seconds - time.perf_counter())
     return recovered(done, seconds, capacity)
 
 
@@ -160,7 +146,7 @@ async def run(args: argparse.Namespace, fingerprint: str, split: int, tokens: li
               flush=True)
         clients = await connected_clients(cloud.address, fingerprint, split, STREAMS)
         try:
-            summary, ended = await open_loop(clients, requests, args.factor * capacity, args.seconds,
+            summary, ended = await offer(clients, requests, args.factor * capacity, args.seconds,
                                              args.deadline_ms)
             back = await recovery(clients, requests, args.recovery_seconds, capacity, ended)
             over = await summary()

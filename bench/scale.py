@@ -38,7 +38,8 @@ from offramp.core.wire import pb
 from offramp.serving.daemon_proc import DaemonProcess
 from offramp.serving.config import CloudConnection
 from orchestrator.floors import child_server, serve_echo
-from orchestrator.loadgen import SERVER_CORES, closed_loop, connected_clients, machine, offload_tokens, write_result
+from orchestrator.loadgen import SERVER_CORES, connected_clients, machine, offload_tokens, write_result
+from orchestrator.pacing import closed_loop
 
 RESULTS = Path(__file__).parent / "results"
 FAIR_SHARE = 0.25  # of three replicas, the least share that counts as carrying its part

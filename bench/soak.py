@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from offramp.serving.daemon_proc import DaemonProcess
 from offramp.core.exit_rule import edge_exit_ids
 from offramp.core.tables import format_table
 from offramp.core.wire import pb, pb_grpc
+from orchestrator.pacing import open_loop, poisson
 
 RESULTS = Path(__file__).parent / "results"
 STREAMS = 32
@@ -98,15 +98,10 @@ class _SoakRun:
         self.errors[kind] = self.errors.get(kind, 0) + 1
 
     async def offer(self, images: list[pb.InferRequest], rate: float, seconds: float) -> None:
-        """Send on a Poisson schedule until ``seconds`` have passed, then wait for every answer."""
-        tasks: set[asyncio.Task[None]] = set()
-        rng = random.Random(0)
-        i, next_at = 0, self.start
-        while next_at < self.start + seconds:
-            now = time.perf_counter()
-            if next_at > now:
-                await asyncio.sleep(next_at - now)
-            late_ms = (time.perf_counter() - next_at) * 1e3  # how far the load generator lags its schedule
+        """Send on a Poisson schedule for ``seconds``, then wait for every answer."""
+
+        async def send(i: int, at: float) -> None:
+            late_ms = (time.perf_counter() - at) * 1e3  # how far the load generator lags its schedule
             if i % STREAMS == STREAMS - 1:  # every 32nd request goes through the edge daemon
                 request = pb.InferRequest()
                 request.CopyFrom(images[i % len(images)])
@@ -114,12 +109,10 @@ class _SoakRun:
                 self.sent_at[i] = time.perf_counter(), late_ms
                 self.edge_queue.put_nowait(request)
             else:
-                task = asyncio.create_task(self.direct(i, late_ms))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            i += 1
-            next_at += rng.expovariate(rate)
-        await asyncio.gather(*tasks)
+                await self.direct(i, late_ms)
+
+        await asyncio.gather(*await open_loop(send, poisson(np.random.default_rng(0), rate, duration_s=seconds),
+                                              self.start))
         self.edge_queue.put_nowait(None)
 
     async def direct(self, i: int, late_ms: float) -> None:

@@ -2,9 +2,10 @@
 
 Every serving benchmark drives the cloud the same way, so the pieces live here once: the split tokens of
 validation inputs as an edge would send them (``offload_tokens``), edge clients that have dialled and
-checked the pairing (``connected_clients``), ``closed_loop`` workers, ``drive_streams`` (clients x requests
-in flight for some seconds), percentile summaries, the core split between servers and load generators, and
-the results file. ``orchestrator.workload`` drives an edge's own API the same way a camera would.
+checked the pairing (``connected_clients``), ``drive_streams`` (clients x requests in flight for some
+seconds, on ``orchestrator.pacing``'s closed loop), percentile summaries, the core split between servers
+and load generators, and the results file. ``orchestrator.workload`` drives an edge's own API the way a
+camera would, on the same pacing.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 from edge_node.offload import OffloadClient, OffloadSettings
 from offramp.core.hostinfo import machine as host_machine
 from offramp.core.wire import pb
+from orchestrator.pacing import closed_loop
 
 SERVER_CORES = {0}  # servers run here; load generators on the other cores
 
@@ -41,25 +43,6 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
     a = np.asarray(values if len(values) else [float("nan")])
     return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
             "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
-
-
-async def closed_loop(request: Callable[[int, int], Awaitable[None]], workers: int, seconds: float) -> float:
-    """Run ``workers`` loops of ``await request(worker, i)`` (i counts that worker's requests) for ``seconds``.
-
-    Returns the wall time, from the start to the last answer: every worker
-    finishes the request it has in flight when time is up.
-    """
-    stop_at = time.perf_counter() + seconds
-
-    async def worker(k: int) -> None:
-        i = 0
-        while time.perf_counter() < stop_at:
-            await request(k, i)
-            i += 1
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker(k) for k in range(workers)))
-    return time.perf_counter() - start
 
 
 def load_summary(edges: int, window: int, wall: float, latencies: Sequence[float], compute: Sequence[float],

@@ -32,7 +32,8 @@ import grpc
 import numpy as np
 import torch
 
-from orchestrator.loadgen import closed_loop, load_summary
+from orchestrator.loadgen import load_summary
+from orchestrator.pacing import closed_loop
 from cloud_node.handler import OffloadHandler
 from cloud_node.metrics import CloudMetrics
 from offramp.core.checkpoint import load_checkpoint

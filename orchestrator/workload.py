@@ -9,7 +9,9 @@ Open loop (``poisson``): request *i* arrives at its scheduled time whether or
 not earlier ones were answered, and its latency is counted from that time, so
 queueing at an overloaded edge shows up in the numbers. Closed loop
 (``closed``): ``concurrency`` requests are in flight, each answer releases the
-next, and latency is counted from the send.
+next, and latency is counted from the send. The schedules and their pacing are
+``orchestrator.pacing``'s, as for every load generator; this module adds what
+an edge's API takes and what each answer records.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from offramp.core.errors import OfframpError
 from offramp.core.wire import pb, pb_grpc, status_code
 
 from .config import WorkloadConfig
+from .pacing import due, poisson, stepped_poisson
 
 if TYPE_CHECKING:
     from offramp.core.checkpoint import Card
@@ -94,12 +97,7 @@ class EdgeLoad:
     def arrivals(self) -> np.ndarray:
         """Open loop: arrival offsets in seconds, Poisson at ``rate``, cut at ``count`` and ``duration_s``."""
         w = self.workload
-        rng = np.random.default_rng([self.seed, self.edge, 0])
-        limit = w.count if w.count is not None else math.ceil(w.duration_s * w.rate * 1.5 + 100)
-        times = np.cumsum(rng.exponential(1.0 / w.rate, size=limit))
-        while w.count is None and times[-1] <= w.duration_s:  # a rare long tail: draw more
-            times = np.concatenate([times, times[-1] + np.cumsum(rng.exponential(1.0 / w.rate, size=limit))])
-        return times if w.duration_s is None else times[times <= w.duration_s]
+        return poisson(np.random.default_rng([self.seed, self.edge, 0]), w.rate, w.count, w.duration_s)
 
     def samples(self) -> Iterator[int]:
         """Input indices: a fresh seeded permutation of the dataset per pass, endlessly."""
@@ -154,11 +152,7 @@ def drive(address: str, dataset: Dataset, load: EdgeLoad, encoded: bool) -> list
     t0 = time.perf_counter()
 
     def open_loop() -> Iterator[pb.InferRequest]:
-        for i, (offset, sample) in enumerate(zip(load.arrivals().tolist(), load.samples())):
-            at = t0 + offset
-            while (wait := at - time.perf_counter()) > 0:
-                if finished.wait(min(wait, 0.5)):
-                    return
+        for (i, at), sample in zip(due(load.arrivals(), t0, stop=finished), load.samples()):
             sent[i] = _Sent(sample, at)
             yield dataset.request(i, sample, encoded)
 
@@ -289,19 +283,6 @@ def policy_sample(t_s: float, policy: pb.Policy) -> dict[str, Any]:
             "request_rate": s.request_rate}
 
 
-def cloud_load_arrivals(steps: tuple[tuple[float, float], ...], duration_s: float, seed: int) -> np.ndarray:
-    """Poisson arrivals (seconds) at each step's rate from its time to the next step's, up to ``duration_s``."""
-    rng = np.random.default_rng([seed, 2])
-    times: list[np.ndarray] = []
-    for (start, rate), (end, _) in zip(steps, [*steps[1:], (duration_s, 0.0)]):
-        end = min(end, duration_s)
-        if rate <= 0 or end <= start:
-            continue
-        n = rng.poisson(rate * (end - start))
-        times.append(np.sort(rng.uniform(start, end, n)))
-    return np.concatenate(times) if times else np.zeros(0)
-
-
 def drive_cloud(address: str, steps: tuple[tuple[float, float], ...], duration_s: float, seed: int,
                 timeout_s: float) -> list[Record]:
     """Send offloads straight to the cloud at ``address`` on the rate schedule ``steps``: the other edges.
@@ -311,7 +292,7 @@ def drive_cloud(address: str, steps: tuple[tuple[float, float], ...], duration_s
     """
     from offramp.core.codec.tensor_codec import CodecConfig, encode
 
-    arrivals = cloud_load_arrivals(steps, duration_s, seed)
+    arrivals = stepped_poisson(np.random.default_rng([seed, 2]), steps, duration_s)
     with grpc.insecure_channel(address, options=_CHANNEL_OPTIONS) as channel:
         stub = pb_grpc.OffloadStub(channel)
         describe = stub.Describe(pb.DescribeRequest(), timeout=30)
@@ -323,11 +304,8 @@ def drive_cloud(address: str, steps: tuple[tuple[float, float], ...], duration_s
         t0 = time.perf_counter()
 
         def requests() -> Iterator[pb.OffloadRequest]:
-            for i, offset in enumerate(arrivals.tolist()):
-                while (wait := t0 + offset - time.perf_counter()) > 0:
-                    if finished.wait(min(wait, 0.5)):
-                        return
-                sent[i] = t0 + offset
+            for i, at in due(arrivals, t0, stop=finished):
+                sent[i] = at
                 yield pb.OffloadRequest(request_id=i, model_fingerprint=describe.fingerprint,
                                         split_block=describe.split_block, tokens=tokens)
 
