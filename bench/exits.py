@@ -132,13 +132,8 @@ def run_backbone(b: Backbone, cfg: TrainConfig, lrs: list[float], checkpoints: P
              ", ".join(f"{lbl}@{e.position}" for lbl, e in (labelled[i] for i in order)))
     cache = cache_features(model, data.train, cfg)
     fresh = copy.deepcopy(model.exits.state_dict())
-    search: dict[float, list[float]] = {}
-    for lr in lrs if len(lrs) > 1 else []:  # the same short search for every exit: each keeps its best rate
-        torch.manual_seed(cfg.seed)
-        model.exits.load_state_dict(fresh)
-        train_exits(model, data.train, cfg, epochs=search_epochs, cache=cache, lr=lr)
-        search[lr] = [r.summary()["accuracy"] for r in evaluate(model, probe)[:n]]
-        log.info("[%s] lr %g, %d epochs, on %s: %s", b.name, lr, search_epochs, probe_on, ", ".join(f"{a:.3f}" for a in search[lr]))
+    search = lr_search(model, fresh, data.train, probe, cfg, cache, lrs, search_epochs,
+                       label=f"[{b.name}] on {probe_on}")
     rates = {i: max(search, key=lambda lr: search[lr][i]) if search else lrs[0] for i in range(n)}
     torch.manual_seed(cfg.seed)
     model.exits.load_state_dict(fresh)
@@ -148,19 +143,7 @@ def run_backbone(b: Backbone, cfg: TrainConfig, lrs: list[float], checkpoints: P
     correct = {(i, labels[i]): heads[i].correct for i in range(n)}  # per sample, for paired comparisons
     final_acc = heads[-1].summary()["accuracy"]
     slvit = [i for i in range(n) if labels[i] == "SL-ViT"]
-    copycat: dict[str, dict[int, float]] = {}
-    tuned: dict[str, dict[int, dict]] = {}
-    for mode in ("hard", "soft"):
-        for i in slvit:
-            model.exits[i].load_state_dict(best[i][2])
-        for i in slvit:  # each at its own best rate
-            train_exits(model, data.train, cfg, targets=mode, epochs=cfg.copycat_epochs, only=[i], cache=cache,
-                        lr=best[i][1])
-        res = evaluate(model, data.val)
-        copycat[mode] = {i: res[i].summary()["accuracy"] for i in slvit}
-        for i in slvit:
-            correct[i, "CC-SL-ViT" if mode == "hard" else "CC-SL-ViT (soft)"] = res[i].correct
-        tuned[mode] = {i: copy.deepcopy(model.exits[i].state_dict()) for i in slvit}
+    copycat, tuned = copycat_tuning(model, slvit, best, data, cfg, cache, correct)
     del cache
 
     rows = []
@@ -187,6 +170,43 @@ def run_backbone(b: Backbone, cfg: TrainConfig, lrs: list[float], checkpoints: P
                           "optimizer": "adamw, cosine"},
         "rows": rows, "seconds": round(time.time() - t0, 1),
     }
+
+
+def lr_search(model: MultiExitModel, fresh: dict, train: Any, probe: Any, cfg: TrainConfig, cache: Any,
+              lrs: list[float], epochs: int, label: str) -> dict[float, list[float]]:
+    """Each learning rate's accuracy per exit on ``probe`` after a short training from the same fresh exits:
+    the same search for every exit, each then keeps its best rate (none with a single rate)."""
+    n = len(model.exits)
+    search: dict[float, list[float]] = {}
+    for lr in lrs if len(lrs) > 1 else []:
+        torch.manual_seed(cfg.seed)
+        model.exits.load_state_dict(fresh)
+        train_exits(model, train, cfg, epochs=epochs, cache=cache, lr=lr)
+        search[lr] = [r.summary()["accuracy"] for r in evaluate(model, probe)[:n]]
+        log.info("%s lr %g, %d epochs: %s", label, lr, epochs, ", ".join(f"{a:.3f}" for a in search[lr]))
+    return search
+
+
+def copycat_tuning(model: MultiExitModel, slvit: list[int], best: list[tuple[float, float, dict]], data: Any,
+                   cfg: TrainConfig, cache: Any, correct: dict[tuple[int, str], Any]
+                   ) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, dict]]]:
+    """Copycat fine-tuning of the SL-ViT exits on the full model's hard and soft answers, each from its best
+    plain weights at its own rate: (accuracy per mode and exit, weights per mode and exit). Per-sample
+    correctness goes into ``correct`` for the paired comparisons."""
+    copycat: dict[str, dict[int, float]] = {}
+    tuned: dict[str, dict[int, dict]] = {}
+    for mode in ("hard", "soft"):
+        for i in slvit:
+            model.exits[i].load_state_dict(best[i][2])
+        for i in slvit:
+            train_exits(model, data.train, cfg, targets=mode, epochs=cfg.copycat_epochs, only=[i], cache=cache,
+                        lr=best[i][1])
+        res = evaluate(model, data.val)
+        copycat[mode] = {i: res[i].summary()["accuracy"] for i in slvit}
+        for i in slvit:
+            correct[i, "CC-SL-ViT" if mode == "hard" else "CC-SL-ViT (soft)"] = res[i].correct
+        tuned[mode] = {i: copy.deepcopy(model.exits[i].state_dict()) for i in slvit}
+    return copycat, tuned
 
 
 def deploy(model: MultiExitModel, labels: list[str], cc_hard: dict[int, dict], card: Card, out: Path,
