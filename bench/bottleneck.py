@@ -35,7 +35,7 @@ from orchestrator.loadgen import write_result
 from offramp.core.checkpoint import bottleneck_id, load_checkpoint
 from offramp.core.codec import DecodeLimits, decode, encode_code, zstd_dictionary
 from offramp.core.exit_rule import never_leave
-from offramp.core.data.card_splits import load_validation
+from offramp.core.data.card_data import load_validation
 from offramp.training.plots import pyplot
 from offramp.core.tables import format_table
 from offramp.core.halves import CloudHalf, EdgeHalf

@@ -41,7 +41,7 @@ from offramp.core.exit_rule import edge_exit_ids
 from offramp.core.hostinfo import machine
 from offramp.core.models import MultiExitModel
 from offramp.core.models.cost import count_macs
-from offramp.core.data.card_splits import load_selection, load_validation
+from offramp.core.data.card_data import load_selection, load_validation
 from offramp.core.tables import format_table
 from offramp.training.report import head_costs
 from offramp.core.scores import default_score

@@ -226,7 +226,7 @@ def deploy(model: MultiExitModel, labels: list[str], cc_hard: dict[int, dict], c
 
 
 def load_validation_of(card: Card):
-    from offramp.core.data.card_splits import load_validation
+    from offramp.core.data.card_data import load_validation
 
     return load_validation(card)[0]
 

@@ -46,7 +46,7 @@ from offramp.core.checkpoint import Card, load_checkpoint
 from offramp.core.codec import CodecConfig, encode
 from offramp.serving.daemon_proc import DaemonProcess
 from offramp.core.exit_rule import never_leave
-from offramp.core.data.card_splits import load_validation
+from offramp.core.data.card_data import load_validation
 from offramp.core.tables import format_table
 from offramp.core.halves import CloudHalf, EdgeHalf
 from offramp.core.wire import pb, pb_grpc

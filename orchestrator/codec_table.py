@@ -18,7 +18,7 @@ from PIL import Image
 from offramp.core.checkpoint import load_checkpoint
 from offramp.core.codec import CodecConfig, DecodeLimits, decode, encode
 from offramp.core.exit_rule import never_leave
-from offramp.core.data.card_splits import load_validation
+from offramp.core.data.card_data import load_validation
 from offramp.core.halves import CloudHalf, EdgeHalf
 
 CODECS: list[tuple[str, CodecConfig]] = [

@@ -59,7 +59,7 @@ def offload_tokens(checkpoint: str, samples: int, per_request: int = 1) -> tuple
     exit told never to answer, int8 + zstd, ``per_request`` samples per message."""
     from offramp.core.checkpoint import load_checkpoint
     from offramp.core.codec import CodecConfig, encode
-    from offramp.core.data.card_splits import load_validation
+    from offramp.core.data.card_data import load_validation
     from offramp.core.exit_rule import never_leave
     from offramp.core.halves import EdgeHalf
 

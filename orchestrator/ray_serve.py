@@ -42,7 +42,7 @@ from offramp.serving.config import CloudConfig
 from offramp.serving.daemon_proc import pin_threads as pin_process
 from offramp.core.errors import OfframpError
 from offramp.core.models import MultiExitModel
-from offramp.core.data.card_splits import load_validation
+from offramp.core.data.card_data import load_validation
 from offramp.serving.batcher import Batched
 from offramp.core.halves import CloudHalf, EdgeHalf
 from offramp.core.wire import pb

@@ -28,7 +28,7 @@ class Replay:
         """``polls``: the edges' policy, polled once a second (``point``, ``t_s``, ``thresholds``, ``route``,
         ``split_block``); ``fixed``: the thresholds each fixed point ran with, by point index."""
         from offramp.core.checkpoint import load_checkpoint
-        from offramp.core.data.card_splits import load_validation
+        from offramp.core.data.card_data import load_validation
         from offramp.core.exit_rule import edge_exit_ids, exits_up_to
         from offramp.core.scores import default_score
         from offramp.training.calibrate import calibrate_input_route, operating_point

@@ -68,7 +68,7 @@ class Dataset:
 
 def load_dataset(card: Card, data: str | None) -> Dataset:
     """The checkpoint's validation split (or all of ``data``), checked against the model's input shape."""
-    from offramp.core.data.card_splits import load_validation  # torch: only the head needs it, not the drivers
+    from offramp.core.data.card_data import load_validation  # torch: only the head needs it, not the drivers
 
     if card.config.task != "classification":
         raise OfframpError("experiments score classification models; this checkpoint predicts numbers "

@@ -101,6 +101,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def first_inputs(tiny_checkpoint: Path) -> Any:
     """The first 32 validation inputs of the tiny checkpoint, (32, 1, 32, 32)."""
     from offramp.core.checkpoint import read_card
-    from offramp.core.data.card_splits import load_validation
+    from offramp.core.data.card_data import load_validation
 
     return load_validation(read_card(tiny_checkpoint))[0].tensors[0][:32]

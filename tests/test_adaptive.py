@@ -26,7 +26,7 @@ from offramp.serving.config import CalibrationPoint, CalibrationTable, EdgeConfi
 from offramp.serving.config_text import settings_toml
 from offramp.core.errors import OfframpError
 from offramp.netem import PROFILES, LinkProxy, ProxyThread
-from offramp.core.data.card_splits import load_validation
+from offramp.core.data.card_data import load_validation
 from offramp.core.halves import EdgeHalf
 from offramp.core.wire import pb, pb_grpc, status_code
 

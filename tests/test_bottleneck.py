@@ -18,7 +18,7 @@ from offramp.core.codec import CodecConfig, CodecError, DecodeLimits, decode, en
 from offramp.serving.config import EdgeConfig, replace_settings
 from offramp.core.errors import OfframpError
 from offramp.core.models.bottleneck import BottleneckConfig
-from offramp.core.data.card_splits import load_validation
+from offramp.core.data.card_data import load_validation
 from offramp.core.halves import CloudHalf, EdgeHalf
 from offramp.training.train_bottleneck import BottleneckJob, add_bottleneck
 from offramp.core.wire import pb, pb_grpc

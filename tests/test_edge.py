@@ -27,7 +27,7 @@ from offramp.core.checkpoint import load_checkpoint, read_card, save_checkpoint
 from offramp.cli import main
 from offramp.serving.config import CloudConfig, EdgeConfig, flat_values, load_config
 from offramp.serving.daemon_proc import DaemonProcess
-from offramp.core.data.card_splits import load_validation
+from offramp.core.data.card_data import load_validation
 from offramp.training.train import HeadResult
 from offramp.core.wire import pb, pb_grpc
 

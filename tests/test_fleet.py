@@ -14,7 +14,7 @@ from helpers import LoopThread, Traffic, edge_servers, free_ports, wait_for
 
 from edge_node.server import EdgeServer
 from offramp.core.checkpoint import read_card
-from offramp.core.data.card_splits import load_validation
+from offramp.core.data.card_data import load_validation
 from offramp.core.errors import OfframpError
 from offramp.serving.config import CloudConfig
 

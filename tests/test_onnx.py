@@ -20,7 +20,7 @@ from offramp.cli import main
 from offramp.serving.daemon_proc import DaemonProcess
 from offramp.core.exit_rule import never_leave
 from offramp.core.onnx_edge import MANIFEST, OnnxEdgeHalf, parity, read_manifest
-from offramp.core.data.card_splits import load_validation
+from offramp.core.data.card_data import load_validation
 from offramp.core.scores import confidence
 from offramp.core.halves import EdgeHalf
 from offramp.core.wire import pb, pb_grpc

@@ -17,7 +17,7 @@ from edge_node.controller import INPUT, Conditions, Option, State, predict_mean,
 from edge_node.policy import ExitPolicy, PolicyError, PolicySettings
 from edge_node.server import EdgeServer
 from offramp.core.checkpoint import load_checkpoint, read_card
-from offramp.core.data.card_splits import load_validation
+from offramp.core.data.card_data import load_validation
 from offramp.core.data.preprocess import encode_images, preprocess_bytes
 from offramp.core.operating_points import CalibrationPoint, CalibrationTable, InputRouteCalibration
 from offramp.core.wire import pb, pb_grpc

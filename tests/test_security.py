@@ -19,7 +19,7 @@ from edge_node.server import EdgeServer
 from offramp.core.checkpoint import read_card
 from offramp.serving.config import CloudConfig, EdgeConfig, replace_settings
 from offramp.core.errors import OfframpError
-from offramp.core.data.card_splits import load_validation
+from offramp.core.data.card_data import load_validation
 from offramp.core.wire import pb, pb_grpc
 
 NEVER = [2.0, 2.0]  # max_prob thresholds no exit reaches: everything goes to the cloud

@@ -27,7 +27,7 @@ from offramp.core.checkpoint import CARD, read_card
 from offramp.serving.daemon_proc import DaemonProcess
 from offramp.core.data import load_data
 from offramp.core.errors import OfframpError
-from offramp.core.data.card_splits import load_validation
+from offramp.core.data.card_data import load_validation
 from offramp.training.pipeline import TrainJob, run_training
 from offramp.core.tables import format_table
 from offramp.training.train import TrainConfig

@@ -45,7 +45,7 @@ import torch
 from offramp.core.checkpoint import load_checkpoint
 from offramp.core.operating_points import CalibrationPoint, CalibrationTable, InputRouteCalibration
 from offramp.core.errors import OfframpError
-from offramp.core.data.card_splits import load_selection, load_validation
+from offramp.core.data.card_data import load_selection, load_validation
 from offramp.training.report import head_costs
 from offramp.core.exit_rule import always_leave, edge_exit_ids, exits_up_to, higher_is_confident, never_leave, walk
 from offramp.core.scores import check_score, default_score

@@ -13,7 +13,7 @@ from torch.utils.data import TensorDataset
 from offramp.core.checkpoint import Card, load_checkpoint, save_checkpoint
 from offramp.core.operating_points import DEFAULT_THRESHOLDS
 from offramp.core.data import DataSplits, load_data
-from offramp.core.data.card_splits import load_validation
+from offramp.core.data.card_data import load_validation
 from offramp.core.errors import OfframpError
 from offramp.core.exit_rule import edge_exit_ids
 from offramp.core.models import (AudioConfig, ModelConfig, MultiExitModel, create_backbone_depth, is_variant,
