@@ -191,7 +191,7 @@ def measure_model(label: str, checkpoint: str, names: list[str] | None, args: ar
     full_macs = costs[-1]["macs"]
 
     best_sel = cheapest_within(exits_sel, final_sel, score, args.max_drop, to_answer, args.margin_se,
-                               args.shared_threshold)
+                               args.shared_threshold, args.consistent)
     settings = [((t,) * len(ids), False) for t in args.thresholds] + [(best_sel.thresholds, True)]
     timers, full_timers = _timers(label, checkpoint, model, card, ids, val.tensors[0][:args.timing_samples], score,
                                   args.no_onnx, tmp)
@@ -335,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shared-threshold", action="store_true",
                     help="choose the best setting among shared thresholds only (one for every exit), which the "
                          "selection split cannot tune to its own noise")
+    ap.add_argument("--consistent", action="store_true",
+                    help="choose the best setting by consistency with the full model: an exit's answer counts "
+                         "only where the full model is right too (what the exits break counts, their lucky "
+                         "answers earn nothing), which is what carries from the selection split to new data")
     ap.add_argument("--timing-samples", type=int, default=300, help="validation images timed per row and round")
     ap.add_argument("--core", type=int, default=max(os.sched_getaffinity(0)), help="the one core timing runs on")
     ap.add_argument("--no-onnx", action="store_true", help="time PyTorch eager only")
@@ -358,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": "python -m bench.edge_first " + shlex.join(argv if argv is not None else sys.argv[1:]),
               "machine": {**machine(), "timing_core": args.core}, "max_drop_points": args.max_drop,
               "margin_se": args.margin_se, "shared_threshold": args.shared_threshold,
+              "consistent": args.consistent,
               "wall_s": time.perf_counter() - started, "models": models}
     report(result)
     out = write_result(result, args.out)

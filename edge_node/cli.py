@@ -276,6 +276,12 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
                    help="one threshold for every exit (in the chosen setting and in the controller's tables): "
                         "per-exit thresholds tuned on a few thousand samples fit their noise, and lose more on new "
                         "data than they did there")
+    p.add_argument("--consistent", action="store_true",
+                   help="judge the exits by consistency with the full model: an exit's answer counts as right only "
+                        "where the full model is right too, so what the exits break is counted and their lucky "
+                        "answers earn nothing. Reported accuracies are then a lower bound (the full model's less "
+                        "what the exits break); on a split of a few thousand samples, the choice holds on new data "
+                        "where plain accuracy flatters the exits (classification only)")
     p.add_argument("--score", choices=choices(EdgeConfig, "score"),
                    help="confidence score (default: the one --out names, else max_prob; std for regression)")
     p.add_argument("--data", help="calibrate on all of this data spec instead of the card's validation split")
@@ -302,7 +308,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     try:
         target = Target(accuracy_drop=args.target_accuracy_drop, max_offload=args.target_offload,
                         min_speedup=args.target_speedup, margin_se=args.margin_se,
-                        shared=args.shared_threshold)
+                        shared=args.shared_threshold, consistent=args.consistent)
     except ValueError as e:
         raise OfframpError(str(e)) from None
     quality = None

@@ -221,6 +221,10 @@ class StudyConfig:
     # `offramp calibrate --shared-threshold`: one threshold for every exit, in the fixed policy and in the
     # adaptive edge's tables, which a few thousand calibration samples cannot tune to their own noise.
     shared_threshold: bool = False
+    # `offramp calibrate --consistent`: the exits judged by agreement with the full model where it is right
+    # (no credit for their lucky answers), in the fixed policy and in the tables: what a small split shows
+    # of them then carries over to the workload's inputs.
+    consistent: bool = False
 
     def __post_init__(self) -> None:
         require(0 <= self.accuracy_drop <= 100, "accuracy_drop must be in 0..100 points")

@@ -445,7 +445,8 @@ def _calibrate(config: ExperimentConfig, points: list[Point], num_exits: int, sc
                                 for p in points if p.variant == "system" and p.thresholds != "calibrated"))
     log.info("calibrating %s for the policies (accuracy drop %g points)", config.checkpoint, config.study.accuracy_drop)
     calibration = calibrate_checkpoint(
-        config.checkpoint, Target(accuracy_drop=config.study.accuracy_drop, shared=config.study.shared_threshold),
+        config.checkpoint, Target(accuracy_drop=config.study.accuracy_drop, shared=config.study.shared_threshold,
+                                  consistent=config.study.consistent),
         score=score,
         data=config.workload.data if config.study.calibrate_on == "validation" else None,
         edge={"split_block": e.split_block, "exits": list(e.exits) if e.exits else None,
@@ -453,6 +454,7 @@ def _calibrate(config: ExperimentConfig, points: list[Point], num_exits: int, sc
         evaluate_thresholds=fixed, on=config.study.calibrate_on)
     report.write_json(out / "calibration.json", {
         "accuracy_drop": config.study.accuracy_drop, "shared_threshold": config.study.shared_threshold,
+        "consistent": config.study.consistent,
         "samples": calibration.samples,
         "full_accuracy": calibration.full_quality, "chosen": dataclasses.asdict(calibration.chosen),
         "evaluated": [dataclasses.asdict(p) for p in calibration.evaluated],

@@ -356,6 +356,25 @@ def test_shared_threshold_calibration_gives_up_what_only_per_exit_thresholds_rea
     assert all(len(set(p.thresholds[:-1])) == 1 for p in shared.table)
 
 
+def test_consistent_calibration_counts_what_the_exits_break_and_credits_no_lucky_answer() -> None:
+    # The full model misses sample 2, which the exit gets right by luck; the exit breaks samples 1 and 3.
+    exits = [head("a", [0.99, 0.9, 0.8, 0.7], [True, False, True, False])]
+    final = head("final", [1.0] * 4, [True, True, False, True])
+    plain = calibrate(exits, final, "max_prob", Target(accuracy_drop=25)).chosen
+    assert (plain.offload, plain.quality) == (0.0, 0.5)  # the lucky answer pays for a break
+    consistent = calibrate(exits, final, "max_prob", Target(accuracy_drop=25, consistent=True), table=True)
+    # Answering everything would break two of the full model's three right answers: 0.25, below the floor;
+    # sending sample 3 on spares one.
+    assert (consistent.chosen.offload, consistent.chosen.quality) == (0.25, 0.5)
+    assert consistent.full_quality == 0.75 and "credited only where the full model is right" in consistent.summary()
+    # The controller's table holds the same lower bounds: all answered at the exit reads 0.25, not 0.5.
+    assert [(p.offload, p.quality) for p in consistent.table] == [(0.0, 0.25), (0.25, 0.5), (0.75, 0.75)]
+    regression = HeadResult("final", np.zeros(4), np.ones(4), None, np.ones(4))
+    with pytest.raises(ValueError, match="classification"):
+        calibrate([HeadResult("a", np.zeros(4), np.ones(4), None, np.ones(4))], regression, "std",
+                  Target(max_offload=0.5, consistent=True))
+
+
 def test_policy_and_pairing_are_validated() -> None:
     policy = ExitPolicy(PolicySettings((0.9, 0.9), "max_prob"), num_exits=2, task="classification")
     assert policy.get().run_thresholds() == [0.9, 0.9]

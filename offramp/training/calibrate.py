@@ -16,6 +16,9 @@ per-exit refinement only moves where it strictly helps, which pays off when
 exits are calibrated differently (early exits are often over-confident) and
 the split is large enough to tell. On a few thousand samples it also fits
 their noise: ``Target.shared`` keeps to step 1.
+``Target.consistent`` judges the exits by agreement with the full model where
+it is right (what they break counts, what they fix by luck does not), which is
+what carries from a small split to new data.
 Targets: the fewest offloads whose accuracy is no worse than the full model's
 minus ``accuracy_drop`` points, the best accuracy (lowest MAE for
 regression) with at most ``max_offload`` of the samples sent to the cloud,
@@ -72,6 +75,12 @@ class Target:
     # one degree of freedom, which a small split cannot flatter the way it flatters per-exit thresholds tuned
     # to the edge of the target (the winner's curse).
     shared: bool = False
+    # Judge the exits by consistency with the full model (as CALM calibrates early exits, Schuster et al.
+    # 2022): a sample an exit answers counts as right only where the full model is right too. What the exits
+    # break is counted; the inputs they get right where the full model is wrong earn nothing. On a split of a
+    # few thousand samples those lucky answers are what flatters the exits (on edge_c10's selection split
+    # they made the cascade read above the full model), and they do not carry over to new data.
+    consistent: bool = False
 
     def __post_init__(self) -> None:
         if self.margin_se < 0:
@@ -121,6 +130,8 @@ class Calibration:
         p, sign = self.chosen, ">=" if higher_is_confident(self.score) else "<="
         if self.metric == "accuracy":
             quality = f"accuracy {p.quality:.4f} (full model {self.full_quality:.4f})"
+            if self.target.consistent:
+                quality += ", exits credited only where the full model is right"
         else:
             quality = f"MAE {-p.quality:.4g} (full model {-self.full_quality:.4g})"
         if self.target.accuracy_drop is not None:
@@ -151,13 +162,17 @@ class _Cascade:
     MACs of answering at each exit and of going on (``offramp.training.report.head_costs``' ``macs_to_answer``)."""
 
     def __init__(self, exits: list[HeadResult], final: HeadResult, score: str,
-                 costs: list[float] | None = None) -> None:
+                 costs: list[float] | None = None, consistent: bool = False) -> None:
         self.score = score
         self.costs = costs
         self.conf = np.stack([r.confidence for r in exits]).astype(np.float64)
         heads = [*exits, final]
         if final.correct is not None:
             self.quality = np.stack([r.correct for r in heads]).astype(np.float64)
+            if consistent:  # an exit's answer counts only where the full model's is right too (``Target``)
+                self.quality[:-1] *= self.quality[-1]
+        elif consistent:
+            raise ValueError("consistency with the full model applies to classification, not regression")
         else:
             self.quality = -np.stack([r.error for r in heads]).astype(np.float64)
         self.num_exits, self.n = self.conf.shape
@@ -188,7 +203,7 @@ def calibrate(exits: list[HeadResult], final: HeadResult, score: str, target: Ta
         raise ValueError("an accuracy drop applies to classification; for regression give an offload fraction")
     if target.min_speedup is not None and (costs is None or not full_macs):
         raise ValueError("a speed-up target needs the heads' costs")
-    cascade = _Cascade(exits, final, score, costs)
+    cascade = _Cascade(exits, final, score, costs, target.consistent)
     full = float(cascade.quality[-1].mean())
     best = _search(cascade, _objective(target, full, full_macs), target.shared)
     if target.min_speedup is not None and full_macs / best.mean_macs < target.min_speedup - 1e-9:
@@ -291,7 +306,7 @@ def calibrate_checkpoint(checkpoint: str | Path, target: Target, score: str | No
         for s in configured.get("split_blocks") or [split]:  # the controller's table for each split it may use
             s_ids = edge_exit_ids(model.exit_configs, s, exits_up_to(model.exit_configs, names, s))
             points = (result.table if s == split else _table(model, card.input_shape, results, s_ids, score,
-                                                              target.shared)
+                                                              target)
                       if s_ids else (_everything_offloaded(results[-1]),))
             tables.append(CalibrationTable(card.fingerprint, s, score, tuple(results[i].name for i in s_ids),
                                            result.samples, tuple(_stored(p) for p in points)))
@@ -302,11 +317,11 @@ def calibrate_checkpoint(checkpoint: str | Path, target: Target, score: str | No
 
 
 def _table(model, input_shape: tuple[int, ...], results: list[HeadResult], ids: list[int],
-           score: str, shared: bool) -> tuple[OperatingPoint, ...]:
+           score: str, target: Target) -> tuple[OperatingPoint, ...]:
     """The controller's table for the exits ``ids`` (another split block's)."""
     costs = head_costs(model, input_shape, ids)
     return operating_points(_Cascade([results[i] for i in ids], results[-1], score,
-                                     [c["macs_to_answer"] for c in costs]), shared)
+                                     [c["macs_to_answer"] for c in costs], target.consistent), target.shared)
 
 
 def _stored(p: OperatingPoint) -> CalibrationPoint:
@@ -344,11 +359,13 @@ def _objective(target: Target, full_quality: float,
 
 
 def cheapest_within(exits: list[HeadResult], final: HeadResult, score: str, accuracy_drop: float,
-                    costs: list[float], margin_se: float = 0.0, shared: bool = False) -> OperatingPoint:
+                    costs: list[float], margin_se: float = 0.0, shared: bool = False,
+                    consistent: bool = False) -> OperatingPoint:
     """The thresholds with the lowest mean compute per input whose accuracy is at most ``accuracy_drop``
     points below the full model's, with ``margin_se`` standard errors of the loss to spare (same search as
-    ``calibrate``, ``shared`` as ``Target`` has it); ``costs`` as ``_Cascade`` takes them."""
-    cascade = _Cascade(exits, final, score, costs)
+    ``calibrate``, ``shared`` and ``consistent`` as ``Target`` has them); ``costs`` as ``_Cascade`` takes
+    them."""
+    cascade = _Cascade(exits, final, score, costs, consistent)
     floor = float(cascade.quality[-1].mean()) - accuracy_drop / 100 - 1e-12
     return _search(cascade, lambda p: (p.quality - margin_se * p.loss_se >= floor, -p.mean_macs, p.quality),
                    shared)
