@@ -225,7 +225,10 @@ def measure_model(label: str, checkpoint: str, names: list[str] | None, args: ar
             "macs_speedup": best["macs_speedup"], "time_speedup": best["time_speedup"],
             "shares": best["shares"],
             "on_selection": {"accuracy_loss_points": (float(final_sel.correct.mean()) - selection_point.quality) * 100,
-                             "macs_speedup": full_macs / selection_point.mean_macs},
+                             "macs_speedup": full_macs / selection_point.mean_macs,
+                             # --consistent: what the choice kept within the drop (answers the exits broke)
+                             **({"broken_points": (float(final_sel.correct.mean()) - best_sel.quality) * 100}
+                                if args.consistent else {})},
         },
         "training": training_compute(card),
         "training_budget": training_budget(card),
