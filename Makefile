@@ -23,6 +23,16 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[all,dev]'
 	touch $@
 
+# promtool lints the daemons' metrics pages in the suite. Debian's prometheus package holds it: where apt-get
+# can fetch that package, its one binary is unpacked into the venv (nothing is installed on the system);
+# elsewhere the promtool test skips and says why.
+PROMTOOL := $(BIN)/promtool
+
+$(PROMTOOL): | $(STAMP)
+	-@tmp=$$(mktemp -d) && (cd $$tmp && apt-get download -q prometheus >/dev/null 2>&1 \
+	  && dpkg-deb -x prometheus_*.deb root && cp root/usr/bin/promtool $(CURDIR)/$(PROMTOOL)) \
+	  || echo "promtool not fetched (no apt-get or no Debian archive): its test will skip"; rm -rf $$tmp
+
 demo: setup
 	$(BIN)/offramp demo
 
@@ -30,10 +40,10 @@ demo: setup
 # the suite waits on sockets, links and daemons as much as it computes.
 # `make test` leaves out the tests marked long (a Ray cluster, a whole benchmark: half a minute or more each);
 # `make test-all`, which CI runs, includes them.
-test: setup
+test: setup $(PROMTOOL)
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not long"
 
-test-all: setup
+test-all: setup $(PROMTOOL)
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench-exits: setup

@@ -265,3 +265,28 @@ def test_json_logs_are_one_object_per_line() -> None:
     assert (entry["level"], entry["logger"], entry["message"], entry["process"]) == (
         "ERROR", "cloud_node.server", "lost x\ny", "worker 1")
     assert "ValueError: bad" in entry["exception"] and entry["time"][4] == "-"
+
+
+def _promtool() -> str | None:
+    import shutil
+    import sys
+
+    beside = Path(sys.executable).parent / "promtool"  # where `make setup` unpacks it
+    return str(beside) if beside.is_file() else shutil.which("promtool")
+
+
+@pytest.mark.skipif(_promtool() is None, reason="promtool not found: `make test` fetches it from Debian's prometheus "
+                                                "package where apt-get can, else put it on PATH")
+def test_promtool_accepts_both_daemons_metrics() -> None:
+    import subprocess
+
+    from prometheus_client import generate_latest
+
+    from cloud_node.metrics import CloudMetrics
+    from edge_node.metrics import EdgeMetrics
+
+    for metrics in (CloudMetrics("tiny", "ab12"), EdgeMetrics(lambda: 1.0, "tiny", "ab12")):
+        page = generate_latest(metrics.registry)
+        checked = subprocess.run([_promtool(), "check", "metrics"], input=page, capture_output=True, timeout=60)
+        assert checked.returncode == 0, (checked.stdout + checked.stderr).decode()
+        assert b"offramp_build_info" in page
