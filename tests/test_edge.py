@@ -19,7 +19,7 @@ from PIL import Image
 
 from cloud_node.server import serve as serve_cloud
 from offramp.core.errors import OfframpError
-from offramp.training.calibrate import Target, calibrate
+from offramp.training.calibrate import Target, calibrate, operating_point
 from edge_node.offload import pairing_problem
 from edge_node.policy import ExitPolicy, PolicyError, PolicySettings
 from edge_node.server import EdgeServer
@@ -354,6 +354,24 @@ def test_shared_threshold_calibration_gives_up_what_only_per_exit_thresholds_rea
     # The controller's table too; offloading nothing, the last exit answers all that reach it.
     assert shared.table[0].offload == 0 and shared.table[0].thresholds[-1] == -math.inf
     assert all(len(set(p.thresholds[:-1])) == 1 for p in shared.table)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_search_finds_the_best_local_point(seed: int) -> None:
+    # Offloading nothing, the last exit answers all that reach it. Starting only from shared thresholds the
+    # descent stalled short of the best such point (on 6 of these 8 cases, and by 1.4 points on edge_c10).
+    rng = np.random.default_rng(seed)
+    n = 60
+    exits = []
+    for k, accuracy in enumerate((0.6, 0.75, 0.85)):
+        correct = rng.random(n) < accuracy
+        confidence = np.clip(np.where(correct, 0.7, 0.45) + rng.normal(0, 0.15, n), 0.01, 0.999)
+        exits.append(HeadResult(f"e{k}", np.zeros(n), confidence.astype(np.float32), correct, None))
+    final = HeadResult("final", np.zeros(n), np.ones(n, np.float32), rng.random(n) < 0.9, None)
+    chosen = calibrate(exits, final, "max_prob", Target(max_offload=0.0)).chosen
+    values = [math.inf, *sorted(set(np.concatenate([e.confidence for e in exits]).tolist()))]
+    best = max(operating_point(exits, final, "max_prob", (a, b, -math.inf)).quality for a in values for b in values)
+    assert chosen.offload == 0 and chosen.quality == pytest.approx(best)
 
 
 def test_consistent_calibration_counts_what_the_exits_break_and_credits_no_lucky_answer() -> None:
