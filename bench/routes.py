@@ -265,13 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out, experiment = Path(args.out), Path(args.experiment)
     started = time.time()
+    command = "python -m bench.routes " + shlex.join(sys.argv[1:] if argv is None else argv)
     if not args.reuse:
         from orchestrator.config import load_experiment
         from orchestrator.sweep import run_experiment
 
-        run_experiment(load_experiment(experiment, out=str(out)))
+        run_experiment(load_experiment(experiment, out=str(out)), command=command)
     result = summarize(out, experiment)
-    result = {"command": "python -m bench.routes " + shlex.join(sys.argv[1:] if argv is None else argv),
+    result = {"command": command,
               "machine": machine(), "experiment": experiment.name,
               **result, "wall_s": round(time.time() - started, 1)}
     for bucket in result["links"]:

@@ -303,7 +303,8 @@ class ExperimentResult:
     plots: list[Path]
 
 
-def run_experiment(config: ExperimentConfig, address: str | None = None, progress: bool = True) -> ExperimentResult:
+def run_experiment(config: ExperimentConfig, address: str | None = None, progress: bool = True,
+                   command: str | None = None) -> ExperimentResult:
     """Run every point of ``config`` on a local Ray (or the cluster at ``address``) and write the outputs.
 
     Records, points and nodes are written even when a point fails, so what
@@ -371,8 +372,9 @@ def run_experiment(config: ExperimentConfig, address: str | None = None, progres
     summary = report.summarize(records)
     wall_s = time.perf_counter() - started
     # What ran, where and for how long, beside every detail file of the folder (they record none of it).
-    report.write_json(out / "run.json", {"command": shlex.join(["offramp", *sys.argv[1:]]) if sys.argv[1:] else
-                                         "run_experiment()", "machine": machine(), "wall_s": wall_s,
+    # ``command``: how the caller was started (a benchmark that runs the experiment says so itself).
+    command = command or (shlex.join(["offramp", *sys.argv[1:]]) if sys.argv[1:] else "run_experiment()")
+    report.write_json(out / "run.json", {"command": command, "machine": machine(), "wall_s": wall_s,
                                          "points": len(points), "address": address})
     plots = _write_outputs(config, points, ctx, records, policy, cloud_load, wall_s, timelines)
     return ExperimentResult(out, records_path, summary, plots)
