@@ -108,6 +108,7 @@ class Measured:
     offloads: int  # offloads measured on the link as it is now
     cloud_by_split: Mapping[int, float] = field(default_factory=dict)  # cloud_ms per split block (estimated)
     bytes_by_split: Mapping[int, float] = field(default_factory=dict)  # median bytes per split block (or INPUT)
+    edge_queue_mean_ms: float | None = None  # the mean wait for a local batch: what predicted means take
 
     @property
     def uplink_bytes_per_s(self) -> float | None:
@@ -117,7 +118,8 @@ class Measured:
         return self.offload_bytes / (self.serialise_ms / 1000)
 
     def conditions(self) -> Conditions:
-        return Conditions(self.compute_ms, edge_queue_ms=self.edge_queue_ms, rtt_ms=self.rtt_ms,
+        return Conditions(self.compute_ms, edge_queue_ms=self.edge_queue_ms, edge_queue_mean_ms=self.edge_queue_mean_ms,
+                          rtt_ms=self.rtt_ms,
                           transfer_ms=self.transfer_ms or 0.0, serialise_ms=self.serialise_ms or 0.0,
                           cloud_ms=self.cloud_ms or 0.0, request_rate=self.request_rate,
                           cloud_by_split=self.cloud_by_split, offload_bytes=self.offload_bytes or 0.0,
@@ -219,6 +221,7 @@ class Measurements:
             cloud_by_split=self._cloud_by_split(answered),
             bytes_by_split={key: statistics.median(o.bytes for o in link if o.split_block == key)
                             for key in {o.split_block for o in link}},
+            edge_queue_mean_ms=statistics.fmean(queue) if queue else 0.0,
         )
 
     def _cloud_by_split(self, answered: list[Offload]) -> dict[int, float]:

@@ -3,6 +3,7 @@ local and split on scripted measurements."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -327,3 +328,17 @@ def test_among_options_equally_good_the_fastest_on_average_is_taken() -> None:
     assert predict_mean(INPUT_OPTION, far) == pytest.approx(95 + 2 * 5 + 8, abs=0.05)  # and a rare wait
     assert predict_p95(INPUT_OPTION, far) == 95 + 4 * 5 + 8
     assert step([local, INPUT_OPTION], far, 200.0, State(), now=0.0, slack=0.005).option.route == "local"
+
+
+def test_a_mean_is_predicted_with_the_mean_wait_for_a_local_batch() -> None:
+    # Most requests find the compute thread free, a few wait a whole batch: a high quantile of 60 ms, a mean
+    # of 5. The p95 plans with the first; the mean with the second, or the local route (109 ms on average)
+    # looks slower than the input route (113 ms) and takes second place for speed it does not lack.
+    local = Option(SPLIT, (0.5, -math.inf), 0.978, 0.0, (0.9, 0.1, 0.0), route="local")
+    far = replace(link(95, 4, 2, rate=0.1), edge_queue_ms=60.0, edge_queue_mean_ms=5.0)
+    assert predict_mean(local, far) == pytest.approx(104.0 + 5) and predict_p95(local, far) == 140.0 + 60
+    assert step([local, INPUT_OPTION], far, 250.0, State(), now=0.0, slack=0.005).option.route == "local"
+    # Without the mean (a caller that measured only the high quantile) the mean falls back to it.
+    high_only = replace(far, edge_queue_mean_ms=None)
+    assert predict_mean(local, high_only) == pytest.approx(104.0 + 60)
+    assert step([local, INPUT_OPTION], high_only, 250.0, State(), now=0.0, slack=0.005).option.route == "input"
