@@ -320,6 +320,10 @@ def test_calibrate_writes_a_config_the_edge_loads(tiny_checkpoint: Path, start_e
     updated = load_config(EdgeConfig, toml)  # calibrated for the score the file names
     assert updated.score == "margin" and updated.deadline_ms == 250 and len(updated.thresholds) == 2
     assert "score margin" in out
+    # By consistency with the full model: the summary says its accuracy is the lower bound.
+    assert main(["calibrate", str(tiny_checkpoint), "--target-accuracy-drop", "1", "--consistent",
+                 "--out", str(toml)]) == 0
+    assert "exits credited only where the full model is right" in capsys.readouterr().out
 
 
 def head(name: str, confidence: list[float], correct: list[bool]) -> HeadResult:
