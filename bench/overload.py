@@ -83,7 +83,8 @@ async def offer(clients: list[OffloadClient], requests: list[pb.OffloadRequest],
         records.append((sent - start, outcome(error), (time.perf_counter() - sent) * 1e3, queue_ms))
 
     tasks = await open_loop(one, poisson(np.random.default_rng(seed), rate, duration_s=seconds), start)
-    await asyncio.sleep(max(0.0, start + seconds - time.perf_counter()))  # no arrival in the last gap: still the overload
+    # No arrival in the last gap is still the overload: it ends when its time is up.
+    await asyncio.sleep(max(0.0, start + seconds - time.perf_counter()))
     ended = time.perf_counter()
     offered_s = ended - start
 

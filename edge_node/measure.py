@@ -118,8 +118,8 @@ class Measured:
         return self.offload_bytes / (self.serialise_ms / 1000)
 
     def conditions(self) -> Conditions:
-        return Conditions(self.compute_ms, edge_queue_ms=self.edge_queue_ms, edge_queue_mean_ms=self.edge_queue_mean_ms,
-                          rtt_ms=self.rtt_ms,
+        return Conditions(self.compute_ms, edge_queue_ms=self.edge_queue_ms,
+                          edge_queue_mean_ms=self.edge_queue_mean_ms, rtt_ms=self.rtt_ms,
                           transfer_ms=self.transfer_ms or 0.0, serialise_ms=self.serialise_ms or 0.0,
                           cloud_ms=self.cloud_ms or 0.0, request_rate=self.request_rate,
                           cloud_by_split=self.cloud_by_split, offload_bytes=self.offload_bytes or 0.0,
