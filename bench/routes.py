@@ -6,7 +6,8 @@ calibrated thresholds, and the adaptive edge choosing among every route (input, 
 shared cellular traces and the lte, 3g and wifi profiles, on the 8x-slowed device. Then, per link and
 policy:
 
-* ``mean_ms``, ``p95_ms`` from the records;
+* ``mean_ms``, ``p95_ms`` from the records, pooled over the runs of a policy on a link (``[sweep] repeats``:
+  each link's points run forward, then backward), with each run's mean beside them;
 * ``accuracy`` judged by each answer's true label, with its 95 % interval, and ``accuracy_replayed``: the
   route and thresholds actually in force for each request (the edge's policy, polled once a second),
   replayed over the whole validation split (a few hundred requests do not resolve half a point). Never
@@ -21,7 +22,7 @@ its accuracy; how far the adaptive edge's replayed accuracy falls below the full
 share of judged windows met; and the envelope of one offload on the bottleneck codec (wire bytes, gRPC framing included, against the
 code's own bytes).
 
-    python -m bench.routes                      # runs the experiment (about 25 min on 2 cores)
+    python -m bench.routes                      # runs the experiment (about 40 min on 2 cores)
     python -m bench.routes --reuse              # recompute the summary from bench/results/routes
 """
 from __future__ import annotations
@@ -141,36 +142,46 @@ def summarize(out: Path, experiment: Path = EXPERIMENT) -> dict[str, Any]:
 
 def _links(records: list[dict[str, Any]], replayed: dict[int, float], slo: float | None, full_macs: float,
            tail_macs: float) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
-    """Per link (profile or trace), each policy's figures, edge-only (which has no link) beside every one;
-    and the adaptive edge's per-second windows on each."""
+    """Per link (profile or trace), each policy's figures over all its runs ([sweep] repeats), edge-only
+    (which has no link) beside every one; and the adaptive edge's per-second windows on each (its first run)."""
     from orchestrator.report import summarize as point_rows
 
+    by_point: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        by_point[r["point"]].append(r)
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)  # a policy on a link: its points
+    for row in point_rows(records):
+        runs[(row["profile"], policy_name(row))].append(row)
     links: dict[str, dict[str, Any]] = {}
     timelines: dict[str, list[dict[str, Any]]] = {}
     edge_only: dict[str, Any] | None = None
-    for row in point_rows(records):
-        mine = [r for r in records if r["point"] == row["point"]]
+    for (profile, name), rows in runs.items():
+        first = rows[0]["point"]
+        mine = [{**r, "point": first} for row in rows for r in by_point[row["point"]]]
+        pooled = point_rows(mine)[0]
         n = len(mine)
-        acc = row["accuracy"]
-        w = windows(mine, slo) if slo else []
-        judged = [x for x in w if x["judged"]]
+        acc = pooled["accuracy"]
+        per_run = [windows(by_point[row["point"]], slo) if slo else [] for row in rows]
+        judged = [x for w in per_run for x in w if x["judged"]]
         entry = {
-            "policy": policy_name(row), "mean_ms": row["latency_mean_ms"], "p95_ms": row["latency_p95_ms"],
+            "policy": name, "mean_ms": pooled["latency_mean_ms"], "p95_ms": pooled["latency_p95_ms"],
+            "mean_ms_by_run": [row["latency_mean_ms"] for row in rows],
             "accuracy": acc, "accuracy_ci95": 1.96 * math.sqrt(acc * (1 - acc) / n) if n else math.nan,
-            "accuracy_replayed": replayed.get(row["point"], math.nan),
-            "bytes_per_request": row["bytes_per_request"],
+            "accuracy_replayed": float(np.average([replayed.get(row["point"], math.nan) for row in rows],
+                                                  weights=[row["requests"] for row in rows])),
+            "bytes_per_request": pooled["bytes_per_request"],
             "cloud_macs_per_request": float(np.mean([cloud_macs(r, full_macs, tail_macs) for r in mine])),
-            "route_shares": {k: row[f"route_{k}"] for k in ("split", "input", "local")},
-            "degraded_rate": row["degraded_rate"], "requests": n,
+            "route_shares": {k: pooled[f"route_{k}"] for k in ("split", "input", "local")},
+            "degraded_rate": pooled["degraded_rate"], "requests": n, "runs": len(rows),
             "windows_met_share": sum(x["met"] for x in judged) / len(judged) if judged else math.nan,
         }
-        if row["variant"] == "edge_only":
+        if rows[0]["variant"] == "edge_only":
             edge_only = entry
             continue
-        profile = row["profile"] or "(none)"
-        links.setdefault(profile, {"profile": profile, "policies": []})["policies"].append(entry)
-        if row["variant"] == "system" and row["policy"] != "fixed":
-            timelines[profile] = w
+        link = profile or "(none)"
+        links.setdefault(link, {"profile": link, "policies": []})["policies"].append(entry)
+        if rows[0]["variant"] == "system" and rows[0]["policy"] != "fixed":
+            timelines[link] = per_run[0]
     if edge_only is not None:
         for bucket in links.values():
             bucket["policies"].append(edge_only)
@@ -191,6 +202,9 @@ def _compare(links: dict[str, dict[str, Any]], full: float) -> dict[str, float]:
             best = min(static, key=lambda p: p["mean_ms"])
             bucket["best_static"] = best["policy"]
             bucket["adaptive_vs_best_static_mean"] = adaptive["mean_ms"] / best["mean_ms"]
+            if len(adaptive["mean_ms_by_run"]) == len(best["mean_ms_by_run"]) > 1:  # each run on its own
+                bucket["adaptive_vs_best_static_mean_by_run"] = [
+                    a / b for a, b in zip(adaptive["mean_ms_by_run"], best["mean_ms_by_run"])]
             ratios.append(bucket["adaptive_vs_best_static_mean"])
         fastest = min(fixed, key=lambda p: p["mean_ms"])  # whatever its accuracy: the stricter reading
         bucket["fastest_static"] = fastest["policy"]

@@ -142,8 +142,12 @@ class SweepConfig:
     edges: tuple[int, ...] = (1,)
     # "fixed" runs each of `thresholds`; each adaptive policy is one point per profile, codec and edge count.
     policies: tuple[Policy, ...] = ("fixed",)
+    # Run each link's points this many times, forward then backward in turn, so that a slow drift of the
+    # host's speed weighs on every policy alike; the records carry `repeat`, and summaries may pool them.
+    repeats: int = 1
 
     def __post_init__(self) -> None:
+        require(self.repeats >= 1, f"repeats must be at least 1, not {self.repeats}")
         for name in ("thresholds", "codecs", "profiles", "edges", "policies"):
             require(len(getattr(self, name)) > 0, f"{name} must list at least one value")
         require(len(set(self.policies)) == len(self.policies), "policies must not repeat a policy")

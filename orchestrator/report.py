@@ -32,7 +32,7 @@ from .workload import Record
 log = logging.getLogger(__name__)
 
 Row = dict[str, Any]
-PARAMS = ("point", "variant", "edges", "profile", "codec", "thresholds", "threshold", "policy")
+PARAMS = ("point", "variant", "edges", "profile", "codec", "thresholds", "threshold", "policy", "repeat")
 METRICS = ("requests", "errors", "accuracy", "offload_rate", "degraded_rate", "latency_mean_ms", "latency_p50_ms",
            "latency_p95_ms", "latency_p99_ms", "bytes_per_request", "bytes_per_offload", "throughput_rps",
            "route_split", "route_input", "route_local")

@@ -116,7 +116,8 @@ class Study:
     def _name(self, point: Any, qualify: bool) -> str:
         name = point.policy if point.policy != "fixed" else (
             "fixed" if point.thresholds == "calibrated" else f"fixed@{point.thresholds_label}")
-        return f"{name} [{point.profile_label}, {point.codec}, {point.edges} edges]" if qualify else name
+        name = f"{name} [{point.profile_label}, {point.codec}, {point.edges} edges]" if qualify else name
+        return f"{name} (run {point.repeat + 1})" if point.repeat else name
 
     def phases(self, point: Any) -> list[Phase]:
         return phases(point.profile, point.edges, self.config.cloud_load.steps, self.end_s)

@@ -67,6 +67,7 @@ class Point:
     codec: str | None = None  # None: no token codec (the whole-model baselines)
     thresholds: Threshold | None = None
     policy: Policy = "fixed"  # adaptive ones start from the calibrated thresholds
+    repeat: int = 0  # which run of the same point this is ([sweep] repeats)
 
     def links(self) -> tuple[str, ...]:
         """One link spec per edge: a list in the sweep is cycled over the edges."""
@@ -96,37 +97,44 @@ class Point:
         scalar = self.thresholds if isinstance(self.thresholds, float) and self.thresholds != NEVER else None
         return {"point": self.index, "variant": self.variant, "edges": self.edges, "profile": self.profile_label,
                 "codec": self.codec or "", "thresholds": self.thresholds_label, "threshold": scalar,
-                "policy": self.policy if self.variant == "system" else ""}
+                "policy": self.policy if self.variant == "system" else "", "repeat": self.repeat}
 
     def describe(self) -> str:
         system = self.variant == "system"
         parts = [self.variant, f"{self.edges} edge{'s' if self.edges > 1 else ''}", self.profile_label,
                  self.codec or "", self.policy if system and self.policy != "fixed" else "",
-                 f"t={self.thresholds_label}" if system and self.policy == "fixed" else ""]
+                 f"t={self.thresholds_label}" if system and self.policy == "fixed" else "",
+                 f"run {self.repeat + 1}" if self.repeat else ""]
         return ", ".join(p for p in parts if p)
 
 
 def expand(config: ExperimentConfig) -> list[Point]:
-    """The grid in run order: grouped by number of edges (one placement each), baselines beside the system."""
+    """The grid in run order: grouped by number of edges (one placement each), baselines beside the system;
+    with ``repeats``, each link's points again, in reverse order every other time."""
     sweep, baselines = config.sweep, set(config.baselines.run)
     points: list[Point] = []
 
-    def add(**kwargs: Any) -> None:
-        points.append(Point(index=len(points), **kwargs))
+    def add(group: list[dict[str, Any]]) -> None:
+        for repeat in range(sweep.repeats):
+            for kwargs in group if repeat % 2 == 0 else group[::-1]:
+                points.append(Point(index=len(points), repeat=repeat, **kwargs))
 
     for edges in sweep.edges:
         for profile in sweep.profiles:
+            link: list[dict[str, Any]] = []
             for codec in sweep.codecs:
                 for policy in sweep.policies:
                     for thresholds in sweep.thresholds if policy == "fixed" else ("calibrated",):
-                        add(variant="system", edges=edges, profile=profile, codec=codec, thresholds=thresholds,
-                            policy=policy)
+                        link.append(dict(variant="system", edges=edges, profile=profile, codec=codec,
+                                         thresholds=thresholds, policy=policy))
                 if "fixed_split" in baselines:
-                    add(variant="fixed_split", edges=edges, profile=profile, codec=codec, thresholds=NEVER)
+                    link.append(dict(variant="fixed_split", edges=edges, profile=profile, codec=codec,
+                                     thresholds=NEVER))
             if "cloud_only" in baselines:
-                add(variant="cloud_only", edges=edges, profile=profile)
+                link.append(dict(variant="cloud_only", edges=edges, profile=profile))
+            add(link)
         if "edge_only" in baselines:
-            add(variant="edge_only", edges=edges)
+            add([dict(variant="edge_only", edges=edges)])
     return points
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from offramp.core.errors import OfframpError
-from orchestrator.config import ExperimentConfig, SweepConfig, WorkloadConfig, load_experiment
+from orchestrator.config import BaselinesConfig, ExperimentConfig, SweepConfig, WorkloadConfig, load_experiment
 from orchestrator.report import summarize
 from orchestrator.sweep import NEVER, expand
 from orchestrator.workload import EdgeLoad
@@ -103,6 +103,23 @@ def test_grid_runs_every_baseline_beside_the_system() -> None:
     mixed = next(p for p in points if p.profile == ("lte", "3g") and p.edges == 3)
     assert mixed.links() == ("lte", "3g", "lte") and mixed.profile_label == "lte | 3g"
     assert next(p for p in points if p.thresholds == (0.7, 0.9)).thresholds_label == "0.7/0.9"
+
+
+
+def test_repeats_run_each_link_again_in_reverse_order() -> None:
+    """A slow drift of the host weighs alike on every policy of a link: forward, then backward."""
+    config = ExperimentConfig(checkpoint="m", sweep=SweepConfig(
+        profiles=("lte", "3g"), thresholds=(0.9,), repeats=2),
+        baselines=BaselinesConfig(run=("fixed_split", "cloud_only", "edge_only")))
+    points = expand(config)
+    assert [p.index for p in points] == list(range(len(points)))
+    lte = [(p.variant, p.thresholds, p.repeat) for p in points if p.profile == "lte"]
+    assert lte == [("system", 0.9, 0), ("fixed_split", NEVER, 0), ("cloud_only", None, 0),
+                   ("cloud_only", None, 1), ("fixed_split", NEVER, 1), ("system", 0.9, 1)]
+    assert [p.repeat for p in points if p.variant == "edge_only"] == [0, 1]
+    assert points[3].params()["repeat"] == 1 and "run 2" in points[3].describe()
+    with pytest.raises(ValueError, match="repeats must be at least 1"):
+        SweepConfig(repeats=0)
 
 
 # -- the load ------------------------------------------------------------------------------------------------------

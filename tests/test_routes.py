@@ -303,6 +303,30 @@ def test_the_routes_study_counts_windows_compute_and_the_envelope() -> None:
     assert env["wire_bytes_per_offload"] <= 1.5 * env["code_bytes_per_offload"]
 
 
+def test_the_routes_study_pools_a_policys_runs_and_compares_each_run() -> None:
+    from bench.routes import _compare, _links
+
+    def run(point: int, policy: str, latency: float, repeat: int) -> list[dict]:
+        return [{"point": point, "variant": "system", "edges": 1, "profile": "lte", "codec": "int8",
+                 "thresholds": "calibrated", "threshold": None, "policy": policy, "repeat": repeat,
+                 "status": "OK", "degraded": False, "correct": True, "offloaded": False, "bytes_sent": 0,
+                 "latency_ms": latency, "sent_s": 0.2 * i, "route": "local", "decided_by": "exit:a"}
+                for i in range(10)]
+
+    # forward then backward: fixed 40 and 60 ms, adaptive 50 and 50 (the host slower in the first run)
+    records = run(0, "fixed", 40.0, 0) + run(1, "adaptive_routes", 50.0, 0) + run(2, "adaptive_routes", 50.0, 1) \
+        + run(3, "fixed", 60.0, 1)
+    links, timelines = _links(records, {0: 0.88, 1: 0.86, 2: 0.87, 3: 0.88}, 150.0, 100.0, 40.0)
+    fixed, adaptive = links["lte"]["policies"]
+    assert (fixed["policy"], fixed["runs"], fixed["requests"]) == ("fixed t=calibrated", 2, 20)
+    assert fixed["mean_ms"] == pytest.approx(50.0) and fixed["mean_ms_by_run"] == [40.0, 60.0]
+    assert adaptive["accuracy_replayed"] == pytest.approx(0.865)
+    assert len(timelines["lte"]) == 2  # the first run's seconds
+    targets = _compare(links, full=0.87)
+    assert targets["adaptive_vs_best_static_mean_max_ratio"] == pytest.approx(1.0)
+    assert links["lte"]["adaptive_vs_best_static_mean_by_run"] == pytest.approx([1.25, 50 / 60])
+
+
 def test_with_slack_the_controller_takes_the_fastest_of_the_nearly_most_accurate() -> None:
     # Local is 0.4 points more accurate on paper and meets the target; the input route is twice as fast.
     local = Option(SPLIT, (-math.inf, -math.inf), 0.978, 0.0, (1.0, 0.0, 0.0), route="local")
