@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoints", nargs="+", help="checkpoint directories written by 'offramp train'")
     ap.add_argument("--extra", action="append", default=[],
-                    help="a JSON file of further entries (e.g. the same recipe run on a GPU), each with a 'machine'")
+                    help="a JSON file of further entries, each with a 'machine': a list, or this script's own "
+                         "output (e.g. the same recipe trained on a GPU machine: '--out backbones-gpu.json' there)")
     ap.add_argument("--out", default=str(RESULTS / "backbones.json"))
     args = ap.parse_args(argv)
     backbones = [entry(c) for c in args.checkpoints]
@@ -69,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         match = [o for o in backbones if o["checkpoint"] == teacher]
         if match and b["total_wall_s"] and match[0]["total_wall_s"]:
             b["wall_s_including_teacher"] = round(b["total_wall_s"] + match[0]["total_wall_s"], 1)
-    for path in args.extra:
-        backbones += json.loads(Path(path).read_text())
+    for path in args.extra:  # entries gathered elsewhere, or this script's own output on another machine
+        extra = json.loads(Path(path).read_text())
+        backbones += extra["backbones"] if isinstance(extra, dict) else extra
     machine = {"cpu": cpu_name(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                "platform": platform.platform(), "torch": torch.__version__}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

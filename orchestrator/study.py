@@ -16,8 +16,6 @@ recomputed from them.
 from __future__ import annotations
 
 import math
-import os
-import platform
 import shlex
 import sys
 from bisect import bisect_right
@@ -29,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from offramp.core.hostinfo import machine
 from offramp.netem import Schedule
 from offramp.training.plots import pyplot
 
@@ -296,17 +295,3 @@ def _load_stats(rows: list[Record]) -> dict[str, Any]:
     return {"requests": len(rows), "answered": len(ok), "p50_ms": float(np.median(ok)) if ok else math.nan,
             "p95_ms": tail(ok) if ok else math.nan}
 
-
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    import torch
-
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}

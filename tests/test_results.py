@@ -87,3 +87,30 @@ def test_headline_figures_match_their_json(figures: Any) -> None:
     body = text()
     missing = [f for f in figures() if f not in body]
     assert not missing, f"RESULTS.md lacks (or states otherwise) what the JSON says: {missing}"
+
+
+WALL_KEYS = ("wall_s", "seconds")
+
+
+def _wall(entry: dict[str, Any]) -> Any:
+    return next((entry[k] for k in WALL_KEYS if entry.get(k) is not None), None) or (
+        next((v for v in entry.values() if isinstance(v, dict) and _wall(v)), None))
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in RESULTS.glob("*.json")))
+def test_every_result_records_its_command_machine_and_wall_time(name: str) -> None:
+    data = load(name)
+    entries = data if isinstance(data, list) else [data]  # a list: runs gathered from their own cards
+    for entry in entries:
+        assert entry.get("command") or entry.get("commands"), name
+        assert entry.get("machine") or entry.get("machines"), name
+        assert _wall(entry) or entry.get("total_wall_s") or any(
+            e.get("total_wall_s") for e in entry.get("backbones", [])), name
+
+
+@pytest.mark.parametrize("folder", sorted(p.parent.name for p in RESULTS.glob("*/experiment.json")))
+def test_every_experiment_folder_says_what_ran_where_and_how_long(folder: str) -> None:
+    run = load(f"{folder}/run.json")
+    assert run["command"].split()[0] in ("offramp", "python") and run["machine"]
+    # Runs from before run.json existed say so, and give the time their records show instead.
+    assert run["wall_s"] or (run["points_busy_s"] > 0 and "written afterwards" in run["source"])
