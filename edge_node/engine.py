@@ -29,6 +29,7 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import grpc
 import torch
@@ -39,6 +40,7 @@ from offramp.core.data.preprocess import encode_images
 from offramp.core.operating_points import CalibrationTable, InputRouteCalibration
 from offramp.serving.config import ControllerSettings
 from offramp.core.exit_rule import always_leave, never_leave
+from offramp.netem.device_costs import DeviceCosts
 from offramp.netem.profiles import slowed
 from offramp.serving.batcher import Batcher, lone_on_loop
 from offramp.serving.replies import answer_reply
@@ -80,9 +82,11 @@ class EdgeEngine:
 
     def __init__(self, half: EdgeWalk, card: Card, policy: ExitPolicy, codec: CodecConfig, deadline_ms: int,
                  offload: OffloadClient | ReplicaPool | None, max_batch: int = 16, slowdown: float = 1.0,
-                 other_halves: Sequence[EdgeWalk] = (), input_quality: int = 90) -> None:
+                 other_halves: Sequence[EdgeWalk] = (), input_quality: int = 90,
+                 device_costs: DeviceCosts | None = None) -> None:
         """``half`` runs to the edge's split block; ``other_halves`` (sharing its model) to further split blocks
-        a latency controller may choose; ``input_quality``: JPEG quality of image tensors the input route sends."""
+        a latency controller may choose; ``input_quality``: JPEG quality of image tensors the input route sends;
+        ``device_costs``: with ``slowdown``, what each local batch is charged (else its CPU time here)."""
         for h in (half, *other_halves):
             if codec.dtype == "bottleneck" and not h.bottleneck_id:
                 raise ValueError(f"codec 'bottleneck' needs a checkpoint with a bottleneck at split block "
@@ -107,7 +111,9 @@ class EdgeEngine:
         # Emulated weaker device: edge compute and encoding take `slowdown` times as long.
         # One compute thread (the edge's default): the device's time is this thread's CPU time, times slowdown.
         one_thread = torch.get_num_threads() == 1
-        self._run_halves = {split: slowed(h.run, slowdown, one_thread) for split, h in self.halves.items()}
+        self._run_halves = {split: slowed(h.run, slowdown, one_thread, None if device_costs is None else
+                                          partial(device_costs.batch_s, split))
+                            for split, h in self.halves.items()}
         self._encode = slowed(encode, slowdown, one_thread)
         self._encode_visual = slowed(self._encode_tokens, slowdown, one_thread)
         self.split_exit_names = {split: h.exit_names for split, h in self.halves.items()}

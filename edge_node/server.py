@@ -30,6 +30,7 @@ from offramp.serving.daemon import (DaemonServer, StartupLog, bind, grpc_server,
 from offramp.core.errors import OfframpError
 from offramp.core.exit_rule import exits_up_to
 from offramp.core.scores import default_score
+from offramp.netem.device_costs import load_or_measure
 from offramp.serving.security import ADMIN_METHODS, BearerTokenInterceptor, read_token
 from offramp.serving.guard import MalformedLog, add_service
 from offramp.serving.inputs import InputError, request_inputs
@@ -160,8 +161,14 @@ def build_engine(config: EdgeConfig) -> EdgeEngine:
                 check_resolvable(config.cloud)
                 offload = ReplicaPool(config.cloud, card.fingerprint, splits, connection, config.cloud_balance,
                                       config.cloud_resolve_s)
+        costs = None
+        if config.device_costs is not None:
+            audio = card.config.audio
+            costs = load_or_measure(config.device_costs, (half, *others), card.fingerprint, card.input_shape, score,
+                                    config.max_batch, config.codec.top_k is not None,
+                                    None if audio is None else audio.input_shape)
         engine = EdgeEngine(half, card, policy, config.codec, config.deadline_ms, offload, config.max_batch,
-                            config.slowdown, others, config.input_quality)
+                            config.slowdown, others, config.input_quality, costs)
     except PolicyError as e:
         raise OfframpError(f"edge policy: {e}") from None
     except ValueError as e:
@@ -223,7 +230,9 @@ class EdgeServer(DaemonServer):
 async def serve(config: EdgeConfig) -> EdgeServer:
     """Load the checkpoint, bind, start; the returned server is answering (and SERVING)."""
     startup = StartupLog("edge")
-    startup.step(f"loading checkpoint {config.checkpoint} and profiling its exits")
+    startup.step(f"loading checkpoint {config.checkpoint} and profiling its exits"
+                 + (f" (device costs {config.device_costs}, measured there if absent)"
+                    if config.device_costs else ""))
     engine = await asyncio.to_thread(build_engine, config)
     startup.step(f"binding {config.listen}")
     server = grpc_server(config.max_message_bytes, admin_guard(config))

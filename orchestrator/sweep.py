@@ -182,6 +182,8 @@ class Context:
                       "calibration": tuple(t for t in self.calibration.tables if t.split_block in keep),
                       "input_route": self.input_route if point.policy == "adaptive_routes" else None,
                       "input_quality": self.config.baselines.jpeg_quality}
+        if e.device_costs is not None:  # one table, in the experiment's folder, measured by its first edge
+            policy["device_costs"] = str(self.config.out_dir / Path(e.device_costs).name)
         return replace_settings(e, cloud=(cloud,), codec=point.codec, score=self.score, thresholds=thresholds,
                                 **policy)
 

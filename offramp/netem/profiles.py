@@ -263,7 +263,8 @@ class DeviceProfile:
             raise OfframpError(f"slowdown must be >= 1 (a device cannot be made faster), got {self.slowdown}")
 
 
-def slowed(fn: Callable[P, R], factor: float, cpu_clock: bool = False) -> Callable[P, R]:
+def slowed(fn: Callable[P, R], factor: float, cpu_clock: bool = False,
+           cost: Callable[[R], float] | None = None) -> Callable[P, R]:
     """``fn``, then a sleep, so that the call takes ``factor`` times as long as ``fn`` took here.
 
     This emulates a device ``factor`` times slower than the server CPU the
@@ -277,6 +278,11 @@ def slowed(fn: Callable[P, R], factor: float, cpu_clock: bool = False) -> Callab
     generator) is not the device's work, and is not multiplied by ``factor``.
     Wall-clock time multiplies that stolen time too (measured: the 8x-slowed
     edge took 2x longer per batch beside its load generator than alone).
+
+    With ``cost`` (seconds the measured host took for the work a result
+    shows, from a table such as ``device_costs``), the call lasts ``factor``
+    times that, whatever this process's own speed: the same work, the same
+    device time in every process.
     """
     DeviceProfile(factor)  # validates
     if factor == 1.0:
@@ -287,7 +293,7 @@ def slowed(fn: Callable[P, R], factor: float, cpu_clock: bool = False) -> Callab
         t0, c0 = time.perf_counter(), time.thread_time()
         result = fn(*args, **kwargs)
         wall = time.perf_counter() - t0
-        device_s = factor * (time.thread_time() - c0 if cpu_clock else wall)
+        device_s = factor * (cost(result) if cost is not None else time.thread_time() - c0 if cpu_clock else wall)
         time.sleep(max(0.0, device_s - wall))
         return result
 

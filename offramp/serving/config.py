@@ -330,6 +330,12 @@ class EdgeConfig:
                               "thread's CPU time with threads = 1, so that time taken by other processes on a "
                               "shared core is not multiplied).", 1.0,
                               metavar="FACTOR", group="model")
+    device_costs: str | None = setting("With slowdown: a JSON table of what each segment of the edge walk costs "
+                                       "per batch size (measured and written there at start-up where there is "
+                                       "none); each local batch then lasts slowdown x the cost of the work it did, "
+                                       "the same in every process, instead of slowdown x this process's own CPU "
+                                       "time, which differs by up to 15% between fresh processes.", None,
+                                       metavar="FILE", example="device_costs.json", path=True, group="model")
     metrics_port: int | None = setting("Serve Prometheus /metrics on this port of the listen host; 0 picks a free "
                                        "port; unset: no metrics.", None, metavar="PORT", example=9100, group="API")
     grace_s: float = setting("Seconds a draining edge (SIGTERM) gives in-flight requests, offloads included, "
@@ -362,6 +368,8 @@ class EdgeConfig:
         require(self.max_message_mb >= 1, "max_message_mb must be at least 1")
         require(self.max_batch >= 1, "max_batch must be at least 1")
         require(self.slowdown >= 1.0, f"slowdown must be at least 1, not {self.slowdown}")
+        require(self.device_costs is None or self.slowdown > 1.0, "device_costs charges an emulated device: set "
+                "slowdown above 1 too")
         require(self.threads is None or self.threads >= 1, "threads must be at least 1 (or unset for one per core)")
         require(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "metrics_port must be in 0..65535")
         require(self.grace_s >= 0, "grace_s must not be negative")
