@@ -111,8 +111,14 @@ class Conditions:
     # compute thread free and a few wait a whole batch: on the slowed edge a median of 0.1 ms, a mean of 8.5
     # and a high quantile of 33, which made the local route's mean look 25 ms slower than it was.
     edge_queue_mean_ms: float | None = None
+    # cloud_by_split's typical (median) values, for predicted means, as the wait above (empty: the high quantile).
+    cloud_typical_by_split: Mapping[int, float] = field(default_factory=dict)
 
-    def cloud_for(self, split: int) -> float:
+    def cloud_for(self, split: int, typical: bool = False) -> float:
+        """The cloud's time for an offload after ``split``: its high quantile, or typical (for means) where
+        measured."""
+        if typical and split in self.cloud_typical_by_split:
+            return self.cloud_typical_by_split[split]
         return self.cloud_by_split.get(split, self.cloud_ms)
 
     def upload_scale(self, option: Option) -> float:
@@ -171,7 +177,7 @@ def _mixture(option: Option, c: Conditions, high_quantile: bool) -> _Mixture | N
     if f > 0 and rho >= MAX_UTILISATION:
         return None
     transfer = (c.transfer_ms if high_quantile else c.serialise_ms) * scale
-    network = (c.rtt_ms or 0.0) + transfer + c.cloud_for(option.link_key)
+    network = (c.rtt_ms or 0.0) + transfer + c.cloud_for(option.link_key, typical=not high_quantile)
     if option.route == "input":  # nothing computed on the edge
         local, d = [], network
     else:

@@ -327,6 +327,21 @@ def test_the_routes_study_pools_a_policys_runs_and_compares_each_run() -> None:
     assert links["lte"]["adaptive_vs_best_static_mean_by_run"] == pytest.approx([1.25, 50 / 60])
 
 
+def test_a_predicted_mean_takes_the_clouds_typical_time_and_the_p95_its_high_quantile() -> None:
+    # A fresh cloud's first answers put the whole model's high quantile at 24 ms; it typically takes 11.
+    # Local answers take 29 ms; sending the picture 10 + 1 + 11 = 22 on average: the input route is faster.
+    fast = {SPLIT: (29.0, 29.0, 29.0)}
+    wifi = Conditions(fast, rtt_ms=10, transfer_ms=2, serialise_ms=1, cloud_ms=24, request_rate=10,
+                      cloud_by_split={SPLIT: 24.0, INPUT: 24.0}, cloud_typical_by_split={SPLIT: 8.0, INPUT: 11.0},
+                      offload_bytes=JPEG_BYTES, bytes_by_split={INPUT: JPEG_BYTES})
+    local = Option(SPLIT, (-math.inf, -math.inf), 0.972, 0.0, (1.0, 0.0, 0.0), route="local")
+    assert predict_mean(INPUT_OPTION, wifi) == pytest.approx(10 + 1 + 11, abs=0.1)
+    assert predict_p95(INPUT_OPTION, wifi) >= 10 + 2 + 24
+    assert step([local, INPUT_OPTION], wifi, 150.0, State(), now=0.0, slack=0.005).option.route == "input"
+    # Without typical figures (nothing measured yet for them) the mean falls back on the high quantile.
+    assert predict_mean(INPUT_OPTION, replace(wifi, cloud_typical_by_split={})) == pytest.approx(35, abs=0.1)
+
+
 def test_with_slack_the_controller_takes_the_fastest_of_the_nearly_most_accurate() -> None:
     # Local is 0.4 points more accurate on paper and meets the target; the input route is twice as fast.
     local = Option(SPLIT, (-math.inf, -math.inf), 0.978, 0.0, (1.0, 0.0, 0.0), route="local")
@@ -366,3 +381,18 @@ def test_a_mean_is_predicted_with_the_mean_wait_for_a_local_batch() -> None:
     high_only = replace(far, edge_queue_mean_ms=None)
     assert predict_mean(local, high_only) == pytest.approx(104.0 + 60)
     assert step([local, INPUT_OPTION], high_only, 250.0, State(), now=0.0, slack=0.005).option.route == "input"
+
+
+def test_measurements_give_the_clouds_typical_time_beside_its_high_quantile() -> None:
+    from edge_node.measure import Measurements
+
+    now = [0.0]
+    m = Measurements({SPLIT: (1.0, 2.0, 3.0)}, clock=lambda: now[0], tail_blocks={SPLIT: 2, INPUT: 6})
+    for total in (24.0, 11.0, 11.0, 12.0, 10.0):  # the whole model; a fresh cloud's first answer is slow
+        now[0] += 0.1
+        m.offloaded(INPUT, 1000, rtt_ms=40.0 + total, cloud_queue_ms=0.5, cloud_compute_ms=total - 1,
+                    cloud_total_ms=total)
+    snap = m.snapshot()
+    assert snap.cloud_typical_by_split[INPUT] == 11.0 and snap.cloud_by_split[INPUT] > 12.0
+    assert snap.cloud_typical_by_split[SPLIT] == pytest.approx(11.0 * 2 / 6)  # scaled by the blocks each runs
+    assert snap.conditions().cloud_typical_by_split == snap.cloud_typical_by_split
