@@ -344,6 +344,8 @@ def run_experiment(config: ExperimentConfig, address: str | None = None, progres
     out = config.out_dir
     out.mkdir(parents=True, exist_ok=True)
     report.write_json(out / "experiment.json", dataclasses.asdict(config))
+    if config.edge.device_costs is not None:  # each run measures its own device: no table from an earlier run
+        (out / Path(config.edge.device_costs).name).unlink(missing_ok=True)
     calibration = _calibrate(config, points, num_exits, score, out)
     input_route = _calibrate_input_route(config, points, out)
     records: list[Record] = []

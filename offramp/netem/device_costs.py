@@ -13,6 +13,7 @@ The table is JSON (never a pickle): ``{"fingerprint", "cpu", "max_batch", "split
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import time
 from collections.abc import Sequence
@@ -27,6 +28,8 @@ from offramp.core.errors import OfframpError
 from offramp.core.exit_rule import always_leave, never_leave
 from offramp.core.halves import EdgeResult, EdgeWalk
 from offramp.core.hostinfo import cpu_name
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,9 @@ def load_or_measure(path: str | Path, halves: Sequence[EdgeWalk], fingerprint: s
             raise OfframpError(f"device costs {path}: cannot read it ({e})") from None
         costs = DeviceCosts.from_json(data)
         costs.check(fingerprint, exits)
+        log.info("device costs from %s (measured on %s)", path, costs.cpu or "an unnamed CPU")
         return costs
+    log.info("measuring the device costs into %s (%d batch sizes)", path, max_batch)
     costs = measure(halves, fingerprint, input_shape, score, max_batch, with_scores, audio_shape)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
