@@ -20,7 +20,8 @@ Latency model of one option (an operating point at a split):
   route, else calibrated) differ from those of the offloads the link was measured with, ``transfer`` and
   ``serialise`` scale by their ratio (jitter is taken to scale too: conservative for larger payloads);
 * the mean (``predict_mean``) is that of the same mixture, with the link's typical time (``serialise``) for
-  the transfer, the mean wait for a local batch for ``edge_queue`` (the p95 takes its high quantile), and
+  the transfer, the mean wait for a local batch for ``edge_queue`` and the cloud's typical time (the p95 takes
+  their high quantiles), and
   the M/M/1 wait's mean ``rho * serialise / (1 - rho)``;
 * the p95 is that of the mixture: the smallest ``t`` with ``sum_k share_k * P(L_k > t) <= tail``. Over all
   requests ``tail`` is 5 %: offloads slower than the target still fit when at most 5 % of the samples take

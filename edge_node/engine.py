@@ -109,7 +109,8 @@ class EdgeEngine:
         self._code_dictionaries = {h.split_block: zstd_dictionary(h.code_dictionary)
                                    for h in self.halves.values()}
         # Emulated weaker device: edge compute and encoding take `slowdown` times as long.
-        # One compute thread (the edge's default): the device's time is this thread's CPU time, times slowdown.
+        # One compute thread (the edge's default): the device's time is this thread's CPU time, times slowdown;
+        # with a cost table, the table's time for the work the batch did, times slowdown (the same in any process).
         one_thread = torch.get_num_threads() == 1
         self._run_halves = {split: slowed(h.run, slowdown, one_thread, None if device_costs is None else
                                           partial(device_costs.batch_s, split))
