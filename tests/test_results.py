@@ -81,8 +81,18 @@ def offload_threads() -> list[str]:
     return [f"takes {by_threads[(2, False)]:.1f} ms p50", f"with 1 thread {by_threads[(1, False)]:.1f} ms"]
 
 
+def multimodal() -> list[str]:
+    verdict = load("multimodal.json")["verdict"]
+    dark = verdict["fused_beats_visual_in_dark"]["positions"]
+    cheaper = verdict["ladder_cheaper_at_same_mae"]
+    return [*(f"{p['visual_dark_mae']:.2f} visual vs {p['fused_dark_mae']:.2f} fused" for p in dark[:1]),
+            *(f"[{p['diff_ci95'][0]:.2f}, {p['diff_ci95'][1]:.2f}]" for p in dark),
+            f"at all {cheaper['ladder_cheaper']} (median ratio {cheaper['median_ratio']:.2f};",
+            f"(median ratio {cheaper['latency']['median_ratio']:.2f})"]
+
+
 @pytest.mark.parametrize("figures", [edge_first, tradeoff_edge, tradeoff_edge_onnx, adaptive_edge, routes, scale_and_overload,
-                                     offload_threads])
+                                     offload_threads, multimodal])
 def test_headline_figures_match_their_json(figures: Any) -> None:
     body = text()
     missing = [f for f in figures() if f not in body]
@@ -106,6 +116,18 @@ def test_every_result_records_its_command_machine_and_wall_time(name: str) -> No
         assert entry.get("machine") or entry.get("machines"), name
         assert _wall(entry) or entry.get("total_wall_s") or any(
             e.get("total_wall_s") for e in entry.get("backbones", [])), name
+
+
+@pytest.mark.parametrize("name", sorted([p.name for p in RESULTS.glob("*.json")]
+                                         + [f"{p.parent.name}/run.json" for p in RESULTS.glob("*/run.json")]))
+def test_every_result_names_its_processor_or_says_why_not(name: str) -> None:
+    data = load(name)
+    for entry in data if isinstance(data, list) else [data]:
+        machines = entry.get("machines") or [entry["machine"]]
+        for machine in machines if isinstance(machines, list) else [machines]:
+            # The CPU model (lscpu's name), or the GPU a GPU run used; a run that did not record it says so.
+            assert machine.get("cpu") or machine.get("gpu") or machine.get("device") or (
+                "cpu" in machine and "not recorded" in machine.get("note", "")), (name, machine)
 
 
 @pytest.mark.parametrize("folder", sorted(p.parent.name for p in RESULTS.glob("*/experiment.json")))
