@@ -4,7 +4,9 @@
     echo server's CPU time per message: the same clients, the same token
     messages, the same run; servers pinned to core 0, the load generator to
     the others. The tail is the demo model's (two blocks of a micro ViT), so
-    small that the per-request work shows, as it does on a GPU.
+    small that the per-request work shows, as it does on a GPU. The tail's
+    compute is timed alone at each batch size the cloud formed; each server's
+    CPU is also split into its event loop's thread and its other threads.
 (b) Requests/s of one cloud with 1 worker and with N (default 2) workers,
     the workers on every core, beside the load generator's own CPU time (on
     two cores they share the machine with it).
@@ -26,7 +28,9 @@ import os
 import shlex
 import sys
 import time
+from collections import Counter
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -57,6 +61,33 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """User + system CPU seconds of each thread of process ``pid`` (its own threads only), by thread id."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def loop_and_others(pid: int, before: dict[int, float], after: dict[int, float]) -> tuple[float, float]:
+    """CPU seconds between two ``thread_cpu_seconds`` readings: the main thread's (a daemon's event loop, whose
+    thread id is the process id) and all its other threads' (compute, gRPC's own) together."""
+    spent = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+    loop = spent.pop(pid, 0.0)
+    return loop, sum(spent.values())
+
+
+def compute_per_request(cost_per_sample: dict[int, float], batches: dict[int, int]) -> float:
+    """The tail's compute per request over the batches a run actually formed: ``batches`` counts batches by
+    size, ``cost_per_sample`` is the tail's cost per sample at each of those sizes."""
+    samples = sum(size * n for size, n in batches.items())
+    return sum(cost_per_sample[size] * size * n for size, n in batches.items()) / samples
+
+
 def _children(pid: int) -> list[int]:
     try:
         direct = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -82,21 +113,28 @@ async def drive(address: str, fingerprint: str, split: int, tokens: list[pb.Enco
         warm = pb.OffloadRequest(model_fingerprint=fingerprint, split_block=split, tokens=tokens[0])
         for _ in range(10):
             await asyncio.gather(*(c.infer(warm, timeout_s=30) for c in clients))
-        server0, client0 = cpu_seconds(server_pid), time.process_time()
+        server0, threads0, client0 = cpu_seconds(server_pid), thread_cpu_seconds(server_pid), time.process_time()
         wall = await closed_loop(request, edges * window, seconds)
         server_cpu, client_cpu = cpu_seconds(server_pid) - server0, time.process_time() - client0
+        loop_cpu, other_cpu = loop_and_others(server_pid, threads0, thread_cpu_seconds(server_pid))
     finally:
         await asyncio.gather(*(c.close() for c in clients))
     n = len(batch_sizes)
+    # A reply carries the size of its batch, so a batch of b one-sample requests is seen b times (batches at
+    # the run's two ends are partly outside it: fractions).
+    batches = {size: count / size for size, count in sorted(Counter(batch_sizes).items())}
     return {"edges": edges, "window": window, "requests": n, "wall_s": wall, "throughput_rps": n / wall,
-            "mean_batch": float(np.mean(batch_sizes)), "server_cpu_ms_per_request": server_cpu * 1e3 / n,
+            "mean_batch": float(np.mean(batch_sizes)), "batches_by_size": batches,
+            "server_cpu_ms_per_request": server_cpu * 1e3 / n,
+            "server_loop_cpu_ms_per_request": loop_cpu * 1e3 / n,
+            "server_other_threads_cpu_ms_per_request": other_cpu * 1e3 / n,
             "client_cpu_ms_per_request": client_cpu * 1e3 / n}
 
 
-def tail_cpu_ms(checkpoint: str, batch: int, repeats: int = 300) -> float:
-    """CPU milliseconds per sample of the tail alone at ``batch`` (decoded tokens in, outputs out), one torch
-    thread, on a server core: what the cloud spends on compute, measured as its CPU time rather than from
-    the replies' wall-clock timings, which waiting for a core inflates."""
+def tail_cpu_ms(checkpoint: str, batches: Iterable[int], repeats: int = 100) -> dict[int, float]:
+    """CPU milliseconds per sample of the tail alone at each batch size (decoded tokens in, outputs out), one
+    torch thread, on a server core: what the cloud spends on compute, measured as its CPU time rather than
+    from the replies' wall-clock timings, which waiting for a core inflates."""
     import torch
 
     from offramp.core.checkpoint import load_checkpoint
@@ -108,15 +146,63 @@ def tail_cpu_ms(checkpoint: str, batch: int, repeats: int = 300) -> float:
     try:
         model, card = load_checkpoint(checkpoint)
         tail = CloudHalf(model, card.split_block)
-        x = torch.randn(batch, *tail.spec.shape)
-        for _ in range(20):
-            tail.run(x)
-        t0 = time.process_time()
-        for _ in range(repeats):
-            tail.run(x)
-        return (time.process_time() - t0) * 1e3 / (repeats * batch)
+        out = {}
+        for batch in batches:
+            x = torch.randn(batch, *tail.spec.shape)
+            for _ in range(10):
+                tail.run(x)
+            t0 = time.process_time()
+            for _ in range(repeats):
+                tail.run(x)
+            out[batch] = (time.process_time() - t0) * 1e3 / (repeats * batch)
+        return out
     finally:
         torch.set_num_threads(threads)
+        os.sched_setaffinity(0, affinity)
+
+
+async def handler_path_us(checkpoint: str, tokens: list[pb.EncodedTensor], concurrent: int = 12,
+                          rounds: int = 300) -> dict[str, float]:
+    """Microseconds of CPU per request of the cloud's own Python, in-process and hot, on a server core: the
+    whole ``OffloadHandler`` path (checks, decoding, batcher, reply, metrics; ``concurrent`` requests at a
+    time) with a model that computes nothing, and the decoding alone. No gRPC, no compute: what is ours."""
+    import torch
+
+    from cloud_node.handler import OffloadHandler
+    from cloud_node.metrics import CloudMetrics
+    from offramp.core.checkpoint import load_checkpoint
+    from offramp.core.codec import DecodeLimits, decode
+    from offramp.core.halves import CloudHalf
+    from offramp.serving.batcher import Batcher
+
+    affinity = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, SERVER_CORES)
+    try:
+        model, card = load_checkpoint(checkpoint)
+        half = CloudHalf(model, card.split_block)
+        metrics = CloudMetrics()
+        batcher = Batcher(lambda x, audio=None: torch.zeros(x.shape[0], 10), 64, lone_on_loop=True,
+                          on_batch=metrics.batch_size.observe)
+        batcher.start()
+        handler = OffloadHandler(half, card, batcher, metrics, 64, 64 << 20)
+        requests = [pb.OffloadRequest(request_id=i, model_fingerprint=card.fingerprint, split_block=card.split_block,
+                                      tokens=tokens[i % len(tokens)]) for i in range(concurrent)]
+        for _ in range(20):
+            await asyncio.gather(*(handler.answer(r) for r in requests))
+        t0 = time.process_time()
+        for _ in range(rounds):
+            await asyncio.gather(*(handler.answer(r) for r in requests))
+        path = (time.process_time() - t0) * 1e6 / (rounds * concurrent)
+        await batcher.close()
+        limits = DecodeLimits(max_payload_bytes=64 << 20, max_raw_bytes=1 << 30,
+                              expected_shape=(None, *half.spec.shape))
+        t0 = time.process_time()
+        for _ in range(rounds):
+            for r in requests:
+                torch.from_numpy(decode(r.tokens, limits))
+        decoding = (time.process_time() - t0) * 1e6 / (rounds * concurrent)
+        return {"handler_path_us": path, "decode_us": decoding}
+    finally:
         os.sched_setaffinity(0, affinity)
 
 
@@ -131,9 +217,13 @@ async def cpu_against_echo(checkpoint: str, card: Any, tokens: list[pb.EncodedTe
     with child_server(serve_echo, card.fingerprint, card.split_block, None) as (port, pid):
         echo = await drive(f"127.0.0.1:{port}", card.fingerprint, card.split_block, tokens, edges, window,
                            seconds, pid)
-    compute = tail_cpu_ms(checkpoint, max(1, round(run["mean_batch"])))
+    # The tail's own compute per request, over the batch sizes the cloud actually formed.
+    cost = tail_cpu_ms(checkpoint, run["batches_by_size"])
+    compute = compute_per_request(cost, run["batches_by_size"])
     beyond = run["server_cpu_ms_per_request"] - compute
-    return {"cloud": run, "echo": echo, "tail_cpu_ms_per_request": compute,
+    ours = await handler_path_us(checkpoint, tokens)
+    return {"cloud": run, "echo": echo, "in_process_hot": ours,
+            "tail_cpu_ms_per_sample_by_batch": cost, "tail_cpu_ms_per_request": compute,
             "cloud_beyond_compute_ms_per_request": beyond, "ratio": beyond / echo["server_cpu_ms_per_request"]}
 
 
@@ -307,7 +397,15 @@ def report(result: dict[str, Any]) -> None:
                        [[name, f"{r['throughput_rps']:.0f}", f"{r['mean_batch']:.1f}",
                          f"{r['server_cpu_ms_per_request']:.3f}", f"{r['client_cpu_ms_per_request']:.3f}"]
                         for name, r in (("cloud", cpu["cloud"]), ("echo", cpu["echo"]))]))
-    print(f"the tail's own compute: {cpu['tail_cpu_ms_per_request']:.3f} CPU ms/request at the cloud's mean batch")
+    print(format_table(["server", "event loop thread CPU ms/request", "other threads CPU ms/request"],
+                       [[name, f"{r['server_loop_cpu_ms_per_request']:.3f}",
+                         f"{r['server_other_threads_cpu_ms_per_request']:.3f}"]
+                        for name, r in (("cloud", cpu["cloud"]), ("echo", cpu["echo"]))]))
+    print(f"the tail's own compute: {cpu['tail_cpu_ms_per_request']:.3f} CPU ms/request over the batches the cloud "
+          "formed")
+    hot = cpu["in_process_hot"]
+    print(f"the cloud's own Python, in-process and hot, with a model that computes nothing: "
+          f"{hot['handler_path_us']:.0f} us/request, of which decoding {hot['decode_us']:.0f} us")
     print(f"cloud CPU beyond compute: {cpu['cloud_beyond_compute_ms_per_request']:.3f} ms/request = "
           f"{cpu['ratio']:.2f}x the echo server's")
     print(format_table(["workers", "requests/s", "server CPU ms/request", "load generator CPU ms/request"],

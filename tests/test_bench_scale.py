@@ -1,0 +1,61 @@
+"""The arithmetic behind bench/scale.py's headline figures: compute per request, CPU by thread, rebalancing."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from bench.scale import FAIR_SHARE, _rebalance_s, compute_per_request, loop_and_others, thread_cpu_seconds
+
+
+def test_compute_per_request_weighs_each_batch_size_by_the_samples_it_carried() -> None:
+    # 2 batches of 1 (2 samples at 1.0 ms each) and 1 batch of 8 (8 samples at 0.25 ms each): 4 ms for 10.
+    assert compute_per_request({1: 1.0, 8: 0.25}, {1: 2, 8: 1}) == pytest.approx(0.4)
+    # Fractions of batches (cut by the run's ends) count by their samples too.
+    assert compute_per_request({4: 0.5}, {4: 2.5}) == pytest.approx(0.5)
+
+
+def test_loop_and_others_split_a_process_cpu_by_its_main_thread() -> None:
+    before = {100: 1.0, 101: 0.5, 102: 0.0}
+    after = {100: 1.75, 101: 0.75, 102: 0.5, 103: 0.25}  # 103 started between the readings
+    assert loop_and_others(100, before, after) == pytest.approx((0.75, 1.0))
+
+
+def test_thread_cpu_seconds_sees_a_busy_thread_apart_from_the_main_thread() -> None:
+    pid = os.getpid()
+    before = thread_cpu_seconds(pid)
+    assert pid in before
+    spun, leave = threading.Event(), threading.Event()
+
+    def spin() -> None:
+        start = time.thread_time()
+        while time.thread_time() - start < 0.3:
+            pass
+        spun.set()
+        leave.wait()
+
+    worker = threading.Thread(target=spin)
+    worker.start()
+    try:
+        assert spun.wait(30)
+        loop, others = loop_and_others(pid, before, thread_cpu_seconds(pid))  # the worker still alive, idle
+    finally:
+        leave.set()
+        worker.join()
+    assert others >= 0.25 and loop < others
+
+
+def test_rebalance_counts_from_the_return_until_the_replica_carries_a_fair_share() -> None:
+    t = np.arange(0.0, 10.01, 0.25)
+    rate = np.tile([100.0, 100.0, 0.0], (len(t), 1))
+    rate[t >= 6.0, 2] = 100.0  # the third replica answers again from 6 s
+    counts = np.cumsum(rate * 0.25, axis=0)
+    back = _rebalance_s(t, counts, returned_s=5.0)
+    # Its share of a one-second window reaches FAIR_SHARE once enough of the window lies after 6 s.
+    assert back is not None and 1.0 <= back <= 2.0
+    window = (counts[t == 5.0 + back][0] - counts[t == 4.0 + back][0])
+    assert window[2] / window.sum() >= FAIR_SHARE
+    assert _rebalance_s(t, np.cumsum(np.tile([100.0, 100.0, 0.0], (len(t), 1)), axis=0), 5.0) is None
