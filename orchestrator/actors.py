@@ -165,14 +165,15 @@ class FullModelActor(Pinned):
         self._server: FullModelServer | None = None
 
     def start(self, checkpoint: str, where: Where, host: str | None, slowdown: float, max_batch: int,
-              max_wait_ms: float, threads: int, device: str, onnx_dir: str | None = None) -> Started:
+              max_wait_ms: float, threads: int, device: str, onnx_dir: str | None = None,
+              device_costs: str | None = None) -> Started:
         import torch  # here, not at the top: the other actors' workers stay free of torch
 
         from .baselines import FullModelServer
 
         torch.set_num_threads(threads or _threads())
         self._server = FullModelServer(checkpoint, where, _bind_host(host), slowdown, max_batch, max_wait_ms, device,
-                                       onnx_dir)
+                                       onnx_dir, device_costs)
         return Started(self._server.start(), _node_id())
 
     def stop(self) -> None:

@@ -37,6 +37,7 @@ from offramp.core.checkpoint import load_checkpoint
 from offramp.core.halves import ready_for_inference
 from offramp.serving.daemon import grpc_server
 from offramp.netem import slowed
+from offramp.netem.device_costs import load_or_measure_whole
 from offramp.core.scores import default_score
 from offramp.serving.batcher import Batcher, lone_on_loop
 from offramp.serving.errors import RequestError
@@ -65,10 +66,12 @@ class FullModelServer:
     """
 
     def __init__(self, checkpoint: str, where: Where, host: str = "127.0.0.1", slowdown: float = 1.0,
-                 max_batch: int = 16, max_wait_ms: float = 0.0, device: str = "cpu", onnx_dir: str | None = None
-                 ) -> None:
+                 max_batch: int = 16, max_wait_ms: float = 0.0, device: str = "cpu", onnx_dir: str | None = None,
+                 device_costs: str | None = None) -> None:
         """``onnx_dir``: the whole model exported for onnxruntime (split after its last block), run in place of
-        PyTorch (an edge-only baseline for edges that run onnxruntime); the head stays PyTorch's."""
+        PyTorch (an edge-only baseline for edges that run onnxruntime); the head stays PyTorch's.
+        ``device_costs``: with ``slowdown``, each batch is charged the whole model's time in that table (measured
+        here and added if it has none), as the experiment's edges are charged theirs; else its CPU time here."""
         model, self.card = load_checkpoint(checkpoint)
         self.model = ready_for_inference(model, torch.device(device))
         self._onnx = None
@@ -79,9 +82,16 @@ class FullModelServer:
                                       threads=torch.get_num_threads())
         self.where, self.host, self.device = where, host, torch.device(device)
         self.max_batch, self.max_wait_s, self.slowdown = max_batch, max_wait_ms / 1e3, slowdown
-        self._forward = slowed(self._run_model, slowdown, cpu_clock=torch.get_num_threads() == 1)
         audio = self.card.config.audio
         self._audio_shape = None if audio is None else tuple(audio.input_shape)
+        cost = None
+        if device_costs is not None and slowdown > 1.0:
+            costs = load_or_measure_whole(device_costs, self._run_model, self.card.fingerprint, self.card.input_shape,
+                                          max_batch, self._audio_shape)
+
+            def cost(output: torch.Tensor) -> float:
+                return costs.whole_s(output.shape[0])  # one row per sample
+        self._forward = slowed(self._run_model, slowdown, cpu_clock=torch.get_num_threads() == 1, cost=cost)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"full-model-{where}", daemon=True)
         self._server: grpc.aio.Server | None = None

@@ -182,10 +182,16 @@ class Context:
                       "calibration": tuple(t for t in self.calibration.tables if t.split_block in keep),
                       "input_route": self.input_route if point.policy == "adaptive_routes" else None,
                       "input_quality": self.config.baselines.jpeg_quality}
-        if e.device_costs is not None:  # one table, in the experiment's folder, measured by its first edge
-            policy["device_costs"] = str(self.config.out_dir / Path(e.device_costs).name)
+        if e.device_costs is not None:
+            policy["device_costs"] = self.device_costs_path()
         return replace_settings(e, cloud=(cloud,), codec=point.codec, score=self.score, thresholds=thresholds,
                                 **policy)
+
+    def device_costs_path(self) -> str | None:
+        """The experiment's one device-cost table, in its folder: measured by the first edge (and the edge-only
+        baseline's whole model by that baseline), charged by every other."""
+        e = self.config.edge
+        return None if e.device_costs is None else str(self.config.out_dir / Path(e.device_costs).name)
 
     def cloud_config(self, point: Point) -> CloudConfig:
         """The experiment's cloud settings, serving every split the point's edges may hand over after: the
@@ -252,7 +258,8 @@ def run_point(point: Point, placement: Any, ctx: Context, result: PointResult) -
             targets = _get([s.full_model.start.remote(
                 cfg.checkpoint, "edge", host="127.0.0.1", slowdown=e.slowdown, max_batch=e.max_batch, max_wait_ms=0.0,
                 threads=e.threads, device=e.device,
-                onnx_dir=cfg.baselines.edge_onnx_dir if e.runtime == "onnxruntime" else None) for s in slots])
+                onnx_dir=cfg.baselines.edge_onnx_dir if e.runtime == "onnxruntime" else None,
+                device_costs=ctx.device_costs_path()) for s in slots])
         encoded = point.variant == "cloud_only"
         _get([s.driver.warm_up.remote(t.address, w.warmup, encoded, w.timeout_s) for s, t in zip(slots, targets)])
         _get([s.link.begin.remote() for s in slots[:len(links)]])

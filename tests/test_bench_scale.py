@@ -59,3 +59,22 @@ def test_rebalance_counts_from_the_return_until_the_replica_carries_a_fair_share
     window = (counts[t == 5.0 + back][0] - counts[t == 4.0 + back][0])
     assert window[2] / window.sum() >= FAIR_SHARE
     assert _rebalance_s(t, np.cumsum(np.tile([100.0, 100.0, 0.0], (len(t), 1)), axis=0), 5.0) is None
+
+
+def test_the_load_can_come_from_several_processes_started_together() -> None:
+    import asyncio
+
+    import torch
+
+    from bench.scale import drive
+    from offramp.core.codec import CodecConfig, encode
+    from orchestrator.floors import child_server, serve_echo
+
+    tokens = [encode(torch.randn(1, 5, 8), CodecConfig()) for _ in range(4)]
+    with child_server(serve_echo, "f" * 64, 2, None) as (port, pid):
+        run = asyncio.run(drive(f"127.0.0.1:{port}", "f" * 64, 2, tokens, edges=3, window=2, seconds=1.0,
+                                server_pid=pid, processes=2))
+    assert run["load_processes"] == 2 and run["requests"] > 50
+    assert run["batches_by_size"] == {1: run["requests"]}  # the echo answers one at a time
+    # Both processes' CPU is counted: a load generator spends well over nothing per request.
+    assert run["client_cpu_ms_per_request"] > 0.005 and run["server_cpu_ms_per_request"] > 0.005

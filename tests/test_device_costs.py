@@ -87,3 +87,56 @@ def test_an_edge_with_device_costs_charges_its_batches_by_the_table(tiny_checkpo
     assert charged - 0.05 < slept[0] <= charged  # the table's time, less the call's own
     with pytest.raises(ValueError, match="slowdown above 1"):
         EdgeConfig(checkpoint=str(tiny_checkpoint), device_costs=str(costs_path))
+
+
+def test_the_whole_models_row_charges_by_batch_size_and_survives_json() -> None:
+    costs = DeviceCosts("f" * 64, "cpu", 3, {}, whole_ms=(12.0, 20.0, 27.0))
+    assert costs.whole_s(2) == pytest.approx(0.020)
+    assert costs.whole_s(6) == pytest.approx(27.0 * 6 / 3 / 1e3)  # beyond the row: its largest batch, per sample
+    assert DeviceCosts.from_json(json.loads(json.dumps(costs.to_json()))) == costs
+    with pytest.raises(OfframpError, match="whole model"):
+        table().whole_s(1)
+    with pytest.raises(OfframpError, match="whole_ms"):
+        DeviceCosts.from_json({**costs.to_json(), "whole_ms": [-1.0]})
+
+
+def test_edges_and_the_edge_only_baseline_add_their_parts_to_one_table(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from offramp.core.checkpoint import load_checkpoint
+    from offramp.core.halves import EdgeHalf
+    from offramp.netem.device_costs import load_or_measure_whole
+
+    model, card = load_checkpoint(tiny_checkpoint)
+    half = EdgeHalf(model, card.split_block, "cpu", "float32", None)
+    path = tmp_path / "device_costs.json"
+    calls: list[int] = []
+
+    def whole(x: torch.Tensor, audio: torch.Tensor | None) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return model.final(x)
+
+    # The baseline starts first: it measures the whole model alone ...
+    first = load_or_measure_whole(path, whole, card.fingerprint, card.input_shape, 2)
+    assert first.splits == {} and len(first.whole_ms) == 2 and calls
+    # ... the edge adds its split and keeps the whole model's row ...
+    edge = load_or_measure(path, [half], card.fingerprint, card.input_shape, "max_prob", max_batch=2)
+    assert card.split_block in edge.splits and edge.whole_ms == first.whole_ms
+    # ... and from then on both load it without measuring again.
+    calls.clear()
+    assert load_or_measure_whole(path, whole, card.fingerprint, card.input_shape, 2) == edge and not calls
+    assert load_or_measure(path, [half], card.fingerprint, card.input_shape, "max_prob", 2) == edge
+    with pytest.raises(OfframpError, match="another checkpoint"):
+        load_or_measure_whole(path, whole, "0" * 64, card.input_shape, 2)
+
+
+def test_the_edge_only_baseline_charges_the_whole_models_time_from_the_table(
+        tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.baselines import FullModelServer
+
+    path = tmp_path / "device_costs.json"
+    server = FullModelServer(str(tiny_checkpoint), "edge", slowdown=4.0, max_batch=2, device_costs=str(path))
+    costs = DeviceCosts.from_json(json.loads(path.read_text()))
+    slept: list[float] = []
+    monkeypatch.setattr(profiles.time, "sleep", slept.append)
+    server._forward(torch.zeros(2, *server.card.input_shape), None)
+    charged = 4.0 * costs.whole_ms[1] / 1e3
+    assert charged - 0.05 < slept[0] <= charged

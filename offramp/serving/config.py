@@ -331,8 +331,8 @@ class EdgeConfig:
                               "shared core is not multiplied).", 1.0,
                               metavar="FACTOR", group="model")
     device_costs: str | None = setting("With slowdown: a JSON table of what each segment of the edge walk costs "
-                                       "per batch size (measured and written there at start-up where there is "
-                                       "none); each local batch then lasts slowdown x the cost of the work it did, "
+                                       "per batch size (measured at start-up and added there where it holds "
+                                       "none for the edge's splits); each local batch then lasts slowdown x the cost of the work it did, "
                                        "the same in every process, instead of slowdown x this process's own CPU "
                                        "time, which differs by up to 15% between fresh processes.", None,
                                        metavar="FILE", example="device_costs.json", path=True, group="model")
