@@ -9,7 +9,9 @@
     CPU is also split into its event loop's thread and its other threads.
 (b) Requests/s of one cloud with 1 worker and with N (default 2) workers,
     the workers on every core, beside the load generator's own CPU time (on
-    two cores they share the machine with it).
+    two cores they share the machine with it); the load may come from
+    several processes. With ``--device cuda``, again with the workers on the
+    GPU, as a share of the tail's own throughput at batch 256 there.
 (c) A pool of 3 replicas behind 12 edges (each a ``ReplicaPool``, least
     outstanding first, in this process): each replica's share of the
     offloads; one replica killed (SIGKILL) a third of the way in and
@@ -19,18 +21,21 @@
 
     python -m bench.scale                      # about 2 minutes, once `make demo` has trained its model
     python -m bench.scale --quick              # a short run, for the tests
+    python -m bench.scale --workers 8 --load-processes 6 --device cuda --out bench/results/scale-gpu.json
+                                               # on a GPU machine with 16 cores
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import shlex
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -96,10 +101,9 @@ def _children(pid: int) -> list[int]:
     return [c for d in direct for c in (d, *_children(d))]
 
 
-async def drive(address: str, fingerprint: str, split: int, tokens: list[pb.EncodedTensor], edges: int,
-                window: int, seconds: float, server_pid: int) -> dict[str, Any]:
-    """``edges`` clients (a connection each) x ``window`` requests in flight for ``seconds``; the server's and
-    this process's CPU time over the run, and the cloud's own compute per request from its replies."""
+async def _load(address: str, fingerprint: str, split: int, tokens: list[pb.EncodedTensor], edges: int,
+                window: int, seconds: float, on_start: Callable[[], None]) -> dict[str, Any]:
+    """The closed loop of ``drive`` in this process: connect, warm up, ``on_start()``, load for ``seconds``."""
     clients = await connected_clients(address, fingerprint, split, edges)
     batch_sizes: list[int] = []
 
@@ -113,19 +117,85 @@ async def drive(address: str, fingerprint: str, split: int, tokens: list[pb.Enco
         warm = pb.OffloadRequest(model_fingerprint=fingerprint, split_block=split, tokens=tokens[0])
         for _ in range(10):
             await asyncio.gather(*(c.infer(warm, timeout_s=30) for c in clients))
-        server0, threads0, client0 = cpu_seconds(server_pid), thread_cpu_seconds(server_pid), time.process_time()
+        on_start()
+        client0 = time.process_time()
         wall = await closed_loop(request, edges * window, seconds)
-        server_cpu, client_cpu = cpu_seconds(server_pid) - server0, time.process_time() - client0
-        loop_cpu, other_cpu = loop_and_others(server_pid, threads0, thread_cpu_seconds(server_pid))
+        client_cpu = time.process_time() - client0
     finally:
         await asyncio.gather(*(c.close() for c in clients))
+    return {"batch_sizes": batch_sizes, "wall_s": wall, "client_cpu_s": client_cpu}
+
+
+def _load_from_processes(address: str, fingerprint: str, split: int, tokens: list[pb.EncodedTensor], edges: int,
+                         window: int, seconds: float, processes: int, on_start: Callable[[], None]
+                         ) -> list[dict[str, Any]]:
+    """``_load`` in ``processes`` spawned processes sharing the edges out, started together once all are
+    connected and warm (``on_start`` runs then, here)."""
+    ctx = multiprocessing.get_context("spawn")
+    shares = [n for n in (edges // processes + (k < edges % processes) for k in range(processes)) if n]
+    start, results = ctx.Barrier(len(shares) + 1), ctx.Queue()
+    messages = [t.SerializeToString() for t in tokens]
+    children = [ctx.Process(target=_load_process, args=(address, fingerprint, split, messages, n, window, seconds,
+                                                         start, results), daemon=True) for n in shares]
+    for child in children:
+        child.start()
+    try:
+        start.wait(timeout=120)
+        on_start()
+        loads = [results.get(timeout=seconds + 120) for _ in children]
+    finally:
+        for child in children:
+            child.join(timeout=10)
+            if child.is_alive():
+                child.kill()
+    failed = [load for load in loads if "error" in load]
+    if failed:
+        raise RuntimeError(f"a load process failed: {failed[0]['error']}")
+    return loads
+
+
+def _load_process(address: str, fingerprint: str, split: int, messages: list[bytes], edges: int, window: int,
+                  seconds: float, start: Any, results: Any) -> None:
+    """A spawned load process: our own token messages in (as bytes), its ``_load`` result out."""
+    tokens = [pb.EncodedTensor.FromString(m) for m in messages]
+    try:
+        results.put(asyncio.run(_load(address, fingerprint, split, tokens, edges, window, seconds,
+                                      on_start=lambda: start.wait(timeout=120))))
+    except Exception as e:
+        results.put({"error": f"{type(e).__name__}: {e}"})
+
+
+async def drive(address: str, fingerprint: str, split: int, tokens: list[pb.EncodedTensor], edges: int,
+                window: int, seconds: float, server_pid: int, processes: int = 1) -> dict[str, Any]:
+    """``edges`` clients (a connection each) x ``window`` requests in flight for ``seconds``, from this process
+    or spread over ``processes`` load processes (one Python process cannot load a server that answers tens of
+    thousands of requests a second); the server's and the load's CPU time over the run, and the batch sizes
+    the replies report."""
+    def server_cpu() -> tuple[float, dict[int, float]]:
+        return cpu_seconds(server_pid), thread_cpu_seconds(server_pid)
+
+    marks = []
+    if processes == 1:
+        load = await _load(address, fingerprint, split, tokens, edges, window, seconds,
+                           on_start=lambda: marks.append(server_cpu()))
+        marks.append(server_cpu())
+        loads = [load]
+    else:
+        loads = await asyncio.to_thread(_load_from_processes, address, fingerprint, split, tokens, edges, window,
+                                        seconds, processes, lambda: marks.append(server_cpu()))
+        marks.append(server_cpu())
+    (server0, threads0), (server1, threads1) = marks
+    loop_cpu, other_cpu = loop_and_others(server_pid, threads0, threads1)
+    batch_sizes = [size for load in loads for size in load["batch_sizes"]]
+    wall, client_cpu = max(load["wall_s"] for load in loads), sum(load["client_cpu_s"] for load in loads)
+    server_cpu_s = server1 - server0
     n = len(batch_sizes)
     # A reply carries the size of its batch, so a batch of b one-sample requests is seen b times (batches at
     # the run's two ends are partly outside it: fractions).
     batches = {size: count / size for size, count in sorted(Counter(batch_sizes).items())}
     return {"edges": edges, "window": window, "requests": n, "wall_s": wall, "throughput_rps": n / wall,
             "mean_batch": float(np.mean(batch_sizes)), "batches_by_size": batches,
-            "server_cpu_ms_per_request": server_cpu * 1e3 / n,
+            "load_processes": processes, "server_cpu_ms_per_request": server_cpu_s * 1e3 / n,
             "server_loop_cpu_ms_per_request": loop_cpu * 1e3 / n,
             "server_other_threads_cpu_ms_per_request": other_cpu * 1e3 / n,
             "client_cpu_ms_per_request": client_cpu * 1e3 / n}
@@ -228,18 +298,42 @@ async def cpu_against_echo(checkpoint: str, card: Any, tokens: list[pb.EncodedTe
 
 
 async def workers_throughput(checkpoint: str, card: Any, tokens: list[pb.EncodedTensor], counts: list[int],
-                             seconds: float) -> list[dict[str, Any]]:
-    """(b): one cloud daemon with each number of workers, every core its own, under 16 edges x 4."""
+                             seconds: float, device: str = "cpu", processes: int = 1) -> list[dict[str, Any]]:
+    """(b): one cloud daemon with each number of workers on ``device``, every core its own, under 16 edges x 4
+    in flight from ``processes`` load processes."""
     rows = []
     for n in counts:
-        with DaemonProcess("cloud", ["--checkpoint", checkpoint, "--workers", str(n), "--threads", "1"],
-                           startup_timeout=180) as cloud:
+        with DaemonProcess("cloud", ["--checkpoint", checkpoint, "--workers", str(n), "--threads", "1",
+                                     "--device", device], startup_timeout=180) as cloud:
             assert cloud.proc is not None
             run = await drive(cloud.address, card.fingerprint, card.split_block, tokens, 16, 4, seconds,
-                              cloud.proc.pid)
-        rows.append({"workers": n, **run})
-        print(f"  {n} worker(s): {run['throughput_rps']:.0f} requests/s", flush=True)
+                              cloud.proc.pid, processes)
+        rows.append({"workers": n, "device": device, **run})
+        print(f"  {n} worker(s) on {device}: {run['throughput_rps']:.0f} requests/s", flush=True)
     return rows
+
+
+def tail_samples_per_s(checkpoint: str, device: str, batch: int = 256, seconds: float = 2.0) -> float:
+    """Samples/s of the tail alone at ``batch`` on ``device`` (tokens already there, synchronised): what a
+    cloud on that device could answer if nothing but the model cost anything."""
+    import torch
+
+    from bench.cloud_device import sync
+    from offramp.core.checkpoint import load_checkpoint
+    from offramp.core.halves import CloudHalf
+
+    model, card = load_checkpoint(checkpoint)
+    tail = CloudHalf(model, card.split_block, device=device)
+    x = torch.randn(batch, *tail.spec.shape).to(tail.device)
+    for _ in range(5):
+        tail.run(x)
+    sync(tail.device)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        tail.run(x)
+        n += 1
+    sync(tail.device)
+    return batch * n / (time.perf_counter() - start)
 
 
 async def pool_under_failure(checkpoint: str, card: Any, tokens: list[pb.EncodedTensor], seconds: float,
@@ -354,11 +448,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=10.0, help="length of each load run (the pool run: a third "
                                                                  "with 3 replicas, a third with 2, a third after "
                                                                  "the third returns)")
+    ap.add_argument("--device", default="cpu",
+                    help="also run (b) with the workers on this device (e.g. cuda), beside the CPU run, and give its "
+                         "requests/s as a share of the tail's own throughput at batch 256 there (default cpu: "
+                         "the CPU run only)")
+    ap.add_argument("--load-processes", type=int, default=1,
+                    help="processes the load of (b) comes from (default 1; on a machine with many cores, enough "
+                         "that the load generator is not what limits the workers)")
     ap.add_argument("--quick", action="store_true", help="2-second runs, for the tests")
     ap.add_argument("--out", default=str(RESULTS / "scale.json"))
     args = ap.parse_args(argv)
     if args.workers < 2:
         ap.error("--workers must be at least 2 (it is compared with one worker)")
+    if args.load_processes < 1:
+        ap.error("--load-processes must be at least 1")
     seconds = 2.0 if args.quick else args.seconds
     if not (Path(args.checkpoint) / "card.json").exists():
         ap.error(f"no checkpoint at {args.checkpoint}: run `make demo` (it trains the demo model there) or give "
@@ -368,17 +471,28 @@ def main(argv: list[str] | None = None) -> int:
     print("(a) server CPU per request against an echo server", flush=True)
     cpu = asyncio.run(cpu_against_echo(args.checkpoint, card, tokens, seconds))
     print(f"(b) 1 vs {args.workers} workers", flush=True)
-    workers = asyncio.run(workers_throughput(args.checkpoint, card, tokens, [1, args.workers], seconds))
+    workers = asyncio.run(workers_throughput(args.checkpoint, card, tokens, [1, args.workers], seconds,
+                                             processes=args.load_processes))
+    on_device = None
+    if args.device != "cpu":
+        print(f"(b) on {args.device}: 1 vs {args.workers} workers, and the tail alone at batch 256", flush=True)
+        rows = asyncio.run(workers_throughput(args.checkpoint, card, tokens, [1, args.workers], seconds,
+                                              args.device, args.load_processes))
+        tail = tail_samples_per_s(args.checkpoint, args.device)
+        on_device = {"device": args.device, "workers": rows, "tail_samples_per_s_batch256": tail,
+                     "share_of_tail_batch256": max(r["throughput_rps"] for r in rows) / tail}
     print("(c) a pool of 3 replicas, one killed and brought back", flush=True)
     pool = asyncio.run(pool_under_failure(args.checkpoint, card, tokens, 3 * seconds))
     result = {
         "command": shlex.join(["python", "-m", "bench.scale", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine(), "checkpoint": args.checkpoint, "cores": os.cpu_count(),
-        "cpu_against_echo": cpu, "workers": workers, "pool": pool,
+        "cpu_against_echo": cpu, "workers": workers, "workers_on_device": on_device, "pool": pool,
         "targets": {
             "cpu_per_request_vs_echo": cpu["ratio"],
             "workers_speedup": {"workers": args.workers, "cores": os.cpu_count(),
                                 "speedup": workers[1]["throughput_rps"] / workers[0]["throughput_rps"]},
+            **({} if on_device is None else {"device_share_of_tail_batch256": {
+                "device": args.device, "workers": args.workers, "share": on_device["share_of_tail_batch256"]}}),
             "pool_replica_shares": pool["shares_before_kill"],
             "pool_requests_lost": pool["lost"],
             "pool_back_in_balance_s": pool["back_in_balance_s"],
@@ -408,9 +522,15 @@ def report(result: dict[str, Any]) -> None:
           f"{hot['handler_path_us']:.0f} us/request, of which decoding {hot['decode_us']:.0f} us")
     print(f"cloud CPU beyond compute: {cpu['cloud_beyond_compute_ms_per_request']:.3f} ms/request = "
           f"{cpu['ratio']:.2f}x the echo server's")
-    print(format_table(["workers", "requests/s", "server CPU ms/request", "load generator CPU ms/request"],
-                       [[r["workers"], f"{r['throughput_rps']:.0f}", f"{r['server_cpu_ms_per_request']:.3f}",
-                         f"{r['client_cpu_ms_per_request']:.3f}"] for r in result["workers"]]))
+    on_device = result["workers_on_device"]
+    rows = result["workers"] + ([] if on_device is None else on_device["workers"])
+    print(format_table(["workers", "device", "requests/s", "server CPU ms/request", "load generator CPU ms/request"],
+                       [[r["workers"], r["device"], f"{r['throughput_rps']:.0f}", f"{r['server_cpu_ms_per_request']:.3f}",
+                         f"{r['client_cpu_ms_per_request']:.3f}"] for r in rows]))
+    if on_device is not None:
+        print(f"on {on_device['device']}: the tail alone at batch 256 computes "
+              f"{on_device['tail_samples_per_s_batch256']:.0f} samples/s; the workers reached "
+              f"{on_device['share_of_tail_batch256']:.1%} of it")
     t = result["targets"]
     pool = result["pool"]
     print(f"pool: shares {', '.join(f'{s:.0%}' for s in t['pool_replica_shares'])}; {pool['answered']} answered, "
