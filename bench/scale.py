@@ -10,7 +10,8 @@
 (b) Requests/s of one cloud with 1 worker and with N (default 2) workers,
     the workers on every core, beside the load generator's own CPU time (on
     two cores they share the machine with it); the load may come from
-    several processes. With ``--device cuda``, again with the workers on the
+    several processes. The other way to one port beside it: a front end
+    relaying each request to one of N single-process clouds. With ``--device cuda``, again with the workers on the
     GPU, as a share of the tail's own throughput at batch 256 there.
 (c) A pool of 3 replicas behind 12 edges (each a ``ReplicaPool``, least
     outstanding first, in this process): each replica's share of the
@@ -28,13 +29,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
 import os
 import shlex
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,44 +46,12 @@ from offramp.core.tables import format_table
 from offramp.core.wire import pb
 from offramp.serving.daemon_proc import DaemonProcess
 from offramp.serving.config import CloudConnection
-from orchestrator.floors import child_server, serve_echo
-from orchestrator.loadgen import SERVER_CORES, connected_clients, machine, offload_tokens, write_result
-from orchestrator.pacing import closed_loop
+from orchestrator.floors import child_server, serve_echo, serve_relay
+from orchestrator.loadgen import (SERVER_CORES, cpu_seconds, drive_streams, drive_streams_from_processes,
+                                  loop_and_others, machine, offload_tokens, thread_cpu_seconds, write_result)
 
 RESULTS = Path(__file__).parent / "results"
 FAIR_SHARE = 0.25  # of three replicas, the least share that counts as carrying its part
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` and its live descendants (cloud workers), from /proc."""
-    total = 0.0
-    for p in [pid, *_children(pid)]:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
-
-
-def thread_cpu_seconds(pid: int) -> dict[int, float]:
-    """User + system CPU seconds of each thread of process ``pid`` (its own threads only), by thread id."""
-    out = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return out
-
-
-def loop_and_others(pid: int, before: dict[int, float], after: dict[int, float]) -> tuple[float, float]:
-    """CPU seconds between two ``thread_cpu_seconds`` readings: the main thread's (a daemon's event loop, whose
-    thread id is the process id) and all its other threads' (compute, gRPC's own) together."""
-    spent = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
-    loop = spent.pop(pid, 0.0)
-    return loop, sum(spent.values())
 
 
 def compute_per_request(cost_per_sample: dict[int, float], batches: dict[int, int]) -> float:
@@ -93,112 +61,40 @@ def compute_per_request(cost_per_sample: dict[int, float], batches: dict[int, in
     return sum(cost_per_sample[size] * size * n for size, n in batches.items()) / samples
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        direct = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-    return [c for d in direct for c in (d, *_children(d))]
-
-
-async def _load(address: str, fingerprint: str, split: int, tokens: list[pb.EncodedTensor], edges: int,
-                window: int, seconds: float, on_start: Callable[[], None]) -> dict[str, Any]:
-    """The closed loop of ``drive`` in this process: connect, warm up, ``on_start()``, load for ``seconds``."""
-    clients = await connected_clients(address, fingerprint, split, edges)
-    batch_sizes: list[int] = []
-
-    async def request(worker: int, i: int) -> None:
-        req = pb.OffloadRequest(model_fingerprint=fingerprint, split_block=split,
-                                tokens=tokens[(worker + i * edges * window) % len(tokens)])
-        reply = await clients[worker // window].infer(req, timeout_s=30)
-        batch_sizes.append(reply.batch_size)
-
-    try:
-        warm = pb.OffloadRequest(model_fingerprint=fingerprint, split_block=split, tokens=tokens[0])
-        for _ in range(10):
-            await asyncio.gather(*(c.infer(warm, timeout_s=30) for c in clients))
-        on_start()
-        client0 = time.process_time()
-        wall = await closed_loop(request, edges * window, seconds)
-        client_cpu = time.process_time() - client0
-    finally:
-        await asyncio.gather(*(c.close() for c in clients))
-    return {"batch_sizes": batch_sizes, "wall_s": wall, "client_cpu_s": client_cpu}
-
-
-def _load_from_processes(address: str, fingerprint: str, split: int, tokens: list[pb.EncodedTensor], edges: int,
-                         window: int, seconds: float, processes: int, on_start: Callable[[], None]
-                         ) -> list[dict[str, Any]]:
-    """``_load`` in ``processes`` spawned processes sharing the edges out, started together once all are
-    connected and warm (``on_start`` runs then, here)."""
-    ctx = multiprocessing.get_context("spawn")
-    shares = [n for n in (edges // processes + (k < edges % processes) for k in range(processes)) if n]
-    start, results = ctx.Barrier(len(shares) + 1), ctx.Queue()
-    messages = [t.SerializeToString() for t in tokens]
-    children = [ctx.Process(target=_load_process, args=(address, fingerprint, split, messages, n, window, seconds,
-                                                         start, results), daemon=True) for n in shares]
-    for child in children:
-        child.start()
-    try:
-        start.wait(timeout=120)
-        on_start()
-        loads = [results.get(timeout=seconds + 120) for _ in children]
-    finally:
-        for child in children:
-            child.join(timeout=10)
-            if child.is_alive():
-                child.kill()
-    failed = [load for load in loads if "error" in load]
-    if failed:
-        raise RuntimeError(f"a load process failed: {failed[0]['error']}")
-    return loads
-
-
-def _load_process(address: str, fingerprint: str, split: int, messages: list[bytes], edges: int, window: int,
-                  seconds: float, start: Any, results: Any) -> None:
-    """A spawned load process: our own token messages in (as bytes), its ``_load`` result out."""
-    tokens = [pb.EncodedTensor.FromString(m) for m in messages]
-    try:
-        results.put(asyncio.run(_load(address, fingerprint, split, tokens, edges, window, seconds,
-                                      on_start=lambda: start.wait(timeout=120))))
-    except Exception as e:
-        results.put({"error": f"{type(e).__name__}: {e}"})
-
-
 async def drive(address: str, fingerprint: str, split: int, tokens: list[pb.EncodedTensor], edges: int,
-                window: int, seconds: float, server_pid: int, processes: int = 1) -> dict[str, Any]:
+                window: int, seconds: float, server_pid: int, processes: int = 1,
+                behind: Sequence[int] = ()) -> dict[str, Any]:
     """``edges`` clients (a connection each) x ``window`` requests in flight for ``seconds``, from this process
-    or spread over ``processes`` load processes (one Python process cannot load a server that answers tens of
-    thousands of requests a second); the server's and the load's CPU time over the run, and the batch sizes
-    the replies report."""
-    def server_cpu() -> tuple[float, dict[int, float]]:
-        return cpu_seconds(server_pid), thread_cpu_seconds(server_pid)
+    or from ``processes`` load processes; the server's and the load's CPU time over the run (and that of the
+    processes ``behind`` the server, a front end's clouds), and the batches the replies report."""
+    def server_cpu() -> tuple[float, dict[int, float], float]:
+        return cpu_seconds(server_pid), thread_cpu_seconds(server_pid), sum(cpu_seconds(p) for p in behind)
 
     marks = []
     if processes == 1:
-        load = await _load(address, fingerprint, split, tokens, edges, window, seconds,
-                           on_start=lambda: marks.append(server_cpu()))
-        marks.append(server_cpu())
-        loads = [load]
+        loads = [await drive_streams(address, fingerprint, split, tokens, edges, window, seconds,
+                                     on_start=lambda: marks.append(server_cpu()))]
     else:
-        loads = await asyncio.to_thread(_load_from_processes, address, fingerprint, split, tokens, edges, window,
-                                        seconds, processes, lambda: marks.append(server_cpu()))
-        marks.append(server_cpu())
-    (server0, threads0), (server1, threads1) = marks
+        loads = await asyncio.to_thread(drive_streams_from_processes, address, fingerprint, split, tokens, edges,
+                                        window, seconds, processes, lambda: marks.append(server_cpu()))
+    marks.append(server_cpu())
+    (server0, threads0, behind0), (server1, threads1, behind1) = marks
     loop_cpu, other_cpu = loop_and_others(server_pid, threads0, threads1)
-    batch_sizes = [size for load in loads for size in load["batch_sizes"]]
+    replies = Counter()
+    for load in loads:
+        replies.update(load["replies_by_batch"])
+    n = sum(replies.values())
     wall, client_cpu = max(load["wall_s"] for load in loads), sum(load["client_cpu_s"] for load in loads)
-    server_cpu_s = server1 - server0
-    n = len(batch_sizes)
     # A reply carries the size of its batch, so a batch of b one-sample requests is seen b times (batches at
     # the run's two ends are partly outside it: fractions).
-    batches = {size: count / size for size, count in sorted(Counter(batch_sizes).items())}
+    batches = {size: count / size for size, count in sorted(replies.items())}
     return {"edges": edges, "window": window, "requests": n, "wall_s": wall, "throughput_rps": n / wall,
-            "mean_batch": float(np.mean(batch_sizes)), "batches_by_size": batches,
-            "load_processes": processes, "server_cpu_ms_per_request": server_cpu_s * 1e3 / n,
+            "mean_batch": sum(size * count for size, count in replies.items()) / n, "batches_by_size": batches,
+            "load_processes": processes, "server_cpu_ms_per_request": (server1 - server0) * 1e3 / n,
             "server_loop_cpu_ms_per_request": loop_cpu * 1e3 / n,
             "server_other_threads_cpu_ms_per_request": other_cpu * 1e3 / n,
-            "client_cpu_ms_per_request": client_cpu * 1e3 / n}
+            "client_cpu_ms_per_request": client_cpu * 1e3 / n,
+            **({"behind_cpu_ms_per_request": (behind1 - behind0) * 1e3 / n} if behind else {})}
 
 
 def tail_cpu_ms(checkpoint: str, batches: Iterable[int], repeats: int = 100) -> dict[int, float]:
@@ -311,6 +207,26 @@ async def workers_throughput(checkpoint: str, card: Any, tokens: list[pb.Encoded
         rows.append({"workers": n, "device": device, **run})
         print(f"  {n} worker(s) on {device}: {run['throughput_rps']:.0f} requests/s", flush=True)
     return rows
+
+
+async def front_end_throughput(checkpoint: str, card: Any, tokens: list[pb.EncodedTensor], clouds: int,
+                               seconds: float, processes: int = 1) -> dict[str, Any]:
+    """(b), the other way to one port: a front end (``orchestrator.floors.RelayOffload``) relaying each request
+    to one of ``clouds`` single-process clouds, under the load of (b); the front end's CPU per request and the
+    clouds' beside it."""
+    daemons = [DaemonProcess("cloud", ["--checkpoint", checkpoint, "--threads", "1"]) for _ in range(clouds)]
+    try:
+        for d in daemons:
+            d.start()
+        with child_server(serve_relay, card.fingerprint, card.split_block, [d.address for d in daemons]) as (port,
+                                                                                                             pid):
+            run = await drive(f"127.0.0.1:{port}", card.fingerprint, card.split_block, tokens, 16, 4, seconds, pid,
+                              processes, behind=[d.proc.pid for d in daemons if d.proc is not None])
+    finally:
+        for d in daemons:
+            d.stop()
+    print(f"  a front end before {clouds} clouds: {run['throughput_rps']:.0f} requests/s", flush=True)
+    return {"clouds": clouds, **run}
 
 
 def tail_samples_per_s(checkpoint: str, device: str, batch: int = 256, seconds: float = 2.0) -> float:
@@ -473,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"(b) 1 vs {args.workers} workers", flush=True)
     workers = asyncio.run(workers_throughput(args.checkpoint, card, tokens, [1, args.workers], seconds,
                                              processes=args.load_processes))
+    front_end = asyncio.run(front_end_throughput(args.checkpoint, card, tokens, args.workers, seconds,
+                                                 args.load_processes))
     on_device = None
     if args.device != "cpu":
         print(f"(b) on {args.device}: 1 vs {args.workers} workers, and the tail alone at batch 256", flush=True)
@@ -486,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": shlex.join(["python", "-m", "bench.scale", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine(), "checkpoint": args.checkpoint, "cores": os.cpu_count(),
-        "cpu_against_echo": cpu, "workers": workers, "workers_on_device": on_device, "pool": pool,
+        "cpu_against_echo": cpu, "workers": workers, "front_end": front_end, "workers_on_device": on_device,
+        "pool": pool,
         "targets": {
             "cpu_per_request_vs_echo": cpu["ratio"],
             "workers_speedup": {"workers": args.workers, "cores": os.cpu_count(),
@@ -527,6 +446,10 @@ def report(result: dict[str, Any]) -> None:
     print(format_table(["workers", "device", "requests/s", "server CPU ms/request", "load generator CPU ms/request"],
                        [[r["workers"], r["device"], f"{r['throughput_rps']:.0f}", f"{r['server_cpu_ms_per_request']:.3f}",
                          f"{r['client_cpu_ms_per_request']:.3f}"] for r in rows]))
+    f = result["front_end"]
+    print(f"a front end before {f['clouds']} single-process clouds instead: {f['throughput_rps']:.0f} requests/s, "
+          f"the front end {f['server_cpu_ms_per_request']:.3f} CPU ms/request and the clouds "
+          f"{f['behind_cpu_ms_per_request']:.3f} beside it")
     if on_device is not None:
         print(f"on {on_device['device']}: the tail alone at batch 256 computes "
               f"{on_device['tail_samples_per_s_batch256']:.0f} samples/s; the workers reached "

@@ -27,8 +27,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from orchestrator.loadgen import (SERVER_CORES, client_cores, connected_clients, drive_streams, machine, offload_tokens,
-                                  percentiles, write_result)
+from orchestrator.loadgen import (SERVER_CORES, client_cores, connected_clients, cpu_seconds, drive_streams, machine,
+                                  offload_tokens, percentiles, write_result)
 from edge_node.offload import OffloadError
 from offramp.serving.daemon import freeze_heap
 from offramp.serving.daemon_proc import DaemonProcess
@@ -145,7 +145,8 @@ class _SoakRun:
     def sample(self) -> None:
         t = time.perf_counter() - self.start
         self.memory.append((t, rss_mb(self.cloud.proc.pid), rss_mb(self.edge.proc.pid)))
-        self.cpu.append((t, busy_cpu_s(), cpu_s(self.cloud.proc.pid), cpu_s(self.edge.proc.pid), cpu_s(os.getpid())))
+        self.cpu.append((t, busy_cpu_s(), cpu_seconds(self.cloud.proc.pid, False),
+                         cpu_seconds(self.edge.proc.pid, False), cpu_seconds(os.getpid(), False)))
 
     async def watch(self, every_s: float) -> None:
         while True:
@@ -180,12 +181,6 @@ def breakdown(rows: np.ndarray) -> dict[str, float]:
             "queue_p99": q(rows[:, 4], 99), "compute_p50": q(rows[:, 5], 50), "compute_p99": q(rows[:, 5], 99),
             "rest_p50": q(rest, 50), "rest_p99": q(rest, 99), "late_p50": q(rows[:, 6], 50),
             "late_p99": q(rows[:, 6], 99)}
-
-
-def cpu_s(pid: int) -> float:
-    """CPU seconds a process (all its threads) has used, from /proc (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def busy_cpu_s() -> float:
