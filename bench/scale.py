@@ -234,21 +234,25 @@ def tail_samples_per_s(checkpoint: str, device: str, batch: int = 256, seconds: 
     cloud on that device could answer if nothing but the model cost anything."""
     import torch
 
-    from bench.cloud_device import sync
     from offramp.core.checkpoint import load_checkpoint
     from offramp.core.halves import CloudHalf
 
     model, card = load_checkpoint(checkpoint)
     tail = CloudHalf(model, card.split_block, device=device)
     x = torch.randn(batch, *tail.spec.shape).to(tail.device)
+
+    def sync() -> None:
+        if tail.device.type == "cuda":
+            torch.cuda.synchronize(tail.device)
+
     for _ in range(5):
         tail.run(x)
-    sync(tail.device)
+    sync()
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         tail.run(x)
         n += 1
-    sync(tail.device)
+    sync()
     return batch * n / (time.perf_counter() - start)
 
 

@@ -1,4 +1,5 @@
-"""Floors for the serving benchmarks: a gRPC Offload server that does no work (echo), run in a child process.
+"""Floors for the serving benchmarks: a gRPC Offload server that does no work (echo), and a front end that
+relays to several clouds, each run in a child process.
 
 What any Python gRPC server costs here, measured beside the real cloud with the same clients, is the floor
 every overhead figure is read against.
@@ -16,6 +17,8 @@ from typing import Any
 import grpc
 import torch
 
+from edge_node.offload import OffloadError, OffloadSettings
+from edge_node.pool import ReplicaPool
 from offramp.core.checkpoint import load_checkpoint
 from offramp.core.halves import CloudHalf
 from offramp.core.wire import make_status, pb, pb_grpc
@@ -50,6 +53,49 @@ class EchoOffload(pb_grpc.OffloadServicer):
 
     async def Describe(self, request, context):
         return self._description
+
+
+class RelayOffload(pb_grpc.OffloadServicer):
+    """A front end: hands each request to one of several clouds (``ReplicaPool``, least outstanding first)
+    and relays its reply. The other way to serve one port from several processes than workers sharing it
+    (SO_REUSEPORT), measured against it: a second hop for every request, in a process of its own."""
+
+    def __init__(self, fingerprint: str, split: int, backends: list[str]) -> None:
+        self._description = pb.DescribeReply(fingerprint=fingerprint, split_block=split, max_batch_size=1,
+                                             max_message_bytes=64 << 20)
+        self.pool = ReplicaPool(backends, fingerprint, split, OffloadSettings())
+        self.pool.start()
+
+    async def Infer(self, requests, context):
+        async def relay(request: pb.OffloadRequest) -> pb.OffloadReply:
+            forwarded = pb.OffloadRequest()
+            forwarded.CopyFrom(request)  # the pool numbers it for its own stream
+            try:
+                reply = await self.pool.infer(forwarded, timeout_s=30)
+            except OffloadError as e:
+                reply = pb.OffloadReply(status=make_status(grpc.StatusCode.UNAVAILABLE, str(e)))
+            reply.request_id = request.request_id
+            return reply
+
+        async for reply in unordered_map(requests, relay):
+            yield reply
+
+    async def Describe(self, request, context):
+        return self._description
+
+
+def serve_relay(fingerprint: str, split: int, backends: list[str], port: Any) -> None:
+    """Child process: the front end ``RelayOffload`` before ``backends``, on every core."""
+    async def serve() -> None:
+        relay = RelayOffload(fingerprint, split, backends)  # its pool needs the running loop
+        by = time.monotonic() + 60
+        while len(relay.pool.streaming) < len(backends):  # listen once every cloud is reached
+            if time.monotonic() > by:
+                raise RuntimeError(f"the front end reached {len(relay.pool.streaming)} of {len(backends)} clouds")
+            await asyncio.sleep(0.05)
+        await serve_until_killed(lambda server: pb_grpc.add_OffloadServicer_to_server(relay, server), port)
+
+    asyncio.run(serve())
 
 
 async def serve_until_killed(add_servicer: Callable[[grpc.aio.Server], None], port: Any) -> None:

@@ -3,17 +3,20 @@
 Every serving benchmark drives the cloud the same way, so the pieces live here once: the split tokens of
 validation inputs as an edge would send them (``offload_tokens``), edge clients that have dialled and
 checked the pairing (``connected_clients``), ``drive_streams`` (clients x requests in flight for some
-seconds, on ``orchestrator.pacing``'s closed loop), percentile summaries, the core split between servers
-and load generators, and the results file. ``orchestrator.workload`` drives an edge's own API the way a
+seconds, on ``orchestrator.pacing``'s closed loop; ``drive_streams_from_processes`` spreads it over several
+processes), percentile summaries, CPU time of processes and threads from /proc, the core split between
+servers and load generators, and the results file. ``orchestrator.workload`` drives an edge's own API the way a
 camera would, on the same pacing.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import os
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +90,10 @@ async def connected_clients(address: str, fingerprint: str, split: int, count: i
 
 
 async def drive_streams(address: str, fingerprint: str, split: int, tokens: list[pb.EncodedTensor], edges: int,
-                        window: int, seconds: float) -> dict[str, Any]:
-    """``edges`` clients, one stream each, ``window`` requests in flight per stream, for ``seconds``."""
+                        window: int, seconds: float, on_start: Callable[[], None] | None = None) -> dict[str, Any]:
+    """``edges`` clients, one stream each, ``window`` requests in flight per stream, for ``seconds``; after the
+    warm-up, ``on_start()`` runs just before the load (to read a server's counters). Besides the summary: the
+    replies by the size of the batch they were computed in, and this process's CPU seconds over the load."""
     clients = await connected_clients(address, fingerprint, split, edges)
     latencies: list[float] = []
     batch_sizes: list[int] = []
@@ -107,10 +112,98 @@ async def drive_streams(address: str, fingerprint: str, split: int, tokens: list
         warm = pb.OffloadRequest(model_fingerprint=fingerprint, split_block=split, tokens=tokens[0])
         for _ in range(20):
             await asyncio.gather(*(c.infer(warm, timeout_s=30) for c in clients))
+        if on_start is not None:
+            on_start()
+        cpu0 = time.process_time()
         wall = await closed_loop(request, edges * window, seconds)
+        cpu = time.process_time() - cpu0
     finally:
         await asyncio.gather(*(c.close() for c in clients))
-    return load_summary(edges, window, wall, latencies, compute, batch_sizes)
+    return {**load_summary(edges, window, wall, latencies, compute, batch_sizes), "wall_s": wall,
+            "replies_by_batch": dict(sorted(Counter(batch_sizes).items())), "client_cpu_s": cpu}
+
+
+def drive_streams_from_processes(address: str, fingerprint: str, split: int, tokens: list[pb.EncodedTensor],
+                                 edges: int, window: int, seconds: float, processes: int,
+                                 on_start: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+    """``drive_streams`` with the ``edges`` shared out over ``processes`` spawned processes (one Python process
+    cannot load a server that answers tens of thousands of requests a second), started together once every
+    one is connected and warm (``on_start`` runs then, here); each process's result. Blocks: call it from a
+    thread."""
+    ctx = multiprocessing.get_context("spawn")
+    shares = [n for n in (edges // processes + (k < edges % processes) for k in range(processes)) if n]
+    start, results = ctx.Barrier(len(shares) + 1), ctx.Queue()
+    messages = [t.SerializeToString() for t in tokens]
+    children = [ctx.Process(target=_drive_in_process, args=(address, fingerprint, split, messages, n, window,
+                                                             seconds, start, results), daemon=True) for n in shares]
+    for child in children:
+        child.start()
+    try:
+        start.wait(timeout=180)
+        if on_start is not None:
+            on_start()
+        loads = [results.get(timeout=seconds + 180) for _ in children]
+    finally:
+        for child in children:
+            child.join(timeout=10)
+            if child.is_alive():
+                child.kill()
+    failed = [load["error"] for load in loads if "error" in load]
+    if failed:
+        raise RuntimeError(f"a load process failed: {failed[0]}")
+    return loads
+
+
+def _drive_in_process(address: str, fingerprint: str, split: int, messages: list[bytes], edges: int, window: int,
+                      seconds: float, start: Any, results: Any) -> None:
+    """A spawned load process: our own token messages in (as bytes), its ``drive_streams`` result out."""
+    tokens = [pb.EncodedTensor.FromString(m) for m in messages]
+    try:
+        results.put(asyncio.run(drive_streams(address, fingerprint, split, tokens, edges, window, seconds,
+                                              on_start=lambda: start.wait(timeout=180))))
+    except Exception as e:
+        results.put({"error": f"{type(e).__name__}: {e}"})
+
+
+def cpu_seconds(pid: int, descendants: bool = True) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads) and, with ``descendants``, of its live
+    descendants (e.g. cloud workers), from /proc."""
+    total = 0.0
+    for p in [pid, *(_descendants(pid) if descendants else ())]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """User + system CPU seconds of each thread of process ``pid`` (its own threads only), by thread id."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def loop_and_others(pid: int, before: dict[int, float], after: dict[int, float]) -> tuple[float, float]:
+    """CPU seconds between two ``thread_cpu_seconds`` readings: the main thread's (a daemon's event loop, whose
+    thread id is the process id) and all its other threads' (compute, gRPC's own) together."""
+    spent = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+    loop = spent.pop(pid, 0.0)
+    return loop, sum(spent.values())
+
+
+def _descendants(pid: int) -> list[int]:
+    try:
+        direct = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+    return [c for d in direct for c in (d, *_descendants(d))]
 
 
 def write_result(result: dict[str, Any], out: str | Path) -> Path:

@@ -8,7 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from bench.scale import FAIR_SHARE, _rebalance_s, compute_per_request, loop_and_others, thread_cpu_seconds
+from bench.scale import FAIR_SHARE, _rebalance_s, compute_per_request
+from orchestrator.loadgen import loop_and_others, thread_cpu_seconds
 
 
 def test_compute_per_request_weighs_each_batch_size_by_the_samples_it_carried() -> None:
@@ -78,3 +79,33 @@ def test_the_load_can_come_from_several_processes_started_together() -> None:
     assert run["batches_by_size"] == {1: run["requests"]}  # the echo answers one at a time
     # Both processes' CPU is counted: a load generator spends well over nothing per request.
     assert run["client_cpu_ms_per_request"] > 0.005 and run["server_cpu_ms_per_request"] > 0.005
+
+
+def test_a_front_end_relays_each_request_to_one_of_its_clouds_and_keeps_its_id() -> None:
+    import asyncio
+
+    import torch
+
+    from offramp.core.codec import CodecConfig, encode
+    from offramp.core.wire import pb
+    from orchestrator.floors import child_server, serve_echo, serve_relay
+    from orchestrator.loadgen import connected_clients
+
+    fingerprint, split = "f" * 64, 2
+    tokens = encode(torch.randn(1, 5, 8), CodecConfig())
+
+    async def ask(address: str) -> list[pb.OffloadReply]:
+        (client,) = await connected_clients(address, fingerprint, split, 1)
+        try:
+            return await asyncio.gather(*(client.infer(pb.OffloadRequest(
+                model_fingerprint=fingerprint, split_block=split, tokens=tokens), timeout_s=30) for _ in range(40)))
+        finally:
+            await client.close()
+
+    # (How the pool spreads requests over its clouds is tested in test_pool.py.)
+    with child_server(serve_echo, fingerprint, split, None) as (a, _), \
+            child_server(serve_echo, fingerprint, split, None) as (b, _):
+        with child_server(serve_relay, fingerprint, split, [f"127.0.0.1:{a}", f"127.0.0.1:{b}"]) as (port, _):
+            replies = asyncio.run(ask(f"127.0.0.1:{port}"))
+    assert len(replies) == 40 and all(r.status.code == 0 for r in replies)
+    assert len({r.request_id for r in replies}) == 40  # each reply carries its own request's id back
