@@ -126,12 +126,8 @@ def measure(halves: Sequence[EdgeWalk], fingerprint: str, input_shape: Sequence[
             audio = None if audio_shape is None else torch.zeros(b, *audio_shape)
             for stage in range(n + 1):
                 thresholds = [always_leave(score) if k == stage else never_leave(score) for k in range(n)]
-                runs = []
-                for _ in range(repeats + 1):  # the first of each shape warms it
-                    t0 = time.thread_time()
-                    half.run(x, thresholds, score, with_scores=with_scores, audio=audio)
-                    runs.append((time.thread_time() - t0) * 1e3)
-                stage_ms[stage, b - 1] = statistics.median(runs[1:])
+                stage_ms[stage, b - 1] = _median_ms(repeats, half.run, x, thresholds, score,
+                                                    with_scores=with_scores, audio=audio)
         segments = np.maximum(np.diff(stage_ms, axis=0, prepend=0.0), 0.0)
         splits[half.split_block] = (tuple(half.exit_names), tuple(tuple(round(float(v), 4) for v in row)
                                                                    for row in segments))
@@ -146,13 +142,19 @@ def measure_whole(run: Callable[[torch.Tensor, torch.Tensor | None], Any], input
     for b in range(1, max_batch + 1):
         x = torch.zeros(b, *input_shape)
         audio = None if audio_shape is None else torch.zeros(b, *audio_shape)
-        runs = []
-        for _ in range(repeats + 1):
-            t0 = time.thread_time()
-            run(x, audio)
-            runs.append((time.thread_time() - t0) * 1e3)
-        by_batch.append(round(statistics.median(runs[1:]), 4))
+        by_batch.append(round(_median_ms(repeats, run, x, audio), 4))
     return tuple(by_batch)
+
+
+def _median_ms(repeats: int, work: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
+    """CPU milliseconds of this thread for ``work(*args, **kwargs)``, the median of ``repeats`` after one that
+    warms it."""
+    runs = []
+    for _ in range(repeats + 1):
+        t0 = time.thread_time()
+        work(*args, **kwargs)
+        runs.append((time.thread_time() - t0) * 1e3)
+    return statistics.median(runs[1:])
 
 
 def load_or_measure(path: str | Path, halves: Sequence[EdgeWalk], fingerprint: str, input_shape: Sequence[int],
