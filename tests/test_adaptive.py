@@ -30,7 +30,9 @@ from offramp.core.data.card_data import load_validation
 from offramp.core.halves import EdgeHalf
 from offramp.core.wire import pb, pb_grpc, status_code
 
-SLO_MS = 60.0  # Wi-Fi's offloads fit it, 3G's (150 ms round trip) do not
+# Wi-Fi's offloads fit it (about 60 ms predicted at worst, with the suite's other worker on the second core),
+# 3G's do not (150 ms round trip before any bytes).
+SLO_MS = 100.0
 EDGE_SETTINGS: dict[str, Any] = {"reconnect_initial_s": 0.05, "reconnect_max_s": 0.3, "grace_s": 2.0}
 
 
@@ -107,7 +109,7 @@ def test_set_pins_and_unpin_hands_back(start_edge: Callable[..., EdgeServer], ti
     edge = start_edge()  # no cloud: nothing measured of a link yet, the configured thresholds stand
     assert main(["policy", "get", "--edge", edge.address]) == 0
     out = capsys.readouterr().out
-    assert "mode:       adaptive, p95 target 60 ms per 1 s window" in out and "waiting for the first measurement" in out
+    assert f"mode:       adaptive, p95 target {SLO_MS:g} ms per 1 s window" in out and "waiting for the first measurement" in out
     pinned = get_policy(edge, thresholds=[0.5, 0.5], score="max_prob", offload_enabled=True)
     assert not pinned.adaptive and list(pinned.thresholds) == [0.5, 0.5]
     assert main(["policy", "unpin", "--edge", edge.address]) == 0
